@@ -1,0 +1,150 @@
+// Fused batch standardization (BatchNorm1d without affine, training mode) and its backward pass.
+//
+// Z is N×D row-major. A block owns COLS adjacent columns; its ROWS row-groups each run Welford over
+// a strided subset of the rows, then the groups are merged with Chan's formula in a fixed order.
+//
+// Accuracy when |mean| >> std: Welford runs on values shifted by the column's first element, and
+// the mean is kept as an unevaluated f32 pair (hi + lo), so x − mean = (x − hi) − lo stays exact
+// where a rounded f32 mean would lose log2(|mean|/std) bits. `stats` holds 3·D floats per view:
+// [mean_hi | mean_lo | rstd]; the backward pass reads the same layout.
+#include "common.cuh"
+
+namespace barlow {
+
+template <typename In, typename Out>
+__device__ void standardize_fwd(const In* __restrict__ z, Out* __restrict__ zhat,
+                                float* __restrict__ stats, int64_t n, int64_t d, float eps) {
+  __shared__ float s_cnt[ROWS][COLS];
+  __shared__ float s_mean[ROWS][COLS];
+  __shared__ float s_m2[ROWS][COLS];
+  __shared__ float s_hi[COLS];
+  __shared__ float s_lo[COLS];
+  __shared__ float s_rstd[COLS];
+
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t col = (int64_t)blockIdx.x * COLS + tx;
+  const bool live = col < d;
+
+  const float shift = live ? to_f32(z[col]) : 0.f;
+  float cnt = 0.f, mean = 0.f, m2 = 0.f;
+  if (live) {
+    for (int64_t r = ty; r < n; r += ROWS) {
+      const float x = to_f32(z[r * d + col]) - shift;
+      cnt += 1.f;
+      const float delta = x - mean;
+      mean += delta / cnt;
+      m2 += delta * (x - mean);
+    }
+  }
+  s_cnt[ty][tx] = cnt;
+  s_mean[ty][tx] = mean;
+  s_m2[ty][tx] = m2;
+  __syncthreads();
+
+  if (ty == 0) {
+    float c = s_cnt[0][tx], m = s_mean[0][tx], q = s_m2[0][tx];
+    for (int g = 1; g < ROWS; ++g) {
+      const float cb = s_cnt[g][tx];
+      if (cb == 0.f) continue;
+      const float mb = s_mean[g][tx];
+      const float tot = c + cb;
+      const float delta = mb - m;
+      m += delta * (cb / tot);
+      q += s_m2[g][tx] + delta * delta * (c * cb / tot);
+      c = tot;
+    }
+    const float var = c > 0.f ? q / c : 0.f;  // biased, as BatchNorm normalizes
+    const float rstd = 1.f / sqrtf(var + eps);
+    // TwoSum: hi + lo == shift + m exactly.
+    const float hi = shift + m;
+    const float bv = hi - shift;
+    const float lo = (shift - (hi - bv)) + (m - bv);
+    s_hi[tx] = hi;
+    s_lo[tx] = lo;
+    s_rstd[tx] = rstd;
+    if (live) {
+      stats[col] = hi;
+      stats[d + col] = lo;
+      stats[2 * d + col] = rstd;
+    }
+  }
+  __syncthreads();
+
+  if (!live) return;
+  const float hi = s_hi[tx], lo = s_lo[tx], rs = s_rstd[tx];
+  for (int64_t r = ty; r < n; r += ROWS) {
+    const int64_t i = r * d + col;
+    zhat[i] = from_f32<Out>(((to_f32(z[i]) - hi) - lo) * rs);
+  }
+}
+
+// dZ = rstd * (g - mean(g) - xhat * mean(g * xhat)), with xhat recomputed from Z so that the
+// backward pass keeps full precision even when the forward stored Ẑ in bf16.
+template <typename T>
+__device__ void standardize_bwd(const float* __restrict__ g, const T* __restrict__ z,
+                                const float* __restrict__ stats, T* __restrict__ dz, int64_t n,
+                                int64_t d) {
+  __shared__ float s_sum[ROWS][COLS];
+  __shared__ float s_dot[ROWS][COLS];
+
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t col = (int64_t)blockIdx.x * COLS + tx;
+  const bool live = col < d;
+  const float hi = live ? stats[col] : 0.f;
+  const float lo = live ? stats[d + col] : 0.f;
+  const float rs = live ? stats[2 * d + col] : 0.f;
+
+  float sum = 0.f, dot = 0.f;
+  if (live) {
+    for (int64_t r = ty; r < n; r += ROWS) {
+      const int64_t i = r * d + col;
+      const float gi = g[i];
+      sum += gi;
+      dot += gi * (((to_f32(z[i]) - hi) - lo) * rs);
+    }
+  }
+  s_sum[ty][tx] = sum;
+  s_dot[ty][tx] = dot;
+  __syncthreads();
+  if (ty == 0) {
+    for (int k = 1; k < ROWS; ++k) {
+      sum += s_sum[k][tx];
+      dot += s_dot[k][tx];
+    }
+    s_sum[0][tx] = sum;
+    s_dot[0][tx] = dot;
+  }
+  __syncthreads();
+
+  if (!live) return;
+  const float inv_n = 1.f / (float)n;
+  const float mg = s_sum[0][tx] * inv_n, mgx = s_dot[0][tx] * inv_n;
+  for (int64_t r = ty; r < n; r += ROWS) {
+    const int64_t i = r * d + col;
+    const float xhat = ((to_f32(z[i]) - hi) - lo) * rs;
+    dz[i] = from_f32<T>(rs * (g[i] - mg - xhat * mgx));
+  }
+}
+
+}  // namespace barlow
+
+#define BARLOW_STD_FWD(NAME, IN, OUT)                                                        \
+  extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS) NAME(            \
+      const IN* z, OUT* zhat, float* stats, int64_t n, int64_t d, float eps) {                \
+    barlow::standardize_fwd<IN, OUT>(z, zhat, stats, n, d, eps);                             \
+  }
+BARLOW_STD_FWD(standardize_fwd_f32_f32, float, float)
+BARLOW_STD_FWD(standardize_fwd_bf16_f32, __nv_bfloat16, float)
+BARLOW_STD_FWD(standardize_fwd_f16_f32, __half, float)
+BARLOW_STD_FWD(standardize_fwd_f32_bf16, float, __nv_bfloat16)
+BARLOW_STD_FWD(standardize_fwd_bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+BARLOW_STD_FWD(standardize_fwd_f16_bf16, __half, __nv_bfloat16)
+
+#define BARLOW_STD_BWD(NAME, T)                                                              \
+  extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS) NAME(            \
+      const float* g, const T* z, const float* stats, T* dz, int64_t n, int64_t d) {         \
+    barlow::standardize_bwd<T>(g, z, stats, dz, n, d);                                       \
+  }
+BARLOW_STD_BWD(standardize_bwd_f32, float)
+BARLOW_STD_BWD(standardize_bwd_bf16, __nv_bfloat16)
+BARLOW_STD_BWD(standardize_bwd_f16, __half)

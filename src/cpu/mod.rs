@@ -1,0 +1,305 @@
+//! The CPU twin of every CUDA kernel, in f32 with f64 accumulation where sums are long, parallel
+//! over rayon's pool. [`reference`] holds the plain float64 version the tests trust.
+//!
+//! All matrices are row-major; Z is N×D, C is D×D.
+
+pub mod reference;
+
+use crate::error::Result;
+use crate::shape::{check_input, check_output, Dims};
+use crate::LossValue;
+use rayon::prelude::*;
+
+/// Columns per parallel task when reducing over the batch: wide enough to stream rows, narrow
+/// enough to spread D = 128 over two cores.
+const COL_CHUNK: usize = 64;
+
+/// Floats of per-column statistics the standardization keeps for backward, per view:
+/// `[mean_hi | mean_lo | rstd]`, each D long. The mean is an unevaluated pair (hi + lo) so that
+/// `x − mean = (x − hi) − lo` stays exact when |mean| ≫ std.
+pub const STATS_PER_COLUMN: usize = 3;
+
+/// Fused batch standardization: per column, the mean and `rstd = 1/sqrt(var + eps)` (biased
+/// variance) into `stats`, and `zhat = (z − mean)·rstd`. Two passes in f64.
+pub fn standardize_forward(
+    z: &[f32],
+    dims: Dims,
+    eps: f32,
+    zhat: &mut [f32],
+    stats: &mut [f32],
+) -> Result<()> {
+    let (n, d) = dims.checked()?;
+    check_input("z", z.len(), dims)?;
+    check_output("zhat", zhat.len(), n * d)?;
+    check_output("stats", stats.len(), STATS_PER_COLUMN * d)?;
+    let (hi, rest) = stats[..STATS_PER_COLUMN * d].split_at_mut(d);
+    let (lo, rstd) = rest.split_at_mut(d);
+    hi.par_chunks_mut(COL_CHUNK)
+        .zip(lo.par_chunks_mut(COL_CHUNK))
+        .zip(rstd.par_chunks_mut(COL_CHUNK))
+        .enumerate()
+        .for_each(|(chunk, ((hi, lo), rstd))| {
+            let c0 = chunk * COL_CHUNK;
+            let w = hi.len();
+            let mut sum = vec![0f64; w];
+            for row in z.chunks_exact(d) {
+                for (s, &x) in sum.iter_mut().zip(&row[c0..c0 + w]) {
+                    *s += f64::from(x);
+                }
+            }
+            let mu: Vec<f64> = sum.iter().map(|s| s / n as f64).collect();
+            let mut sq = vec![0f64; w];
+            for row in z.chunks_exact(d) {
+                for ((q, &x), m) in sq.iter_mut().zip(&row[c0..c0 + w]).zip(&mu) {
+                    let t = f64::from(x) - m;
+                    *q += t * t;
+                }
+            }
+            for j in 0..w {
+                hi[j] = mu[j] as f32;
+                lo[j] = (mu[j] - f64::from(hi[j])) as f32;
+                rstd[j] = (1.0 / (sq[j] / n as f64 + f64::from(eps)).sqrt()) as f32;
+            }
+        });
+    let (hi, lo, rstd) = split_stats(stats, d);
+    zhat[..n * d]
+        .par_chunks_mut(d)
+        .zip(z.par_chunks_exact(d))
+        .for_each(|(out, row)| {
+            for j in 0..d {
+                out[j] = xhat(row[j], hi[j], lo[j], rstd[j]) as f32;
+            }
+        });
+    Ok(())
+}
+
+fn split_stats(stats: &[f32], d: usize) -> (&[f32], &[f32], &[f32]) {
+    (&stats[..d], &stats[d..2 * d], &stats[2 * d..3 * d])
+}
+
+/// `(x − (hi + lo))·rstd` without rounding the mean to one f32.
+#[inline]
+fn xhat(x: f32, hi: f32, lo: f32, rstd: f32) -> f64 {
+    ((f64::from(x) - f64::from(hi)) - f64::from(lo)) * f64::from(rstd)
+}
+
+/// Cross-correlation `C = Ẑaᵀ·Ẑb / N` (D×D).
+pub fn cross_correlation(za_hat: &[f32], zb_hat: &[f32], dims: Dims, c: &mut [f32]) -> Result<()> {
+    let (n, d) = dims.checked()?;
+    check_input("za_hat", za_hat.len(), dims)?;
+    check_input("zb_hat", zb_hat.len(), dims)?;
+    check_output("c", c.len(), d * d)?;
+    // C[i,j] = Σ_k Ẑa[k,i] Ẑb[k,j]: lhs is Ẑaᵀ, read with swapped strides.
+    matmul(
+        Mat::new(&mut c[..d * d], d, d, d as isize, 1),
+        MatRef::new(za_hat, d, n, 1, d as isize),
+        MatRef::new(zb_hat, n, d, d as isize, 1),
+        1.0 / n as f32,
+    );
+    Ok(())
+}
+
+/// The fused reduction: reads C once, returns both loss terms and, when `write_grad`, overwrites C
+/// with dL/dC (2(c−1) on the diagonal, 2λc off it). Rows are summed in f64 in a fixed order.
+pub fn loss_reduce(c: &mut [f32], d: usize, lambda: f32, write_grad: bool) -> Result<LossValue> {
+    if d == 0 {
+        return Err(crate::Error::EmptyFeatures);
+    }
+    let dd = d.checked_mul(d).ok_or_else(|| crate::Error::TooLarge {
+        what: format!("D×D with D = {d}"),
+    })?;
+    check_output("c", c.len(), dd)?;
+    let two_lambda = 2.0 * lambda;
+    let rows: Vec<(f64, f64)> = c[..dd]
+        .par_chunks_mut(d)
+        .enumerate()
+        .map(|(i, row)| {
+            let mut off = 0f64;
+            for (j, x) in row.iter_mut().enumerate() {
+                if j != i {
+                    off += f64::from(*x) * f64::from(*x);
+                    if write_grad {
+                        *x *= two_lambda;
+                    }
+                }
+            }
+            let t = 1.0 - f64::from(row[i]);
+            if write_grad {
+                row[i] = 2.0 * (row[i] - 1.0);
+            }
+            (t * t, off)
+        })
+        .collect();
+    let (on, off) = rows
+        .iter()
+        .fold((0f64, 0f64), |(a, b), (x, y)| (a + x, b + y));
+    Ok(LossValue::new(on, f64::from(lambda) * off))
+}
+
+/// Backward through the GEMM: `dẐa = Ẑb·Gᵀ / N`, `dẐb = Ẑa·G / N`, with G = dL/dC.
+pub fn correlation_backward(
+    g: &[f32],
+    za_hat: &[f32],
+    zb_hat: &[f32],
+    dims: Dims,
+    dza_hat: &mut [f32],
+    dzb_hat: &mut [f32],
+) -> Result<()> {
+    let (n, d) = dims.checked()?;
+    check_input("za_hat", za_hat.len(), dims)?;
+    check_input("zb_hat", zb_hat.len(), dims)?;
+    check_output("g", g.len(), d * d)?;
+    check_output("dza_hat", dza_hat.len(), n * d)?;
+    check_output("dzb_hat", dzb_hat.len(), n * d)?;
+    let s = 1.0 / n as f32;
+    let di = d as isize;
+    matmul(
+        Mat::new(&mut dza_hat[..n * d], n, d, di, 1),
+        MatRef::new(zb_hat, n, d, di, 1),
+        MatRef::new(&g[..d * d], d, d, 1, di), // Gᵀ
+        s,
+    );
+    matmul(
+        Mat::new(&mut dzb_hat[..n * d], n, d, di, 1),
+        MatRef::new(za_hat, n, d, di, 1),
+        MatRef::new(&g[..d * d], d, d, di, 1),
+        s,
+    );
+    Ok(())
+}
+
+/// Backward through the standardization:
+/// `dz = rstd ⊙ (g − mean(g) − x̂ ⊙ mean(g ⊙ x̂))`, x̂ recomputed from z and `stats` (as written
+/// by [`standardize_forward`]), column means over the batch.
+pub fn standardize_backward(
+    g: &[f32],
+    z: &[f32],
+    stats: &[f32],
+    dims: Dims,
+    dz: &mut [f32],
+) -> Result<()> {
+    let (n, d) = dims.checked()?;
+    check_input("g", g.len(), dims)?;
+    check_input("z", z.len(), dims)?;
+    check_output("stats", stats.len(), STATS_PER_COLUMN * d)?;
+    check_output("dz", dz.len(), n * d)?;
+    let (hi, lo, rstd) = split_stats(stats, d);
+    let mut mg = vec![0f64; d];
+    let mut mgx = vec![0f64; d];
+    mg.par_chunks_mut(COL_CHUNK)
+        .zip(mgx.par_chunks_mut(COL_CHUNK))
+        .enumerate()
+        .for_each(|(chunk, (mg, mgx))| {
+            let c0 = chunk * COL_CHUNK;
+            let w = mg.len();
+            for (grow, zrow) in g.chunks_exact(d).zip(z.chunks_exact(d)) {
+                for j in 0..w {
+                    let c = c0 + j;
+                    let gi = f64::from(grow[c]);
+                    mg[j] += gi;
+                    mgx[j] += gi * xhat(zrow[c], hi[c], lo[c], rstd[c]);
+                }
+            }
+            for j in 0..w {
+                mg[j] /= n as f64;
+                mgx[j] /= n as f64;
+            }
+        });
+    dz[..n * d]
+        .par_chunks_mut(d)
+        .zip(g.par_chunks_exact(d).zip(z.par_chunks_exact(d)))
+        .for_each(|(out, (grow, zrow))| {
+            for j in 0..d {
+                let x = xhat(zrow[j], hi[j], lo[j], rstd[j]);
+                out[j] = (f64::from(rstd[j]) * (f64::from(grow[j]) - mg[j] - x * mgx[j])) as f32;
+            }
+        });
+    Ok(())
+}
+
+/// A strided matrix view for [`matmul`]; strides are in elements.
+struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: isize,
+    cs: isize,
+}
+
+struct Mat<'a> {
+    data: &'a mut [f32],
+    rows: usize,
+    cols: usize,
+    rs: isize,
+    cs: isize,
+}
+
+/// Largest offset a rows×cols view with non-negative strides touches, plus one.
+fn extent(rows: usize, cols: usize, rs: isize, cs: isize) -> usize {
+    if rows == 0 || cols == 0 {
+        return 0;
+    }
+    (rows - 1) * rs as usize + (cols - 1) * cs as usize + 1
+}
+
+impl<'a> MatRef<'a> {
+    fn new(data: &'a [f32], rows: usize, cols: usize, rs: isize, cs: isize) -> Self {
+        assert!(rs >= 0 && cs >= 0 && extent(rows, cols, rs, cs) <= data.len());
+        Self {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+}
+
+impl<'a> Mat<'a> {
+    fn new(data: &'a mut [f32], rows: usize, cols: usize, rs: isize, cs: isize) -> Self {
+        assert!(rs >= 0 && cs >= 0 && extent(rows, cols, rs, cs) <= data.len());
+        Self {
+            data,
+            rows,
+            cols,
+            rs,
+            cs,
+        }
+    }
+}
+
+/// `dst = scale · lhs · rhs`, through the `gemm` crate on rayon's threads.
+fn matmul(dst: Mat<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>, scale: f32) {
+    assert!(lhs.rows == dst.rows && rhs.cols == dst.cols && lhs.cols == rhs.rows);
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the constructors checked that every strided view lies inside its slice, the shapes
+    // agree (asserted above), and `dst` is borrowed mutably so it cannot alias `lhs` or `rhs`.
+    unsafe {
+        gemm::gemm(
+            dst.rows,
+            dst.cols,
+            lhs.cols,
+            dst.data.as_mut_ptr(),
+            dst.cs,
+            dst.rs,
+            false,
+            lhs.data.as_ptr(),
+            lhs.cs,
+            lhs.rs,
+            rhs.data.as_ptr(),
+            rhs.cs,
+            rhs.rs,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}

@@ -1,0 +1,142 @@
+//! CUDA backend: the embedded kernels, thin safe wrappers over their launches and cuBLAS, and the
+//! fused loss built from them.
+//!
+//! CUDA is loaded at run time (cudarc's dynamic loading), so a binary built with kernels still runs
+//! on a machine without a GPU: every entry point first probes for the driver and returns
+//! [`Error::NoCudaDriver`] instead of letting the loader panic.
+
+pub(crate) mod blas;
+pub mod fatbin;
+pub(crate) mod fused;
+pub(crate) mod module;
+pub mod naive;
+pub mod ops;
+
+pub use cudarc;
+
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaContext, CudaStream, DeviceRepr, DeviceSlice, DriverError};
+use std::sync::Arc;
+
+/// Element types the kernels read: f32, bf16 and f16.
+pub trait Element: DeviceRepr + Copy + Send + Sync + 'static + sealed::Sealed {
+    /// Suffix of the kernel instantiation for this type.
+    const SUFFIX: &'static str;
+}
+impl Element for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+impl Element for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+impl Element for half::f16 {
+    const SUFFIX: &'static str = "f16";
+}
+
+/// Element types Ẑ may be stored in: f32, or bf16 for the bf16 GEMM.
+pub trait HatElement: Element {}
+impl HatElement for f32 {}
+impl HatElement for half::bf16 {}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
+}
+
+/// Checks that the kernels were compiled in and that libcuda can be loaded.
+pub fn check_available() -> Result<()> {
+    if fatbin::FATBIN.is_none() {
+        return Err(Error::NoKernels);
+    }
+    check_driver()
+}
+
+fn check_driver() -> Result<()> {
+    // SAFETY: only tries to dlopen libcuda by its usual names; no symbol is called.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(Error::NoCudaDriver);
+    }
+    Ok(())
+}
+
+pub(crate) fn check_cublas() -> Result<()> {
+    // SAFETY: only tries to dlopen libcublas by its usual names; no symbol is called.
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        return Err(Error::NoCublas);
+    }
+    Ok(())
+}
+
+/// Number of CUDA devices, or an error when there is no driver.
+pub fn device_count() -> Result<usize> {
+    check_driver()?;
+    let n = CudaContext::device_count().map_err(drv("counting CUDA devices"))?;
+    Ok(n.max(0) as usize)
+}
+
+/// Opens device `ordinal` (its primary context) and returns its default stream, with a clear error
+/// when there is no driver or no such device.
+pub fn open_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
+    let count = device_count()?;
+    if ordinal >= count {
+        return Err(Error::NoDevice(format!(
+            "device {ordinal} requested, {count} CUDA device(s) found"
+        )));
+    }
+    let ctx = CudaContext::new(ordinal).map_err(drv("creating a CUDA context"))?;
+    Ok(ctx.default_stream())
+}
+
+/// Maps a driver error to [`Error`], naming the call that failed; out-of-memory gets its own variant.
+pub(crate) fn drv(during: impl Into<String>) -> impl Fn(DriverError) -> Error {
+    let during = during.into();
+    move |e| match e.0 {
+        cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => Error::OutOfDeviceMemory {
+            during: during.clone(),
+            bytes: 0,
+        },
+        cudarc::driver::sys::CUresult::CUDA_ERROR_NO_DEVICE => Error::NoDevice(e.to_string()),
+        _ => Error::Cuda {
+            during: during.clone(),
+            message: e.to_string(),
+        },
+    }
+}
+
+/// Allocates `len` elements on `stream`, reporting the byte count if memory runs out.
+pub(crate) fn alloc<T: DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    len: usize,
+    what: &'static str,
+) -> Result<cudarc::driver::CudaSlice<T>> {
+    // SAFETY: the memory is uninitialized; every buffer allocated here is fully written by a kernel
+    // or a GEMM before it is read (the callers document which launch writes it).
+    unsafe { stream.alloc::<T>(len.max(1)) }.map_err(|e| match drv(what)(e) {
+        Error::OutOfDeviceMemory { during, .. } => Error::OutOfDeviceMemory {
+            during,
+            bytes: len * std::mem::size_of::<T>(),
+        },
+        other => other,
+    })
+}
+
+/// A device buffer must live in the stream's context.
+pub(crate) fn check_context<T>(
+    name: &'static str,
+    buf: &impl DeviceSlice<T>,
+    stream: &CudaStream,
+) -> Result<()> {
+    if buf.stream().context().cu_ctx() != stream.context().cu_ctx() {
+        return Err(Error::WrongContext { name });
+    }
+    Ok(())
+}
+
+/// Sizes passed to kernels and cuBLAS as 32-bit ints must fit.
+pub(crate) fn check_i32(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::TooLarge {
+        what: format!("{what} = {v} exceeds the 32-bit limit of cuBLAS"),
+    })
+}

@@ -1,0 +1,66 @@
+//! The crate's one error type. Every failure a caller can cause or meet is a variant here; nothing
+//! in the public API panics on caller input.
+
+/// Errors returned by barlow.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An input's length does not match the N×D shape the caller declared.
+    #[error("shape mismatch: `{name}` holds {len} elements, but N×D = {n}×{d} = {expected}")]
+    ShapeMismatch {
+        name: &'static str,
+        len: usize,
+        n: usize,
+        d: usize,
+        expected: usize,
+    },
+    /// Standardizing over the batch needs at least two rows.
+    #[error("batch size N = {n} is too small: standardization over the batch needs N >= 2")]
+    BatchTooSmall { n: usize },
+    /// The feature dimension is zero.
+    #[error("feature dimension D is 0: the projector output must have at least one column")]
+    EmptyFeatures,
+    /// N×D (or D×D) does not fit the index types the kernels and cuBLAS use.
+    #[error("size too large: {what}")]
+    TooLarge { what: String },
+    /// An output buffer cannot hold N×D elements.
+    #[error("buffer `{name}` is too small: it holds {len} elements, but N×D = {needed} are needed")]
+    BufferTooSmall {
+        name: &'static str,
+        len: usize,
+        needed: usize,
+    },
+    /// A device buffer belongs to a different CUDA context (device) than the stream.
+    #[error("buffer `{name}` lives on another CUDA device/context than the stream it was passed with")]
+    WrongContext { name: &'static str },
+    /// A loss configuration value is out of range.
+    #[error("invalid loss configuration: {0}")]
+    InvalidConfig(String),
+    /// The inputs hold NaN or infinity, so the loss is not a number.
+    #[error("non-finite inputs: the loss came out as {total} (NaN or infinity in Za or Zb)")]
+    NonFinite { total: f64 },
+    /// The device ran out of memory.
+    #[error("out of device memory while {during} (needs about {bytes} bytes); use a smaller N or D, or free device memory")]
+    OutOfDeviceMemory { during: String, bytes: usize },
+    /// The crate was compiled without nvcc, so no CUDA kernels are embedded.
+    #[error("built without CUDA kernels: install nvcc (scripts/install-nvcc.sh) and rebuild")]
+    NoKernels,
+    /// libcuda (the NVIDIA driver) could not be loaded.
+    #[error("no CUDA driver: libcuda could not be loaded (is an NVIDIA driver installed?)")]
+    NoCudaDriver,
+    /// libcublas could not be loaded.
+    #[error("cuBLAS not found: libcublas could not be loaded (install the CUDA toolkit or put its lib folder on LD_LIBRARY_PATH)")]
+    NoCublas,
+    /// The driver found no usable CUDA device.
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
+    /// Any other CUDA driver failure, with the call that failed.
+    #[error("CUDA error in {during}: {message}")]
+    Cuda { during: String, message: String },
+    /// Any other cuBLAS failure, with the call that failed.
+    #[error("cuBLAS error in {during}: {message}")]
+    Cublas { during: String, message: String },
+}
+
+/// Shorthand for `Result<T, barlow::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,255 @@
+//! The public loss: configuration, value, and [`BarlowTwinsLoss`] with its CPU and CUDA entry points.
+
+use crate::cpu;
+use crate::cuda::{self, fused, Element};
+use crate::error::{Error, Result};
+use crate::shape::{check_input, check_output, Dims};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Precision of the cross-correlation GEMMs. Accumulation is f32 in every mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Math {
+    /// Plain f32 GEMMs.
+    #[default]
+    F32,
+    /// f32 storage, TF32 tensor-core multiplies (about 1e-3 relative error).
+    Tf32,
+    /// Ẑ and dL/dC stored in bf16 for the GEMMs, f32 output (about 1e-2 relative error).
+    Bf16,
+}
+
+/// Loss hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossConfig {
+    /// Weight of the off-diagonal (redundancy-reduction) term; the paper uses 0.0051.
+    pub lambda: f32,
+    /// Added to the batch variance before the square root, as BatchNorm does (1e-5).
+    pub eps: f32,
+    /// GEMM precision on the GPU. The CPU path always computes in f32.
+    pub math: Math,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self {
+            lambda: 0.0051,
+            eps: 1e-5,
+            math: Math::F32,
+        }
+    }
+}
+
+impl LossConfig {
+    /// Checks that λ is finite and ≥ 0 and that eps is finite and > 0.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
+            return Err(Error::InvalidConfig(format!(
+                "lambda = {} must be finite and >= 0",
+                self.lambda
+            )));
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(Error::InvalidConfig(format!(
+                "eps = {} must be finite and > 0",
+                self.eps
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The loss and its two terms: `total = on_diag + off_diag`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossValue {
+    /// The loss.
+    pub total: f64,
+    /// Invariance term Σᵢ (1 − Cᵢᵢ)².
+    pub on_diag: f64,
+    /// Redundancy-reduction term λ·Σᵢ≠ⱼ Cᵢⱼ² (already weighted by λ).
+    pub off_diag: f64,
+}
+
+impl LossValue {
+    /// A value from its two terms.
+    pub fn new(on_diag: f64, off_diag: f64) -> Self {
+        Self {
+            total: on_diag + off_diag,
+            on_diag,
+            off_diag,
+        }
+    }
+}
+
+/// Host buffers the CPU path reuses between calls.
+#[derive(Default)]
+struct CpuWorkspace {
+    zhat_a: Vec<f32>,
+    zhat_b: Vec<f32>,
+    stats_a: Vec<f32>,
+    stats_b: Vec<f32>,
+    c: Vec<f32>,
+    dhat_a: Vec<f32>,
+    dhat_b: Vec<f32>,
+}
+
+impl CpuWorkspace {
+    fn fit(&mut self, n: usize, d: usize) {
+        for v in [&mut self.zhat_a, &mut self.zhat_b, &mut self.dhat_a, &mut self.dhat_b] {
+            v.resize(n * d, 0.0);
+        }
+        for v in [&mut self.stats_a, &mut self.stats_b] {
+            v.resize(cpu::STATS_PER_COLUMN * d, 0.0);
+        }
+        self.c.resize(d * d, 0.0);
+    }
+}
+
+/// The Barlow Twins loss with its gradients, on the CPU or a CUDA stream.
+///
+/// Inputs are the two views' projector outputs Za, Zb, each N×D row-major. Each column is
+/// standardized over the batch (biased variance, `eps`), `C = ẐaᵀẐb / N`, and
+/// `L = Σᵢ (1 − Cᵢᵢ)² + λ·Σᵢ≠ⱼ Cᵢⱼ²`. The backward pass runs through the standardization.
+///
+/// The object keeps its working buffers (host and device) between calls; it is `Sync`, and
+/// concurrent calls on one object take turns.
+///
+/// ```
+/// use barlow::{BarlowTwinsLoss, Dims, LossConfig};
+///
+/// let (n, d) = (8, 4);
+/// let za: Vec<f32> = (0..n * d).map(|i| ((i * 37 % 11) as f32).sin()).collect();
+/// let zb: Vec<f32> = (0..n * d).map(|i| ((i * 53 % 13) as f32).cos()).collect();
+/// let loss = BarlowTwinsLoss::new(LossConfig::default())?;
+/// let (mut dza, mut dzb) = (vec![0.0; n * d], vec![0.0; n * d]);
+/// let v = loss.forward_backward_cpu(&za, &zb, Dims::new(n, d), &mut dza, &mut dzb)?;
+/// assert!((v.total - (v.on_diag + v.off_diag)).abs() < 1e-12);
+/// # Ok::<(), barlow::Error>(())
+/// ```
+pub struct BarlowTwinsLoss {
+    config: LossConfig,
+    cpu: Mutex<CpuWorkspace>,
+    gpu: Mutex<Option<fused::Workspace>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere cannot leave these buffers in a state that matters: every call rewrites
+    // what it reads.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl BarlowTwinsLoss {
+    /// A loss with the given configuration (validated here).
+    pub fn new(config: LossConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            config,
+            cpu: Mutex::default(),
+            gpu: Mutex::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LossConfig {
+        &self.config
+    }
+
+    /// The loss of host inputs (f32, N×D row-major).
+    pub fn forward_cpu(&self, za: &[f32], zb: &[f32], dims: Dims) -> Result<LossValue> {
+        self.run_cpu(za, zb, dims, None)
+    }
+
+    /// The loss of host inputs, with dL/dZa and dL/dZb written into the first N×D elements of
+    /// `dza` and `dzb`.
+    pub fn forward_backward_cpu(
+        &self,
+        za: &[f32],
+        zb: &[f32],
+        dims: Dims,
+        dza: &mut [f32],
+        dzb: &mut [f32],
+    ) -> Result<LossValue> {
+        self.run_cpu(za, zb, dims, Some((dza, dzb)))
+    }
+
+    fn run_cpu(
+        &self,
+        za: &[f32],
+        zb: &[f32],
+        dims: Dims,
+        grads: Option<(&mut [f32], &mut [f32])>,
+    ) -> Result<LossValue> {
+        let (n, d) = dims.checked()?;
+        check_input("za", za.len(), dims)?;
+        check_input("zb", zb.len(), dims)?;
+        if let Some((dza, dzb)) = &grads {
+            check_output("dza", dza.len(), n * d)?;
+            check_output("dzb", dzb.len(), n * d)?;
+        }
+        let mut guard = lock(&self.cpu);
+        let w = &mut *guard;
+        w.fit(n, d);
+        let eps = self.config.eps;
+        cpu::standardize_forward(za, dims, eps, &mut w.zhat_a, &mut w.stats_a)?;
+        cpu::standardize_forward(zb, dims, eps, &mut w.zhat_b, &mut w.stats_b)?;
+        cpu::cross_correlation(&w.zhat_a, &w.zhat_b, dims, &mut w.c)?;
+        let value = cpu::loss_reduce(&mut w.c, d, self.config.lambda, grads.is_some())?;
+        if !value.total.is_finite() {
+            return Err(Error::NonFinite { total: value.total });
+        }
+        if let Some((dza, dzb)) = grads {
+            cpu::correlation_backward(
+                &w.c,
+                &w.zhat_a,
+                &w.zhat_b,
+                dims,
+                &mut w.dhat_a,
+                &mut w.dhat_b,
+            )?;
+            cpu::standardize_backward(&w.dhat_a, za, &w.stats_a, dims, dza)?;
+            cpu::standardize_backward(&w.dhat_b, zb, &w.stats_b, dims, dzb)?;
+        }
+        Ok(value)
+    }
+
+    /// The loss of device inputs (f32, bf16 or f16; N×D row-major) on `stream`. Waits for the
+    /// stream to read the three scalars back.
+    pub fn forward<T: Element>(
+        &self,
+        stream: &Arc<CudaStream>,
+        za: &impl DevicePtr<T>,
+        zb: &impl DevicePtr<T>,
+        dims: Dims,
+    ) -> Result<LossValue> {
+        cuda::check_available()?;
+        fused::check_inputs(stream, za, zb, dims)?;
+        let mut slot = lock(&self.gpu);
+        let ws = fused::Workspace::ensure(&mut slot, stream, dims, self.config.math)?;
+        fused::run::<T, cudarc::driver::CudaSlice<T>>(ws, &self.config, stream, za, zb, dims, None)
+    }
+
+    /// The loss of device inputs with dL/dZa and dL/dZb (same element type as the inputs) written
+    /// into the first N×D elements of `dza` and `dzb`. All work is queued on `stream`, which is
+    /// waited on once, to read the loss.
+    pub fn forward_backward<T: Element, Dz: DevicePtrMut<T>>(
+        &self,
+        stream: &Arc<CudaStream>,
+        za: &impl DevicePtr<T>,
+        zb: &impl DevicePtr<T>,
+        dims: Dims,
+        dza: &mut Dz,
+        dzb: &mut Dz,
+    ) -> Result<LossValue> {
+        cuda::check_available()?;
+        fused::check_inputs(stream, za, zb, dims)?;
+        fused::check_grads(stream, dza, dzb, dims)?;
+        let mut slot = lock(&self.gpu);
+        let ws = fused::Workspace::ensure(&mut slot, stream, dims, self.config.math)?;
+        fused::run(ws, &self.config, stream, za, zb, dims, Some((dza, dzb)))
+    }
+
+    /// Device bytes the CUDA path holds for this shape (its workspace; cuBLAS's own comes on top).
+    pub fn device_workspace_bytes(&self, dims: Dims) -> usize {
+        fused::workspace_bytes(dims, self.config.math)
+    }
+}
