@@ -24,14 +24,18 @@ pub enum Error {
     #[error("size too large: {what}")]
     TooLarge { what: String },
     /// An output buffer cannot hold N×D elements.
-    #[error("buffer `{name}` is too small: it holds {len} elements, but N×D = {needed} are needed")]
+    #[error(
+        "buffer `{name}` is too small: it holds {len} elements, but N×D = {needed} are needed"
+    )]
     BufferTooSmall {
         name: &'static str,
         len: usize,
         needed: usize,
     },
     /// A device buffer belongs to a different CUDA context (device) than the stream.
-    #[error("buffer `{name}` lives on another CUDA device/context than the stream it was passed with")]
+    #[error(
+        "buffer `{name}` lives on another CUDA device/context than the stream it was passed with"
+    )]
     WrongContext { name: &'static str },
     /// A loss configuration value is out of range.
     #[error("invalid loss configuration: {0}")]

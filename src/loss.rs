@@ -95,7 +95,12 @@ struct CpuWorkspace {
 
 impl CpuWorkspace {
     fn fit(&mut self, n: usize, d: usize) {
-        for v in [&mut self.zhat_a, &mut self.zhat_b, &mut self.dhat_a, &mut self.dhat_b] {
+        for v in [
+            &mut self.zhat_a,
+            &mut self.zhat_b,
+            &mut self.dhat_a,
+            &mut self.dhat_b,
+        ] {
             v.resize(n * d, 0.0);
         }
         for v in [&mut self.stats_a, &mut self.stats_b] {

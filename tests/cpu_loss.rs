@@ -72,9 +72,11 @@ fn cpu_forward_backward_matches_reference() {
             let dims = Dims::new(n, d);
             let mut dza = vec![f32::NAN; n * d];
             let mut dzb = vec![f32::NAN; n * d];
-            let v = l.forward_backward_cpu(&za, &zb, dims, &mut dza, &mut dzb).unwrap();
-            let r = reference::forward_backward(&to_f64(&za), &to_f64(&zb), dims, LAMBDA, EPS)
+            let v = l
+                .forward_backward_cpu(&za, &zb, dims, &mut dza, &mut dzb)
                 .unwrap();
+            let r =
+                reference::forward_backward(&to_f64(&za), &to_f64(&zb), dims, LAMBDA, EPS).unwrap();
             let what = format!("N={n} D={d}");
             assert_loss_close(&what, v, &r, LAMBDA, F32_TOL);
             let sa = grad_scale(&r.a.rstd, &r.grad_za_hat);
@@ -99,8 +101,13 @@ fn cpu_kernels_match_reference() {
         let (mut zhat, mut stats) = (vec![f32::NAN; n * d], vec![f32::NAN; 3 * d]);
         cpu::standardize_forward(&z, dims, EPS as f32, &mut zhat, &mut stats).unwrap();
         assert_close("zhat", &zhat, &rs.zhat, F32_TOL);
-        let mean: Vec<f64> = (0..d).map(|j| f64::from(stats[j]) + f64::from(stats[d + j])).collect();
-        assert!(mean.iter().zip(&rs.mean).all(|(a, b)| (a - b).abs() <= 1e-7 * b.abs().max(1.0)));
+        let mean: Vec<f64> = (0..d)
+            .map(|j| f64::from(stats[j]) + f64::from(stats[d + j]))
+            .collect();
+        assert!(mean
+            .iter()
+            .zip(&rs.mean)
+            .all(|(a, b)| (a - b).abs() <= 1e-7 * b.abs().max(1.0)));
         assert_close("rstd", &stats[2 * d..], &rs.rstd, F32_TOL);
 
         let a = rng.matrix(n, d);
@@ -110,13 +117,20 @@ fn cpu_kernels_match_reference() {
         let c64 = reference::cross_correlation(&to_f64(&a), &to_f64(&b), n, d);
         assert_close("C", &c, &c64, F32_TOL);
 
-        let mut cm: Vec<f32> = (0..d * d).map(|_| (rng.uniform() * 2.0 - 1.0) as f32).collect();
+        let mut cm: Vec<f32> = (0..d * d)
+            .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
+            .collect();
         let cm64 = to_f64(&cm);
         let v = cpu::loss_reduce(&mut cm, d, LAMBDA as f32, true).unwrap();
         let (on, off) = reference::loss_terms(&cm64, d, LAMBDA);
         assert_close_scalar("on", v.on_diag, on, F32_TOL);
         assert_close_scalar("off", v.off_diag, off, F32_TOL);
-        assert_close("dL/dC", &cm, &reference::loss_grad(&cm64, d, LAMBDA), F32_TOL);
+        assert_close(
+            "dL/dC",
+            &cm,
+            &reference::loss_grad(&cm64, d, LAMBDA),
+            F32_TOL,
+        );
 
         let g: Vec<f32> = (0..d * d).map(|_| rng.normal() as f32).collect();
         let (mut da, mut db) = (vec![f32::NAN; n * d], vec![f32::NAN; n * d]);
@@ -161,7 +175,10 @@ fn loss_is_invariant_to_column_shift_and_scale() {
         }
         let v = l.forward_cpu(&moved, &zb, Dims::new(n, d)).unwrap().total;
         // Only eps, relative to the column variance, tells the two apart.
-        assert!((v - base).abs() / base < 1e-4, "column {col}: {v} vs {base}");
+        assert!(
+            (v - base).abs() / base < 1e-4,
+            "column {col}: {v} vs {base}"
+        );
     }
 }
 
@@ -182,8 +199,12 @@ fn swapping_views_transposes_c_and_keeps_the_loss() {
     let l = loss();
     let (mut g1a, mut g1b) = (vec![0f32; n * d], vec![0f32; n * d]);
     let (mut g2a, mut g2b) = (vec![0f32; n * d], vec![0f32; n * d]);
-    let v1 = l.forward_backward_cpu(&za, &zb, dims, &mut g1a, &mut g1b).unwrap();
-    let v2 = l.forward_backward_cpu(&zb, &za, dims, &mut g2b, &mut g2a).unwrap();
+    let v1 = l
+        .forward_backward_cpu(&za, &zb, dims, &mut g1a, &mut g1b)
+        .unwrap();
+    let v2 = l
+        .forward_backward_cpu(&zb, &za, dims, &mut g2b, &mut g2a)
+        .unwrap();
     assert_close_scalar("swapped loss", v2.total, v1.total, 1e-6);
     assert_close("swapped dza", &g2a, &to_f64(&g1a), 1e-5);
     assert_close("swapped dzb", &g2b, &to_f64(&g1b), 1e-5);
@@ -198,8 +219,14 @@ fn cpu_path_is_deterministic() {
     let l = loss();
     let run = || {
         let (mut a, mut b) = (vec![0f32; n * d], vec![0f32; n * d]);
-        let v = l.forward_backward_cpu(&za, &zb, Dims::new(n, d), &mut a, &mut b).unwrap();
-        (v.total.to_bits(), a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), b)
+        let v = l
+            .forward_backward_cpu(&za, &zb, Dims::new(n, d), &mut a, &mut b)
+            .unwrap();
+        (
+            v.total.to_bits(),
+            a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            b,
+        )
     };
     let (t1, a1, b1) = run();
     let (t2, a2, b2) = run();

@@ -13,7 +13,18 @@ fn shape_mismatch_names_the_input() {
     let za = vec![0.5f32; 12];
     let zb = vec![0.5f32; 11];
     let e = loss().forward_cpu(&za, &zb, Dims::new(4, 3)).unwrap_err();
-    assert!(matches!(e, Error::ShapeMismatch { name: "zb", len: 11, expected: 12, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::ShapeMismatch {
+                name: "zb",
+                len: 11,
+                expected: 12,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(e.to_string().contains("zb"));
 }
 
@@ -38,23 +49,52 @@ fn small_gradient_buffer_is_rejected_before_any_work() {
     let e = loss()
         .forward_backward_cpu(&z, &z, Dims::new(4, 3), &mut dza, &mut dzb)
         .unwrap_err();
-    assert!(matches!(e, Error::BufferTooSmall { name: "dzb", len: 10, needed: 12 }), "{e}");
-    assert!(dza.iter().all(|x| x.is_nan()), "nothing may be written on error");
+    assert!(
+        matches!(
+            e,
+            Error::BufferTooSmall {
+                name: "dzb",
+                len: 10,
+                needed: 12
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        dza.iter().all(|x| x.is_nan()),
+        "nothing may be written on error"
+    );
 }
 
 #[test]
 fn oversized_shapes_are_rejected_not_overflowed() {
-    let e = loss().forward_cpu(&[], &[], Dims::new(usize::MAX / 2, 3)).unwrap_err();
+    let e = loss()
+        .forward_cpu(&[], &[], Dims::new(usize::MAX / 2, 3))
+        .unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e}");
-    let e = loss().forward_cpu(&[], &[], Dims::new(2, usize::MAX / 4)).unwrap_err();
+    let e = loss()
+        .forward_cpu(&[], &[], Dims::new(2, usize::MAX / 4))
+        .unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e}");
 }
 
 #[test]
 fn bad_config_is_rejected() {
-    for (lambda, eps) in [(f32::NAN, 1e-5), (-1.0, 1e-5), (0.005, 0.0), (0.005, f32::INFINITY)] {
-        let e = BarlowTwinsLoss::new(LossConfig { lambda, eps, ..Default::default() });
-        assert!(matches!(e, Err(Error::InvalidConfig(_))), "lambda {lambda} eps {eps}");
+    for (lambda, eps) in [
+        (f32::NAN, 1e-5),
+        (-1.0, 1e-5),
+        (0.005, 0.0),
+        (0.005, f32::INFINITY),
+    ] {
+        let e = BarlowTwinsLoss::new(LossConfig {
+            lambda,
+            eps,
+            ..Default::default()
+        });
+        assert!(
+            matches!(e, Err(Error::InvalidConfig(_))),
+            "lambda {lambda} eps {eps}"
+        );
     }
 }
 

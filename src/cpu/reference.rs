@@ -132,7 +132,10 @@ pub fn standardize_backward(g: &[f64], s: &Standardized, n: usize, d: usize) -> 
     let mut dz = vec![0.0; n * d];
     for j in 0..d {
         let mg = (0..n).map(|i| g[i * d + j]).sum::<f64>() / n as f64;
-        let mgx = (0..n).map(|i| g[i * d + j] * s.zhat[i * d + j]).sum::<f64>() / n as f64;
+        let mgx = (0..n)
+            .map(|i| g[i * d + j] * s.zhat[i * d + j])
+            .sum::<f64>()
+            / n as f64;
         for i in 0..n {
             let k = i * d + j;
             dz[k] = s.rstd[j] * (g[k] - mg - s.zhat[k] * mgx);

@@ -81,12 +81,18 @@ impl Blas {
         ldc: usize,
     ) -> Result<()> {
         let (ab_type, compute) = match math {
-            Math::F32 => (cudaDataType::CUDA_R_32F, cublasComputeType_t::CUBLAS_COMPUTE_32F),
+            Math::F32 => (
+                cudaDataType::CUDA_R_32F,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            ),
             Math::Tf32 => (
                 cudaDataType::CUDA_R_32F,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
             ),
-            Math::Bf16 => (cudaDataType::CUDA_R_16BF, cublasComputeType_t::CUBLAS_COMPUTE_32F),
+            Math::Bf16 => (
+                cudaDataType::CUDA_R_16BF,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            ),
         };
         let op = |t: bool| {
             if t {

@@ -42,7 +42,12 @@ pub fn workspace_bytes(dims: Dims, math: Math) -> usize {
     let (n, d) = (dims.n, dims.d);
     let hat = if math == Math::Bf16 { 2 } else { 4 };
     let g16 = if math == Math::Bf16 { 2 * d * d } else { 0 };
-    2 * n * d * hat + 2 * STATS_PER_COLUMN * d * 4 + 4 * d * d + g16 + 2 * n * d * 4 + CudaOps::scratch_bytes()
+    2 * n * d * hat
+        + 2 * STATS_PER_COLUMN * d * 4
+        + 4 * d * d
+        + g16
+        + 2 * n * d * 4
+        + CudaOps::scratch_bytes()
 }
 
 impl Workspace {

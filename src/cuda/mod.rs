@@ -47,18 +47,28 @@ mod sealed {
 
 /// Checks that the kernels were compiled in and that libcuda can be loaded.
 pub fn check_available() -> Result<()> {
-    if fatbin::FATBIN.is_none() {
-        return Err(Error::NoKernels);
-    }
-    check_driver()
+    availability(fatbin::FATBIN.is_some(), driver_present)
 }
 
-fn check_driver() -> Result<()> {
-    // SAFETY: only tries to dlopen libcuda by its usual names; no symbol is called.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+/// The order of the checks: a build without kernels is reported before a missing driver, since
+/// installing a driver would not help it.
+fn availability(kernels: bool, driver: impl FnOnce() -> bool) -> Result<()> {
+    if !kernels {
+        return Err(Error::NoKernels);
+    }
+    if !driver() {
         return Err(Error::NoCudaDriver);
     }
     Ok(())
+}
+
+fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen libcuda by its usual names; no symbol is called.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+fn check_driver() -> Result<()> {
+    availability(true, driver_present)
 }
 
 pub(crate) fn check_cublas() -> Result<()> {
@@ -139,4 +149,21 @@ pub(crate) fn check_i32(what: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::TooLarge {
         what: format!("{what} = {v} exceeds the 32-bit limit of cuBLAS"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn availability_names_what_is_missing() {
+        let e = availability(false, || true).unwrap_err();
+        assert!(matches!(e, Error::NoKernels));
+        assert!(e
+            .to_string()
+            .contains("built without CUDA kernels: install nvcc"));
+        let e = availability(true, || false).unwrap_err();
+        assert!(matches!(e, Error::NoCudaDriver));
+        assert!(availability(true, || true).is_ok());
+    }
 }

@@ -36,7 +36,9 @@ pub(crate) fn kernels(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
     let image = fatbin::FATBIN.ok_or(Error::NoKernels)?;
     let module = ctx
         .load_module(Ptx::from_binary(image.to_vec()))
-        .map_err(drv("loading the kernel fatbin (does the driver support this GPU?)"))?;
+        .map_err(drv(
+            "loading the kernel fatbin (does the driver support this GPU?)",
+        ))?;
     let mut functions = HashMap::new();
     for &name in fatbin::KERNEL_NAMES {
         let f = module

@@ -78,10 +78,25 @@ impl NaiveLoss {
         let mut mean = self.buf(d)?;
         let mut var = self.buf(d)?;
         let mut zhat = self.buf(n * d)?;
-        let (pm, pv, ph) = (self.ptr_mut(&mut mean), self.ptr_mut(&mut var), self.ptr_mut(&mut zhat));
+        let (pm, pv, ph) = (
+            self.ptr_mut(&mut mean),
+            self.ptr_mut(&mut var),
+            self.ptr_mut(&mut zhat),
+        );
         launch!(self, "naive_col_mean", grid(d), z, pm, n64, d64);
         launch!(self, "naive_col_var", grid(d), z, pm, pv, n64, d64);
-        launch!(self, "naive_normalize", grid(n * d), z, pm, pv, ph, n64, d64, eps);
+        launch!(
+            self,
+            "naive_normalize",
+            grid(n * d),
+            z,
+            pm,
+            pv,
+            ph,
+            n64,
+            d64,
+            eps
+        );
         Ok(View { var, zhat })
     }
 
@@ -111,7 +126,18 @@ impl NaiveLoss {
 
     /// `C (row-major) = scale · op(x)·op(y)` in the mode's precision; bf16 casts first, as autocast.
     #[allow(clippy::too_many_arguments)]
-    fn gemm(&mut self, m: usize, n: usize, k: usize, scale: f32, a: Operand, b: Operand, a_len: usize, b_len: usize, c: u64) -> Result<()> {
+    fn gemm(
+        &mut self,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+        a: Operand,
+        b: Operand,
+        a_len: usize,
+        b_len: usize,
+        c: u64,
+    ) -> Result<()> {
         let math = self.config.math;
         if math == Math::Bf16 {
             let s = self.ops.stream().clone();
@@ -125,7 +151,17 @@ impl NaiveLoss {
             // SAFETY: a16/b16 hold a_len/b_len bf16 values cast from operands of those lengths,
             // which the caller sized for these m, n, k and leading dimensions; c is a fresh buffer.
             unsafe {
-                blas.gemm(math, m, n, k, scale, Operand { ptr: pa, ..a }, Operand { ptr: pb, ..b }, c, m)
+                blas.gemm(
+                    math,
+                    m,
+                    n,
+                    k,
+                    scale,
+                    Operand { ptr: pa, ..a },
+                    Operand { ptr: pb, ..b },
+                    c,
+                    m,
+                )
             }
         } else {
             let blas = self.ops.blas()?;
@@ -159,16 +195,47 @@ impl NaiveLoss {
         let (pha, phb) = (self.ptr(&a.zhat), self.ptr(&b.zhat));
         let mut c = self.buf(dd)?;
         let pc = self.ptr_mut(&mut c);
-        self.gemm(d, d, n, 1.0 / n as f32, Operand { ptr: phb, ld: d, trans: false }, Operand { ptr: pha, ld: d, trans: true }, nd, nd, pc)?;
+        self.gemm(
+            d,
+            d,
+            n,
+            1.0 / n as f32,
+            Operand {
+                ptr: phb,
+                ld: d,
+                trans: false,
+            },
+            Operand {
+                ptr: pha,
+                ld: d,
+                trans: true,
+            },
+            nd,
+            nd,
+            pc,
+        )?;
 
         // on_diag = diagonal(c).add(-1).pow(2).sum()
         let mut diag = self.buf(d)?;
         let mut shifted = self.buf(d)?;
         let mut on_sq = self.buf(d)?;
-        let (pdiag, pshift, ponsq) = (self.ptr_mut(&mut diag), self.ptr_mut(&mut shifted), self.ptr_mut(&mut on_sq));
+        let (pdiag, pshift, ponsq) = (
+            self.ptr_mut(&mut diag),
+            self.ptr_mut(&mut shifted),
+            self.ptr_mut(&mut on_sq),
+        );
         let (one, minus_one) = (1f32, -1f32);
         launch!(self, "naive_diag_copy", grid(d), pc, pdiag, d64);
-        launch!(self, "naive_affine", grid(d), pdiag, pshift, d64, one, minus_one);
+        launch!(
+            self,
+            "naive_affine",
+            grid(d),
+            pdiag,
+            pshift,
+            d64,
+            one,
+            minus_one
+        );
         launch!(self, "naive_square", grid(d), pshift, ponsq, d64);
         let on = self.sum(ponsq, d)?;
 
@@ -180,7 +247,11 @@ impl NaiveLoss {
         let (poff, poffsq) = (self.ptr_mut(&mut off), self.ptr_mut(&mut off_sq));
         launch!(self, "naive_off_diag_copy", grid(off_len), pc, poff, d64);
         launch!(self, "naive_square", grid(off_len), poff, poffsq, off_len64);
-        let off_sum = if off_len > 0 { self.sum(poffsq, off_len)? } else { 0.0 };
+        let off_sum = if off_len > 0 {
+            self.sum(poffsq, off_len)?
+        } else {
+            0.0
+        };
 
         // Backward: dL/dC assembled from the two terms' gradients.
         let mut gc = stream
@@ -190,19 +261,80 @@ impl NaiveLoss {
         let mut g_off = self.buf(off_len)?;
         let pgoff = self.ptr_mut(&mut g_off);
         let (two_lambda, zero, two, minus_two) = (2.0 * lambda, 0f32, 2f32, -2f32);
-        launch!(self, "naive_affine", grid(off_len), poff, pgoff, off_len64, two_lambda, zero);
-        launch!(self, "naive_off_diag_scatter", grid(off_len), pgoff, pgc, d64);
+        launch!(
+            self,
+            "naive_affine",
+            grid(off_len),
+            poff,
+            pgoff,
+            off_len64,
+            two_lambda,
+            zero
+        );
+        launch!(
+            self,
+            "naive_off_diag_scatter",
+            grid(off_len),
+            pgoff,
+            pgc,
+            d64
+        );
         let mut g_diag = self.buf(d)?;
         let pgdiag = self.ptr_mut(&mut g_diag);
-        launch!(self, "naive_affine", grid(d), pdiag, pgdiag, d64, two, minus_two);
+        launch!(
+            self,
+            "naive_affine",
+            grid(d),
+            pdiag,
+            pgdiag,
+            d64,
+            two,
+            minus_two
+        );
         launch!(self, "naive_diag_scatter", grid(d), pgdiag, pgc, d64);
 
         let mut gha = self.buf(nd)?;
         let mut ghb = self.buf(nd)?;
         let (pgha, pghb) = (self.ptr_mut(&mut gha), self.ptr_mut(&mut ghb));
         let inv_n = 1.0 / n as f32;
-        self.gemm(d, n, d, inv_n, Operand { ptr: pgc, ld: d, trans: true }, Operand { ptr: phb, ld: d, trans: false }, dd, nd, pgha)?;
-        self.gemm(d, n, d, inv_n, Operand { ptr: pgc, ld: d, trans: false }, Operand { ptr: pha, ld: d, trans: false }, dd, nd, pghb)?;
+        self.gemm(
+            d,
+            n,
+            d,
+            inv_n,
+            Operand {
+                ptr: pgc,
+                ld: d,
+                trans: true,
+            },
+            Operand {
+                ptr: phb,
+                ld: d,
+                trans: false,
+            },
+            dd,
+            nd,
+            pgha,
+        )?;
+        self.gemm(
+            d,
+            n,
+            d,
+            inv_n,
+            Operand {
+                ptr: pgc,
+                ld: d,
+                trans: false,
+            },
+            Operand {
+                ptr: pha,
+                ld: d,
+                trans: false,
+            },
+            dd,
+            nd,
+            pghb,
+        )?;
 
         let pdza = self.ptr_mut(dza);
         let pdzb = self.ptr_mut(dzb);
@@ -210,15 +342,34 @@ impl NaiveLoss {
             let mut s1 = self.buf(d)?;
             let mut s2 = self.buf(d)?;
             let mut prod = self.buf(nd)?;
-            let (ps1, ps2, pprod) = (self.ptr_mut(&mut s1), self.ptr_mut(&mut s2), self.ptr_mut(&mut prod));
+            let (ps1, ps2, pprod) = (
+                self.ptr_mut(&mut s1),
+                self.ptr_mut(&mut s2),
+                self.ptr_mut(&mut prod),
+            );
             let (pzh, pvar) = (self.ptr(&view.zhat), self.ptr(&view.var));
             let nd64 = nd as i64;
             launch!(self, "naive_col_sum", grid(d), g, ps1, n64, d64);
             launch!(self, "naive_mul", grid(nd), g, pzh, pprod, nd64);
             launch!(self, "naive_col_sum", grid(d), pprod, ps2, n64, d64);
-            launch!(self, "naive_bn_bwd", grid(nd), g, pzh, pvar, ps1, ps2, dz, n64, d64, eps);
+            launch!(
+                self,
+                "naive_bn_bwd",
+                grid(nd),
+                g,
+                pzh,
+                pvar,
+                ps1,
+                ps2,
+                dz,
+                n64,
+                d64,
+                eps
+            );
         }
-        stream.synchronize().map_err(drv("waiting for the naive path"))?;
+        stream
+            .synchronize()
+            .map_err(drv("waiting for the naive path"))?;
         let value = LossValue::new(f64::from(on), f64::from(lambda) * f64::from(off_sum));
         if !value.total.is_finite() {
             return Err(Error::NonFinite { total: value.total });

@@ -7,13 +7,11 @@
 use super::blas::{Blas, Operand};
 use super::module::{kernels, Kernels};
 use super::{alloc, check_available, check_context, check_i32, drv, Element, HatElement};
-use crate::error::{Error, Result};
 use crate::cpu::STATS_PER_COLUMN;
+use crate::error::{Error, Result};
 use crate::shape::{check_input, check_output, Dims};
 use crate::{LossValue, Math};
-use cudarc::driver::{
-    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
 /// Threads per block of the reduction kernels (matches `REDUCE_THREADS` in `loss_reduce.cu`).
@@ -45,7 +43,11 @@ impl CudaOps {
             stream: stream.clone(),
             kernels,
             blas,
-            partials: alloc(stream, 2 * MAX_REDUCE_BLOCKS, "allocating reduction scratch")?,
+            partials: alloc(
+                stream,
+                2 * MAX_REDUCE_BLOCKS,
+                "allocating reduction scratch",
+            )?,
             out: alloc(stream, 3, "allocating reduction scratch")?,
         })
     }
@@ -198,8 +200,16 @@ impl CudaOps {
                 d,
                 n,
                 1.0 / n as f32,
-                Operand { ptr: pb, ld: d, trans: false },
-                Operand { ptr: pa, ld: d, trans: true },
+                Operand {
+                    ptr: pb,
+                    ld: d,
+                    trans: false,
+                },
+                Operand {
+                    ptr: pa,
+                    ld: d,
+                    trans: true,
+                },
                 pc,
                 d,
             )
@@ -250,8 +260,16 @@ impl CudaOps {
                 n,
                 d,
                 inv_n,
-                Operand { ptr: pg, ld: d, trans: true },
-                Operand { ptr: pb, ld: d, trans: false },
+                Operand {
+                    ptr: pg,
+                    ld: d,
+                    trans: true,
+                },
+                Operand {
+                    ptr: pb,
+                    ld: d,
+                    trans: false,
+                },
                 pda,
                 d,
             )?;
@@ -261,8 +279,16 @@ impl CudaOps {
                 n,
                 d,
                 inv_n,
-                Operand { ptr: pg, ld: d, trans: false },
-                Operand { ptr: pa, ld: d, trans: false },
+                Operand {
+                    ptr: pg,
+                    ld: d,
+                    trans: false,
+                },
+                Operand {
+                    ptr: pa,
+                    ld: d,
+                    trans: false,
+                },
                 pdb,
                 d,
             )
@@ -307,9 +333,18 @@ impl CudaOps {
         self.reduce("loss_reduce_partial_bf16", pc, pg, d, lambda)
     }
 
-    fn reduce(&mut self, name: &'static str, c: u64, grad: u64, d: usize, lambda: f32) -> Result<()> {
+    fn reduce(
+        &mut self,
+        name: &'static str,
+        c: u64,
+        grad: u64,
+        d: usize,
+        lambda: f32,
+    ) -> Result<()> {
         if !lambda.is_finite() {
-            return Err(Error::InvalidConfig(format!("lambda = {lambda} is not finite")));
+            return Err(Error::InvalidConfig(format!(
+                "lambda = {lambda} is not finite"
+            )));
         }
         let s = self.stream.clone();
         let items = if d % 4 == 0 { d * d / 4 } else { d * d };

@@ -104,7 +104,10 @@ pub fn grad_scale(rstd: &[f64], grad_zhat: &[f64]) -> f64 {
 #[track_caller]
 pub fn assert_close_grad(what: &str, a: &[f32], r: &[f64], scale: f64, tol: f64) {
     let e = rel_err_scaled(a, r, scale);
-    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e} (scale {scale:.3e})");
+    assert!(
+        e <= tol,
+        "{what}: relative error {e:.3e} > {tol:.0e} (scale {scale:.3e})"
+    );
 }
 
 /// Checks the loss and both terms against the reference. Each error is relative to the larger of
@@ -137,15 +140,25 @@ pub fn assert_loss_close(
         ("on_diag", v.on_diag, r.on_diag, s_on),
         ("off_diag", v.off_diag, r.off_diag, s_off),
     ] {
-        let e = if a.is_finite() { (a - b).abs() / b.abs().max(s).max(1e-300) } else { f64::INFINITY };
-        assert!(e <= tol, "{what} {name}: {a} vs reference {b}: error {e:.3e} > {tol:.0e}");
+        let e = if a.is_finite() {
+            (a - b).abs() / b.abs().max(s).max(1e-300)
+        } else {
+            f64::INFINITY
+        };
+        assert!(
+            e <= tol,
+            "{what} {name}: {a} vs reference {b}: error {e:.3e} > {tol:.0e}"
+        );
     }
 }
 
 #[track_caller]
 pub fn assert_close_scalar(what: &str, a: f64, r: f64, tol: f64) {
     let e = rel_err_scalar(a, r);
-    assert!(e <= tol, "{what}: {a} vs reference {r}: relative error {e:.3e} > {tol:.0e}");
+    assert!(
+        e <= tol,
+        "{what}: {a} vs reference {r}: relative error {e:.3e} > {tol:.0e}"
+    );
 }
 
 /// The GPU stream for GPU tests, or `None` after printing `SKIP: <reason>`. With

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs the whole test suite and prints an honest tally: GPU tests that found no GPU print
+# `SKIP: <reason>` and are counted as skipped here, not as passed.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Build with the kernels when the project's own nvcc (scripts/install-nvcc.sh) is installed.
+if [ -z "${NVCC:-}" ] && [ -x .cuda/nvidia/cu13/bin/nvcc ]; then
+  export NVCC=$PWD/.cuda/nvidia/cu13/bin/nvcc
+fi
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --release "$@" -- --nocapture 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+
+passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '^test result: .*; ([0-9]+) failed' "$log" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+skipped=$(grep -c '^SKIP: ' "$log")
+echo
+if [ "$skipped" -gt 0 ]; then
+  echo "Skipped (they checked nothing):"
+  grep '^SKIP: ' "$log" | sed 's/^/  /'
+fi
+echo "$((passed - skipped)) passed, $failed failed, $skipped skipped"
+exit "$status"

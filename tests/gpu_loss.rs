@@ -1,0 +1,532 @@
+//! GPU parity: every CUDA kernel, each GEMM mode, the whole fused loss and the naive baseline
+//! against the float64 reference, on random inputs of odd shapes with outputs poisoned (NaN)
+//! first. Without a GPU each test prints `SKIP: <reason>` and returns.
+
+mod common;
+
+use barlow::cpu::reference;
+use barlow::cuda::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr};
+use barlow::cuda::naive::NaiveLoss;
+use barlow::cuda::ops::CudaOps;
+use barlow::cuda::{Element, HatElement};
+use barlow::{BarlowTwinsLoss, Dims, Error, LossConfig, Math};
+use common::*;
+use half::{bf16, f16};
+use std::sync::Arc;
+
+const LAMBDA: f64 = 0.0051;
+const EPS: f64 = 1e-5;
+const SHAPES: &[(usize, usize)] = &[(2, 1), (33, 7), (100, 129), (67, 4099), (1000, 33)];
+
+fn tol(math: Math) -> f64 {
+    match math {
+        Math::F32 => 1e-5,
+        Math::Tf32 => 1e-3,
+        Math::Bf16 => 1e-2,
+    }
+}
+
+/// Host-side conversions for the element types the kernels take.
+trait Host: DeviceRepr + Element + Copy {
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// Relative rounding of one stored value, the floor for any result stored in this type.
+    const UNIT: f64;
+}
+impl Host for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    const UNIT: f64 = 0.0;
+}
+impl Host for bf16 {
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    const UNIT: f64 = 1e-2;
+}
+impl Host for f16 {
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    const UNIT: f64 = 1e-3;
+}
+
+/// Rounds to T; returns the device values and the exact f64 values the reference must use.
+fn quantize<T: Host>(x: &[f32]) -> (Vec<T>, Vec<f64>) {
+    let q: Vec<T> = x.iter().map(|&v| T::from_f32(v)).collect();
+    let e = q.iter().map(|&v| f64::from(v.to_f32())).collect();
+    (q, e)
+}
+
+fn up<T: DeviceRepr>(s: &Arc<CudaStream>, x: &[T]) -> CudaSlice<T> {
+    s.clone_htod(x).expect("upload")
+}
+
+fn down<T: Host>(s: &Arc<CudaStream>, x: &CudaSlice<T>) -> Vec<f32> {
+    s.clone_dtoh(x)
+        .expect("download")
+        .into_iter()
+        .map(|v| v.to_f32())
+        .collect()
+}
+
+fn poisoned<T: Host>(s: &Arc<CudaStream>, len: usize) -> CudaSlice<T> {
+    up(s, &vec![T::from_f32(f32::NAN); len])
+}
+
+fn check_standardize<T: Host, O: Host + HatElement>(s: &Arc<CudaStream>, ops: &CudaOps, seed: u64) {
+    let mut rng = Rng::new(seed);
+    for &(n, d) in SHAPES {
+        let (zq, z64) = quantize::<T>(&rng.matrix(n, d));
+        let r = reference::standardize(&z64, n, d, EPS);
+        let z = up(s, &zq);
+        let mut zhat = poisoned::<O>(s, n * d);
+        let mut stats = poisoned::<f32>(s, 3 * d);
+        ops.standardize_forward(&z, Dims::new(n, d), EPS as f32, &mut zhat, &mut stats)
+            .unwrap();
+        let what = format!("standardize {}→{} N={n} D={d}", T::SUFFIX, O::SUFFIX);
+        let t = if O::UNIT > 0.0 { O::UNIT } else { 1e-5 };
+        assert_close(&format!("{what} zhat"), &down(s, &zhat), &r.zhat, t);
+        let st = down(s, &stats);
+        let mean: Vec<f32> = (0..d).map(|j| st[j] + st[d + j]).collect();
+        assert_close(&format!("{what} mean"), &mean, &r.mean, 1e-6);
+        assert_close(&format!("{what} rstd"), &st[2 * d..], &r.rstd, 1e-5);
+    }
+}
+
+#[test]
+fn standardize_forward_matches_reference() {
+    let Some(s) = gpu("standardize_forward_matches_reference") else {
+        return;
+    };
+    let ops = CudaOps::new(&s).unwrap();
+    check_standardize::<f32, f32>(&s, &ops, 10);
+    check_standardize::<bf16, f32>(&s, &ops, 11);
+    check_standardize::<f16, f32>(&s, &ops, 12);
+    check_standardize::<f32, bf16>(&s, &ops, 13);
+    check_standardize::<bf16, bf16>(&s, &ops, 14);
+    check_standardize::<f16, bf16>(&s, &ops, 15);
+}
+
+#[test]
+fn standardize_is_exact_when_mean_dwarfs_std() {
+    let Some(s) = gpu("standardize_is_exact_when_mean_dwarfs_std") else {
+        return;
+    };
+    let ops = CudaOps::new(&s).unwrap();
+    let mut rng = Rng::new(16);
+    let (n, d) = (1000, 37);
+    let z: Vec<f32> = (0..n * d).map(|_| (1e4 + rng.normal()) as f32).collect();
+    let r = reference::standardize(&to_f64(&z), n, d, EPS);
+    let zd = up(&s, &z);
+    let mut zhat = poisoned::<f32>(&s, n * d);
+    let mut stats = poisoned::<f32>(&s, 3 * d);
+    ops.standardize_forward(&zd, Dims::new(n, d), EPS as f32, &mut zhat, &mut stats)
+        .unwrap();
+    assert_close("zhat", &down(&s, &zhat), &r.zhat, 1e-5);
+    assert_close("rstd", &down(&s, &stats)[2 * d..], &r.rstd, 1e-5);
+}
+
+fn check_standardize_backward<T: Host>(s: &Arc<CudaStream>, ops: &CudaOps, seed: u64) {
+    let mut rng = Rng::new(seed);
+    for &(n, d) in SHAPES {
+        let (zq, z64) = quantize::<T>(&rng.matrix(n, d));
+        let g: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
+        let r = reference::standardize(&z64, n, d, EPS);
+        let rdz = reference::standardize_backward(&to_f64(&g), &r, n, d);
+        let z = up(s, &zq);
+        let mut zhat = poisoned::<f32>(s, n * d);
+        let mut stats = poisoned::<f32>(s, 3 * d);
+        let dims = Dims::new(n, d);
+        ops.standardize_forward(&z, dims, EPS as f32, &mut zhat, &mut stats)
+            .unwrap();
+        let gd = up(s, &g);
+        let mut dz = poisoned::<T>(s, n * d);
+        ops.standardize_backward(&gd, &z, &stats, dims, &mut dz)
+            .unwrap();
+        let t = if T::UNIT > 0.0 { T::UNIT } else { 1e-5 };
+        let scale = grad_scale(&r.rstd, &to_f64(&g));
+        assert_close_grad(
+            &format!("standardize_bwd {} N={n} D={d}", T::SUFFIX),
+            &down(s, &dz),
+            &rdz,
+            scale,
+            t,
+        );
+    }
+}
+
+#[test]
+fn standardize_backward_matches_reference() {
+    let Some(s) = gpu("standardize_backward_matches_reference") else {
+        return;
+    };
+    let ops = CudaOps::new(&s).unwrap();
+    check_standardize_backward::<f32>(&s, &ops, 20);
+    check_standardize_backward::<bf16>(&s, &ops, 21);
+    check_standardize_backward::<f16>(&s, &ops, 22);
+}
+
+/// The GEMMs of one math mode: Ẑ in f32, or rounded to bf16 on the host for `Math::Bf16`; the
+/// reference uses the unrounded f32 values, so the tolerance covers the mode's whole error.
+fn check_gemms<O: Host + HatElement>(
+    s: &Arc<CudaStream>,
+    ops: &mut CudaOps,
+    math: Math,
+    seed: u64,
+) {
+    let mut rng = Rng::new(seed);
+    for &(n, d) in SHAPES {
+        let dims = Dims::new(n, d);
+        let a: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
+        let b: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
+        let g: Vec<f32> = (0..d * d).map(|_| rng.normal() as f32).collect();
+        let (aq, _) = quantize::<O>(&a);
+        let (bq, _) = quantize::<O>(&b);
+        let (gq, _) = quantize::<O>(&g);
+        let (ad, bd, gd) = (up(s, &aq), up(s, &bq), up(s, &gq));
+        let what = format!("{math:?} N={n} D={d}");
+
+        let mut c = poisoned::<f32>(s, d * d);
+        ops.cross_correlation(math, &ad, &bd, dims, &mut c).unwrap();
+        let rc = reference::cross_correlation(&to_f64(&a), &to_f64(&b), n, d);
+        assert_close(&format!("{what} C"), &down(s, &c), &rc, tol(math));
+
+        let mut da = poisoned::<f32>(s, n * d);
+        let mut db = poisoned::<f32>(s, n * d);
+        ops.correlation_backward(math, &gd, &ad, &bd, dims, &mut da, &mut db)
+            .unwrap();
+        let (ra, rb) = reference::correlation_backward(&to_f64(&g), &to_f64(&a), &to_f64(&b), n, d);
+        assert_close(&format!("{what} dẐa"), &down(s, &da), &ra, tol(math));
+        assert_close(&format!("{what} dẐb"), &down(s, &db), &rb, tol(math));
+    }
+}
+
+#[test]
+fn cublas_gemms_match_reference_in_every_mode() {
+    let Some(s) = gpu("cublas_gemms_match_reference_in_every_mode") else {
+        return;
+    };
+    let mut ops = CudaOps::new(&s).unwrap();
+    check_gemms::<f32>(&s, &mut ops, Math::F32, 30);
+    check_gemms::<f32>(&s, &mut ops, Math::Tf32, 31);
+    check_gemms::<bf16>(&s, &mut ops, Math::Bf16, 32);
+    // A mode and an element type that do not go together is an error, not a wrong GEMM.
+    let x = up(&s, &[0f32; 4]);
+    let mut c = poisoned::<f32>(&s, 4);
+    let e = ops
+        .cross_correlation(Math::Bf16, &x, &x, Dims::new(2, 2), &mut c)
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig(_)), "{e}");
+}
+
+#[test]
+fn fused_reduction_matches_reference() {
+    let Some(s) = gpu("fused_reduction_matches_reference") else {
+        return;
+    };
+    let mut ops = CudaOps::new(&s).unwrap();
+    let mut rng = Rng::new(40);
+    // D % 4 == 0 takes the vectorized path; the others the scalar one.
+    for d in [1usize, 7, 129, 256, 1024, 4099] {
+        let c: Vec<f32> = (0..d * d)
+            .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
+            .collect();
+        let c64 = to_f64(&c);
+        let (on, off) = reference::loss_terms(&c64, d, LAMBDA);
+        let grad = reference::loss_grad(&c64, d, LAMBDA);
+        let what = format!("D={d}");
+
+        let mut cd = up(&s, &c);
+        ops.loss_reduce_in_place(&mut cd, d, LAMBDA as f32, false)
+            .unwrap();
+        let v0 = ops.read_loss().unwrap();
+        assert_eq!(
+            down(&s, &cd),
+            c,
+            "{what}: forward-only reduction must leave C alone"
+        );
+
+        ops.loss_reduce_in_place(&mut cd, d, LAMBDA as f32, true)
+            .unwrap();
+        let v = ops.read_loss().unwrap();
+        assert_eq!(v, v0, "{what}: the gradient flag must not change the sums");
+        assert_close_scalar(&format!("{what} on"), v.on_diag, on, 1e-5);
+        if d > 1 {
+            assert_close_scalar(&format!("{what} off"), v.off_diag, off, 1e-5);
+        }
+        assert_close(
+            &format!("{what} dL/dC in place"),
+            &down(&s, &cd),
+            &grad,
+            1e-6,
+        );
+
+        let cd = up(&s, &c);
+        let mut g16 = poisoned::<bf16>(&s, d * d);
+        ops.loss_reduce_bf16_grad(&cd, &mut g16, d, LAMBDA as f32)
+            .unwrap();
+        let v16 = ops.read_loss().unwrap();
+        assert_eq!(
+            v16, v0,
+            "{what}: bf16-gradient variant must give the same sums"
+        );
+        assert_close(&format!("{what} dL/dC bf16"), &down(&s, &g16), &grad, 1e-2);
+    }
+}
+
+/// The whole fused loss for inputs of type T under `math`.
+fn check_fused<T: Host>(s: &Arc<CudaStream>, math: Math, seed: u64) {
+    let loss = BarlowTwinsLoss::new(LossConfig {
+        math,
+        ..Default::default()
+    })
+    .unwrap();
+    let mut rng = Rng::new(seed);
+    for &(n, d) in SHAPES {
+        let za = rng.matrix(n, d);
+        let zb = rng.correlated(&za, 0.5);
+        let (aq, a64) = quantize::<T>(&za);
+        let (bq, b64) = quantize::<T>(&zb);
+        let dims = Dims::new(n, d);
+        let r = reference::forward_backward(&a64, &b64, dims, LAMBDA, EPS).unwrap();
+        let (ad, bd) = (up(s, &aq), up(s, &bq));
+        let mut dza = poisoned::<T>(s, n * d);
+        let mut dzb = poisoned::<T>(s, n * d);
+        let v = loss
+            .forward_backward(s, &ad, &bd, dims, &mut dza, &mut dzb)
+            .unwrap();
+        let what = format!("fused {} {math:?} N={n} D={d}", T::SUFFIX);
+        let t = tol(math).max(T::UNIT);
+        assert_loss_close(&what, v, &r, LAMBDA, tol(math));
+        let sa = grad_scale(&r.a.rstd, &r.grad_za_hat);
+        let sb = grad_scale(&r.b.rstd, &r.grad_zb_hat);
+        assert_close_grad(&format!("{what} dza"), &down(s, &dza), &r.grad_za, sa, t);
+        assert_close_grad(&format!("{what} dzb"), &down(s, &dzb), &r.grad_zb, sb, t);
+        let f = loss.forward(s, &ad, &bd, dims).unwrap();
+        assert_eq!(f, v, "{what}: forward and forward_backward disagree");
+    }
+}
+
+#[test]
+fn fused_loss_matches_reference_f32() {
+    let Some(s) = gpu("fused_loss_matches_reference_f32") else {
+        return;
+    };
+    check_fused::<f32>(&s, Math::F32, 50);
+}
+
+#[test]
+fn fused_loss_matches_reference_tf32() {
+    let Some(s) = gpu("fused_loss_matches_reference_tf32") else {
+        return;
+    };
+    check_fused::<f32>(&s, Math::Tf32, 51);
+}
+
+#[test]
+fn fused_loss_matches_reference_bf16_math() {
+    let Some(s) = gpu("fused_loss_matches_reference_bf16_math") else {
+        return;
+    };
+    check_fused::<f32>(&s, Math::Bf16, 52);
+    check_fused::<bf16>(&s, Math::Bf16, 53);
+}
+
+#[test]
+fn fused_loss_matches_reference_half_inputs() {
+    let Some(s) = gpu("fused_loss_matches_reference_half_inputs") else {
+        return;
+    };
+    check_fused::<bf16>(&s, Math::F32, 54);
+    check_fused::<f16>(&s, Math::F32, 55);
+}
+
+#[test]
+fn naive_path_matches_reference_and_fused() {
+    let Some(s) = gpu("naive_path_matches_reference_and_fused") else {
+        return;
+    };
+    let mut rng = Rng::new(60);
+    for math in [Math::F32, Math::Tf32, Math::Bf16] {
+        let config = LossConfig {
+            math,
+            ..Default::default()
+        };
+        let mut naive = NaiveLoss::new(&s, config).unwrap();
+        let fused = BarlowTwinsLoss::new(config).unwrap();
+        for &(n, d) in SHAPES {
+            let za = rng.matrix(n, d);
+            let zb = rng.correlated(&za, 0.5);
+            let dims = Dims::new(n, d);
+            let r =
+                reference::forward_backward(&to_f64(&za), &to_f64(&zb), dims, LAMBDA, EPS).unwrap();
+            let (ad, bd) = (up(&s, &za), up(&s, &zb));
+            let mut dza = poisoned::<f32>(&s, n * d);
+            let mut dzb = poisoned::<f32>(&s, n * d);
+            let v = naive
+                .forward_backward(&ad, &bd, dims, &mut dza, &mut dzb)
+                .unwrap();
+            let what = format!("naive {math:?} N={n} D={d}");
+            assert_loss_close(&what, v, &r, LAMBDA, tol(math));
+            let sa = grad_scale(&r.a.rstd, &r.grad_za_hat);
+            let sb = grad_scale(&r.b.rstd, &r.grad_zb_hat);
+            let (na, nb) = (down(&s, &dza), down(&s, &dzb));
+            assert_close_grad(&format!("{what} dza"), &na, &r.grad_za, sa, tol(math));
+            assert_close_grad(&format!("{what} dzb"), &nb, &r.grad_zb, sb, tol(math));
+
+            let mut fa = poisoned::<f32>(&s, n * d);
+            let mut fb = poisoned::<f32>(&s, n * d);
+            let fv = fused
+                .forward_backward(&s, &ad, &bd, dims, &mut fa, &mut fb)
+                .unwrap();
+            assert_loss_close(&format!("{what} vs fused"), fv, &r, LAMBDA, tol(math));
+            let fa64 = to_f64(&down(&s, &fa));
+            assert_close_grad(
+                &format!("{what} fused vs naive dza"),
+                &na,
+                &fa64,
+                sa,
+                2.0 * tol(math),
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_loss_is_deterministic() {
+    let Some(s) = gpu("fused_loss_is_deterministic") else {
+        return;
+    };
+    let mut rng = Rng::new(70);
+    for math in [Math::F32, Math::Tf32, Math::Bf16] {
+        let loss = BarlowTwinsLoss::new(LossConfig {
+            math,
+            ..Default::default()
+        })
+        .unwrap();
+        let (n, d) = (257, 1031);
+        let za = rng.matrix(n, d);
+        let zb = rng.correlated(&za, 0.4);
+        let (ad, bd) = (up(&s, &za), up(&s, &zb));
+        let run = || {
+            let mut a = poisoned::<f32>(&s, n * d);
+            let mut b = poisoned::<f32>(&s, n * d);
+            let v = loss
+                .forward_backward(&s, &ad, &bd, Dims::new(n, d), &mut a, &mut b)
+                .unwrap();
+            let bits = |x: Vec<f32>| x.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+            (
+                v.total.to_bits(),
+                v.on_diag.to_bits(),
+                bits(down(&s, &a)),
+                bits(down(&s, &b)),
+            )
+        };
+        let first = run();
+        for _ in 0..3 {
+            assert!(run() == first, "{math:?}: two runs differ");
+        }
+    }
+}
+
+#[test]
+fn workspace_is_reused_across_shapes() {
+    let Some(s) = gpu("workspace_is_reused_across_shapes") else {
+        return;
+    };
+    let loss = BarlowTwinsLoss::new(LossConfig::default()).unwrap();
+    let mut rng = Rng::new(80);
+    // Large, then smaller (fits the workspace), then larger again (reallocates).
+    for &(n, d) in &[(300, 500), (37, 129), (301, 777)] {
+        let za = rng.matrix(n, d);
+        let zb = rng.correlated(&za, 0.5);
+        let dims = Dims::new(n, d);
+        let r = reference::forward_backward(&to_f64(&za), &to_f64(&zb), dims, LAMBDA, EPS).unwrap();
+        let (ad, bd) = (up(&s, &za), up(&s, &zb));
+        let mut a = poisoned::<f32>(&s, n * d);
+        let mut b = poisoned::<f32>(&s, n * d);
+        let v = loss
+            .forward_backward(&s, &ad, &bd, dims, &mut a, &mut b)
+            .unwrap();
+        assert_loss_close(&format!("N={n} D={d}"), v, &r, LAMBDA, 1e-5);
+        let sa = grad_scale(&r.a.rstd, &r.grad_za_hat);
+        assert_close_grad(
+            &format!("N={n} D={d} dza"),
+            &down(&s, &a),
+            &r.grad_za,
+            sa,
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn gpu_errors_are_typed() {
+    let Some(s) = gpu("gpu_errors_are_typed") else {
+        return;
+    };
+    let loss = BarlowTwinsLoss::new(LossConfig::default()).unwrap();
+    let (n, d) = (4, 3);
+    let z = up(
+        &s,
+        &[
+            0.25f32, -1.0, 2.0, 0.5, 1.5, -0.75, 3.0, 0.1, -2.0, 1.0, 0.3, 0.7,
+        ],
+    );
+    let short = up(&s, &[1f32; 11]);
+    let mut g = poisoned::<f32>(&s, n * d);
+    let mut g_short = poisoned::<f32>(&s, n * d - 1);
+
+    let e = loss.forward(&s, &z, &short, Dims::new(n, d)).unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { name: "zb", .. }), "{e}");
+    let e = loss.forward(&s, &z, &z, Dims::new(1, 12)).unwrap_err();
+    assert!(matches!(e, Error::BatchTooSmall { n: 1 }), "{e}");
+    let e = loss.forward(&s, &z, &z, Dims::new(12, 0)).unwrap_err();
+    assert!(matches!(e, Error::EmptyFeatures), "{e}");
+    let e = loss
+        .forward_backward(&s, &z, &z, Dims::new(n, d), &mut g, &mut g_short)
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::BufferTooSmall { name: "dzb", .. }),
+        "{e}"
+    );
+
+    let mut nan = s.clone_dtoh(&z).unwrap();
+    nan[4] = f32::NAN;
+    let nan = up(&s, &nan);
+    let e = loss.forward(&s, &nan, &z, Dims::new(n, d)).unwrap_err();
+    assert!(matches!(e, Error::NonFinite { .. }), "{e}");
+
+    // D×D does not fit on any current GPU: a typed out-of-memory error, and the loss still works.
+    let big_d = 200_000;
+    let wide = up(&s, &vec![0.5f32; 2 * big_d]);
+    let e = loss
+        .forward(&s, &wide, &wide, Dims::new(2, big_d))
+        .unwrap_err();
+    assert!(matches!(e, Error::OutOfDeviceMemory { .. }), "{e}");
+    loss.forward(&s, &z, &z, Dims::new(n, d)).unwrap();
+
+    let mut ops = CudaOps::new(&s).unwrap();
+    let mut c = poisoned::<f32>(&s, 4);
+    let e = ops
+        .loss_reduce_in_place(&mut c, 3_000_000_000, 0.005, true)
+        .unwrap_err();
+    assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+
+    // A buffer from another context on the same device.
+    let other = CudaContext::new_non_primary(0, 0).unwrap();
+    let foreign = other.default_stream().clone_htod(&[1f32; 12]).unwrap();
+    let e = loss.forward(&s, &z, &foreign, Dims::new(n, d)).unwrap_err();
+    assert!(matches!(e, Error::WrongContext { name: "zb" }), "{e}");
+}
