@@ -12,10 +12,13 @@
 //! CUDA is loaded at run time: a binary built with the kernels runs on machines without a GPU, and
 //! every CUDA entry point then returns an [`Error`] saying what is missing.
 
+pub mod bench;
 pub mod cpu;
 pub mod cuda;
 mod error;
+pub mod io;
 mod loss;
+pub mod rng;
 mod shape;
 
 pub use error::{Error, Result};

@@ -8,6 +8,7 @@
 pub(crate) mod blas;
 pub mod fatbin;
 pub(crate) mod fused;
+pub mod memory;
 pub(crate) mod module;
 pub mod naive;
 pub mod ops;

@@ -100,7 +100,9 @@ impl NaiveLoss {
         Ok(View { var, zhat })
     }
 
-    fn sum(&self, x: u64, len: usize) -> Result<f32> {
+    /// Sum of `len` floats into a fresh device scalar (read back only at the end, as a framework
+    /// keeps its loss on the device).
+    fn sum(&self, x: u64, len: usize) -> Result<CudaSlice<f32>> {
         let mut partials = self.buf(SUM_BLOCKS)?;
         let mut out = self.buf(1)?;
         let (pp, po) = (self.ptr_mut(&mut partials), self.ptr_mut(&mut out));
@@ -116,12 +118,7 @@ impl NaiveLoss {
             ..cfg
         };
         launch!(self, "naive_sum_final", one, pp, po, blocks64);
-        let v = self
-            .ops
-            .stream()
-            .clone_dtoh(&out)
-            .map_err(drv("reading a naive-path sum"))?;
-        Ok(v[0])
+        Ok(out)
     }
 
     /// `C (row-major) = scale · op(x)·op(y)` in the mode's precision; bf16 casts first, as autocast.
@@ -242,15 +239,15 @@ impl NaiveLoss {
         // off_diag = off_diagonal(c).pow(2).sum()
         let off_len = d * (d - 1);
         let off_len64 = off_len as i64;
-        let mut off = self.buf(off_len)?;
+        let mut off_vals = self.buf(off_len)?;
         let mut off_sq = self.buf(off_len)?;
-        let (poff, poffsq) = (self.ptr_mut(&mut off), self.ptr_mut(&mut off_sq));
+        let (poff, poffsq) = (self.ptr_mut(&mut off_vals), self.ptr_mut(&mut off_sq));
         launch!(self, "naive_off_diag_copy", grid(off_len), pc, poff, d64);
         launch!(self, "naive_square", grid(off_len), poff, poffsq, off_len64);
-        let off_sum = if off_len > 0 {
-            self.sum(poffsq, off_len)?
+        let off = if off_len > 0 {
+            Some(self.sum(poffsq, off_len)?)
         } else {
-            0.0
+            None
         };
 
         // Backward: dL/dC assembled from the two terms' gradients.
@@ -367,10 +364,18 @@ impl NaiveLoss {
                 eps
             );
         }
-        stream
-            .synchronize()
-            .map_err(drv("waiting for the naive path"))?;
-        let value = LossValue::new(f64::from(on), f64::from(lambda) * f64::from(off_sum));
+        let read = |x: &CudaSlice<f32>| -> Result<f64> {
+            let v = stream
+                .clone_dtoh(x)
+                .map_err(drv("reading a naive-path sum"))?;
+            Ok(f64::from(v[0]))
+        };
+        let on = read(&on)?;
+        let off_sum = match &off {
+            Some(o) => read(o)?,
+            None => 0.0,
+        };
+        let value = LossValue::new(on, f64::from(lambda) * off_sum);
         if !value.total.is_finite() {
             return Err(Error::NonFinite { total: value.total });
         }

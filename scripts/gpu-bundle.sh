@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Builds everything the GPU checks need into one folder that runs on a GPU host with no Rust
+# toolchain and no network: the test binaries, the criterion bench binary, the `barlow` CLI, the
+# PyTorch reference scripts, and run.sh (see scripts/gpu-run.sh).
+#
+#   scripts/gpu-bundle.sh [OUT_DIR]      default: target/gpu-bundle
+#   then, on the GPU host:  bash OUT_DIR/run.sh [REPORT_DIR]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+out=${1:-target/gpu-bundle}
+
+if [ -z "${NVCC:-}" ]; then
+  eval "$(bash scripts/install-nvcc.sh)"
+fi
+export NVCC BARLOW_REQUIRE_KERNELS=1
+
+json=$(mktemp)
+trap 'rm -f "$json"' EXIT
+echo "gpu-bundle: building release test and bench binaries" >&2
+cargo build --release --bin barlow
+cargo test --release --no-run --message-format=json >"$json"
+cargo bench --no-run --message-format=json >>"$json"
+
+rm -rf "$out"
+mkdir -p "$out/tests" "$out/benches" "$out/pytorch"
+python3 - "$json" "$out" <<'PY'
+import json, shutil, sys, os
+src, out = sys.argv[1], sys.argv[2]
+seen = set()
+for line in open(src):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    kind = m["target"]["kind"]
+    name = m["target"]["name"]
+    if "bench" in kind:
+        dest = os.path.join(out, "benches", name)
+    elif "test" in kind or m.get("profile", {}).get("test"):
+        dest = os.path.join(out, "tests", name if "test" in kind else name + "-unit")
+    else:
+        continue
+    if dest in seen:
+        continue
+    seen.add(dest)
+    shutil.copy2(m["executable"], dest)
+PY
+cp target/release/barlow "$out/barlow"
+cp benches/pytorch/*.py "$out/pytorch/"
+cp scripts/gpu-run.sh "$out/run.sh"
+chmod +x "$out/run.sh"
+git rev-parse --short HEAD >"$out/COMMIT" 2>/dev/null || echo unknown >"$out/COMMIT"
+
+if command -v strip >/dev/null 2>&1; then
+  find "$out" -type f -perm -u+x ! -name '*.sh' ! -name '*.py' -exec strip --strip-debug {} +
+fi
+du -sh "$out" >&2
+ls -la "$out" "$out/tests" "$out/benches" >&2
+echo "gpu-bundle: ready; on a GPU host run: bash $out/run.sh [REPORT_DIR]" >&2

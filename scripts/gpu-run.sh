@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The GPU bundle's runner (copied to run.sh by scripts/gpu-bundle.sh). On a GPU host, with no Rust
+# toolchain and no network: GPU tests (failing, not skipping, when a GPU is present but unusable),
+# compute-sanitizer memcheck and racecheck, the loss benchmarks, and the PyTorch comparison when
+# PyTorch is importable. Logs and summary.txt go to REPORT_DIR (default ./gpu-report).
+# Exit status is non-zero if anything failed, or if there is no GPU.
+#
+#   bash run.sh [REPORT_DIR]
+#   env: BENCH_ARGS   extra arguments for `barlow bench loss` (e.g. "--n 2048 --d 8192")
+#        PT_COMPILE_N / PT_COMPILE_D   the (smaller) grid timed under torch.compile
+#        SKIP_SANITIZER=1, SKIP_BENCH=1, RUN_CRITERION=1
+set -uo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+report=$(mkdir -p "${1:-./gpu-report}" && cd "${1:-./gpu-report}" && pwd)
+summary=$report/summary.txt
+: >"$summary"
+failed=0
+note() { echo "$*" | tee -a "$summary"; }
+fail() { note "FAIL: $*"; failed=1; }
+
+note "barlow GPU report  commit $(cat "$here/COMMIT" 2>/dev/null || echo unknown)  $(date -u +%Y-%m-%dT%H:%MZ)"
+
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >"$report/nvidia-smi.txt" 2>&1; then
+  note "no GPU: nvidia-smi is missing or found no device"
+  exit 1
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/GPU: /' | tee -a "$summary"
+
+# CUDA libraries: the system's, else those inside a Python installation (nvidia/*/lib).
+libdirs=()
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
+  for py in python3 python; do
+    command -v "$py" >/dev/null 2>&1 || continue
+    while IFS= read -r d; do libdirs+=("$d"); done < <("$py" - <<'PY' 2>/dev/null
+import glob, os
+try:
+    import nvidia
+    roots = list(nvidia.__path__)
+except Exception:
+    roots = []
+for r in roots:
+    for d in sorted(glob.glob(os.path.join(r, "*", "lib"))):
+        print(d)
+PY
+)
+    break
+  done
+fi
+if [ ${#libdirs[@]} -gt 0 ]; then
+  export LD_LIBRARY_PATH="$(IFS=:; echo "${libdirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  note "CUDA libraries from Python: ${libdirs[*]}"
+fi
+"$here/barlow" info | tee -a "$summary"
+
+export BARLOW_REQUIRE_GPU=1
+cd "$here"
+note ""
+note "== tests"
+for t in "$here"/tests/*; do
+  name=$(basename "$t")
+  if "$t" --nocapture --test-threads=1 >"$report/test-$name.log" 2>&1; then
+    note "PASS  $name  ($(grep -Eo '[0-9]+ passed' "$report/test-$name.log" | tail -1))"
+  else
+    fail "$name (see test-$name.log)"
+    tail -n 30 "$report/test-$name.log"
+  fi
+done
+
+if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
+  note ""
+  note "== compute-sanitizer"
+  san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [ -z "$san" ]; then
+    note "compute-sanitizer not found: not run"
+  else
+    for tool in memcheck racecheck; do
+      log=$report/sanitizer-$tool.log
+      # The out-of-memory test asks for far more than the card has on purpose; leave it out here.
+      if "$san" --tool "$tool" --error-exitcode 99 "$here/tests/gpu_loss" --test-threads=1 \
+          --skip gpu_errors_are_typed >"$log" 2>&1; then
+        note "PASS  $tool  ($(grep -Eo 'ERROR SUMMARY: [0-9]+ error' "$log" | tail -1))"
+      else
+        fail "compute-sanitizer $tool (see $(basename "$log"))"
+        tail -n 30 "$log"
+      fi
+    done
+  fi
+fi
+
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  note ""
+  note "== loss benchmarks"
+  with=()
+  if python3 -c 'import torch; assert torch.cuda.is_available()' >/dev/null 2>&1; then
+    python3 "$here/pytorch/loss.py" --device cuda --modes eager --out "$report/pytorch-eager.jsonl" \
+      2>"$report/pytorch-eager.log" || fail "PyTorch eager benchmark (see pytorch-eager.log)"
+    python3 "$here/pytorch/loss.py" --device cuda --modes compile \
+      --n "${PT_COMPILE_N:-2048}" --d "${PT_COMPILE_D:-2048,8192,16384}" \
+      --out "$report/pytorch-compile.jsonl" 2>"$report/pytorch-compile.log" \
+      || fail "PyTorch compile benchmark (see pytorch-compile.log)"
+    for f in "$report"/pytorch-*.jsonl; do [ -s "$f" ] && with+=(--with "$f"); done
+  else
+    note "PyTorch with CUDA not importable: comparison not run"
+  fi
+  # shellcheck disable=SC2086
+  if "$here/barlow" bench loss --device cuda --json "$report/barlow-loss.jsonl" "${with[@]}" \
+      ${BENCH_ARGS:-} >"$report/bench-table.txt" 2>"$report/bench.log"; then
+    cat "$report/bench-table.txt" | tee -a "$summary"
+  else
+    fail "barlow bench loss (see bench.log)"
+    tail -n 20 "$report/bench.log"
+  fi
+  if [ "${RUN_CRITERION:-0}" = 1 ]; then
+    "$here/benches/loss" --bench >"$report/criterion.log" 2>&1 || fail "criterion benches"
+  fi
+fi
+
+note ""
+if [ "$failed" = 0 ]; then note "ALL PASSED"; else note "SOME CHECKS FAILED"; fi
+exit "$failed"
