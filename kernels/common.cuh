@@ -19,6 +19,14 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 }
 template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 
+// Rounds to the nearest TF32 value (10 mantissa bits, ties away from zero), kept in a float.
+// Operands written this way pass through TF32 tensor cores unchanged, whether the hardware's own
+// conversion rounds or truncates, so TF32 GEMM error stays unbiased.
+__device__ __forceinline__ float round_tf32(float x) {
+  if (!isfinite(x)) return x;
+  return __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xFFFFE000u);
+}
+
 // Column-tile geometry shared by the standardization kernels: a block covers COLS adjacent columns
 // (one warp wide, so row reads are coalesced) and ROWS row-groups that split the batch.
 constexpr int COLS = 32;

@@ -3,6 +3,7 @@
 // One read of C yields both loss terms and, optionally, writes dL/dC:
 //   diagonal:      (1 - c)^2   and  dL/dc = 2 (c - 1)
 //   off-diagonal:  c^2         and  dL/dc = 2 λ c       (λ applied to the sum on the host side too)
+// With `tf32` set, dL/dC is written rounded to TF32 for the TF32 GEMMs that read it.
 // Stage 1 writes one (on, off) pair of partial sums per block; stage 2 adds them in f64 in a fixed
 // order. The grid depends only on D, so results are bit-identical run to run (no float atomics).
 #include "common.cuh"
@@ -27,7 +28,7 @@ __device__ __forceinline__ void reduce_one(float c, bool diag, float two_lambda,
 // read once and written once by the same thread, so no __restrict__ on those two pointers.
 template <typename G>
 __device__ void loss_reduce_partial(const float* c, G* grad, float* __restrict__ partials,
-                                    int64_t d, float lambda) {
+                                    int64_t d, float lambda, int vec, int tf32) {
   __shared__ float scratch[REDUCE_THREADS];
   const float two_lambda = 2.f * lambda;
   const int64_t total = d * d;
@@ -35,8 +36,9 @@ __device__ void loss_reduce_partial(const float* c, G* grad, float* __restrict__
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   float on = 0.f, off = 0.f;
 
-  if ((d & 3) == 0) {
-    // d % 4 == 0: a float4 never crosses a row, so one division finds its row.
+  if (vec) {
+    // The host sets vec when d % 4 == 0 and the pointers are 16-byte aligned: a float4 never
+    // crosses a row, so one division finds its row.
     const int64_t total4 = total / 4;
     const float4* c4 = reinterpret_cast<const float4*>(c);
     for (int64_t v = tid; v < total4; v += stride) {
@@ -50,6 +52,12 @@ __device__ void loss_reduce_partial(const float* c, G* grad, float* __restrict__
       reduce_one(x.z, col + 2 == row, two_lambda, on, off, g2);
       reduce_one(x.w, col + 3 == row, two_lambda, on, off, g3);
       if (grad != nullptr) {
+        if (tf32) {
+          g0 = round_tf32(g0);
+          g1 = round_tf32(g1);
+          g2 = round_tf32(g2);
+          g3 = round_tf32(g3);
+        }
         if constexpr (sizeof(G) == 4) {
           reinterpret_cast<float4*>(grad)[v] = make_float4(g0, g1, g2, g3);
         } else {
@@ -65,7 +73,7 @@ __device__ void loss_reduce_partial(const float* c, G* grad, float* __restrict__
       const int64_t row = i / d;
       float g;
       reduce_one(c[i], i - row * d == row, two_lambda, on, off, g);
-      if (grad != nullptr) grad[i] = from_f32<G>(g);
+      if (grad != nullptr) grad[i] = from_f32<G>(tf32 ? round_tf32(g) : g);
     }
   }
 
@@ -80,14 +88,15 @@ __device__ void loss_reduce_partial(const float* c, G* grad, float* __restrict__
 }  // namespace barlow
 
 extern "C" __global__ void __launch_bounds__(barlow::REDUCE_THREADS)
-    loss_reduce_partial_f32(float* c, float* grad, float* partials, int64_t d, float lambda) {
-  barlow::loss_reduce_partial<float>(c, grad, partials, d, lambda);
+    loss_reduce_partial_f32(float* c, float* grad, float* partials, int64_t d, float lambda,
+                            int vec, int tf32) {
+  barlow::loss_reduce_partial<float>(c, grad, partials, d, lambda, vec, tf32);
 }
 
 extern "C" __global__ void __launch_bounds__(barlow::REDUCE_THREADS)
     loss_reduce_partial_bf16(const float* c, __nv_bfloat16* grad, float* partials, int64_t d,
-                             float lambda) {
-  barlow::loss_reduce_partial<__nv_bfloat16>(c, grad, partials, d, lambda);
+                             float lambda, int vec) {
+  barlow::loss_reduce_partial<__nv_bfloat16>(c, grad, partials, d, lambda, vec, 0);
 }
 
 // out[0] = Σ (1 - c_ii)^2, out[1] = λ Σ_{i≠j} c_ij^2, out[2] = out[0] + out[1]; one block.

@@ -1,4 +1,5 @@
 // Fused batch standardization (BatchNorm1d without affine, training mode) and its backward pass.
+// With `tf32` set, Ẑ is written rounded to TF32 for the TF32 GEMMs that read it.
 //
 // Z is N×D row-major. A block owns COLS adjacent columns; its ROWS row-groups each run Welford over
 // a strided subset of the rows, then the groups are merged with Chan's formula in a fixed order.
@@ -13,7 +14,8 @@ namespace barlow {
 
 template <typename In, typename Out>
 __device__ void standardize_fwd(const In* __restrict__ z, Out* __restrict__ zhat,
-                                float* __restrict__ stats, int64_t n, int64_t d, float eps) {
+                                float* __restrict__ stats, int64_t n, int64_t d, float eps,
+                                int tf32) {
   __shared__ float s_cnt[ROWS][COLS];
   __shared__ float s_mean[ROWS][COLS];
   __shared__ float s_m2[ROWS][COLS];
@@ -74,7 +76,8 @@ __device__ void standardize_fwd(const In* __restrict__ z, Out* __restrict__ zhat
   const float hi = s_hi[tx], lo = s_lo[tx], rs = s_rstd[tx];
   for (int64_t r = ty; r < n; r += ROWS) {
     const int64_t i = r * d + col;
-    zhat[i] = from_f32<Out>(((to_f32(z[i]) - hi) - lo) * rs);
+    const float v = ((to_f32(z[i]) - hi) - lo) * rs;
+    zhat[i] = from_f32<Out>(tf32 ? round_tf32(v) : v);
   }
 }
 
@@ -130,8 +133,8 @@ __device__ void standardize_bwd(const float* __restrict__ g, const T* __restrict
 
 #define BARLOW_STD_FWD(NAME, IN, OUT)                                                        \
   extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS) NAME(            \
-      const IN* z, OUT* zhat, float* stats, int64_t n, int64_t d, float eps) {                \
-    barlow::standardize_fwd<IN, OUT>(z, zhat, stats, n, d, eps);                             \
+      const IN* z, OUT* zhat, float* stats, int64_t n, int64_t d, float eps, int tf32) {      \
+    barlow::standardize_fwd<IN, OUT>(z, zhat, stats, n, d, eps, tf32);                       \
   }
 BARLOW_STD_FWD(standardize_fwd_f32_f32, float, float)
 BARLOW_STD_FWD(standardize_fwd_bf16_f32, __nv_bfloat16, float)

@@ -84,7 +84,20 @@ fn poisoned<T: Host>(s: &Arc<CudaStream>, len: usize) -> CudaSlice<T> {
     up(s, &vec![T::from_f32(f32::NAN); len])
 }
 
-fn check_standardize<T: Host, O: Host + HatElement>(s: &Arc<CudaStream>, ops: &CudaOps, seed: u64) {
+/// Rounds to the nearest TF32 value, as the kernels do for `Math::Tf32`.
+fn round_tf32(x: f32) -> f32 {
+    if !x.is_finite() {
+        return x;
+    }
+    f32::from_bits((x.to_bits() + 0x1000) & 0xFFFF_E000)
+}
+
+fn check_standardize<T: Host, O: Host + HatElement>(
+    s: &Arc<CudaStream>,
+    ops: &CudaOps,
+    math: Math,
+    seed: u64,
+) {
     let mut rng = Rng::new(seed);
     for &(n, d) in SHAPES {
         let (zq, z64) = quantize::<T>(&rng.matrix(n, d));
@@ -92,11 +105,22 @@ fn check_standardize<T: Host, O: Host + HatElement>(s: &Arc<CudaStream>, ops: &C
         let z = up(s, &zq);
         let mut zhat = poisoned::<O>(s, n * d);
         let mut stats = poisoned::<f32>(s, 3 * d);
-        ops.standardize_forward(&z, Dims::new(n, d), EPS as f32, &mut zhat, &mut stats)
+        ops.standardize_forward(math, &z, Dims::new(n, d), EPS as f32, &mut zhat, &mut stats)
             .unwrap();
-        let what = format!("standardize {}→{} N={n} D={d}", T::SUFFIX, O::SUFFIX);
-        let t = if O::UNIT > 0.0 { O::UNIT } else { 1e-5 };
-        assert_close(&format!("{what} zhat"), &down(s, &zhat), &r.zhat, t);
+        let what = format!(
+            "standardize {}→{} {math:?} N={n} D={d}",
+            T::SUFFIX,
+            O::SUFFIX
+        );
+        let t = if O::UNIT > 0.0 { O::UNIT } else { tol(math) };
+        let zh = down(s, &zhat);
+        assert_close(&format!("{what} zhat"), &zh, &r.zhat, t);
+        if math == Math::Tf32 {
+            assert!(
+                zh.iter().all(|&x| round_tf32(x) == x),
+                "{what}: Ẑ not TF32-rounded"
+            );
+        }
         let st = down(s, &stats);
         let mean: Vec<f32> = (0..d).map(|j| st[j] + st[d + j]).collect();
         assert_close(&format!("{what} mean"), &mean, &r.mean, 1e-6);
@@ -110,12 +134,14 @@ fn standardize_forward_matches_reference() {
         return;
     };
     let ops = CudaOps::new(&s).unwrap();
-    check_standardize::<f32, f32>(&s, &ops, 10);
-    check_standardize::<bf16, f32>(&s, &ops, 11);
-    check_standardize::<f16, f32>(&s, &ops, 12);
-    check_standardize::<f32, bf16>(&s, &ops, 13);
-    check_standardize::<bf16, bf16>(&s, &ops, 14);
-    check_standardize::<f16, bf16>(&s, &ops, 15);
+    check_standardize::<f32, f32>(&s, &ops, Math::F32, 10);
+    check_standardize::<bf16, f32>(&s, &ops, Math::F32, 11);
+    check_standardize::<f16, f32>(&s, &ops, Math::F32, 12);
+    check_standardize::<f32, bf16>(&s, &ops, Math::Bf16, 13);
+    check_standardize::<bf16, bf16>(&s, &ops, Math::Bf16, 14);
+    check_standardize::<f16, bf16>(&s, &ops, Math::Bf16, 15);
+    check_standardize::<f32, f32>(&s, &ops, Math::Tf32, 17);
+    check_standardize::<bf16, f32>(&s, &ops, Math::Tf32, 18);
 }
 
 #[test]
@@ -131,8 +157,15 @@ fn standardize_is_exact_when_mean_dwarfs_std() {
     let zd = up(&s, &z);
     let mut zhat = poisoned::<f32>(&s, n * d);
     let mut stats = poisoned::<f32>(&s, 3 * d);
-    ops.standardize_forward(&zd, Dims::new(n, d), EPS as f32, &mut zhat, &mut stats)
-        .unwrap();
+    ops.standardize_forward(
+        Math::F32,
+        &zd,
+        Dims::new(n, d),
+        EPS as f32,
+        &mut zhat,
+        &mut stats,
+    )
+    .unwrap();
     assert_close("zhat", &down(&s, &zhat), &r.zhat, 1e-5);
     assert_close("rstd", &down(&s, &stats)[2 * d..], &r.rstd, 1e-5);
 }
@@ -148,7 +181,7 @@ fn check_standardize_backward<T: Host>(s: &Arc<CudaStream>, ops: &CudaOps, seed:
         let mut zhat = poisoned::<f32>(s, n * d);
         let mut stats = poisoned::<f32>(s, 3 * d);
         let dims = Dims::new(n, d);
-        ops.standardize_forward(&z, dims, EPS as f32, &mut zhat, &mut stats)
+        ops.standardize_forward(Math::F32, &z, dims, EPS as f32, &mut zhat, &mut stats)
             .unwrap();
         let gd = up(s, &g);
         let mut dz = poisoned::<T>(s, n * d);
@@ -177,8 +210,9 @@ fn standardize_backward_matches_reference() {
     check_standardize_backward::<f16>(&s, &ops, 22);
 }
 
-/// The GEMMs of one math mode: Ẑ in f32, or rounded to bf16 on the host for `Math::Bf16`; the
-/// reference uses the unrounded f32 values, so the tolerance covers the mode's whole error.
+/// The GEMMs of one math mode: operands rounded on the host to what the mode's producers write
+/// (TF32 for `Math::Tf32`, bf16 for `Math::Bf16`); the reference uses the unrounded f32 values,
+/// so the tolerance covers the mode's whole error.
 fn check_gemms<O: Host + HatElement>(
     s: &Arc<CudaStream>,
     ops: &mut CudaOps,
@@ -191,9 +225,16 @@ fn check_gemms<O: Host + HatElement>(
         let a: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
         let b: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
         let g: Vec<f32> = (0..d * d).map(|_| rng.normal() as f32).collect();
-        let (aq, _) = quantize::<O>(&a);
-        let (bq, _) = quantize::<O>(&b);
-        let (gq, _) = quantize::<O>(&g);
+        let pre = |x: &[f32]| -> Vec<f32> {
+            if math == Math::Tf32 {
+                x.iter().map(|&v| round_tf32(v)).collect()
+            } else {
+                x.to_vec()
+            }
+        };
+        let (aq, _) = quantize::<O>(&pre(&a));
+        let (bq, _) = quantize::<O>(&pre(&b));
+        let (gq, _) = quantize::<O>(&pre(&g));
         let (ad, bd, gd) = (up(s, &aq), up(s, &bq), up(s, &gq));
         let what = format!("{math:?} N={n} D={d}");
 
@@ -248,7 +289,7 @@ fn fused_reduction_matches_reference() {
         let what = format!("D={d}");
 
         let mut cd = up(&s, &c);
-        ops.loss_reduce_in_place(&mut cd, d, LAMBDA as f32, false)
+        ops.loss_reduce_in_place(Math::F32, &mut cd, d, LAMBDA as f32, false)
             .unwrap();
         let v0 = ops.read_loss().unwrap();
         assert_eq!(
@@ -257,7 +298,7 @@ fn fused_reduction_matches_reference() {
             "{what}: forward-only reduction must leave C alone"
         );
 
-        ops.loss_reduce_in_place(&mut cd, d, LAMBDA as f32, true)
+        ops.loss_reduce_in_place(Math::F32, &mut cd, d, LAMBDA as f32, true)
             .unwrap();
         let v = ops.read_loss().unwrap();
         assert_eq!(v, v0, "{what}: the gradient flag must not change the sums");
@@ -271,6 +312,40 @@ fn fused_reduction_matches_reference() {
             &grad,
             1e-6,
         );
+
+        // TF32 mode: the same sums, dL/dC rounded to TF32.
+        let mut ct = up(&s, &c);
+        ops.loss_reduce_in_place(Math::Tf32, &mut ct, d, LAMBDA as f32, true)
+            .unwrap();
+        assert_eq!(
+            ops.read_loss().unwrap(),
+            v0,
+            "{what}: TF32 flag changed the sums"
+        );
+        let gt = down(&s, &ct);
+        assert!(
+            gt.iter().all(|&x| round_tf32(x) == x),
+            "{what}: dL/dC not TF32-rounded"
+        );
+        assert_close(&format!("{what} dL/dC tf32"), &gt, &grad, 1e-3);
+
+        // A view that starts one float in is not 16-byte aligned: the scalar path must take it.
+        let mut padded = vec![f32::NAN; d * d + 1];
+        padded[1..].copy_from_slice(&c);
+        let mut pd = up(&s, &padded);
+        {
+            let mut view = pd.slice_mut(1..);
+            ops.loss_reduce_in_place(Math::F32, &mut view, d, LAMBDA as f32, true)
+                .unwrap();
+        }
+        assert_eq!(
+            ops.read_loss().unwrap(),
+            v0,
+            "{what}: unaligned view changed the sums"
+        );
+        let back = down(&s, &pd);
+        assert!(back[0].is_nan(), "{what}: wrote before the view");
+        assert_close(&format!("{what} dL/dC unaligned"), &back[1..], &grad, 1e-6);
 
         let cd = up(&s, &c);
         let mut g16 = poisoned::<bf16>(&s, d * d);
@@ -508,8 +583,8 @@ fn gpu_errors_are_typed() {
     let e = loss.forward(&s, &nan, &z, Dims::new(n, d)).unwrap_err();
     assert!(matches!(e, Error::NonFinite { .. }), "{e}");
 
-    // D×D does not fit on any current GPU: a typed out-of-memory error, and the loss still works.
-    let big_d = 200_000;
+    // D×D (4.4 TB) fits on no GPU: a typed out-of-memory error, and the loss still works after.
+    let big_d = 1 << 20;
     let wide = up(&s, &vec![0.5f32; 2 * big_d]);
     let e = loss
         .forward(&s, &wide, &wide, Dims::new(2, big_d))
@@ -520,13 +595,18 @@ fn gpu_errors_are_typed() {
     let mut ops = CudaOps::new(&s).unwrap();
     let mut c = poisoned::<f32>(&s, 4);
     let e = ops
-        .loss_reduce_in_place(&mut c, 3_000_000_000, 0.005, true)
+        .loss_reduce_in_place(Math::F32, &mut c, 3_000_000_000, 0.005, true)
         .unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e}");
 
-    // A buffer from another context on the same device.
-    let other = CudaContext::new_non_primary(0, 0).unwrap();
-    let foreign = other.default_stream().clone_htod(&[1f32; 12]).unwrap();
-    let e = loss.forward(&s, &z, &foreign, Dims::new(n, d)).unwrap_err();
-    assert!(matches!(e, Error::WrongContext { name: "zb" }), "{e}");
+    // A buffer from another context on the same device. Creating that context makes it current
+    // on this thread; it is dropped (and the primary context made current) before anything else.
+    {
+        let other = CudaContext::new_non_primary(0, 0).unwrap();
+        let foreign = other.default_stream().clone_htod(&[1f32; 12]).unwrap();
+        let e = loss.forward(&s, &z, &foreign, Dims::new(n, d)).unwrap_err();
+        assert!(matches!(e, Error::WrongContext { name: "zb" }), "{e}");
+    }
+    s.context().bind_to_thread().unwrap();
+    loss.forward(&s, &z, &z, Dims::new(n, d)).unwrap();
 }

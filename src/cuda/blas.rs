@@ -24,6 +24,13 @@ pub(crate) fn blas_err(during: &'static str) -> impl Fn(CublasError) -> Error {
     }
 }
 
+fn bind_context(stream: &CudaStream) -> Result<()> {
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(super::drv("making the stream's context current"))
+}
+
 /// One cuBLAS handle, bound to the stream it last ran on.
 pub(crate) struct Blas {
     inner: CudaBlas,
@@ -50,6 +57,7 @@ impl Blas {
 
     /// Routes later GEMMs to `stream` (a no-op when it is already bound).
     pub(crate) fn bind(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        bind_context(stream)?;
         if self.stream.cu_stream() != stream.cu_stream() {
             // SAFETY: all of this handle's work is queued in stream order by the caller; switching
             // the stream only changes where later GEMMs go.
@@ -102,6 +110,8 @@ impl Blas {
             }
         };
         let beta = 0f32;
+        // The raw cuBLAS call does not make the handle's context current; a kernel launch would.
+        bind_context(&self.stream)?;
         cudarc::cublas::result::gemm_ex(
             *self.inner.handle(),
             op(a.trans),

@@ -41,13 +41,14 @@ pub(crate) struct Workspace {
 pub fn workspace_bytes(dims: Dims, math: Math) -> usize {
     let (n, d) = (dims.n, dims.d);
     let hat = if math == Math::Bf16 { 2 } else { 4 };
-    let g16 = if math == Math::Bf16 { 2 * d * d } else { 0 };
-    2 * n * d * hat
-        + 2 * STATS_PER_COLUMN * d * 4
-        + 4 * d * d
-        + g16
-        + 2 * n * d * 4
-        + CudaOps::scratch_bytes()
+    let g16 = if math == Math::Bf16 { 2 } else { 0 };
+    let nd = n.saturating_mul(d);
+    let dd = d.saturating_mul(d);
+    // Ẑ ×2, dẐ ×2, stats ×2, C, dL/dC in bf16, scratch; saturating: a size too large to exist.
+    nd.saturating_mul(2 * hat + 2 * 4)
+        .saturating_add((2 * STATS_PER_COLUMN * 4).saturating_mul(d))
+        .saturating_add(dd.saturating_mul(4 + g16))
+        .saturating_add(CudaOps::scratch_bytes())
 }
 
 impl Workspace {
@@ -104,8 +105,11 @@ impl Workspace {
         math: Math,
     ) -> Result<&'a mut Workspace> {
         if !slot.as_ref().is_some_and(|w| w.fits(stream, dims, math)) {
-            // Free the old buffers before asking for new ones.
-            *slot = None;
+            // Free the old buffers before asking for new ones, in their own context.
+            if let Some(old) = slot.take() {
+                let _ = old.ops.stream().context().bind_to_thread();
+                drop(old);
+            }
             *slot = Some(Workspace::new(stream, dims, math)?);
         }
         match slot.as_mut() {
@@ -173,18 +177,18 @@ pub(crate) fn run<T: Element, Dz: DevicePtrMut<T>>(
     match hat {
         Hat::F32(ha, hb) => {
             let (mut ha, mut hb) = (ha.slice_mut(..nd), hb.slice_mut(..nd));
-            ops.standardize_forward(za, dims, eps, &mut ha, stats_a)?;
-            ops.standardize_forward(zb, dims, eps, &mut hb, stats_b)?;
+            ops.standardize_forward(math, za, dims, eps, &mut ha, stats_a)?;
+            ops.standardize_forward(math, zb, dims, eps, &mut hb, stats_b)?;
             ops.cross_correlation(math, &ha, &hb, dims, &mut c)?;
-            ops.loss_reduce_in_place(&mut c, d, lambda, write_grad)?;
+            ops.loss_reduce_in_place(math, &mut c, d, lambda, write_grad)?;
             if write_grad {
                 ops.correlation_backward(math, &c, &ha, &hb, dims, &mut dhat_a, &mut dhat_b)?;
             }
         }
         Hat::Bf16(ha, hb) => {
             let (mut ha, mut hb) = (ha.slice_mut(..nd), hb.slice_mut(..nd));
-            ops.standardize_forward(za, dims, eps, &mut ha, stats_a)?;
-            ops.standardize_forward(zb, dims, eps, &mut hb, stats_b)?;
+            ops.standardize_forward(math, za, dims, eps, &mut ha, stats_a)?;
+            ops.standardize_forward(math, zb, dims, eps, &mut hb, stats_b)?;
             ops.cross_correlation(math, &ha, &hb, dims, &mut c)?;
             match (write_grad, g16.as_mut()) {
                 (true, Some(g)) => {
@@ -192,7 +196,7 @@ pub(crate) fn run<T: Element, Dz: DevicePtrMut<T>>(
                     ops.loss_reduce_bf16_grad(&c, &mut g, d, lambda)?;
                     ops.correlation_backward(math, &g, &ha, &hb, dims, &mut dhat_a, &mut dhat_b)?;
                 }
-                _ => ops.loss_reduce_in_place(&mut c, d, lambda, false)?,
+                _ => ops.loss_reduce_in_place(math, &mut c, d, lambda, false)?,
             }
         }
     }

@@ -85,9 +85,12 @@ impl CudaOps {
 
     /// Per column of `z`: the mean and `rstd = 1/sqrt(var + eps)` (biased variance) into `stats`
     /// (3·D floats, laid out as [`crate::cpu::STATS_PER_COLUMN`] says), and
-    /// `zhat = (z − mean)·rstd`, in one kernel (Welford, stable when |mean| ≫ std).
+    /// `zhat = (z − mean)·rstd`, in one kernel (Welford, stable when |mean| ≫ std). Ẑ is f32
+    /// for [`Math::F32`], f32 rounded to TF32 for [`Math::Tf32`], bf16 for [`Math::Bf16`]: what
+    /// the GEMMs of that mode read.
     pub fn standardize_forward<T: Element, O: HatElement>(
         &self,
+        math: Math,
         z: &impl DevicePtr<T>,
         dims: Dims,
         eps: f32,
@@ -99,6 +102,7 @@ impl CudaOps {
         check_output("zhat", zhat.len(), n * d)?;
         check_output("stats", stats.len(), STATS_PER_COLUMN * d)?;
         check_eps(eps)?;
+        check_math::<O>(math)?;
         let s = &self.stream;
         check_context("z", z, s)?;
         check_context("zhat", zhat, s)?;
@@ -116,11 +120,18 @@ impl CudaOps {
         let (ph, _gh) = zhat.device_ptr_mut(s);
         let (pst, _gst) = stats.device_ptr_mut(s);
         let (n64, d64) = (n as i64, d as i64);
+        let tf32 = i32::from(math == Math::Tf32);
         let cfg = std_launch(d)?;
         let mut b = s.launch_builder(f);
-        b.arg(&pz).arg(&ph).arg(&pst).arg(&n64).arg(&d64).arg(&eps);
+        b.arg(&pz)
+            .arg(&ph)
+            .arg(&pst)
+            .arg(&n64)
+            .arg(&d64)
+            .arg(&eps)
+            .arg(&tf32);
         // SAFETY: the argument list matches the kernel's signature (const In*, Out*, float*,
-        // int64, int64, float); every buffer was checked to hold N×D (or 3·D) elements of the
+        // int64, int64, float, int); every buffer was checked to hold N×D (or 3·D) elements of the
         // right type in this stream's context, and the kernel only touches rows < n, cols < d.
         unsafe { b.launch(cfg) }.map_err(drv(format!("launching {name}")))?;
         Ok(())
@@ -296,9 +307,11 @@ impl CudaOps {
     }
 
     /// The fused reduction over C, in place: both loss terms, and (when `write_grad`) dL/dC
-    /// written over C. Queues the work; read the value with [`CudaOps::read_loss`].
+    /// written over C (rounded to TF32 under [`Math::Tf32`], for the backward GEMMs). Queues the
+    /// work; read the value with [`CudaOps::read_loss`].
     pub fn loss_reduce_in_place(
         &mut self,
+        math: Math,
         c: &mut impl DevicePtrMut<f32>,
         d: usize,
         lambda: f32,
@@ -310,7 +323,8 @@ impl CudaOps {
         let s = self.stream.clone();
         let (pc, _gc) = c.device_ptr_mut(&s);
         let grad = if write_grad { pc } else { 0 };
-        self.reduce("loss_reduce_partial_f32", pc, grad, d, lambda)
+        let tf32 = Some(i32::from(math == Math::Tf32));
+        self.reduce("loss_reduce_partial_f32", pc, grad, d, lambda, tf32)
     }
 
     /// The fused reduction over C with dL/dC written as bf16 into `grad` (for the bf16 backward
@@ -330,9 +344,10 @@ impl CudaOps {
         check_context("grad", grad, &s)?;
         let (pc, _gc) = c.device_ptr(&s);
         let (pg, _gg) = grad.device_ptr_mut(&s);
-        self.reduce("loss_reduce_partial_bf16", pc, pg, d, lambda)
+        self.reduce("loss_reduce_partial_bf16", pc, pg, d, lambda, None)
     }
 
+    /// `tf32` is the f32 kernel's rounding flag; the bf16 kernel takes none.
     fn reduce(
         &mut self,
         name: &'static str,
@@ -340,6 +355,7 @@ impl CudaOps {
         grad: u64,
         d: usize,
         lambda: f32,
+        tf32: Option<i32>,
     ) -> Result<()> {
         if !lambda.is_finite() {
             return Err(Error::InvalidConfig(format!(
@@ -347,7 +363,10 @@ impl CudaOps {
             )));
         }
         let s = self.stream.clone();
-        let items = if d % 4 == 0 { d * d / 4 } else { d * d };
+        // float4 loads need d % 4 == 0 and 16-byte aligned pointers (a view may start anywhere).
+        let vec = d % 4 == 0 && c % 16 == 0 && grad % 16 == 0;
+        let vec_flag = i32::from(vec);
+        let items = if vec { d * d / 4 } else { d * d };
         let per_block = REDUCE_THREADS as usize * REDUCE_ITEMS_PER_THREAD;
         let blocks = items.div_ceil(per_block).clamp(1, MAX_REDUCE_BLOCKS);
         let cfg = LaunchConfig {
@@ -360,10 +379,19 @@ impl CudaOps {
         {
             let (pp, _gp) = self.partials.device_ptr_mut(&s);
             let mut b = s.launch_builder(f);
-            b.arg(&c).arg(&grad).arg(&pp).arg(&d64).arg(&lambda);
-            // SAFETY: (const float* c, G* grad, float* partials, int64 d, float lambda); c holds D×D
-            // floats (checked by the caller), grad is null or D×D elements of G, and partials holds
-            // 2·MAX_REDUCE_BLOCKS ≥ 2·blocks floats.
+            b.arg(&c)
+                .arg(&grad)
+                .arg(&pp)
+                .arg(&d64)
+                .arg(&lambda)
+                .arg(&vec_flag);
+            if let Some(t) = &tf32 {
+                b.arg(t);
+            }
+            // SAFETY: (const float* c, G* grad, float* partials, int64 d, float lambda, int vec
+            // [, int tf32 for the f32 kernel]); c holds D×D floats (checked by the caller), grad
+            // is null or D×D elements of G, partials holds 2·MAX_REDUCE_BLOCKS ≥ 2·blocks floats,
+            // and vec is set only for 16-byte aligned pointers with d % 4 == 0.
             unsafe { b.launch(cfg) }.map_err(drv(format!("launching {name}")))?;
         }
         let fin = self.kernels.get("loss_reduce_final")?;

@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests: a seeded generator, error measures, GPU discovery.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use barlow::cuda::cudarc::driver::CudaStream;
 use std::sync::Arc;
@@ -120,7 +120,10 @@ pub fn gpu(test: &str) -> Option<Arc<CudaStream>> {
     let reason = if !barlow::built_with_kernels() {
         "built without CUDA kernels".to_string()
     } else {
-        match barlow::cuda::open_stream(0) {
+        // A stream alone is not enough: the kernels must load and cuBLAS must be there.
+        match barlow::cuda::open_stream(0)
+            .and_then(|s| barlow::cuda::ops::CudaOps::new(&s).map(|_| s))
+        {
             Ok(s) => return Some(s),
             Err(e) => e.to_string(),
         }
