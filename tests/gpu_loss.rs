@@ -338,11 +338,15 @@ fn fused_reduction_matches_reference() {
             ops.loss_reduce_in_place(Math::F32, &mut view, d, LAMBDA as f32, true)
                 .unwrap();
         }
-        assert_eq!(
-            ops.read_loss().unwrap(),
-            v0,
-            "{what}: unaligned view changed the sums"
+        // The scalar path sums in another order than the float4 one: equal to rounding only.
+        let vu = ops.read_loss().unwrap();
+        assert_close_scalar(
+            &format!("{what} unaligned on"),
+            vu.on_diag,
+            v0.on_diag,
+            1e-6,
         );
+        assert_close_scalar(&format!("{what} unaligned total"), vu.total, v0.total, 1e-6);
         let back = down(&s, &pd);
         assert!(back[0].is_nan(), "{what}: wrote before the view");
         assert_close(&format!("{what} dL/dC unaligned"), &back[1..], &grad, 1e-6);
