@@ -457,12 +457,19 @@ fn naive_path_matches_reference_and_fused() {
                 .forward_backward(&ad, &bd, dims, &mut dza, &mut dzb)
                 .unwrap();
             let what = format!("naive {math:?} N={n} D={d}");
-            assert_loss_close(&what, v, &r, LAMBDA, tol(math));
+            // Like the reference PyTorch code, the naive path leaves the FP32→TF32 conversion to
+            // the tensor cores, which may truncate rather than round: allow twice the TF32 error.
+            let naive_tol = if math == Math::Tf32 {
+                2.0 * tol(math)
+            } else {
+                tol(math)
+            };
+            assert_loss_close(&what, v, &r, LAMBDA, naive_tol);
             let sa = grad_scale(&r.a.rstd, &r.grad_za_hat);
             let sb = grad_scale(&r.b.rstd, &r.grad_zb_hat);
             let (na, nb) = (down(&s, &dza), down(&s, &dzb));
-            assert_close_grad(&format!("{what} dza"), &na, &r.grad_za, sa, tol(math));
-            assert_close_grad(&format!("{what} dzb"), &nb, &r.grad_zb, sb, tol(math));
+            assert_close_grad(&format!("{what} dza"), &na, &r.grad_za, sa, naive_tol);
+            assert_close_grad(&format!("{what} dzb"), &nb, &r.grad_zb, sb, naive_tol);
 
             let mut fa = poisoned::<f32>(&s, n * d);
             let mut fb = poisoned::<f32>(&s, n * d);
@@ -476,7 +483,7 @@ fn naive_path_matches_reference_and_fused() {
                 &na,
                 &fa64,
                 sa,
-                2.0 * tol(math),
+                2.0 * naive_tol,
             );
         }
     }
