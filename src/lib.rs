@@ -18,6 +18,7 @@ pub mod cuda;
 mod error;
 pub mod io;
 mod loss;
+pub mod nn;
 pub mod rng;
 mod shape;
 

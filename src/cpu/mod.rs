@@ -3,7 +3,10 @@
 //!
 //! All matrices are row-major; Z is N×D, C is D×D.
 
+mod gemm;
 pub mod reference;
+
+pub(crate) use gemm::{matmul, Mat, MatRef};
 
 use crate::error::Result;
 use crate::shape::{check_input, check_output, Dims};
@@ -95,6 +98,8 @@ pub fn cross_correlation(za_hat: &[f32], zb_hat: &[f32], dims: Dims, c: &mut [f3
         MatRef::new(za_hat, d, n, 1, d as isize),
         MatRef::new(zb_hat, n, d, d as isize, 1),
         1.0 / n as f32,
+        false,
+        true,
     );
     Ok(())
 }
@@ -158,12 +163,16 @@ pub fn correlation_backward(
         MatRef::new(zb_hat, n, d, di, 1),
         MatRef::new(&g[..d * d], d, d, 1, di), // Gᵀ
         s,
+        false,
+        true,
     );
     matmul(
         Mat::new(&mut dzb_hat[..n * d], n, d, di, 1),
         MatRef::new(za_hat, n, d, di, 1),
         MatRef::new(&g[..d * d], d, d, di, 1),
         s,
+        false,
+        true,
     );
     Ok(())
 }
@@ -215,91 +224,4 @@ pub fn standardize_backward(
             }
         });
     Ok(())
-}
-
-/// A strided matrix view for [`matmul`]; strides are in elements.
-struct MatRef<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    rs: isize,
-    cs: isize,
-}
-
-struct Mat<'a> {
-    data: &'a mut [f32],
-    rows: usize,
-    cols: usize,
-    rs: isize,
-    cs: isize,
-}
-
-/// Largest offset a rows×cols view with non-negative strides touches, plus one.
-fn extent(rows: usize, cols: usize, rs: isize, cs: isize) -> usize {
-    if rows == 0 || cols == 0 {
-        return 0;
-    }
-    (rows - 1) * rs as usize + (cols - 1) * cs as usize + 1
-}
-
-impl<'a> MatRef<'a> {
-    fn new(data: &'a [f32], rows: usize, cols: usize, rs: isize, cs: isize) -> Self {
-        assert!(rs >= 0 && cs >= 0 && extent(rows, cols, rs, cs) <= data.len());
-        Self {
-            data,
-            rows,
-            cols,
-            rs,
-            cs,
-        }
-    }
-}
-
-impl<'a> Mat<'a> {
-    fn new(data: &'a mut [f32], rows: usize, cols: usize, rs: isize, cs: isize) -> Self {
-        assert!(rs >= 0 && cs >= 0 && extent(rows, cols, rs, cs) <= data.len());
-        Self {
-            data,
-            rows,
-            cols,
-            rs,
-            cs,
-        }
-    }
-}
-
-/// `dst = scale · lhs · rhs`, through the `gemm` crate on rayon's threads.
-fn matmul(dst: Mat<'_>, lhs: MatRef<'_>, rhs: MatRef<'_>, scale: f32) {
-    assert!(lhs.rows == dst.rows && rhs.cols == dst.cols && lhs.cols == rhs.rows);
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the constructors checked that every strided view lies inside its slice, the shapes
-    // agree (asserted above), and `dst` is borrowed mutably so it cannot alias `lhs` or `rhs`.
-    unsafe {
-        gemm::gemm(
-            dst.rows,
-            dst.cols,
-            lhs.cols,
-            dst.data.as_mut_ptr(),
-            dst.cs,
-            dst.rs,
-            false,
-            lhs.data.as_ptr(),
-            lhs.cs,
-            lhs.rs,
-            rhs.data.as_ptr(),
-            rhs.cs,
-            rhs.rs,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
 }

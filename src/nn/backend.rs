@@ -1,0 +1,524 @@
+//! The heavy arithmetic of the layers, behind a trait so that a device backend can stand in for
+//! the CPU one without touching the model code.
+//!
+//! Every reduction over the batch is split into a fixed number of chunks summed in a fixed order,
+//! so results do not depend on how many threads ran them.
+
+use crate::cpu::{matmul, Mat, MatRef};
+use rayon::prelude::*;
+
+/// Geometry of a 2-D convolution (square kernel, no bias, groups = 1, NCHW).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSpec {
+    pub in_c: usize,
+    pub out_c: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+    /// Input height and width.
+    pub h: usize,
+    pub w: usize,
+}
+
+impl ConvSpec {
+    /// Output height.
+    pub fn ho(&self) -> usize {
+        (self.h + 2 * self.pad - self.k) / self.stride + 1
+    }
+    /// Output width.
+    pub fn wo(&self) -> usize {
+        (self.w + 2 * self.pad - self.k) / self.stride + 1
+    }
+    fn is_pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.pad == 0
+    }
+    /// Rows of the unfolded input: C·K·K.
+    fn col_rows(&self) -> usize {
+        self.in_c * self.k * self.k
+    }
+}
+
+/// The operations layers delegate. Shapes are given explicitly; buffers are row-major.
+pub trait Backend: Sync {
+    /// A short name for logs (`cpu`, `cuda`).
+    fn name(&self) -> &'static str;
+
+    /// `y[n] = conv(x[n], w)`, y of shape [n, out_c, ho, wo].
+    fn conv2d_forward(&self, spec: &ConvSpec, n: usize, x: &[f32], w: &[f32], y: &mut [f32]);
+
+    /// Accumulates dL/dw into `dw` and, when given, writes dL/dx into `dx`.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_backward(
+        &self,
+        spec: &ConvSpec,
+        n: usize,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+    );
+
+    /// `y = x·wᵀ (+ b)`: x [n, in], w [out, in], y [n, out].
+    fn linear_forward(
+        &self,
+        n: usize,
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        y: &mut [f32],
+        out: usize,
+    );
+
+    /// Accumulates dL/dw (and dL/db) and, when given, writes dL/dx.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        n: usize,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        out: usize,
+        dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+        db: Option<&mut [f32]>,
+    );
+
+    /// Per-channel batch statistics of x [n, c, hw]: biased mean and variance.
+    fn channel_stats(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        x: &[f32],
+        mean: &mut [f32],
+        var: &mut [f32],
+    );
+
+    /// `y = (x − mean)·rstd·gamma + beta` per channel, with x̂ written too when given.
+    #[allow(clippy::too_many_arguments)]
+    fn channel_affine(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        x: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        y: &mut [f32],
+        xhat: Option<&mut [f32]>,
+    );
+
+    /// BatchNorm backward from x̂: accumulates dgamma, dbeta and writes dx.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_backward(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        xhat: &[f32],
+        rstd: &[f32],
+        gamma: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        dgamma: &mut [f32],
+        dbeta: &mut [f32],
+    );
+}
+
+/// The CPU backend: rayon over images or channels, `gemm` for the products.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBackend;
+
+/// Fixed number of batch chunks for reductions over the batch (independent of thread count).
+const CHUNKS: usize = 16;
+
+fn im2col(spec: &ConvSpec, x: &[f32], col: &mut [f32]) {
+    let (ho, wo) = (spec.ho(), spec.wo());
+    let (h, w, k, s, p) = (
+        spec.h as isize,
+        spec.w as isize,
+        spec.k,
+        spec.stride as isize,
+        spec.pad as isize,
+    );
+    let hw = ho * wo;
+    for c in 0..spec.in_c {
+        let xc = &x[c * spec.h * spec.w..(c + 1) * spec.h * spec.w];
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &mut col[((c * k + ky) * k + kx) * hw..][..hw];
+                for oy in 0..ho {
+                    let iy = oy as isize * s - p + ky as isize;
+                    let out = &mut row[oy * wo..(oy + 1) * wo];
+                    if iy < 0 || iy >= h {
+                        out.iter_mut().for_each(|v| *v = 0.0);
+                        continue;
+                    }
+                    let xr = &xc[iy as usize * spec.w..][..spec.w];
+                    for (ox, v) in out.iter_mut().enumerate() {
+                        let ix = ox as isize * s - p + kx as isize;
+                        *v = if ix >= 0 && ix < w {
+                            xr[ix as usize]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn col2im(spec: &ConvSpec, col: &[f32], dx: &mut [f32]) {
+    let (ho, wo) = (spec.ho(), spec.wo());
+    let (h, w, k, s, p) = (
+        spec.h as isize,
+        spec.w as isize,
+        spec.k,
+        spec.stride as isize,
+        spec.pad as isize,
+    );
+    let hw = ho * wo;
+    dx.iter_mut().for_each(|v| *v = 0.0);
+    for c in 0..spec.in_c {
+        let xc = &mut dx[c * spec.h * spec.w..(c + 1) * spec.h * spec.w];
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &col[((c * k + ky) * k + kx) * hw..][..hw];
+                for oy in 0..ho {
+                    let iy = oy as isize * s - p + ky as isize;
+                    if iy < 0 || iy >= h {
+                        continue;
+                    }
+                    let xr = &mut xc[iy as usize * spec.w..][..spec.w];
+                    for (ox, v) in row[oy * wo..(oy + 1) * wo].iter().enumerate() {
+                        let ix = ox as isize * s - p + kx as isize;
+                        if ix >= 0 && ix < w {
+                            xr[ix as usize] += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Splits `0..n` into at most CHUNKS contiguous ranges.
+fn chunk_len(n: usize) -> usize {
+    n.div_ceil(CHUNKS).max(1)
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn conv2d_forward(&self, spec: &ConvSpec, n: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
+        let in_len = spec.in_c * spec.h * spec.w;
+        let hw = spec.ho() * spec.wo();
+        let out_len = spec.out_c * hw;
+        let kk = spec.col_rows();
+        y[..n * out_len]
+            .par_chunks_mut(out_len)
+            .zip(x[..n * in_len].par_chunks(in_len))
+            .for_each_init(Vec::new, |col, (yi, xi)| {
+                let src: &[f32] = if spec.is_pointwise() {
+                    xi
+                } else {
+                    col.resize(kk * hw, 0.0);
+                    im2col(spec, xi, col);
+                    col
+                };
+                matmul(
+                    Mat::new(yi, spec.out_c, hw, hw as isize, 1),
+                    MatRef::new(w, spec.out_c, kk, kk as isize, 1),
+                    MatRef::new(src, kk, hw, hw as isize, 1),
+                    1.0,
+                    false,
+                    false,
+                );
+            });
+    }
+
+    fn conv2d_backward(
+        &self,
+        spec: &ConvSpec,
+        n: usize,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+    ) {
+        let in_len = spec.in_c * spec.h * spec.w;
+        let hw = spec.ho() * spec.wo();
+        let out_len = spec.out_c * hw;
+        let kk = spec.col_rows();
+        let per = chunk_len(n);
+        let wlen = spec.out_c * kk;
+        // One dw partial per chunk of images; dx is written per image inside its chunk.
+        let work = |ci: usize, dx_chunk: Option<&mut [f32]>| -> Vec<f32> {
+            let start = ci * per;
+            let end = (start + per).min(n);
+            let mut dwp = vec![0f32; wlen];
+            let mut col = Vec::new();
+            let mut dcol = Vec::new();
+            let mut dx_chunk = dx_chunk;
+            for i in start..end {
+                let xi = &x[i * in_len..(i + 1) * in_len];
+                let dyi = &dy[i * out_len..(i + 1) * out_len];
+                let src: &[f32] = if spec.is_pointwise() {
+                    xi
+                } else {
+                    col.resize(kk * hw, 0.0);
+                    im2col(spec, xi, &mut col);
+                    &col
+                };
+                // dw += dy_i · colᵀ
+                matmul(
+                    Mat::new(&mut dwp, spec.out_c, kk, kk as isize, 1),
+                    MatRef::new(dyi, spec.out_c, hw, hw as isize, 1),
+                    MatRef::new(src, hw, kk, 1, hw as isize),
+                    1.0,
+                    true,
+                    false,
+                );
+                if let Some(dxc) = dx_chunk.as_deref_mut() {
+                    let dxi = &mut dxc[(i - start) * in_len..(i - start + 1) * in_len];
+                    let wt = MatRef::new(w, kk, spec.out_c, 1, kk as isize);
+                    let dyr = MatRef::new(dyi, spec.out_c, hw, hw as isize, 1);
+                    if spec.is_pointwise() {
+                        matmul(
+                            Mat::new(dxi, kk, hw, hw as isize, 1),
+                            wt,
+                            dyr,
+                            1.0,
+                            false,
+                            false,
+                        );
+                    } else {
+                        dcol.resize(kk * hw, 0.0);
+                        matmul(
+                            Mat::new(&mut dcol, kk, hw, hw as isize, 1),
+                            wt,
+                            dyr,
+                            1.0,
+                            false,
+                            false,
+                        );
+                        col2im(spec, &dcol, dxi);
+                    }
+                }
+            }
+            dwp
+        };
+        let chunks = n.div_ceil(per);
+        let partials: Vec<Vec<f32>> = match dx {
+            Some(dx) => dx[..n * in_len]
+                .par_chunks_mut(per * in_len)
+                .enumerate()
+                .map(|(ci, dxc)| work(ci, Some(dxc)))
+                .collect(),
+            None => (0..chunks)
+                .into_par_iter()
+                .map(|ci| work(ci, None))
+                .collect(),
+        };
+        for p in &partials {
+            for (a, b) in dw.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+    }
+
+    fn linear_forward(
+        &self,
+        n: usize,
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        y: &mut [f32],
+        out: usize,
+    ) {
+        let inp = w.len() / out;
+        matmul(
+            Mat::new(&mut y[..n * out], n, out, out as isize, 1),
+            MatRef::new(x, n, inp, inp as isize, 1),
+            MatRef::new(w, inp, out, 1, inp as isize),
+            1.0,
+            false,
+            true,
+        );
+        if let Some(b) = b {
+            y[..n * out].par_chunks_mut(out).for_each(|row| {
+                row.iter_mut().zip(b).for_each(|(v, bb)| *v += bb);
+            });
+        }
+    }
+
+    fn linear_backward(
+        &self,
+        n: usize,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        out: usize,
+        dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+        db: Option<&mut [f32]>,
+    ) {
+        let inp = w.len() / out;
+        matmul(
+            Mat::new(dw, out, inp, inp as isize, 1),
+            MatRef::new(dy, out, n, 1, out as isize),
+            MatRef::new(x, n, inp, inp as isize, 1),
+            1.0,
+            true,
+            true,
+        );
+        if let Some(dx) = dx {
+            matmul(
+                Mat::new(&mut dx[..n * inp], n, inp, inp as isize, 1),
+                MatRef::new(dy, n, out, out as isize, 1),
+                MatRef::new(w, out, inp, inp as isize, 1),
+                1.0,
+                false,
+                true,
+            );
+        }
+        if let Some(db) = db {
+            for row in dy[..n * out].chunks_exact(out) {
+                db.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            }
+        }
+    }
+
+    fn channel_stats(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        x: &[f32],
+        mean: &mut [f32],
+        var: &mut [f32],
+    ) {
+        let m = (n * hw) as f64;
+        mean[..c]
+            .par_iter_mut()
+            .zip(var[..c].par_iter_mut())
+            .enumerate()
+            .for_each(|(ch, (mu, va))| {
+                let plane = |i: usize| &x[(i * c + ch) * hw..][..hw];
+                let s: f64 = (0..n)
+                    .map(|i| plane(i).iter().map(|&v| f64::from(v)).sum::<f64>())
+                    .sum();
+                let mu64 = s / m;
+                let q: f64 = (0..n)
+                    .map(|i| {
+                        plane(i)
+                            .iter()
+                            .map(|&v| (f64::from(v) - mu64).powi(2))
+                            .sum::<f64>()
+                    })
+                    .sum();
+                *mu = mu64 as f32;
+                *va = (q / m) as f32;
+            });
+    }
+
+    fn channel_affine(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        x: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        y: &mut [f32],
+        xhat: Option<&mut [f32]>,
+    ) {
+        let item = c * hw;
+        let write = |(yi, xi): (&mut [f32], &[f32]), mut hi: Option<&mut [f32]>| {
+            for ch in 0..c {
+                let (m, r, g, b) = (mean[ch], rstd[ch], gamma[ch], beta[ch]);
+                for j in ch * hw..(ch + 1) * hw {
+                    let h = (xi[j] - m) * r;
+                    if let Some(hi) = hi.as_deref_mut() {
+                        hi[j] = h;
+                    }
+                    yi[j] = h * g + b;
+                }
+            }
+        };
+        match xhat {
+            Some(xh) => y[..n * item]
+                .par_chunks_mut(item)
+                .zip(x[..n * item].par_chunks(item))
+                .zip(xh[..n * item].par_chunks_mut(item))
+                .for_each(|(pair, hi)| write(pair, Some(hi))),
+            None => y[..n * item]
+                .par_chunks_mut(item)
+                .zip(x[..n * item].par_chunks(item))
+                .for_each(|pair| write(pair, None)),
+        }
+    }
+
+    fn batch_norm_backward(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        xhat: &[f32],
+        rstd: &[f32],
+        gamma: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        dgamma: &mut [f32],
+        dbeta: &mut [f32],
+    ) {
+        let item = c * hw;
+        let m = (n * hw) as f64;
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mut s, mut sx) = (0f64, 0f64);
+                for i in 0..n {
+                    let off = (i * c + ch) * hw;
+                    for j in off..off + hw {
+                        s += f64::from(dy[j]);
+                        sx += f64::from(dy[j]) * f64::from(xhat[j]);
+                    }
+                }
+                (s, sx)
+            })
+            .collect();
+        for (ch, &(s, sx)) in sums.iter().enumerate() {
+            dbeta[ch] += s as f32;
+            dgamma[ch] += sx as f32;
+        }
+        let coef: Vec<(f32, f32, f32)> = sums
+            .iter()
+            .enumerate()
+            .map(|(ch, &(s, sx))| (gamma[ch] * rstd[ch], (s / m) as f32, (sx / m) as f32))
+            .collect();
+        dx[..n * item]
+            .par_chunks_mut(item)
+            .zip(
+                dy[..n * item]
+                    .par_chunks(item)
+                    .zip(xhat[..n * item].par_chunks(item)),
+            )
+            .for_each(|(dxi, (dyi, hi))| {
+                for (ch, &(gr, ms, msx)) in coef.iter().enumerate() {
+                    for j in ch * hw..(ch + 1) * hw {
+                        dxi[j] = gr * (dyi[j] - ms - hi[j] * msx);
+                    }
+                }
+            });
+    }
+}

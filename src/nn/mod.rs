@@ -1,0 +1,113 @@
+//! A small layer library with explicit forward and backward passes (no general autograd): the
+//! pieces of a ResNet and the Barlow Twins projector, NCHW f32 on the host.
+//!
+//! Each layer caches what its backward pass needs during a training forward, and its backward
+//! pass accumulates parameter gradients into [`Param::grad`] and returns the input gradient.
+//! The heavy arithmetic goes through a [`Backend`].
+
+mod backend;
+mod layers;
+pub mod resnet;
+
+pub use backend::{Backend, ConvSpec, CpuBackend};
+pub use layers::{BatchNorm, Conv2d, Linear, MaxPool, Relu};
+
+/// A dense f32 tensor, row-major over `shape` (NCHW for images, NC for features).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl Tensor {
+    /// A tensor of zeros.
+    pub fn zeros(shape: &[usize]) -> Self {
+        Self {
+            shape: shape.to_vec(),
+            data: vec![0.0; shape.iter().product()],
+        }
+    }
+
+    /// A tensor over existing data (`data.len()` must equal the product of `shape`).
+    pub fn from_vec(shape: &[usize], data: Vec<f32>) -> Self {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "tensor shape {shape:?} does not match {} values",
+            data.len()
+        );
+        Self {
+            shape: shape.to_vec(),
+            data,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// True when the tensor holds no elements.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// The first dimension (the batch).
+    pub fn batch(&self) -> usize {
+        self.shape[0]
+    }
+
+    /// Elements per batch item.
+    pub fn item_len(&self) -> usize {
+        self.shape[1..].iter().product()
+    }
+}
+
+/// A trainable tensor with its gradient and the name it is saved under (torchvision's names).
+#[derive(Debug, Clone)]
+pub struct Param {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub value: Vec<f32>,
+    pub grad: Vec<f32>,
+}
+
+impl Param {
+    /// A parameter with the given initial values.
+    pub fn new(name: impl Into<String>, shape: &[usize], value: Vec<f32>) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), value.len());
+        Self {
+            name: name.into(),
+            shape: shape.to_vec(),
+            grad: vec![0.0; value.len()],
+            value,
+        }
+    }
+
+    /// One-dimensional parameters (biases, norm weights) skip weight decay and LARS adaptation.
+    pub fn is_vector(&self) -> bool {
+        self.shape.len() == 1
+    }
+
+    /// Sets the gradient to zero.
+    pub fn zero_grad(&mut self) {
+        self.grad.iter_mut().for_each(|g| *g = 0.0);
+    }
+}
+
+/// A non-trainable tensor that is saved with the model (BatchNorm running statistics).
+#[derive(Debug, Clone)]
+pub struct Buffer {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub value: Vec<f32>,
+}
+
+/// Visits every parameter and buffer of a model, in a fixed order.
+pub trait Visit {
+    /// Calls `f` on every parameter.
+    fn params_mut(&mut self, f: &mut dyn FnMut(&mut Param));
+    /// Calls `f` on every buffer and on the count of training batches seen (BatchNorm's
+    /// `num_batches_tracked`), by name.
+    fn buffers_mut(&mut self, f: &mut dyn FnMut(&mut Buffer));
+}
