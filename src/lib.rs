@@ -21,6 +21,7 @@ mod loss;
 pub mod nn;
 pub mod rng;
 mod shape;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use loss::{BarlowTwinsLoss, LossConfig, LossValue, Math};

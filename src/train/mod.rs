@@ -1,0 +1,8 @@
+//! Training: the optimizer and schedule, the two-view model step, data, augmentations,
+//! evaluation, checkpoints and the run loop behind `barlow train`.
+
+pub mod lars;
+pub mod model;
+
+pub use lars::{Lars, LarsConfig, Schedule};
+pub use model::{BarlowTwins, ModelConfig};

@@ -1,0 +1,96 @@
+//! The Barlow Twins model: a ResNet backbone, the projector, and the library's fused loss.
+
+use crate::error::Result;
+use crate::nn::resnet::{Projector, ResNet, ResNetConfig};
+use crate::nn::{Backend, Buffer, Param, Tensor, Visit};
+use crate::rng::Rng;
+use crate::{BarlowTwinsLoss, Dims, LossConfig, LossValue};
+
+/// Backbone and projector shapes, and the loss's λ.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelConfig {
+    pub backbone: ResNetConfig,
+    /// Projector widths after the backbone's features (paper: 8192, 8192, 8192).
+    pub projector: Vec<usize>,
+    pub lambda: f32,
+}
+
+/// Backbone + projector, trained by the Barlow Twins loss on two views.
+pub struct BarlowTwins {
+    pub config: ModelConfig,
+    pub backbone: ResNet,
+    pub projector: Projector,
+    loss: BarlowTwinsLoss,
+}
+
+impl BarlowTwins {
+    pub fn new(config: ModelConfig, rng: &mut Rng) -> Result<Self> {
+        let backbone = ResNet::new(config.backbone, rng);
+        let mut sizes = vec![config.backbone.features()];
+        sizes.extend_from_slice(&config.projector);
+        let projector = Projector::new(&sizes, rng);
+        let loss = BarlowTwinsLoss::new(LossConfig {
+            lambda: config.lambda,
+            ..Default::default()
+        })?;
+        Ok(Self {
+            config,
+            backbone,
+            projector,
+            loss,
+        })
+    }
+
+    /// One training step's forward and backward on two views of the same images: each view is
+    /// its own batch (its own BatchNorm statistics), the loss is the library's fused loss, and
+    /// the gradients are left in the parameters for the optimizer.
+    pub fn forward_backward(
+        &mut self,
+        be: &dyn Backend,
+        y1: &Tensor,
+        y2: &Tensor,
+    ) -> Result<LossValue> {
+        self.params_mut(&mut |p| p.zero_grad());
+        let z1 = {
+            let f = self.backbone.forward(be, y1, true);
+            self.projector.forward(be, &f, true)
+        };
+        let z2 = {
+            let f = self.backbone.forward(be, y2, true);
+            self.projector.forward(be, &f, true)
+        };
+        let dims = Dims::new(z1.shape[0], z1.shape[1]);
+        let mut dz1 = Tensor::zeros(&z1.shape);
+        let mut dz2 = Tensor::zeros(&z2.shape);
+        let value = self.loss.forward_backward_cpu(
+            &z1.data,
+            &z2.data,
+            dims,
+            &mut dz1.data,
+            &mut dz2.data,
+        )?;
+        // Last in, first out: the second view's caches are on top.
+        let df2 = self.projector.backward(be, &dz2);
+        self.backbone.backward(be, &df2);
+        let df1 = self.projector.backward(be, &dz1);
+        self.backbone.backward(be, &df1);
+        Ok(value)
+    }
+
+    /// Backbone features in evaluation mode (running BatchNorm statistics).
+    pub fn features(&mut self, be: &dyn Backend, x: &Tensor) -> Tensor {
+        self.backbone.forward(be, x, false)
+    }
+}
+
+impl Visit for BarlowTwins {
+    fn params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        self.backbone.params_mut(f);
+        self.projector.params_mut(f);
+    }
+
+    fn buffers_mut(&mut self, f: &mut dyn FnMut(&mut Buffer)) {
+        self.backbone.buffers_mut(f);
+        self.projector.buffers_mut(f);
+    }
+}

@@ -1,0 +1,228 @@
+//! LARS and its schedule against hand-computed updates, and a whole Barlow Twins step's
+//! gradients against finite differences of the loss.
+
+mod common;
+
+use barlow::nn::resnet::{Arch, ResNetConfig, Stem};
+use barlow::nn::{Buffer, CpuBackend, Param, Tensor, Visit};
+use barlow::train::{BarlowTwins, Lars, LarsConfig, ModelConfig, Schedule};
+use common::Rng;
+
+struct Two {
+    w: Param,
+    b: Param,
+}
+
+impl Visit for Two {
+    fn params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        f(&mut self.w);
+        f(&mut self.b);
+    }
+    fn buffers_mut(&mut self, _: &mut dyn FnMut(&mut Buffer)) {}
+}
+
+fn close(a: f32, b: f64, what: &str) {
+    assert!(
+        (f64::from(a) - b).abs() < 1e-6 * b.abs().max(1.0),
+        "{what}: {a} vs {b}"
+    );
+}
+
+#[test]
+fn lars_matches_hand_computed_updates() {
+    let mut m = Two {
+        w: Param::new("w", &[2, 2], vec![3.0, 0.0, 0.0, 4.0]),
+        b: Param::new("b", &[2], vec![1.0, 2.0]),
+    };
+    m.w.grad = vec![1.0, 0.0, 0.0, 0.0];
+    m.b.grad = vec![0.5, -0.5];
+    let mut opt = Lars::new(LarsConfig {
+        momentum: 0.9,
+        eta: 0.001,
+        weight_decay: 0.1,
+    });
+    opt.step(&mut m, 0.2, 0.01);
+    // Weights: dp = g + 0.1·w = [1.3, 0, 0, 0.4]; ‖w‖ = 5, ‖dp‖ = √1.85;
+    // trust q = 0.001·5/√1.85; μ = q·dp; w −= 0.2·μ.
+    let q = 0.001 * 5.0 / 1.85f64.sqrt();
+    close(m.w.value[0], 3.0 - 0.2 * q * 1.3, "w0");
+    close(m.w.value[3], 4.0 - 0.2 * q * 0.4, "w3");
+    assert_eq!(m.w.value[1], 0.0);
+    // Biases: no decay, no trust ratio: b −= 0.01·g.
+    close(m.b.value[0], 0.995, "b0");
+    close(m.b.value[1], 2.005, "b1");
+    // Second step, same gradients: μ_b = 0.9·0.5 + 0.5 = 0.95.
+    opt.step(&mut m, 0.2, 0.01);
+    close(m.b.value[0], 0.995 - 0.01 * 0.95, "b0 after momentum");
+    close(m.b.value[1], 2.005 + 0.01 * 0.95, "b1 after momentum");
+    assert_eq!(opt.momentum.len(), 2);
+    assert_eq!(opt.momentum[0].0, "w");
+}
+
+#[test]
+fn lars_skips_the_trust_ratio_for_zero_weights() {
+    let mut m = Two {
+        w: Param::new("w", &[1, 2], vec![0.0, 0.0]),
+        b: Param::new("b", &[1], vec![0.0]),
+    };
+    m.w.grad = vec![2.0, -1.0];
+    let mut opt = Lars::new(LarsConfig {
+        momentum: 0.9,
+        eta: 0.001,
+        weight_decay: 0.0,
+    });
+    opt.step(&mut m, 0.5, 0.5);
+    // ‖w‖ = 0: q = 1, so w = −0.5·g.
+    assert_eq!(m.w.value, vec![-1.0, 0.5]);
+    assert_eq!(m.b.value, vec![0.0]);
+}
+
+#[test]
+fn schedule_warms_up_then_decays_to_a_thousandth() {
+    let s = Schedule {
+        base_lr_weights: 0.2,
+        base_lr_biases: 0.0048,
+        batch_size: 512,
+        warmup_steps: 10,
+        total_steps: 110,
+    };
+    // Peak = 0.2 × 512/256 = 0.4 (weights), 0.0096 (biases).
+    let (w, b) = s.lr(0);
+    assert_eq!((w, b), (0.0, 0.0));
+    let (w, b) = s.lr(5);
+    close(w, 0.2, "half warm-up");
+    close(b, 0.0048, "half warm-up biases");
+    close(s.lr(10).0, 0.4, "peak");
+    // Half-way through the cosine: q = 0.5 → (2 + 0.002)/2 × 0.2.
+    close(s.lr(60).0, 0.2002, "cosine middle");
+    close(s.lr(110).0, 0.0004, "end = 0.001 × peak");
+    close(s.lr(500).0, 0.0004, "past the end stays at the end");
+    assert!(s.lr(30).0 > s.lr(31).0);
+}
+
+fn tiny_model(rng: &mut Rng) -> BarlowTwins {
+    let config = ModelConfig {
+        backbone: ResNetConfig {
+            arch: Arch::Resnet18,
+            stem: Stem::Small,
+            in_channels: 1,
+            width: 4,
+        },
+        projector: vec![16, 16, 16],
+        lambda: 0.05,
+    };
+    let mut m = BarlowTwins::new(config, rng).unwrap();
+    // Every ReLU active (see nn_layers.rs): the loss is smooth in the parameters.
+    m.params_mut(&mut |p| {
+        if p.name.ends_with(".bias") {
+            p.value
+                .iter_mut()
+                .for_each(|v| *v = 4.0 + rng.uniform() as f32);
+        } else if p.is_vector() {
+            p.value
+                .iter_mut()
+                .for_each(|v| *v = 0.5 + rng.uniform() as f32);
+        }
+    });
+    m
+}
+
+#[test]
+fn barlow_twins_step_gradients_match_finite_differences() {
+    let be = CpuBackend;
+    let mut rng = Rng::new(21);
+    let _ = tiny_model(&mut rng); // advance the generator as the model's init does
+    let img = |rng: &mut Rng| {
+        Tensor::from_vec(
+            &[12, 1, 8, 8],
+            (0..12 * 64).map(|_| rng.normal() as f32).collect(),
+        )
+    };
+    let (y1, y2) = (img(&mut rng), img(&mut rng));
+
+    let mut m = tiny_model(&mut Rng::new(21));
+    let base = m.forward_backward(&be, &y1, &y2).unwrap().total;
+    let mut grads: Vec<(String, Vec<f32>)> = Vec::new();
+    m.params_mut(&mut |p| grads.push((p.name.clone(), p.grad.clone())));
+
+    let h = 1e-2f32;
+    let mut checked = 0;
+    for (pi, (name, g)) in grads.iter().enumerate() {
+        // A unit random direction per tensor.
+        let mut v: Vec<f32> = (0..g.len()).map(|_| rng.normal() as f32).collect();
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= n);
+        let loss_at = |delta: f32| {
+            let mut c = tiny_model(&mut Rng::new(21));
+            let mut k = 0;
+            c.params_mut(&mut |p| {
+                if k == pi {
+                    p.value
+                        .iter_mut()
+                        .zip(&v)
+                        .for_each(|(w, d)| *w += delta * d);
+                }
+                k += 1;
+            });
+            c.forward_backward(&be, &y1, &y2).unwrap().total
+        };
+        let num = (loss_at(h) - loss_at(-h)) / (2.0 * f64::from(h));
+        let ana: f64 = g
+            .iter()
+            .zip(&v)
+            .map(|(a, b)| f64::from(*a) * f64::from(*b))
+            .sum();
+        let gnorm = g.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+        let resolution = 1e-4 * base.abs() / f64::from(h);
+        let err = (num - ana).abs() / ana.abs().max(1e-2 * gnorm).max(resolution).max(1e-9);
+        assert!(
+            err < 3e-2,
+            "{name}: analytic {ana} numeric {num} (error {err:.2e})"
+        );
+        checked += 1;
+    }
+    assert!(checked > 40, "only {checked} tensors checked");
+}
+
+#[test]
+fn training_steps_reduce_the_loss() {
+    let be = CpuBackend;
+    let mut rng = Rng::new(22);
+    let config = ModelConfig {
+        backbone: ResNetConfig {
+            arch: Arch::Resnet18,
+            stem: Stem::Small,
+            in_channels: 1,
+            width: 4,
+        },
+        projector: vec![16, 16, 16],
+        lambda: 0.0051,
+    };
+    let mut m = BarlowTwins::new(config, &mut rng).unwrap();
+    let base = Tensor::from_vec(
+        &[16, 1, 8, 8],
+        (0..16 * 64).map(|_| rng.normal() as f32).collect(),
+    );
+    let noisy = |rng: &mut Rng| {
+        let mut t = base.clone();
+        t.data
+            .iter_mut()
+            .for_each(|v| *v += 0.1 * rng.normal() as f32);
+        t
+    };
+    let mut opt = Lars::new(LarsConfig::default());
+    let first = m
+        .forward_backward(&be, &noisy(&mut rng), &noisy(&mut rng))
+        .unwrap()
+        .total;
+    opt.step(&mut m, 0.2, 0.0048);
+    let mut last = first;
+    for _ in 0..30 {
+        last = m
+            .forward_backward(&be, &noisy(&mut rng), &noisy(&mut rng))
+            .unwrap()
+            .total;
+        opt.step(&mut m, 0.2, 0.0048);
+    }
+    assert!(last < 0.7 * first, "loss went from {first} to {last}");
+}
