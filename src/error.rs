@@ -58,6 +58,19 @@ pub enum Error {
     /// The driver found no usable CUDA device.
     #[error("no CUDA device: {0}")]
     NoDevice(String),
+    /// A dataset is missing, empty or malformed.
+    #[error("dataset {path}: {reason}")]
+    Dataset { path: String, reason: String },
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A checkpoint cannot be used.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: String, reason: String },
     /// Any other CUDA driver failure, with the call that failed.
     #[error("CUDA error in {during}: {message}")]
     Cuda { during: String, message: String },
@@ -68,3 +81,21 @@ pub enum Error {
 
 /// Shorthand for `Result<T, barlow::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
+    }
+
+    /// A dataset error on `path`.
+    pub fn dataset(path: impl AsRef<std::path::Path>, reason: impl Into<String>) -> Self {
+        Error::Dataset {
+            path: path.as_ref().display().to_string(),
+            reason: reason.into(),
+        }
+    }
+}

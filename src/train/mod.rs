@@ -1,6 +1,8 @@
 //! Training: the optimizer and schedule, the two-view model step, data, augmentations,
 //! evaluation, checkpoints and the run loop behind `barlow train`.
 
+pub mod augment;
+pub mod data;
 pub mod lars;
 pub mod model;
 

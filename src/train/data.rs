@@ -1,0 +1,490 @@
+//! Datasets: ImageFolder (`root/<class>/*.jpg|png`), IDX (MNIST, Fashion-MNIST; gzipped or not),
+//! CIFAR-10's binary batches, and the built-in Fashion-MNIST sample. Images are decoded once into
+//! memory as 8-bit HWC pixels.
+
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// One 8-bit image, height × width × channels, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Image {
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub data: Vec<u8>,
+}
+
+/// Labelled images of one split.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    /// Where it came from, for messages.
+    pub source: String,
+    pub images: Vec<Image>,
+    pub labels: Vec<u32>,
+    pub classes: Vec<String>,
+    /// Files that could not be read or decoded, and were left out.
+    pub skipped: usize,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.images.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty()
+    }
+
+    /// Channels of the images (all images of a dataset share it).
+    pub fn channels(&self) -> usize {
+        self.images.first().map_or(3, |i| i.c)
+    }
+
+    /// Per-channel mean and standard deviation of the pixels in [0, 1], over at most 2,000 images
+    /// spread across the set (deterministic).
+    pub fn pixel_stats(&self) -> (Vec<f32>, Vec<f32>) {
+        let c = self.channels();
+        let step = (self.len() / 2000).max(1);
+        let mut s = vec![0f64; c];
+        let mut q = vec![0f64; c];
+        let mut count = 0f64;
+        for img in self.images.iter().step_by(step) {
+            for px in img.data.chunks_exact(img.c) {
+                for ch in 0..c {
+                    let v = f64::from(px[ch]) / 255.0;
+                    s[ch] += v;
+                    q[ch] += v * v;
+                }
+            }
+            count += (img.h * img.w) as f64;
+        }
+        let mean: Vec<f64> = s.iter().map(|v| v / count.max(1.0)).collect();
+        let std = q
+            .iter()
+            .zip(&mean)
+            .map(|(v, m)| ((v / count.max(1.0) - m * m).max(0.0)).sqrt().max(1e-3) as f32)
+            .collect();
+        (mean.iter().map(|&m| m as f32).collect(), std)
+    }
+
+    /// Keeps at most `n` images, taking every k-th so classes stay balanced.
+    pub fn subsample(mut self, n: usize) -> Self {
+        if n >= self.len() || n == 0 {
+            return self;
+        }
+        let keep: Vec<usize> = (0..n).map(|i| i * self.len() / n).collect();
+        self.images = keep.iter().map(|&i| self.images[i].clone()).collect();
+        self.labels = keep.iter().map(|&i| self.labels[i]).collect();
+        self
+    }
+}
+
+/// A train and a test split.
+#[derive(Debug, Clone)]
+pub struct Splits {
+    pub train: Dataset,
+    pub test: Dataset,
+}
+
+const BUILTIN: [&[u8]; 4] = [
+    include_bytes!("../../data/fashion-mnist-sample/train-images-idx3-ubyte.gz"),
+    include_bytes!("../../data/fashion-mnist-sample/train-labels-idx1-ubyte.gz"),
+    include_bytes!("../../data/fashion-mnist-sample/t10k-images-idx3-ubyte.gz"),
+    include_bytes!("../../data/fashion-mnist-sample/t10k-labels-idx1-ubyte.gz"),
+];
+
+const FASHION_CLASSES: [&str; 10] = [
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot",
+];
+
+/// Where the full Fashion-MNIST lands with Debian's `dataset-fashion-mnist`.
+pub const SYSTEM_FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
+
+/// Opens a dataset by name or path:
+/// * `builtin` — the Fashion-MNIST sample compiled into the binary (10,000 train, 2,000 test);
+/// * `fashion-mnist` — the full set from [`SYSTEM_FASHION_MNIST`];
+/// * a folder with `*-images-idx3-ubyte[.gz]` files — IDX;
+/// * a folder with `data_batch_*.bin` — CIFAR-10 binary;
+/// * a folder with `train/` and `test/` (or `val/`) of class folders, or of class folders
+///   directly (then every 10th image is held out as the test split) — ImageFolder.
+pub fn open(spec: &str) -> Result<Splits> {
+    match spec {
+        "builtin" => {
+            let train = idx_from_bytes("builtin", BUILTIN[0], BUILTIN[1])?;
+            let test = idx_from_bytes("builtin", BUILTIN[2], BUILTIN[3])?;
+            Ok(Splits {
+                train: named(train),
+                test: named(test),
+            })
+        }
+        "fashion-mnist" => {
+            let dir = Path::new(SYSTEM_FASHION_MNIST);
+            if !dir.is_dir() {
+                return Err(Error::dataset(
+                    dir,
+                    "not installed (apt-get install dataset-fashion-mnist), or use --data builtin",
+                ));
+            }
+            open_idx_dir(dir)
+        }
+        path => {
+            let dir = Path::new(path);
+            if !dir.exists() {
+                return Err(Error::dataset(dir, "no such file or folder"));
+            }
+            if !dir.is_dir() {
+                return Err(Error::dataset(dir, "not a folder"));
+            }
+            if find_idx(dir, "train").is_some() {
+                open_idx_dir(dir)
+            } else if dir.join("data_batch_1.bin").is_file() {
+                Ok(Splits {
+                    train: cifar_bin(dir, true)?,
+                    test: cifar_bin(dir, false)?,
+                })
+            } else {
+                image_folder_splits(dir)
+            }
+        }
+    }
+}
+
+fn named(mut d: Dataset) -> Dataset {
+    if d.classes.len() <= 10 {
+        d.classes = FASHION_CLASSES.iter().map(|s| s.to_string()).collect();
+    }
+    d
+}
+
+fn find_idx(dir: &Path, split: &str) -> Option<(PathBuf, PathBuf)> {
+    for s in [split, if split == "train" { "train" } else { "t10k" }] {
+        for ext in [".gz", ""] {
+            let i = dir.join(format!("{s}-images-idx3-ubyte{ext}"));
+            let l = dir.join(format!("{s}-labels-idx1-ubyte{ext}"));
+            if i.is_file() && l.is_file() {
+                return Some((i, l));
+            }
+        }
+    }
+    None
+}
+
+fn open_idx_dir(dir: &Path) -> Result<Splits> {
+    let (ti, tl) = find_idx(dir, "train")
+        .ok_or_else(|| Error::dataset(dir, "no train-images-idx3-ubyte[.gz]"))?;
+    let (vi, vl) = find_idx(dir, "t10k")
+        .ok_or_else(|| Error::dataset(dir, "no t10k-images-idx3-ubyte[.gz]"))?;
+    let read = |p: &Path| std::fs::read(p).map_err(|e| Error::io(p, e));
+    let train = idx_from_bytes(&dir.display().to_string(), &read(&ti)?, &read(&tl)?)?;
+    let test = idx_from_bytes(&dir.display().to_string(), &read(&vi)?, &read(&vl)?)?;
+    Ok(Splits {
+        train: named(train),
+        test: named(test),
+    })
+}
+
+fn gunzip_if_needed(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(bytes).read_to_end(&mut out)?;
+        Ok(out)
+    } else {
+        Ok(bytes.to_vec())
+    }
+}
+
+/// Parses an IDX header: (dimensions, payload). Only unsigned-byte data (type 0x08).
+fn idx_parse<'a>(src: &str, b: &'a [u8]) -> Result<(Vec<usize>, &'a [u8])> {
+    let bad = |r: &str| Error::dataset(src, format!("not an IDX file: {r}"));
+    if b.len() < 4 || b[0] != 0 || b[1] != 0 {
+        return Err(bad("bad magic number"));
+    }
+    if b[2] != 0x08 {
+        return Err(bad("only unsigned-byte IDX data is supported"));
+    }
+    let nd = b[3] as usize;
+    let head = 4 + 4 * nd;
+    if b.len() < head {
+        return Err(bad("truncated header"));
+    }
+    let dims: Vec<usize> = (0..nd)
+        .map(|i| {
+            u32::from_be_bytes([b[4 + 4 * i], b[5 + 4 * i], b[6 + 4 * i], b[7 + 4 * i]]) as usize
+        })
+        .collect();
+    let need = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| bad("sizes overflow"))?;
+    if b.len() - head < need {
+        return Err(bad(&format!(
+            "truncated data: {} bytes for {dims:?}",
+            b.len() - head
+        )));
+    }
+    Ok((dims, &b[head..head + need]))
+}
+
+/// IDX images (N×H×W) and labels (N) from file contents, gzipped or not.
+pub fn idx_from_bytes(src: &str, images: &[u8], labels: &[u8]) -> Result<Dataset> {
+    let images = gunzip_if_needed(images)
+        .map_err(|e| Error::dataset(src, format!("cannot gunzip images: {e}")))?;
+    let labels = gunzip_if_needed(labels)
+        .map_err(|e| Error::dataset(src, format!("cannot gunzip labels: {e}")))?;
+    let (idims, ipx) = idx_parse(src, &images)?;
+    let (ldims, lb) = idx_parse(src, &labels)?;
+    if idims.len() != 3 || ldims.len() != 1 || idims[0] != ldims[0] {
+        return Err(Error::dataset(
+            src,
+            format!("IDX shapes do not match: images {idims:?}, labels {ldims:?}"),
+        ));
+    }
+    if idims[0] == 0 {
+        return Err(Error::dataset(src, "the IDX files hold no images"));
+    }
+    let (n, h, w) = (idims[0], idims[1], idims[2]);
+    let images = (0..n)
+        .map(|i| Image {
+            h,
+            w,
+            c: 1,
+            data: ipx[i * h * w..(i + 1) * h * w].to_vec(),
+        })
+        .collect();
+    let labels: Vec<u32> = lb.iter().map(|&l| u32::from(l)).collect();
+    let classes = (0..=labels.iter().copied().max().unwrap_or(0))
+        .map(|c| c.to_string())
+        .collect();
+    Ok(Dataset {
+        source: src.to_string(),
+        images,
+        labels,
+        classes,
+        skipped: 0,
+    })
+}
+
+/// CIFAR-10 binary batches: `data_batch_{1..5}.bin` (train) or `test_batch.bin`.
+pub fn cifar_bin(dir: &Path, train: bool) -> Result<Dataset> {
+    let files: Vec<PathBuf> = if train {
+        (1..=5)
+            .map(|i| dir.join(format!("data_batch_{i}.bin")))
+            .filter(|p| p.is_file())
+            .collect()
+    } else {
+        vec![dir.join("test_batch.bin")]
+    };
+    const REC: usize = 1 + 3072;
+    let mut images = Vec::new();
+    let mut labels = Vec::new();
+    for f in &files {
+        let b = std::fs::read(f).map_err(|e| Error::io(f, e))?;
+        if b.is_empty() || b.len() % REC != 0 {
+            return Err(Error::dataset(
+                f,
+                format!(
+                    "{} bytes is not a whole number of 3,073-byte records",
+                    b.len()
+                ),
+            ));
+        }
+        for r in b.chunks_exact(REC) {
+            if r[0] > 9 {
+                return Err(Error::dataset(f, format!("label {} out of range", r[0])));
+            }
+            labels.push(u32::from(r[0]));
+            // Stored channel-planar (1024 R, 1024 G, 1024 B); images here are HWC.
+            let mut data = vec![0u8; 3072];
+            for p in 0..1024 {
+                for ch in 0..3 {
+                    data[p * 3 + ch] = r[1 + ch * 1024 + p];
+                }
+            }
+            images.push(Image {
+                h: 32,
+                w: 32,
+                c: 3,
+                data,
+            });
+        }
+    }
+    if images.is_empty() {
+        return Err(Error::dataset(dir, "no CIFAR-10 batches found"));
+    }
+    let classes = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Ok(Dataset {
+        source: dir.display().to_string(),
+        images,
+        labels,
+        classes,
+        skipped: 0,
+    })
+}
+
+fn image_folder_splits(dir: &Path) -> Result<Splits> {
+    let test_dir = ["test", "val"]
+        .iter()
+        .map(|s| dir.join(s))
+        .find(|p| p.is_dir());
+    if dir.join("train").is_dir() {
+        if let Some(t) = test_dir {
+            return Ok(Splits {
+                train: image_folder(&dir.join("train"))?,
+                test: image_folder(&t)?,
+            });
+        }
+    }
+    // One folder of classes: hold out every 10th image as the test split.
+    let all = image_folder(dir)?;
+    let (mut train, mut test) = (all.clone(), all);
+    let pick = |d: &mut Dataset, held: bool| {
+        let idx: Vec<usize> = (0..d.images.len())
+            .filter(|i| (i % 10 == 9) == held)
+            .collect();
+        d.images = idx.iter().map(|&i| d.images[i].clone()).collect();
+        d.labels = idx.iter().map(|&i| d.labels[i]).collect();
+    };
+    pick(&mut train, false);
+    pick(&mut test, true);
+    Ok(Splits { train, test })
+}
+
+/// `root/<class>/<image>` with JPEG or PNG files; classes in sorted order. Files that cannot be
+/// read or decoded are skipped and counted; an image whose channel count differs from the
+/// first one is converted to it.
+pub fn image_folder(root: &Path) -> Result<Dataset> {
+    let rd = std::fs::read_dir(root).map_err(|e| Error::io(root, e))?;
+    let mut classes: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    classes.sort();
+    if classes.is_empty() {
+        return Err(Error::dataset(
+            root,
+            "no class folders (expected root/<class>/<image files>)",
+        ));
+    }
+    let mut files: Vec<(PathBuf, u32)> = Vec::new();
+    for (ci, c) in classes.iter().enumerate() {
+        let dir = root.join(c);
+        let mut fs: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(&dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.extension().and_then(|x| x.to_str()).is_some_and(|x| {
+                    matches!(x.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png")
+                })
+            })
+            .collect();
+        fs.sort();
+        files.extend(fs.into_iter().map(|p| (p, ci as u32)));
+    }
+    if files.is_empty() {
+        return Err(Error::dataset(
+            root,
+            "no .jpg, .jpeg or .png files in the class folders",
+        ));
+    }
+    let decoded: Vec<Option<Image>> = files.par_iter().map(|(p, _)| decode(p).ok()).collect();
+    let channels = decoded.iter().flatten().map(|i| i.c).next().unwrap_or(3);
+    let mut images = Vec::new();
+    let mut labels = Vec::new();
+    let mut skipped = 0;
+    for (img, (path, label)) in decoded.into_iter().zip(&files) {
+        match img {
+            Some(i) => {
+                images.push(to_channels(i, channels));
+                labels.push(*label);
+            }
+            None => {
+                skipped += 1;
+                if skipped <= 5 {
+                    eprintln!("warning: skipping unreadable image {}", path.display());
+                }
+            }
+        }
+    }
+    if skipped > 0 {
+        eprintln!(
+            "warning: {skipped} of {} images in {} could not be read and were skipped",
+            files.len(),
+            root.display()
+        );
+    }
+    if images.is_empty() {
+        return Err(Error::dataset(
+            root,
+            format!("none of the {} image files could be decoded", files.len()),
+        ));
+    }
+    Ok(Dataset {
+        source: root.display().to_string(),
+        images,
+        labels,
+        classes,
+        skipped,
+    })
+}
+
+fn decode(path: &Path) -> std::result::Result<Image, String> {
+    let img = image::ImageReader::open(path)
+        .map_err(|e| e.to_string())?
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?
+        .decode()
+        .map_err(|e| e.to_string())?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if w == 0 || h == 0 {
+        return Err("empty image".into());
+    }
+    Ok(match img.color().channel_count() {
+        1 | 2 => Image {
+            h,
+            w,
+            c: 1,
+            data: img.into_luma8().into_raw(),
+        },
+        _ => Image {
+            h,
+            w,
+            c: 3,
+            data: img.into_rgb8().into_raw(),
+        },
+    })
+}
+
+fn to_channels(img: Image, c: usize) -> Image {
+    if img.c == c {
+        return img;
+    }
+    let data = if c == 1 {
+        img.data
+            .chunks_exact(3)
+            .map(|p| {
+                (0.299 * f32::from(p[0]) + 0.587 * f32::from(p[1]) + 0.114 * f32::from(p[2]))
+                    .round() as u8
+            })
+            .collect()
+    } else {
+        img.data.iter().flat_map(|&v| [v, v, v]).collect()
+    };
+    Image { c, data, ..img }
+}

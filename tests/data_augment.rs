@@ -1,0 +1,312 @@
+//! Dataset readers (built-in sample, IDX, CIFAR-10 binary, ImageFolder with corrupt files) and
+//! the augmentations' geometry.
+
+mod common;
+
+use barlow::train::augment::{self, crop_params, resize_crop, AugmentConfig, Crop, VIEW_A};
+use barlow::train::data::{self, Image};
+use barlow::Error;
+use common::Rng;
+use std::path::PathBuf;
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("barlow-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn builtin_sample_is_balanced_fashion_mnist() {
+    let s = data::open("builtin").unwrap();
+    assert_eq!((s.train.len(), s.test.len()), (10_000, 2_000));
+    let img = &s.train.images[0];
+    assert_eq!((img.h, img.w, img.c), (28, 28, 1));
+    for c in 0..10u32 {
+        assert_eq!(s.train.labels.iter().filter(|&&l| l == c).count(), 1000);
+        assert_eq!(s.test.labels.iter().filter(|&&l| l == c).count(), 200);
+    }
+    assert_eq!(s.train.classes[9], "boot");
+    let (mean, std) = s.train.pixel_stats();
+    // Fashion-MNIST: mean ≈ 0.286, std ≈ 0.353.
+    assert!(
+        (mean[0] - 0.286).abs() < 0.02 && (std[0] - 0.353).abs() < 0.02,
+        "{mean:?} {std:?}"
+    );
+}
+
+fn idx(magic_dims: u8, dims: &[u32], payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![0, 0, 8, magic_dims];
+    for d in dims {
+        v.extend_from_slice(&d.to_be_bytes());
+    }
+    v.extend_from_slice(payload);
+    v
+}
+
+#[test]
+fn idx_reader_accepts_plain_files_and_rejects_bad_ones() {
+    let imgs = idx(3, &[2, 2, 3], &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+    let labels = idx(1, &[2], &[7, 3]);
+    let d = data::idx_from_bytes("t", &imgs, &labels).unwrap();
+    assert_eq!(d.len(), 2);
+    assert_eq!(d.images[1].data, vec![7, 8, 9, 10, 11, 12]);
+    assert_eq!((d.images[1].h, d.images[1].w), (2, 3));
+    assert_eq!(d.labels, vec![7, 3]);
+
+    let bad = |i: &[u8], l: &[u8]| match data::idx_from_bytes("t", i, l) {
+        Err(Error::Dataset { reason, .. }) => reason,
+        other => panic!("expected a dataset error, got {other:?}"),
+    };
+    assert!(bad(&[1, 2, 3], &labels).contains("magic"));
+    assert!(bad(&imgs[..15], &labels).contains("truncated"));
+    assert!(bad(&imgs, &idx(1, &[3], &[1, 2, 3])).contains("do not match"));
+    assert!(bad(&idx(3, &[0, 2, 2], &[]), &idx(1, &[0], &[])).contains("no images"));
+}
+
+#[test]
+fn cifar_binary_batches_are_read_channel_planar() {
+    let dir = tmpdir("cifar");
+    let mut rec = vec![4u8];
+    rec.extend((0..3072).map(|i| (i / 1024) as u8 * 100 + (i % 1024 % 7) as u8));
+    std::fs::write(
+        dir.join("data_batch_1.bin"),
+        [rec.clone(), rec.clone()].concat(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("test_batch.bin"), &rec).unwrap();
+    let s = data::open(dir.to_str().unwrap()).unwrap();
+    assert_eq!((s.train.len(), s.test.len()), (2, 1));
+    let px = &s.train.images[0].data;
+    // Pixel 0: R from plane 0, G from plane 1, B from plane 2.
+    assert_eq!(&px[..3], &[0, 100, 200]);
+    assert_eq!(s.train.labels, vec![4, 4]);
+    std::fs::write(dir.join("test_batch.bin"), &rec[..100]).unwrap();
+    assert!(matches!(
+        data::open(dir.to_str().unwrap()),
+        Err(Error::Dataset { .. })
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn image_folder_skips_corrupt_files_and_reports_empty_sets() {
+    let dir = tmpdir("folder");
+    for (ci, class) in ["cat", "ant", "bee"].iter().enumerate() {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for k in 0..4 {
+            let img = image::RgbImage::from_fn(6, 5, |x, y| {
+                image::Rgb([x as u8 * 10, y as u8 * 20, (ci * 50 + k) as u8])
+            });
+            img.save(dir.join(class).join(format!("{k}.png"))).unwrap();
+        }
+    }
+    std::fs::write(dir.join("bee").join("broken.jpg"), b"not a jpeg").unwrap();
+    std::fs::write(dir.join("bee").join("notes.txt"), b"ignored").unwrap();
+    let d = data::image_folder(&dir).unwrap();
+    assert_eq!(d.classes, vec!["ant", "bee", "cat"]);
+    assert_eq!((d.len(), d.skipped), (12, 1));
+    assert_eq!((d.images[0].h, d.images[0].w, d.images[0].c), (5, 6, 3));
+    // A single folder of classes: every 10th image is held out.
+    let s = data::open(dir.to_str().unwrap()).unwrap();
+    assert_eq!((s.train.len(), s.test.len()), (11, 1));
+
+    let empty = tmpdir("empty");
+    assert!(matches!(
+        data::image_folder(&empty),
+        Err(Error::Dataset { .. })
+    ));
+    std::fs::create_dir_all(empty.join("only-class")).unwrap();
+    let e = data::image_folder(&empty).unwrap_err();
+    assert!(e.to_string().contains("no .jpg"), "{e}");
+    assert!(matches!(
+        data::open("/no/such/dataset"),
+        Err(Error::Dataset { .. })
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::remove_dir_all(&empty).unwrap();
+}
+
+#[test]
+fn shared_cifar10_jpegs_load_as_an_image_folder() {
+    let tarball = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/cifar10-jpg.tar.gz"
+    );
+    if !std::path::Path::new(tarball).is_file() {
+        println!("SKIP: shared_cifar10_jpegs_load_as_an_image_folder: {tarball} not present");
+        return;
+    }
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-data"));
+    if !dir.join("cifar10/test").is_dir() {
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = std::process::Command::new("tar")
+            .args(["xzf", tarball, "-C"])
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "tar failed");
+    }
+    let s = data::open(dir.join("cifar10").to_str().unwrap()).unwrap();
+    assert_eq!(
+        (s.train.len(), s.test.len(), s.train.skipped),
+        (50_000, 10_000, 0)
+    );
+    assert_eq!(s.train.classes.len(), 10);
+    assert_eq!((s.train.images[0].h, s.train.images[0].c), (32, 3));
+}
+
+#[test]
+fn crops_stay_inside_the_image_with_area_and_ratio_in_range() {
+    let mut rng = Rng::new(1);
+    for &(h, w) in &[(28, 28), (32, 32), (224, 300), (500, 375), (10, 90)] {
+        for _ in 0..500 {
+            let c = crop_params(&mut rng, h, w, (0.08, 1.0));
+            assert!(
+                c.h > 0 && c.w > 0 && c.top + c.h <= h && c.left + c.w <= w,
+                "{c:?} in {h}x{w}"
+            );
+            let frac = (c.h * c.w) as f64 / (h * w) as f64;
+            let ratio = c.w as f64 / c.h as f64;
+            // Rounding to whole pixels moves small crops a little outside the ranges.
+            let slack = 2.0 / (h.min(w) as f64);
+            let fallback = c.top == (h - c.h) / 2 && c.left == (w - c.w) / 2;
+            if !fallback {
+                assert!(
+                    frac > 0.08 - 3.0 * slack && frac <= 1.0,
+                    "area {frac} for {c:?}"
+                );
+                assert!(
+                    ratio > 0.75 * (1.0 - slack) - 0.1 && ratio < 4.0 / 3.0 * (1.0 + slack) + 0.1,
+                    "ratio {ratio}"
+                );
+            }
+        }
+    }
+    // A very wide image: the fallback crop keeps the 4:3 limit, centred.
+    let mut stuck = Rng::new(2);
+    let c = crop_params(&mut stuck, 10, 1000, (0.99, 1.0));
+    assert_eq!((c.h, c.w), (10, 13));
+    assert_eq!(c.left, (1000 - 13) / 2);
+}
+
+#[test]
+fn bicubic_resize_is_exact_on_identity_and_constants_and_antialiases() {
+    let mut rng = Rng::new(3);
+    let (h, w, c) = (9, 7, 3);
+    let img: Vec<f32> = (0..h * w * c).map(|_| rng.uniform() as f32).collect();
+    // Identity: a crop of the whole image to its own size (square here).
+    let sq: Vec<f32> = img[..7 * 7 * c].to_vec();
+    let out = resize_crop(
+        &sq,
+        7,
+        c,
+        Crop {
+            top: 0,
+            left: 0,
+            h: 7,
+            w: 7,
+        },
+        7,
+    );
+    assert!(out.iter().zip(&sq).all(|(a, b)| (a - b).abs() < 1e-6));
+    // Constant images stay constant at any scale.
+    let flat = vec![0.3f32; h * w * c];
+    for size in [3, 7, 20] {
+        let out = resize_crop(
+            &flat,
+            w,
+            c,
+            Crop {
+                top: 1,
+                left: 2,
+                h: 6,
+                w: 5,
+            },
+            size,
+        );
+        assert_eq!(out.len(), size * size * c);
+        assert!(out.iter().all(|v| (v - 0.3).abs() < 1e-5), "size {size}");
+    }
+    // Shrinking a fine checkerboard 8× averages it (no aliasing to 0 or 1).
+    let n = 64;
+    let board: Vec<f32> = (0..n * n).map(|i| ((i / n + i % n) % 2) as f32).collect();
+    let out = resize_crop(
+        &board,
+        n,
+        1,
+        Crop {
+            top: 0,
+            left: 0,
+            h: n,
+            w: n,
+        },
+        8,
+    );
+    assert!(out.iter().all(|v| (v - 0.5).abs() < 0.05), "{out:?}");
+}
+
+#[test]
+fn flip_blur_and_solarize_do_what_they_say() {
+    let mut img: Vec<f32> = (0..2 * 3 * 2).map(|i| i as f32).collect();
+    let orig = img.clone();
+    augment::hflip(&mut img, 3, 2);
+    assert_eq!(&img[..6], &[4.0, 5.0, 2.0, 3.0, 0.0, 1.0]);
+    augment::hflip(&mut img, 3, 2);
+    assert_eq!(img, orig);
+
+    let mut flat = vec![0.7f32; 10 * 10];
+    augment::gaussian_blur(&mut flat, 10, 10, 1, 1.5, 5);
+    assert!(flat.iter().all(|v| (v - 0.7).abs() < 1e-6));
+    let mut dot = vec![0f32; 11 * 11];
+    dot[5 * 11 + 5] = 1.0;
+    augment::gaussian_blur(&mut dot, 11, 11, 1, 1.0, 5);
+    assert!(
+        (dot.iter().sum::<f32>() - 1.0).abs() < 1e-5,
+        "blur keeps the mass away from borders"
+    );
+    assert!(dot[5 * 11 + 5] < 0.2 && dot[5 * 11 + 6] > 0.05);
+
+    let mut s = vec![0.2f32, 0.5, 0.51, 0.9];
+    augment::solarize(&mut s);
+    assert_eq!(s, vec![0.2, 0.5, 1.0 - 0.51, 1.0 - 0.9]);
+}
+
+#[test]
+fn views_are_seeded_normalized_and_the_right_shape() {
+    let s = data::open("builtin").unwrap();
+    let cfg = AugmentConfig::for_dataset(&s.train, None);
+    assert_eq!((cfg.size, cfg.scale, cfg.blur_kernel), (28, (0.2, 1.0), 3));
+    let idx = [0usize, 5, 9, 1234];
+    let (a1, b1) = augment::two_views(&s.train, &idx, &cfg, 7, 0);
+    let (a2, b2) = augment::two_views(&s.train, &idx, &cfg, 7, 0);
+    assert_eq!(a1.shape, vec![4, 1, 28, 28]);
+    assert_eq!((a1.clone(), b1.clone()), (a2, b2), "same seed, same views");
+    let (a3, _) = augment::two_views(&s.train, &idx, &cfg, 7, 1);
+    assert_ne!(a1, a3, "another epoch, other views");
+    assert_ne!(a1, b1, "the two views differ");
+    // Evaluation views: deterministic, and normalized with the dataset's statistics.
+    let e = augment::eval_batch(&s.train, &(0..500).collect::<Vec<_>>(), &cfg);
+    let mean = e.data.iter().map(|&v| f64::from(v)).sum::<f64>() / e.len() as f64;
+    assert!(mean.abs() < 0.1, "normalized mean {mean}");
+    // Grayscale and RGB images both go through every step.
+    let rgb = Image {
+        h: 32,
+        w: 32,
+        c: 3,
+        data: (0..32 * 32 * 3).map(|i| (i % 251) as u8).collect(),
+    };
+    let cfg3 = AugmentConfig {
+        size: 16,
+        scale: (0.2, 1.0),
+        blur_kernel: 3,
+        mean: vec![0.5; 3],
+        std: vec![0.25; 3],
+    };
+    let mut out = vec![f32::NAN; 3 * 16 * 16];
+    for seed in 0..50 {
+        augment::view(&rgb, &cfg3, VIEW_A, &mut Rng::new(seed), &mut out);
+        assert!(out.iter().all(|v| v.is_finite() && v.abs() <= 2.0 + 1e-5));
+    }
+}
