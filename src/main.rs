@@ -19,11 +19,134 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train Barlow Twins (by default: a small ResNet-18 on the built-in Fashion-MNIST sample).
+    Train(Box<TrainArgs>),
+    /// Evaluate a checkpoint's backbone.
+    #[command(subcommand)]
+    Eval(EvalCommand),
     /// Show the build's kernels, the CUDA devices found and the CPU threads.
     Info,
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Dataset: builtin, fashion-mnist (/usr/share/datasets/fashion-mnist), or a folder
+    /// (ImageFolder with train/ and test/ or val/, IDX files, or CIFAR-10 binary batches).
+    #[arg(long, default_value = "builtin")]
+    data: String,
+    /// Backbone.
+    #[arg(long, value_enum, default_value_t = ArchArg::Resnet18)]
+    arch: ArchArg,
+    /// Stem [default: small for images up to 64 pixels, imagenet otherwise].
+    #[arg(long, value_enum)]
+    stem: Option<StemArg>,
+    /// Channels of the first stage (torchvision: 64); later stages double it.
+    #[arg(long, default_value_t = 16)]
+    width: usize,
+    /// Projector widths, comma-separated (paper: 8192,8192,8192).
+    #[arg(long, value_delimiter = ',', default_value = "512,512,512")]
+    projector: Vec<usize>,
+    /// Weight of the off-diagonal term.
+    #[arg(long, default_value_t = 0.0051)]
+    lambda: f32,
+    /// Images per batch (each gives two views).
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Passes over the training images.
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// Linear warm-up epochs [default: 10, or a tenth of the run when shorter than 100 epochs].
+    #[arg(long)]
+    warmup_epochs: Option<usize>,
+    /// Base learning rate of the weights (scaled by batch/256).
+    #[arg(long, default_value_t = 0.2)]
+    lr_weights: f32,
+    /// Base learning rate of biases and norm parameters (scaled by batch/256).
+    #[arg(long, default_value_t = 0.0048)]
+    lr_biases: f32,
+    /// Weight decay (weights only).
+    #[arg(long, default_value_t = 1.5e-6)]
+    weight_decay: f32,
+    /// Crop size [default: the dataset's image size; 224 for large images].
+    #[arg(long)]
+    crop: Option<usize>,
+    /// Train on at most this many images (0: all).
+    #[arg(long, default_value_t = 0)]
+    max_train: usize,
+    /// Run the kNN monitor every this many epochs (0: only before and after training).
+    #[arg(long, default_value_t = 1)]
+    knn_every: usize,
+    /// Seed of the initialization, the data order and the augmentations.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder [default: runs/<UTC timestamp>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run saved in this checkpoint (its settings are kept; --epochs may extend it).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Compute device: auto picks the GPU when one works (the CUDA trainer is not built yet, so
+    /// training runs on the CPU).
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ArchArg {
+    Resnet18,
+    Resnet50,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StemArg {
+    Small,
+    Imagenet,
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// kNN top-1 (cosine, k = 20, temperature 0.1) of a checkpoint's backbone features.
+    Knn(EvalArgs),
+    /// Linear probe: a softmax classifier on frozen features, SGD with a cosine schedule.
+    Linear(LinearArgs),
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// The checkpoint (a run's checkpoint.safetensors).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Dataset [default: the one the run trained on].
+    #[arg(long)]
+    data: Option<String>,
+    /// Neighbours.
+    #[arg(long, default_value_t = 20)]
+    k: usize,
+    /// Temperature of the votes.
+    #[arg(long, default_value_t = 0.1)]
+    t: f32,
+}
+
+#[derive(clap::Args)]
+struct LinearArgs {
+    /// The checkpoint (a run's checkpoint.safetensors).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Dataset [default: the one the run trained on].
+    #[arg(long)]
+    data: Option<String>,
+    /// Epochs over the frozen features.
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    /// Peak learning rate (cosine decay to 0).
+    #[arg(long, default_value_t = 0.1)]
+    lr: f32,
+    /// Batch size.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
 }
 
 #[derive(Subcommand)]
@@ -80,6 +203,9 @@ fn main() -> ExitCode {
             info();
             Ok(())
         }
+        Command::Train(args) => train(*args),
+        Command::Eval(EvalCommand::Knn(args)) => eval_knn(args),
+        Command::Eval(EvalCommand::Linear(args)) => eval_linear(args),
         Command::Bench(BenchCommand::Loss(args)) => bench_loss(args),
     };
     match result {
@@ -202,5 +328,230 @@ fn bench_loss(args: LossArgs) -> Result<(), String> {
         rows.extend(bench::read_rows(&text).map_err(|e| format!("{}: {e}", path.display()))?);
     }
     print!("{}", bench::render_table(&rows));
+    Ok(())
+}
+
+/// A progress bar with images/s and the loss.
+struct Bar {
+    bar: Option<indicatif::ProgressBar>,
+    batch: usize,
+}
+
+impl barlow::train::run::Progress for Bar {
+    fn start(&mut self, total: usize, first: usize) {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_position(first as u64);
+        self.bar = Some(bar);
+    }
+    fn step(&mut self, step: usize, loss: f64, rate: f64) {
+        if let Some(b) = &self.bar {
+            b.set_position(step as u64);
+            b.set_message(format!(
+                "loss {loss:8.2}  {rate:6.0} pairs/s ({:.0} images/s)",
+                2.0 * rate
+            ));
+        }
+        let _ = self.batch;
+    }
+    fn message(&mut self, text: &str) {
+        match &self.bar {
+            Some(b) => b.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish();
+        }
+    }
+}
+
+fn timestamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn train(a: TrainArgs) -> Result<(), String> {
+    use barlow::nn::resnet::{Arch, Stem};
+    if matches!(a.device, Device::Cuda) {
+        return Err("--device cuda: the CUDA trainer is not built yet; use --device cpu".into());
+    }
+    eprintln!(
+        "barlow: training on the CPU ({} threads)",
+        rayon::current_num_threads()
+    );
+    let cfg = barlow::train::run::TrainConfig {
+        data: a.data,
+        arch: match a.arch {
+            ArchArg::Resnet18 => Arch::Resnet18,
+            ArchArg::Resnet50 => Arch::Resnet50,
+        },
+        stem: a.stem.map(|s| match s {
+            StemArg::Small => Stem::Small,
+            StemArg::Imagenet => Stem::Imagenet,
+        }),
+        width: a.width,
+        projector: a.projector,
+        lambda: a.lambda,
+        batch_size: a.batch_size,
+        epochs: a.epochs,
+        warmup_epochs: a.warmup_epochs,
+        lr_weights: a.lr_weights,
+        lr_biases: a.lr_biases,
+        weight_decay: a.weight_decay,
+        crop: a.crop,
+        max_train: a.max_train,
+        knn_every: a.knn_every,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let out = match (&a.out, &a.resume) {
+        (Some(o), _) => o.clone(),
+        (None, Some(r)) => r
+            .parent()
+            .map(|p| p.to_path_buf())
+            .unwrap_or_else(|| PathBuf::from(".")),
+        (None, None) => PathBuf::from("runs").join(timestamp()),
+    };
+    let mut bar = Bar {
+        bar: None,
+        batch: cfg.batch_size,
+    };
+    let s = barlow::train::run::train(&cfg, &out, a.resume.as_deref(), &mut bar)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "done: {} steps, final loss {:.2}, {:.0} pairs/s; kNN top-1 {} at init -> {:.2}% after training",
+        s.steps,
+        s.final_loss,
+        s.images_per_second,
+        if s.knn_initial.is_nan() { "-".to_string() } else { format!("{:.2}%", 100.0 * s.knn_initial) },
+        100.0 * s.knn_final
+    );
+    println!(
+        "wrote {}/checkpoint.safetensors, metrics.jsonl, curves.png",
+        s.out_dir.display()
+    );
+    Ok(())
+}
+
+/// Loads a checkpoint's model and the dataset it names (or `data`).
+fn load_for_eval(
+    path: &std::path::Path,
+    data: Option<String>,
+) -> Result<
+    (
+        barlow::train::BarlowTwins,
+        barlow::train::data::Splits,
+        barlow::train::augment::AugmentConfig,
+    ),
+    String,
+> {
+    use barlow::train::{checkpoint, data as ds, BarlowTwins, ModelConfig};
+    let l = checkpoint::load(path).map_err(|e| e.to_string())?;
+    let mcfg: ModelConfig = serde_json::from_value(l.state["model"].clone())
+        .map_err(|e| format!("{}: model configuration: {e}", path.display()))?;
+    let aug = serde_json::from_value(l.state["augment"].clone())
+        .map_err(|e| format!("{}: augment configuration: {e}", path.display()))?;
+    let data = data.unwrap_or_else(|| {
+        l.state["train"]["data"]
+            .as_str()
+            .unwrap_or("builtin")
+            .to_string()
+    });
+    let mut model =
+        BarlowTwins::new(mcfg, &mut barlow::rng::Rng::new(0)).map_err(|e| e.to_string())?;
+    l.restore_model(&mut model).map_err(|e| e.to_string())?;
+    let splits = ds::open(&data).map_err(|e| e.to_string())?;
+    Ok((model, splits, aug))
+}
+
+fn eval_knn(a: EvalArgs) -> Result<(), String> {
+    use barlow::train::eval::{features, knn_top1};
+    let (mut model, s, aug) = load_for_eval(&a.checkpoint, a.data)?;
+    let be = barlow::nn::CpuBackend;
+    let dim = model.backbone.config.features();
+    let classes = s.train.classes.len();
+    let fb = features(&be, &mut model.backbone, &s.train, &aug, 256, true);
+    let ft = features(&be, &mut model.backbone, &s.test, &aug, 256, true);
+    let acc = knn_top1(
+        &fb,
+        &s.train.labels,
+        &ft,
+        &s.test.labels,
+        dim,
+        classes,
+        a.k,
+        a.t,
+    );
+    println!(
+        "kNN top-1 (k = {}, t = {}): {:.2}% on {} test images against {} training images",
+        a.k,
+        a.t,
+        100.0 * acc,
+        s.test.len(),
+        s.train.len()
+    );
+    Ok(())
+}
+
+fn eval_linear(a: LinearArgs) -> Result<(), String> {
+    use barlow::train::eval::{features, linear_probe, ProbeConfig};
+    let (mut model, s, aug) = load_for_eval(&a.checkpoint, a.data)?;
+    let be = barlow::nn::CpuBackend;
+    let dim = model.backbone.config.features();
+    let classes = s.train.classes.len();
+    eprintln!(
+        "extracting features of {} + {} images",
+        s.train.len(),
+        s.test.len()
+    );
+    let ftr = features(&be, &mut model.backbone, &s.train, &aug, 256, false);
+    let fte = features(&be, &mut model.backbone, &s.test, &aug, 256, false);
+    let cfg = ProbeConfig {
+        epochs: a.epochs,
+        lr: a.lr,
+        batch: a.batch_size,
+        ..Default::default()
+    };
+    let acc = linear_probe(
+        &ftr,
+        &s.train.labels,
+        &fte,
+        &s.test.labels,
+        dim,
+        classes,
+        cfg,
+        |e, loss| eprintln!("probe epoch {}: loss {loss:.4}", e + 1),
+    );
+    println!(
+        "linear probe top-1: {:.2}% on {} test images",
+        100.0 * acc,
+        s.test.len()
+    );
     Ok(())
 }

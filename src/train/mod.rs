@@ -2,9 +2,13 @@
 //! evaluation, checkpoints and the run loop behind `barlow train`.
 
 pub mod augment;
+pub mod checkpoint;
 pub mod data;
+pub mod eval;
 pub mod lars;
 pub mod model;
+pub mod plot;
+pub mod run;
 
 pub use lars::{Lars, LarsConfig, Schedule};
 pub use model::{BarlowTwins, ModelConfig};

@@ -1,0 +1,482 @@
+//! The training run behind `barlow train`: data, model, LARS, the step loop with a progress bar,
+//! the kNN monitor, JSON-lines metrics, checkpoints every epoch, and the final plot.
+//!
+//! Everything random derives from the seed (model init) and from (seed, epoch, index) (data order
+//! and augmentations), so a run resumed from a checkpoint continues exactly as an uninterrupted
+//! one would.
+
+use super::augment::{two_views, AugmentConfig};
+use super::checkpoint;
+use super::data::{self, Dataset, Splits};
+use super::eval::{features, knn_top1};
+use super::plot::{save_png, Panel};
+use super::{BarlowTwins, Lars, LarsConfig, ModelConfig, Schedule};
+use crate::error::{Error, Result};
+use crate::nn::resnet::{Arch, ResNetConfig, Stem};
+use crate::nn::{Backend, CpuBackend, Tensor};
+use crate::rng::Rng;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
+use std::time::Instant;
+
+/// Everything that defines a run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainConfig {
+    /// `builtin`, `fashion-mnist`, or a dataset folder (see [`data::open`]).
+    pub data: String,
+    pub arch: Arch,
+    /// `None`: small for images up to 64 pixels, ImageNet otherwise.
+    pub stem: Option<Stem>,
+    pub width: usize,
+    pub projector: Vec<usize>,
+    pub lambda: f32,
+    pub batch_size: usize,
+    pub epochs: usize,
+    /// `None`: 10, or a tenth of the run when it is shorter than 100 epochs.
+    pub warmup_epochs: Option<usize>,
+    pub lr_weights: f32,
+    pub lr_biases: f32,
+    pub weight_decay: f32,
+    /// Crop size; `None`: the dataset's image size (224 for large images).
+    pub crop: Option<usize>,
+    /// Use at most this many training images (0: all).
+    pub max_train: usize,
+    /// kNN monitor: every this many epochs (0: only before and after), k, temperature, and at
+    /// most this many bank and test images.
+    pub knn_every: usize,
+    pub knn_k: usize,
+    pub knn_t: f32,
+    pub knn_bank: usize,
+    pub knn_test: usize,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            data: "builtin".into(),
+            arch: Arch::Resnet18,
+            stem: None,
+            width: 16,
+            projector: vec![512, 512, 512],
+            lambda: 0.0051,
+            batch_size: 256,
+            epochs: 10,
+            warmup_epochs: None,
+            lr_weights: 0.2,
+            lr_biases: 0.0048,
+            weight_decay: 1.5e-6,
+            crop: None,
+            max_train: 0,
+            knn_every: 1,
+            knn_k: 20,
+            knn_t: 0.1,
+            knn_bank: 10_000,
+            knn_test: 2_000,
+            seed: 0,
+        }
+    }
+}
+
+/// What a run reports at its end.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub out_dir: PathBuf,
+    pub knn_initial: f64,
+    pub knn_final: f64,
+    pub final_loss: f64,
+    pub steps: usize,
+    pub images_per_second: f64,
+}
+
+/// Files of a run folder.
+pub struct RunFiles {
+    pub dir: PathBuf,
+}
+
+impl RunFiles {
+    pub fn checkpoint(&self) -> PathBuf {
+        self.dir.join("checkpoint.safetensors")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.dir.join("metrics.jsonl")
+    }
+    pub fn plot(&self) -> PathBuf {
+        self.dir.join("curves.png")
+    }
+}
+
+/// Opens the training and test splits as the config says.
+pub fn load_data(cfg: &TrainConfig) -> Result<Splits> {
+    let mut s = data::open(&cfg.data)?;
+    if cfg.max_train > 0 {
+        s.train = s.train.subsample(cfg.max_train);
+    }
+    if s.train.len() < cfg.batch_size {
+        return Err(Error::dataset(
+            &cfg.data,
+            format!(
+                "{} training images is fewer than one batch of {}",
+                s.train.len(),
+                cfg.batch_size
+            ),
+        ));
+    }
+    Ok(s)
+}
+
+fn model_config(cfg: &TrainConfig, ds: &Dataset, aug: &AugmentConfig) -> ModelConfig {
+    ModelConfig {
+        backbone: ResNetConfig {
+            arch: cfg.arch,
+            stem: cfg.stem.unwrap_or(if aug.size <= 64 {
+                Stem::Small
+            } else {
+                Stem::Imagenet
+            }),
+            in_channels: ds.channels(),
+            width: cfg.width,
+        },
+        projector: cfg.projector.clone(),
+        lambda: cfg.lambda,
+    }
+}
+
+/// Deterministic order of the training images in `epoch`.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut rng =
+        Rng::new(seed ^ 0xD1B5_4A32_D192_ED03 ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    order
+}
+
+/// Hooks for progress output; the CLI draws a bar, tests stay quiet.
+pub trait Progress {
+    fn start(&mut self, _total_steps: usize, _first_step: usize) {}
+    fn step(&mut self, _step: usize, _loss: f64, _images_per_second: f64) {}
+    fn message(&mut self, _text: &str) {}
+    fn finish(&mut self) {}
+}
+
+/// No output.
+pub struct Quiet;
+impl Progress for Quiet {}
+
+/// The kNN monitor: top-1 of test features against training features.
+pub struct Knn {
+    bank: Dataset,
+    test: Dataset,
+    classes: usize,
+    k: usize,
+    t: f32,
+}
+
+impl Knn {
+    pub fn new(s: &Splits, cfg: &TrainConfig) -> Self {
+        let classes = s
+            .train
+            .classes
+            .len()
+            .max(1 + s.train.labels.iter().copied().max().unwrap_or(0) as usize);
+        Self {
+            bank: s.train.clone().subsample(cfg.knn_bank),
+            test: s.test.clone().subsample(cfg.knn_test),
+            classes,
+            k: cfg.knn_k,
+            t: cfg.knn_t,
+        }
+    }
+
+    pub fn top1(&self, be: &dyn Backend, model: &mut BarlowTwins, aug: &AugmentConfig) -> f64 {
+        let dim = model.backbone.config.features();
+        let fb = features(be, &mut model.backbone, &self.bank, aug, 256, true);
+        let ft = features(be, &mut model.backbone, &self.test, aug, 256, true);
+        knn_top1(
+            &fb,
+            &self.bank.labels,
+            &ft,
+            &self.test.labels,
+            dim,
+            self.classes,
+            self.k,
+            self.t,
+        )
+    }
+}
+
+fn state_json(
+    cfg: &TrainConfig,
+    model: &ModelConfig,
+    aug: &AugmentConfig,
+    step: usize,
+    epoch: usize,
+) -> serde_json::Value {
+    serde_json::json!({
+        "format": 1,
+        "step": step,
+        "epoch": epoch,
+        "seed": cfg.seed,
+        "train": cfg,
+        "model": model,
+        "augment": aug,
+    })
+}
+
+fn append_metric(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    writeln!(f, "{v}").map_err(|e| Error::io(path, e))
+}
+
+/// Trains as `cfg` says, writing into `out`. With `resume`, continues the run saved in that
+/// checkpoint (its configuration wins over `cfg`, except `epochs`, which may extend the run).
+pub fn train(
+    cfg: &TrainConfig,
+    out: &Path,
+    resume: Option<&Path>,
+    progress: &mut dyn Progress,
+) -> Result<Summary> {
+    let be = CpuBackend;
+    let loaded = resume.map(checkpoint::load).transpose()?;
+    let cfg =
+        match &loaded {
+            Some(l) => {
+                let mut saved: TrainConfig = serde_json::from_value(l.state["train"].clone())
+                    .map_err(|e| Error::Checkpoint {
+                        path: l.path.clone(),
+                        reason: format!("train configuration: {e}"),
+                    })?;
+                saved.epochs = cfg.epochs.max(saved.epochs);
+                saved
+            }
+            None => cfg.clone(),
+        };
+    validate(&cfg)?;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let files = RunFiles {
+        dir: out.to_path_buf(),
+    };
+
+    let splits = load_data(&cfg)?;
+    let aug = match &loaded {
+        Some(l) => {
+            serde_json::from_value(l.state["augment"].clone()).map_err(|e| Error::Checkpoint {
+                path: l.path.clone(),
+                reason: format!("augment configuration: {e}"),
+            })?
+        }
+        None => AugmentConfig::for_dataset(&splits.train, cfg.crop),
+    };
+    let mcfg = model_config(&cfg, &splits.train, &aug);
+    let mut model = BarlowTwins::new(mcfg.clone(), &mut Rng::new(cfg.seed))?;
+    let mut opt = Lars::new(LarsConfig {
+        weight_decay: cfg.weight_decay,
+        ..Default::default()
+    });
+    let mut step = 0usize;
+    if let Some(l) = &loaded {
+        l.restore_model(&mut model)?;
+        l.restore_optimizer(&mut model, &mut opt)?;
+        step = l.state["step"].as_u64().unwrap_or(0) as usize;
+    }
+
+    let steps_per_epoch = splits.train.len() / cfg.batch_size;
+    let total = cfg.epochs * steps_per_epoch;
+    let warmup_epochs = cfg.warmup_epochs.unwrap_or(if cfg.epochs >= 100 {
+        10
+    } else {
+        cfg.epochs.div_ceil(10)
+    });
+    let schedule = Schedule {
+        base_lr_weights: cfg.lr_weights,
+        base_lr_biases: cfg.lr_biases,
+        batch_size: cfg.batch_size,
+        warmup_steps: warmup_epochs * steps_per_epoch,
+        total_steps: total,
+    };
+    let knn = Knn::new(&splits, &cfg);
+    progress.message(&format!(
+        "data {}: {} train / {} test images of {}x{}x{}, crop {}; {:?} width {} ({} stem), projector {:?}; batch {}, {} epochs of {} steps",
+        cfg.data,
+        splits.train.len(),
+        splits.test.len(),
+        splits.train.images[0].h,
+        splits.train.images[0].w,
+        splits.train.channels(),
+        aug.size,
+        cfg.arch,
+        cfg.width,
+        if mcfg.backbone.stem == Stem::Small { "small" } else { "imagenet" },
+        cfg.projector,
+        cfg.batch_size,
+        cfg.epochs,
+        steps_per_epoch
+    ));
+
+    let knn_initial = if step == 0 {
+        let acc = knn.top1(&be, &mut model, &aug);
+        progress.message(&format!("kNN top-1 at random init: {:.2}%", 100.0 * acc));
+        append_metric(
+            &files.metrics(),
+            &serde_json::json!({"event": "knn", "epoch": 0, "step": 0, "top1": acc}),
+        )?;
+        acc
+    } else {
+        f64::NAN
+    };
+
+    let mut final_loss = f64::NAN;
+    let mut knn_final = knn_initial;
+    let started = Instant::now();
+    let first_step = step;
+    progress.start(total, step);
+    let start_epoch = step / steps_per_epoch.max(1);
+    for epoch in start_epoch..cfg.epochs {
+        let order = epoch_order(splits.train.len(), cfg.seed, epoch as u64);
+        let skip = step - epoch * steps_per_epoch;
+        let batches: Vec<&[usize]> = order.chunks_exact(cfg.batch_size).skip(skip).collect();
+        // Views for the next batch are built on another thread while this one trains.
+        let (tx, rx) = sync_channel::<(Tensor, Tensor)>(1);
+        let result: Result<()> = std::thread::scope(|scope| {
+            let train_set = &splits.train;
+            let aug_ref = &aug;
+            let seed = cfg.seed;
+            let feeder = scope.spawn(move || {
+                for idx in batches {
+                    if tx
+                        .send(two_views(train_set, idx, aug_ref, seed, epoch as u64))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            let mut window = (Instant::now(), 0usize);
+            for (y1, y2) in rx.iter() {
+                let (lw, lb) = schedule.lr(step);
+                let v = model.forward_backward(&be, &y1, &y2)?;
+                opt.step(&mut model, lw, lb);
+                step += 1;
+                final_loss = v.total;
+                window.1 += y1.batch();
+                let rate = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
+                progress.step(step, v.total, rate);
+                append_metric(
+                    &files.metrics(),
+                    &serde_json::json!({"event": "step", "epoch": epoch, "step": step, "loss": v.total,
+                        "on_diag": v.on_diag, "off_diag": v.off_diag, "lr": lw, "pairs_per_s": rate}),
+                )?;
+            }
+            feeder
+                .join()
+                .map_err(|_| Error::dataset(&cfg.data, "the data thread panicked"))?;
+            Ok(())
+        });
+        result?;
+        let done = epoch + 1;
+        if (cfg.knn_every > 0 && done % cfg.knn_every == 0) || done == cfg.epochs {
+            knn_final = knn.top1(&be, &mut model, &aug);
+            progress.message(&format!(
+                "epoch {done}: loss {final_loss:.2}, kNN top-1 {:.2}%",
+                100.0 * knn_final
+            ));
+            append_metric(
+                &files.metrics(),
+                &serde_json::json!({"event": "knn", "epoch": done, "step": step, "top1": knn_final}),
+            )?;
+        }
+        checkpoint::save(
+            &files.checkpoint(),
+            &mut model,
+            &opt,
+            &state_json(&cfg, &mcfg, &aug, step, done),
+        )?;
+    }
+    progress.finish();
+    let secs = started.elapsed().as_secs_f64();
+    let images_per_second = ((step - first_step) * cfg.batch_size) as f64 / secs.max(1e-9);
+    plot_metrics(&files)?;
+    Ok(Summary {
+        out_dir: files.dir.clone(),
+        knn_initial,
+        knn_final,
+        final_loss,
+        steps: step,
+        images_per_second,
+    })
+}
+
+fn validate(cfg: &TrainConfig) -> Result<()> {
+    let bad = |m: String| Err(Error::InvalidConfig(m));
+    if cfg.batch_size < 2 {
+        return bad(format!(
+            "batch size {} is too small (Barlow Twins standardizes over the batch)",
+            cfg.batch_size
+        ));
+    }
+    if cfg.epochs == 0 {
+        return bad("epochs must be at least 1".into());
+    }
+    if cfg.width == 0 || cfg.projector.is_empty() || cfg.projector.contains(&0) {
+        return bad("width and projector sizes must be positive".into());
+    }
+    if !(cfg.lr_weights.is_finite()
+        && cfg.lr_biases.is_finite()
+        && cfg.lr_weights >= 0.0
+        && cfg.lr_biases >= 0.0)
+    {
+        return bad("learning rates must be finite and >= 0".into());
+    }
+    if cfg.knn_k == 0 || cfg.knn_t.is_nan() || cfg.knn_t <= 0.0 {
+        return bad("kNN needs k >= 1 and a temperature > 0".into());
+    }
+    Ok(())
+}
+
+/// Draws loss and kNN curves from the run's metrics into its PNG.
+pub fn plot_metrics(files: &RunFiles) -> Result<()> {
+    let text = std::fs::read_to_string(files.metrics()).unwrap_or_default();
+    let mut loss = Vec::new();
+    let mut knn = Vec::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        match v["event"].as_str() {
+            Some("step") => loss.push((
+                v["step"].as_f64().unwrap_or(0.0),
+                v["loss"].as_f64().unwrap_or(f64::NAN),
+            )),
+            Some("knn") => knn.push((
+                v["epoch"].as_f64().unwrap_or(0.0),
+                100.0 * v["top1"].as_f64().unwrap_or(f64::NAN),
+            )),
+            _ => {}
+        }
+    }
+    save_png(
+        &files.plot(),
+        &[
+            Panel {
+                title: "Barlow Twins loss",
+                x_label: "step",
+                points: &loss,
+                color: [31, 119, 180],
+            },
+            Panel {
+                title: "kNN top-1 (%)",
+                x_label: "epoch",
+                points: &knn,
+                color: [214, 39, 40],
+            },
+        ],
+    )
+    .map_err(|e| Error::io(files.plot(), e))
+}
