@@ -135,36 +135,41 @@ pub struct CpuBackend;
 /// Fixed number of batch chunks for reductions over the batch (independent of thread count).
 const CHUNKS: usize = 16;
 
+/// The output columns `ox` whose input column `ox·s − p + kx` lies inside `0..w`, as a range.
+fn valid_cols(wo: usize, w: usize, s: usize, p: usize, kx: usize) -> (usize, usize) {
+    // ox·s + kx ≥ p  and  ox·s + kx − p ≤ w − 1
+    let lo = if kx >= p { 0 } else { (p - kx).div_ceil(s) };
+    let hi = if w + p > kx { ((w + p - kx - 1) / s + 1).min(wo) } else { 0 };
+    (lo.min(hi), hi)
+}
+
 fn im2col(spec: &ConvSpec, x: &[f32], col: &mut [f32]) {
     let (ho, wo) = (spec.ho(), spec.wo());
-    let (h, w, k, s, p) = (
-        spec.h as isize,
-        spec.w as isize,
-        spec.k,
-        spec.stride as isize,
-        spec.pad as isize,
-    );
+    let (h, w, k, s, p) = (spec.h, spec.w, spec.k, spec.stride, spec.pad);
     let hw = ho * wo;
     for c in 0..spec.in_c {
-        let xc = &x[c * spec.h * spec.w..(c + 1) * spec.h * spec.w];
+        let xc = &x[c * h * w..(c + 1) * h * w];
         for ky in 0..k {
             for kx in 0..k {
                 let row = &mut col[((c * k + ky) * k + kx) * hw..][..hw];
+                let (lo, hi) = valid_cols(wo, w, s, p, kx);
                 for oy in 0..ho {
-                    let iy = oy as isize * s - p + ky as isize;
                     let out = &mut row[oy * wo..(oy + 1) * wo];
-                    if iy < 0 || iy >= h {
-                        out.iter_mut().for_each(|v| *v = 0.0);
+                    let iy = (oy * s + ky) as isize - p as isize;
+                    if iy < 0 || iy >= h as isize || lo >= hi {
+                        out.fill(0.0);
                         continue;
                     }
-                    let xr = &xc[iy as usize * spec.w..][..spec.w];
-                    for (ox, v) in out.iter_mut().enumerate() {
-                        let ix = ox as isize * s - p + kx as isize;
-                        *v = if ix >= 0 && ix < w {
-                            xr[ix as usize]
-                        } else {
-                            0.0
-                        };
+                    let xr = &xc[iy as usize * w..][..w];
+                    out[..lo].fill(0.0);
+                    out[hi..].fill(0.0);
+                    let x0 = lo * s + kx - p;
+                    if s == 1 {
+                        out[lo..hi].copy_from_slice(&xr[x0..x0 + (hi - lo)]);
+                    } else {
+                        for (i, v) in out[lo..hi].iter_mut().enumerate() {
+                            *v = xr[x0 + i * s];
+                        }
                     }
                 }
             }
@@ -174,30 +179,33 @@ fn im2col(spec: &ConvSpec, x: &[f32], col: &mut [f32]) {
 
 fn col2im(spec: &ConvSpec, col: &[f32], dx: &mut [f32]) {
     let (ho, wo) = (spec.ho(), spec.wo());
-    let (h, w, k, s, p) = (
-        spec.h as isize,
-        spec.w as isize,
-        spec.k,
-        spec.stride as isize,
-        spec.pad as isize,
-    );
+    let (h, w, k, s, p) = (spec.h, spec.w, spec.k, spec.stride, spec.pad);
     let hw = ho * wo;
-    dx.iter_mut().for_each(|v| *v = 0.0);
+    dx.fill(0.0);
     for c in 0..spec.in_c {
-        let xc = &mut dx[c * spec.h * spec.w..(c + 1) * spec.h * spec.w];
+        let xc = &mut dx[c * h * w..(c + 1) * h * w];
         for ky in 0..k {
             for kx in 0..k {
                 let row = &col[((c * k + ky) * k + kx) * hw..][..hw];
+                let (lo, hi) = valid_cols(wo, w, s, p, kx);
+                if lo >= hi {
+                    continue;
+                }
                 for oy in 0..ho {
-                    let iy = oy as isize * s - p + ky as isize;
-                    if iy < 0 || iy >= h {
+                    let iy = (oy * s + ky) as isize - p as isize;
+                    if iy < 0 || iy >= h as isize {
                         continue;
                     }
-                    let xr = &mut xc[iy as usize * spec.w..][..spec.w];
-                    for (ox, v) in row[oy * wo..(oy + 1) * wo].iter().enumerate() {
-                        let ix = ox as isize * s - p + kx as isize;
-                        if ix >= 0 && ix < w {
-                            xr[ix as usize] += v;
+                    let xr = &mut xc[iy as usize * w..][..w];
+                    let x0 = lo * s + kx - p;
+                    let src = &row[oy * wo + lo..oy * wo + hi];
+                    if s == 1 {
+                        for (d, v) in xr[x0..x0 + (hi - lo)].iter_mut().zip(src) {
+                            *d += v;
+                        }
+                    } else {
+                        for (i, v) in src.iter().enumerate() {
+                            xr[x0 + i * s] += v;
                         }
                     }
                 }
@@ -396,35 +404,23 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn channel_stats(
-        &self,
-        n: usize,
-        c: usize,
-        hw: usize,
-        x: &[f32],
-        mean: &mut [f32],
-        var: &mut [f32],
-    ) {
+    fn channel_stats(&self, n: usize, c: usize, hw: usize, x: &[f32], mean: &mut [f32], var: &mut [f32]) {
         let m = (n * hw) as f64;
         mean[..c]
             .par_iter_mut()
             .zip(var[..c].par_iter_mut())
             .enumerate()
             .for_each(|(ch, (mu, va))| {
+                // Two passes (the variance about the mean, which does not cancel); short f32 sums
+                // per plane, f64 across planes.
                 let plane = |i: usize| &x[(i * c + ch) * hw..][..hw];
-                let s: f64 = (0..n)
-                    .map(|i| plane(i).iter().map(|&v| f64::from(v)).sum::<f64>())
-                    .sum();
+                let s: f64 = (0..n).map(|i| f64::from(plane(i).iter().sum::<f32>())).sum();
                 let mu64 = s / m;
+                let mu32 = mu64 as f32;
                 let q: f64 = (0..n)
-                    .map(|i| {
-                        plane(i)
-                            .iter()
-                            .map(|&v| (f64::from(v) - mu64).powi(2))
-                            .sum::<f64>()
-                    })
+                    .map(|i| f64::from(plane(i).iter().map(|&v| (v - mu32) * (v - mu32)).sum::<f32>()))
                     .sum();
-                *mu = mu64 as f32;
+                *mu = mu32;
                 *va = (q / m) as f32;
             });
     }

@@ -188,6 +188,39 @@ impl BatchNorm {
         y
     }
 
+    /// Batch norm followed by ReLU, in one pass; the ReLU's mask is recomputed from x̂ in
+    /// [`BatchNorm::backward_relu`], so nothing more is cached than for the norm alone.
+    pub fn forward_relu(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
+        let mut y = self.forward(be, x, train);
+        y.data.par_iter_mut().for_each(|v| *v = v.max(0.0));
+        y
+    }
+
+    /// Backward of [`BatchNorm::forward_relu`].
+    pub fn backward_relu(&mut self, be: &dyn Backend, dy: &Tensor) -> Tensor {
+        let (xhat, _) = self
+            .cache
+            .last()
+            .expect("BatchNorm::backward_relu without a training forward");
+        let (_, c, hw) = Self::dims(dy);
+        let (g, b) = (&self.weight.value, &self.bias.value);
+        let mut masked = dy.clone();
+        masked
+            .data
+            .par_chunks_mut(c * hw)
+            .zip(xhat.data.par_chunks(c * hw))
+            .for_each(|(d, h)| {
+                for ch in 0..c {
+                    for j in ch * hw..(ch + 1) * hw {
+                        if h[j] * g[ch] + b[ch] <= 0.0 {
+                            d[j] = 0.0;
+                        }
+                    }
+                }
+            });
+        self.backward(be, &masked)
+    }
+
     pub fn backward(&mut self, be: &dyn Backend, dy: &Tensor) -> Tensor {
         let (xhat, rstd) = self
             .cache

@@ -50,7 +50,6 @@ impl ResNetConfig {
 struct Block {
     convs: Vec<Conv2d>,
     bns: Vec<BatchNorm>,
-    relus: Vec<Relu>,
     downsample: Option<(Conv2d, BatchNorm)>,
     out_relu: Relu,
 }
@@ -111,7 +110,6 @@ impl Block {
         Self {
             convs,
             bns,
-            relus: vec![Relu::default(); k - 1],
             downsample,
             out_relu: Relu::default(),
         }
@@ -119,21 +117,24 @@ impl Block {
 
     fn forward(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
         let k = self.convs.len();
-        let mut h = x.clone();
+        let mut h = self.convs[0].forward(be, x, train);
         for i in 0..k {
-            h = self.convs[i].forward(be, &h, train);
-            h = self.bns[i].forward(be, &h, train);
-            if i + 1 < k {
-                h = self.relus[i].forward(h, train);
+            if i > 0 {
+                h = self.convs[i].forward(be, &h, train);
             }
+            h = if i + 1 < k {
+                self.bns[i].forward_relu(be, &h, train)
+            } else {
+                self.bns[i].forward(be, &h, train)
+            };
         }
         match &mut self.downsample {
             Some((conv, bn)) => {
                 let s = conv.forward(be, x, train);
                 let s = bn.forward(be, &s, train);
-                h.data.iter_mut().zip(&s.data).for_each(|(a, b)| *a += b);
+                add_assign(&mut h, &s);
             }
-            None => h.data.iter_mut().zip(&x.data).for_each(|(a, b)| *a += b),
+            None => add_assign(&mut h, x),
         }
         self.out_relu.forward(h, train)
     }
@@ -141,13 +142,12 @@ impl Block {
     fn backward(&mut self, be: &dyn Backend, dy: Tensor) -> Tensor {
         let d = self.out_relu.backward(dy);
         let k = self.convs.len();
-        let mut g = d.clone();
+        let mut g = self.bns[k - 1].backward(be, &d);
         for i in (0..k).rev() {
-            g = self.bns[i].backward(be, &g);
-            g = self.convs[i].backward(be, &g, true).expect("dx requested");
-            if i > 0 {
-                g = self.relus[i - 1].backward(g);
+            if i + 1 < k {
+                g = self.bns[i].backward_relu(be, &g);
             }
+            g = self.convs[i].backward(be, &g, true).expect("dx requested");
         }
         let shortcut = match &mut self.downsample {
             Some((conv, bn)) => {
@@ -190,7 +190,6 @@ pub struct ResNet {
     pub config: ResNetConfig,
     conv1: Conv2d,
     bn1: BatchNorm,
-    relu: Relu,
     maxpool: Option<MaxPool>,
     blocks: Vec<Block>,
     pooled_shape: Vec<Vec<usize>>,
@@ -229,7 +228,6 @@ impl ResNet {
             config,
             conv1,
             bn1: BatchNorm::new("bn1", w, 1.0),
-            relu: Relu::default(),
             maxpool,
             blocks,
             pooled_shape: Vec::new(),
@@ -239,8 +237,7 @@ impl ResNet {
     /// Images [N, C, H, W] → features [N, F].
     pub fn forward(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
         let h = self.conv1.forward(be, x, train);
-        let h = self.bn1.forward(be, &h, train);
-        let mut h = self.relu.forward(h, train);
+        let mut h = self.bn1.forward_relu(be, &h, train);
         if let Some(mp) = &mut self.maxpool {
             h = mp.forward(&h, train);
         }
@@ -267,8 +264,7 @@ impl ResNet {
         if let Some(mp) = &mut self.maxpool {
             g = mp.backward(&g);
         }
-        let g = self.relu.backward(g);
-        let g = self.bn1.backward(be, &g);
+        let g = self.bn1.backward_relu(be, &g);
         self.conv1.backward(be, &g, false);
     }
 }
@@ -296,7 +292,6 @@ impl Visit for ResNet {
 pub struct Projector {
     linears: Vec<Linear>,
     bns: Vec<BatchNorm>,
-    relus: Vec<Relu>,
 }
 
 impl Projector {
@@ -320,12 +315,7 @@ impl Projector {
                 ));
             }
         }
-        let relus = vec![Relu::default(); bns.len()];
-        Self {
-            linears,
-            bns,
-            relus,
-        }
+        Self { linears, bns }
     }
 
     pub fn forward(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
@@ -333,8 +323,7 @@ impl Projector {
         for i in 0..self.linears.len() {
             h = self.linears[i].forward(be, &h, train);
             if i < self.bns.len() {
-                h = self.bns[i].forward(be, &h, train);
-                h = self.relus[i].forward(h, train);
+                h = self.bns[i].forward_relu(be, &h, train);
             }
         }
         h
@@ -344,8 +333,7 @@ impl Projector {
         let mut g = dz.clone();
         for i in (0..self.linears.len()).rev() {
             if i < self.bns.len() {
-                g = self.relus[i].backward(g);
-                g = self.bns[i].backward(be, &g);
+                g = self.bns[i].backward_relu(be, &g);
             }
             g = self.linears[i]
                 .backward(be, &g, true)
@@ -370,4 +358,9 @@ impl Visit for Projector {
             b.visit_buffers(f);
         }
     }
+}
+
+fn add_assign(a: &mut Tensor, b: &Tensor) {
+    use rayon::prelude::*;
+    a.data.par_iter_mut().zip(b.data.par_iter()).for_each(|(x, y)| *x += y);
 }
