@@ -261,6 +261,35 @@ impl Backend for CpuBackend {
         dx: Option<&mut [f32]>,
         dw: &mut [f32],
     ) {
+        // A "same" stride-1 convolution's input gradient is a forward convolution of dy with the
+        // flipped, transposed kernel: one efficient GEMM per image instead of a thin GEMM plus
+        // col2im.
+        let dx = match dx {
+            Some(dx) if spec.stride == 1 && spec.k > 1 && 2 * spec.pad == spec.k - 1 => {
+                let k = spec.k;
+                let mut wt = vec![0f32; w.len()];
+                for o in 0..spec.out_c {
+                    for c in 0..spec.in_c {
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                wt[((c * spec.out_c + o) * k + ky) * k + kx] =
+                                    w[((o * spec.in_c + c) * k + (k - 1 - ky)) * k + (k - 1 - kx)];
+                            }
+                        }
+                    }
+                }
+                let tspec = ConvSpec {
+                    in_c: spec.out_c,
+                    out_c: spec.in_c,
+                    h: spec.ho(),
+                    w: spec.wo(),
+                    ..*spec
+                };
+                self.conv2d_forward(&tspec, n, dy, &wt, dx);
+                None
+            }
+            other => other,
+        };
         let in_len = spec.in_c * spec.h * spec.w;
         let hw = spec.ho() * spec.wo();
         let out_len = spec.out_c * hw;
