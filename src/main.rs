@@ -56,7 +56,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
     /// Passes over the training images.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 4)]
     epochs: usize,
     /// Linear warm-up epochs [default: 10, or a tenth of the run when shorter than 100 epochs].
     #[arg(long)]

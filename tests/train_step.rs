@@ -226,3 +226,42 @@ fn training_steps_reduce_the_loss() {
     }
     assert!(last < 0.7 * first, "loss went from {first} to {last}");
 }
+
+#[test]
+fn knn_and_linear_probe_classify_separable_features() {
+    use barlow::train::eval::{knn_top1, linear_probe, ProbeConfig};
+    let mut rng = Rng::new(30);
+    let (dim, classes) = (8, 4);
+    // Class c sits around the c-th axis; unit rows for kNN.
+    let sample = |rng: &mut Rng, n: usize| {
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        for i in 0..n {
+            let c = i % classes;
+            let mut v: Vec<f32> = (0..dim).map(|_| 0.2 * rng.normal() as f32).collect();
+            v[c] += 1.0;
+            let norm = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+            x.extend(v.iter().map(|a| a / norm));
+            y.push(c as u32);
+        }
+        (x, y)
+    };
+    let (xb, yb) = sample(&mut rng, 400);
+    let (xt, yt) = sample(&mut rng, 200);
+    let acc = knn_top1(&xb, &yb, &xt, &yt, dim, classes, 20, 0.1);
+    assert!(acc > 0.95, "kNN {acc}");
+    // Labels shuffled: chance level.
+    let mut ys = yb.clone();
+    ys.rotate_left(1);
+    let chance = knn_top1(&xb, &ys, &xt, &yt, dim, classes, 20, 0.1);
+    assert!(chance < 0.5, "kNN on shuffled labels {chance}");
+    let cfg = ProbeConfig {
+        epochs: 20,
+        batch: 64,
+        ..Default::default()
+    };
+    let mut losses = Vec::new();
+    let acc = linear_probe(&xb, &yb, &xt, &yt, dim, classes, cfg, |_, l| losses.push(l));
+    assert!(acc > 0.95, "probe {acc}");
+    assert!(losses.last().unwrap() < &losses[0]);
+}

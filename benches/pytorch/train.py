@@ -40,7 +40,6 @@ class BasicBlock(nn.Module):
         self.downsample = None
         if stride != 1 or cin != planes:
             self.downsample = nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-        self.last_bn = self.bn2
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -63,7 +62,6 @@ class Bottleneck(nn.Module):
         self.downsample = None
         if stride != 1 or cin != out:
             self.downsample = nn.Sequential(nn.Conv2d(cin, out, 1, stride, bias=False), nn.BatchNorm2d(out))
-        self.last_bn = self.bn3
 
     def forward(self, x):
         h = F.relu(self.bn1(self.conv1(x)))
@@ -96,8 +94,10 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         for m in self.modules():
-            if isinstance(m, (BasicBlock, Bottleneck)):
-                nn.init.zeros_(m.last_bn.weight)
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+            elif isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x):
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))

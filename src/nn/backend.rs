@@ -139,7 +139,11 @@ const CHUNKS: usize = 16;
 fn valid_cols(wo: usize, w: usize, s: usize, p: usize, kx: usize) -> (usize, usize) {
     // ox·s + kx ≥ p  and  ox·s + kx − p ≤ w − 1
     let lo = if kx >= p { 0 } else { (p - kx).div_ceil(s) };
-    let hi = if w + p > kx { ((w + p - kx - 1) / s + 1).min(wo) } else { 0 };
+    let hi = if w + p > kx {
+        ((w + p - kx - 1) / s + 1).min(wo)
+    } else {
+        0
+    };
     (lo.min(hi), hi)
 }
 
@@ -433,7 +437,15 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn channel_stats(&self, n: usize, c: usize, hw: usize, x: &[f32], mean: &mut [f32], var: &mut [f32]) {
+    fn channel_stats(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        x: &[f32],
+        mean: &mut [f32],
+        var: &mut [f32],
+    ) {
         let m = (n * hw) as f64;
         mean[..c]
             .par_iter_mut()
@@ -443,11 +455,20 @@ impl Backend for CpuBackend {
                 // Two passes (the variance about the mean, which does not cancel); short f32 sums
                 // per plane, f64 across planes.
                 let plane = |i: usize| &x[(i * c + ch) * hw..][..hw];
-                let s: f64 = (0..n).map(|i| f64::from(plane(i).iter().sum::<f32>())).sum();
+                let s: f64 = (0..n)
+                    .map(|i| f64::from(plane(i).iter().sum::<f32>()))
+                    .sum();
                 let mu64 = s / m;
                 let mu32 = mu64 as f32;
                 let q: f64 = (0..n)
-                    .map(|i| f64::from(plane(i).iter().map(|&v| (v - mu32) * (v - mu32)).sum::<f32>()))
+                    .map(|i| {
+                        f64::from(
+                            plane(i)
+                                .iter()
+                                .map(|&v| (v - mu32) * (v - mu32))
+                                .sum::<f32>(),
+                        )
+                    })
                     .sum();
                 *mu = mu32;
                 *va = (q / m) as f32;

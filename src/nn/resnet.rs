@@ -362,5 +362,8 @@ impl Visit for Projector {
 
 fn add_assign(a: &mut Tensor, b: &Tensor) {
     use rayon::prelude::*;
-    a.data.par_iter_mut().zip(b.data.par_iter()).for_each(|(x, y)| *x += y);
+    a.data
+        .par_iter_mut()
+        .zip(b.data.par_iter())
+        .for_each(|(x, y)| *x += y);
 }

@@ -62,7 +62,7 @@ impl Default for TrainConfig {
             projector: vec![512, 512, 512],
             lambda: 0.0051,
             batch_size: 256,
-            epochs: 10,
+            epochs: 4,
             warmup_epochs: None,
             lr_weights: 0.2,
             lr_biases: 0.0048,
