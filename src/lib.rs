@@ -24,7 +24,7 @@ mod shape;
 pub mod train;
 
 pub use error::{Error, Result};
-pub use loss::{BarlowTwinsLoss, LossConfig, LossValue, Math};
+pub use loss::{BarlowTwinsLoss, LossConfig, LossValue, Math, Path};
 pub use shape::Dims;
 
 /// Whether this build embeds the CUDA kernels (it was compiled with nvcc available).

@@ -19,6 +19,35 @@ pub enum Math {
     Bf16,
 }
 
+/// How the cross-correlation's terms are computed. Both are exact; they differ in cost and memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Path {
+    /// Gram when it is cheaper (4N < 3D) or when C would not fit (D² > 2³⁰ elements), else Direct.
+    #[default]
+    Auto,
+    /// Through C = ẐaᵀẐb / N (D×D): 6·N·D² flops, D² memory.
+    Direct,
+    /// Through the batch Gram matrices ẐaẐaᵀ, ẐbẐbᵀ (N×N): 8·N²·D flops, N² memory.
+    Gram,
+}
+
+impl Path {
+    /// The concrete path for a shape (`Direct` or `Gram`).
+    pub fn resolve(self, dims: Dims) -> Path {
+        match self {
+            Path::Auto => {
+                let (n, d) = (dims.n as f64, dims.d as f64);
+                if 4.0 * n < 3.0 * d || d * d > (1u64 << 30) as f64 {
+                    Path::Gram
+                } else {
+                    Path::Direct
+                }
+            }
+            p => p,
+        }
+    }
+}
+
 /// Loss hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LossConfig {
@@ -28,6 +57,8 @@ pub struct LossConfig {
     pub eps: f32,
     /// GEMM precision on the GPU. The CPU path always computes in f32.
     pub math: Math,
+    /// Direct (D×D) or Gram (N×N) computation, or chosen per shape.
+    pub path: Path,
 }
 
 impl Default for LossConfig {
@@ -36,6 +67,7 @@ impl Default for LossConfig {
             lambda: 0.0051,
             eps: 1e-5,
             math: Math::F32,
+            path: Path::Auto,
         }
     }
 }
@@ -68,16 +100,24 @@ pub struct LossValue {
     pub on_diag: f64,
     /// Redundancy-reduction term λ·Σᵢ≠ⱼ Cᵢⱼ² (already weighted by λ).
     pub off_diag: f64,
+    /// The path that computed it (`Direct` or `Gram`).
+    pub path: Path,
 }
 
 impl LossValue {
-    /// A value from its two terms.
+    /// A value from its two terms, computed by the direct path.
     pub fn new(on_diag: f64, off_diag: f64) -> Self {
         Self {
             total: on_diag + off_diag,
             on_diag,
             off_diag,
+            path: Path::Direct,
         }
+    }
+
+    /// The same value, marked as computed by `path`.
+    pub fn via(self, path: Path) -> Self {
+        Self { path, ..self }
     }
 }
 
@@ -89,12 +129,14 @@ struct CpuWorkspace {
     stats_a: Vec<f32>,
     stats_b: Vec<f32>,
     c: Vec<f32>,
+    ga: Vec<f32>,
+    gb: Vec<f32>,
     dhat_a: Vec<f32>,
     dhat_b: Vec<f32>,
 }
 
 impl CpuWorkspace {
-    fn fit(&mut self, n: usize, d: usize) {
+    fn fit(&mut self, n: usize, d: usize, path: Path) {
         for v in [
             &mut self.zhat_a,
             &mut self.zhat_b,
@@ -106,7 +148,16 @@ impl CpuWorkspace {
         for v in [&mut self.stats_a, &mut self.stats_b] {
             v.resize(cpu::STATS_PER_COLUMN * d, 0.0);
         }
-        self.c.resize(d * d, 0.0);
+        // Only the chosen path's matrices are held.
+        let (c, g) = if path == Path::Gram {
+            (0, n * n)
+        } else {
+            (d * d, 0)
+        };
+        for (v, len) in [(&mut self.c, c), (&mut self.ga, g), (&mut self.gb, g)] {
+            v.resize(len, 0.0);
+            v.shrink_to(len);
+        }
     }
 }
 
@@ -191,26 +242,41 @@ impl BarlowTwinsLoss {
             check_output("dza", dza.len(), n * d)?;
             check_output("dzb", dzb.len(), n * d)?;
         }
+        let path = self.config.path.resolve(dims);
         let mut guard = lock(&self.cpu);
         let w = &mut *guard;
-        w.fit(n, d);
+        w.fit(n, d, path);
         let eps = self.config.eps;
+        let lambda = self.config.lambda;
         cpu::standardize_forward(za, dims, eps, &mut w.zhat_a, &mut w.stats_a)?;
         cpu::standardize_forward(zb, dims, eps, &mut w.zhat_b, &mut w.stats_b)?;
-        cpu::cross_correlation(&w.zhat_a, &w.zhat_b, dims, &mut w.c)?;
-        let value = cpu::loss_reduce(&mut w.c, d, self.config.lambda, grads.is_some())?;
+        let value = if path == Path::Gram {
+            let grads = grads
+                .is_some()
+                .then_some((&mut w.dhat_a[..], &mut w.dhat_b[..]));
+            cpu::gram::loss(
+                &w.zhat_a, &w.zhat_b, dims, lambda, &mut w.ga, &mut w.gb, grads,
+            )?
+            .via(Path::Gram)
+        } else {
+            cpu::cross_correlation(&w.zhat_a, &w.zhat_b, dims, &mut w.c)?;
+            let v = cpu::loss_reduce(&mut w.c, d, lambda, grads.is_some())?;
+            if grads.is_some() {
+                cpu::correlation_backward(
+                    &w.c,
+                    &w.zhat_a,
+                    &w.zhat_b,
+                    dims,
+                    &mut w.dhat_a,
+                    &mut w.dhat_b,
+                )?;
+            }
+            v
+        };
         if !value.total.is_finite() {
             return Err(Error::NonFinite { total: value.total });
         }
         if let Some((dza, dzb)) = grads {
-            cpu::correlation_backward(
-                &w.c,
-                &w.zhat_a,
-                &w.zhat_b,
-                dims,
-                &mut w.dhat_a,
-                &mut w.dhat_b,
-            )?;
             cpu::standardize_backward(&w.dhat_a, za, &w.stats_a, dims, dza)?;
             cpu::standardize_backward(&w.dhat_b, zb, &w.stats_b, dims, dzb)?;
         }
@@ -228,8 +294,9 @@ impl BarlowTwinsLoss {
     ) -> Result<LossValue> {
         cuda::check_available()?;
         fused::check_inputs(stream, za, zb, dims)?;
+        let path = self.config.path.resolve(dims);
         let mut slot = lock(&self.gpu);
-        let ws = fused::Workspace::ensure(&mut slot, stream, dims, self.config.math)?;
+        let ws = fused::Workspace::ensure(&mut slot, stream, dims, self.config.math, path)?;
         fused::run::<T, cudarc::driver::CudaSlice<T>>(ws, &self.config, stream, za, zb, dims, None)
     }
 
@@ -248,13 +315,14 @@ impl BarlowTwinsLoss {
         cuda::check_available()?;
         fused::check_inputs(stream, za, zb, dims)?;
         fused::check_grads(stream, dza, dzb, dims)?;
+        let path = self.config.path.resolve(dims);
         let mut slot = lock(&self.gpu);
-        let ws = fused::Workspace::ensure(&mut slot, stream, dims, self.config.math)?;
+        let ws = fused::Workspace::ensure(&mut slot, stream, dims, self.config.math, path)?;
         fused::run(ws, &self.config, stream, za, zb, dims, Some((dza, dzb)))
     }
 
     /// Device bytes the CUDA path holds for this shape (its workspace; cuBLAS's own comes on top).
     pub fn device_workspace_bytes(&self, dims: Dims) -> usize {
-        fused::workspace_bytes(dims, self.config.math)
+        fused::workspace_bytes(dims, self.config.math, self.config.path)
     }
 }

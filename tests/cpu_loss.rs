@@ -4,7 +4,7 @@
 mod common;
 
 use barlow::cpu::{self, reference};
-use barlow::{BarlowTwinsLoss, Dims, LossConfig};
+use barlow::{BarlowTwinsLoss, Dims, LossConfig, Path};
 use common::*;
 
 const LAMBDA: f64 = 0.0051;
@@ -60,11 +60,21 @@ fn reference_on_known_input() {
     assert_eq!(r.off_diag, 0.0);
 }
 
-/// The fast CPU path against the reference on every shape the issue names.
+/// The fast CPU path, direct and Gram, against the reference on every shape the issue names.
 #[test]
 fn cpu_forward_backward_matches_reference() {
+    for path in [Path::Direct, Path::Gram] {
+        cpu_matches_reference(path);
+    }
+}
+
+fn cpu_matches_reference(path: Path) {
     let mut rng = Rng::new(2);
-    let l = loss();
+    let l = BarlowTwinsLoss::new(LossConfig {
+        path,
+        ..Default::default()
+    })
+    .unwrap();
     for &n in &[2usize, 3, 17, 256] {
         for &d in &[1usize, 2, 7, 129, 1024] {
             let za = rng.matrix(n, d);
@@ -77,7 +87,8 @@ fn cpu_forward_backward_matches_reference() {
                 .unwrap();
             let r =
                 reference::forward_backward(&to_f64(&za), &to_f64(&zb), dims, LAMBDA, EPS).unwrap();
-            let what = format!("N={n} D={d}");
+            let what = format!("{path:?} N={n} D={d}");
+            assert_eq!(v.path, path);
             assert_loss_close(&what, v, &r, LAMBDA, F32_TOL);
             let sa = grad_scale(&r.a.rstd, &r.grad_za_hat);
             let sb = grad_scale(&r.b.rstd, &r.grad_zb_hat);
@@ -247,4 +258,66 @@ fn gradient_buffers_longer_than_needed_keep_their_tail() {
         .unwrap();
     assert!(a[n * d..].iter().chain(&b[n * d..]).all(|&x| x == -7.0));
     assert!(a[..n * d].iter().all(|&x| x != -7.0 && x.is_finite()));
+}
+
+#[test]
+fn auto_path_picks_the_cheaper_computation() {
+    assert_eq!(Path::Auto.resolve(Dims::new(256, 8192)), Path::Gram);
+    assert_eq!(Path::Auto.resolve(Dims::new(2048, 8192)), Path::Gram);
+    assert_eq!(Path::Auto.resolve(Dims::new(4096, 1024)), Path::Direct);
+    assert_eq!(Path::Auto.resolve(Dims::new(256, 256)), Path::Direct);
+    // C would need 2³² elements: Gram whatever the batch.
+    assert_eq!(Path::Auto.resolve(Dims::new(100_000, 65_536)), Path::Gram);
+    assert_eq!(Path::Direct.resolve(Dims::new(2, 1 << 20)), Path::Direct);
+    let l = loss();
+    let mut rng = Rng::new(9);
+    let za = rng.matrix(16, 64);
+    let v = l
+        .forward_cpu(&za, &rng.correlated(&za, 0.5), Dims::new(16, 64))
+        .unwrap();
+    assert_eq!(v.path, Path::Gram, "the value says which path computed it");
+}
+
+/// Near convergence (Zb ≈ Za, C ≈ I) the Gram path's off-diagonal sum is a small difference of
+/// two sums near D. Both paths must stay within 1e-4 of the f64 reference on the loss and the
+/// gradients; the measured errors are printed.
+#[test]
+fn gram_and_direct_paths_hold_accuracy_near_convergence() {
+    let mut rng = Rng::new(10);
+    for &(n, d, noise) in &[
+        (256usize, 512usize, 0.05f64),
+        (128, 1024, 0.01),
+        (512, 256, 0.02),
+        (64, 2048, 0.001),
+    ] {
+        let za = rng.matrix(n, d);
+        let zb: Vec<f32> = za
+            .iter()
+            .map(|&x| (f64::from(x) + noise * rng.normal()) as f32)
+            .collect();
+        let dims = Dims::new(n, d);
+        let r = reference::forward_backward(&to_f64(&za), &to_f64(&zb), dims, LAMBDA, EPS).unwrap();
+        for path in [Path::Direct, Path::Gram] {
+            let l = BarlowTwinsLoss::new(LossConfig {
+                path,
+                ..Default::default()
+            })
+            .unwrap();
+            let (mut a, mut b) = (vec![f32::NAN; n * d], vec![f32::NAN; n * d]);
+            let v = l
+                .forward_backward_cpu(&za, &zb, dims, &mut a, &mut b)
+                .unwrap();
+            let e_loss = rel_err_scalar(v.total, r.total);
+            let e_grad = rel_err(&a, &r.grad_za).max(rel_err(&b, &r.grad_zb));
+            println!("{path:?} N={n} D={d} noise={noise}: loss {:.4} rel err {e_loss:.2e}, grad rel err {e_grad:.2e}", r.total);
+            assert!(
+                e_loss <= 1e-4,
+                "{path:?} N={n} D={d}: loss error {e_loss:.2e}"
+            );
+            assert!(
+                e_grad <= 1e-4,
+                "{path:?} N={n} D={d}: gradient error {e_grad:.2e}"
+            );
+        }
+    }
 }

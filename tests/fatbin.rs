@@ -35,37 +35,45 @@ fn every_kernel_in_the_sources_is_listed() {
         return;
     };
     let mut found = Vec::new();
+    let ident = |t: &str| -> String {
+        t.chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
+    };
     for entry in entries {
         let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "cu") {
-            let text = std::fs::read_to_string(&path).unwrap();
-            for line in text.lines() {
-                let line = line.trim_start();
-                // Kernels are declared `extern "C" __global__ void NAME(` or by a macro
-                // `BARLOW_..(NAME, ...)` that expands to one.
-                if let Some(rest) = line.split("__global__ void ").nth(1) {
-                    let name: String = rest
-                        .chars()
-                        .take_while(|c| c.is_alphanumeric() || *c == '_')
-                        .collect();
-                    if !name.is_empty() && !name.starts_with("__launch_bounds__") {
-                        found.push(name);
-                    }
-                } else if line.starts_with("BARLOW_STD_")
-                    && !line.starts_with("BARLOW_STD_FWD(NAME")
-                    && !line.starts_with("BARLOW_STD_BWD(NAME")
-                {
-                    let name: String = line
-                        .split('(')
-                        .nth(1)
-                        .unwrap()
-                        .chars()
-                        .take_while(|c| c.is_alphanumeric() || *c == '_')
-                        .collect();
-                    found.push(name);
-                } else if line.starts_with("loss_reduce_") && line.contains('(') {
-                    found.push(line.split('(').next().unwrap().to_string());
-                }
+        if path.extension().is_none_or(|e| e != "cu") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        // `__global__ void [__launch_bounds__(…)] NAME(`, possibly across lines.
+        for rest in text.split("__global__ void").skip(1) {
+            let mut t = rest.trim_start();
+            if let Some(after) = t.strip_prefix("__launch_bounds__(") {
+                let mut depth = 1;
+                let end = after
+                    .char_indices()
+                    .find(|&(_, c)| {
+                        depth += match c {
+                            '(' => 1,
+                            ')' => -1,
+                            _ => 0,
+                        };
+                        depth == 0
+                    })
+                    .map(|(i, _)| i)
+                    .unwrap();
+                t = after[end + 1..].trim_start();
+            }
+            let name = ident(t);
+            // A macro's parameter, not a kernel: its instantiations are found below.
+            if name != "NAME" {
+                found.push(name);
+            }
+        }
+        for line in text.lines().map(str::trim_start) {
+            if line.starts_with("BARLOW_STD_") {
+                found.push(ident(line.split('(').nth(1).unwrap()));
             }
         }
     }

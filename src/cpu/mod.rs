@@ -4,6 +4,7 @@
 //! All matrices are row-major; Z is N×D, C is D×D.
 
 mod gemm;
+pub mod gram;
 pub mod reference;
 
 pub(crate) use gemm::{matmul, Mat, MatRef};

@@ -68,8 +68,8 @@ impl Blas {
         Ok(())
     }
 
-    /// Column-major `C (m×n, f32) = alpha · op(A) · op(B)`; A and B are f32, or bf16 under
-    /// [`Math::Bf16`].
+    /// Column-major `C (m×n, f32) = alpha · op(A) · op(B) + beta · C`; A and B are f32, or bf16
+    /// under [`Math::Bf16`].
     ///
     /// # Safety
     /// The pointers must be live device allocations in the handle's context holding the extents
@@ -85,6 +85,7 @@ impl Blas {
         alpha: f32,
         a: Operand,
         b: Operand,
+        beta: f32,
         c: u64,
         ldc: usize,
     ) -> Result<()> {
@@ -109,7 +110,6 @@ impl Blas {
                 cublasOperation_t::CUBLAS_OP_N
             }
         };
-        let beta = 0f32;
         // The raw cuBLAS call does not make the handle's context current; a kernel launch would.
         bind_context(&self.stream)?;
         cudarc::cublas::result::gemm_ex(

@@ -1,13 +1,16 @@
-//! The fused loss on the GPU: five launches forward (2 standardize, 1 GEMM, 2 reduce), four more
-//! backward (2 GEMMs, 2 standardize-backward), one read of three scalars. Buffers live in a
-//! workspace that is kept between calls, so steady-state calls allocate nothing.
+//! The fused loss on the GPU, by either path.
+//!
+//! Direct: five launches forward (2 standardize, 1 GEMM, 2 reduce), four more backward (2 GEMMs,
+//! 2 standardize-backward). Gram: two Gram GEMMs and four small kernels forward, two init kernels
+//! and two GEMMs backward, then the same standardize-backward. One read of three scalars either
+//! way. Buffers live in a workspace kept between calls, so steady-state calls allocate nothing.
 
 use super::ops::CudaOps;
 use super::{alloc, check_context, Element};
 use crate::cpu::STATS_PER_COLUMN;
 use crate::error::{Error, Result};
 use crate::shape::{check_input, check_output, Dims};
-use crate::{LossConfig, LossValue, Math};
+use crate::{LossConfig, LossValue, Math, Path};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 use std::sync::Arc;
@@ -18,71 +21,109 @@ enum Hat {
     Bf16(CudaSlice<bf16>, CudaSlice<bf16>),
 }
 
-/// Device buffers for one (N, D, math); reused while a call fits in them.
+/// The matrices of one path.
+enum Mats {
+    /// C, then dL/dC in place (f32, TF32); dL/dC in bf16 for the bf16 backward GEMMs.
+    Direct {
+        c: CudaSlice<f32>,
+        g16: Option<CudaSlice<bf16>>,
+    },
+    /// Ga, Gb (f32), and their bf16 copies for the bf16 gradient GEMMs.
+    Gram {
+        ga: CudaSlice<f32>,
+        gb: CudaSlice<f32>,
+        g16: Option<(CudaSlice<bf16>, CudaSlice<bf16>)>,
+    },
+}
+
+/// Device buffers for one (N, D, math, path); reused while a call fits in them.
 pub(crate) struct Workspace {
     ops: CudaOps,
     ctx: usize,
     math: Math,
-    cap_nd: usize,
+    path: Path,
+    cap_n: usize,
     cap_d: usize,
     hat: Hat,
     stats_a: CudaSlice<f32>,
     stats_b: CudaSlice<f32>,
-    /// C, then dL/dC in place (f32 and TF32 modes).
-    c: CudaSlice<f32>,
-    /// dL/dC in bf16 for the bf16 backward GEMMs (bf16 mode only).
-    g16: Option<CudaSlice<bf16>>,
+    mats: Mats,
     dhat_a: CudaSlice<f32>,
     dhat_b: CudaSlice<f32>,
 }
 
-/// Device bytes the fused path holds for a given shape and precision (workspace plus scratch;
-/// cuBLAS's own workspace comes on top).
-pub fn workspace_bytes(dims: Dims, math: Math) -> usize {
+/// Device bytes the fused loss holds for a shape, precision and path (workspace plus scratch;
+/// cuBLAS's own workspace comes on top). Saturating: a size too large to exist stays huge.
+pub fn workspace_bytes(dims: Dims, math: Math, path: Path) -> usize {
     let (n, d) = (dims.n, dims.d);
-    let hat = if math == Math::Bf16 { 2 } else { 4 };
-    let g16 = if math == Math::Bf16 { 2 } else { 0 };
+    let bf = math == Math::Bf16;
+    let hat = if bf { 2 } else { 4 };
+    let half_copy = if bf { 2 } else { 0 };
     let nd = n.saturating_mul(d);
-    let dd = d.saturating_mul(d);
-    // Ẑ ×2, dẐ ×2, stats ×2, C, dL/dC in bf16, scratch; saturating: a size too large to exist.
-    nd.saturating_mul(2 * hat + 2 * 4)
+    // Ẑ ×2, dẐ ×2, stats ×2, scratch.
+    let common = nd
+        .saturating_mul(2 * hat + 2 * 4)
         .saturating_add((2 * STATS_PER_COLUMN * 4).saturating_mul(d))
-        .saturating_add(dd.saturating_mul(4 + g16))
-        .saturating_add(CudaOps::scratch_bytes())
+        .saturating_add(CudaOps::scratch_bytes());
+    let mats = match path.resolve(dims) {
+        Path::Gram => n
+            .saturating_mul(n)
+            .saturating_mul(2 * (4 + half_copy))
+            .saturating_add(12 * d),
+        _ => d.saturating_mul(d).saturating_mul(4 + half_copy),
+    };
+    common.saturating_add(mats)
 }
 
 impl Workspace {
-    fn new(stream: &Arc<CudaStream>, dims: Dims, math: Math) -> Result<Self> {
+    fn new(stream: &Arc<CudaStream>, dims: Dims, math: Math, path: Path) -> Result<Self> {
         let (n, d) = (dims.n, dims.d);
         let nd = n * d;
         let what = "allocating the loss workspace";
         let oom = |e: Error| match e {
             Error::OutOfDeviceMemory { during, .. } => Error::OutOfDeviceMemory {
                 during,
-                bytes: workspace_bytes(dims, math),
+                bytes: workspace_bytes(dims, math, path),
             },
             other => other,
         };
+        let bf = math == Math::Bf16;
         let build = || -> Result<Self> {
-            let hat = match math {
-                Math::Bf16 => Hat::Bf16(alloc(stream, nd, what)?, alloc(stream, nd, what)?),
-                _ => Hat::F32(alloc(stream, nd, what)?, alloc(stream, nd, what)?),
+            let hat = if bf {
+                Hat::Bf16(alloc(stream, nd, what)?, alloc(stream, nd, what)?)
+            } else {
+                Hat::F32(alloc(stream, nd, what)?, alloc(stream, nd, what)?)
+            };
+            let mats = match path {
+                Path::Gram => Mats::Gram {
+                    ga: alloc(stream, n * n, what)?,
+                    gb: alloc(stream, n * n, what)?,
+                    g16: if bf {
+                        Some((alloc(stream, n * n, what)?, alloc(stream, n * n, what)?))
+                    } else {
+                        None
+                    },
+                },
+                _ => Mats::Direct {
+                    c: alloc(stream, d * d, what)?,
+                    g16: if bf {
+                        Some(alloc(stream, d * d, what)?)
+                    } else {
+                        None
+                    },
+                },
             };
             Ok(Self {
                 ops: CudaOps::new(stream)?,
                 ctx: stream.context().cu_ctx() as usize,
                 math,
-                cap_nd: nd,
+                path,
+                cap_n: n,
                 cap_d: d,
                 hat,
                 stats_a: alloc(stream, STATS_PER_COLUMN * d, what)?,
                 stats_b: alloc(stream, STATS_PER_COLUMN * d, what)?,
-                c: alloc(stream, d * d, what)?,
-                g16: if math == Math::Bf16 {
-                    Some(alloc(stream, d * d, what)?)
-                } else {
-                    None
-                },
+                mats,
                 dhat_a: alloc(stream, nd, what)?,
                 dhat_b: alloc(stream, nd, what)?,
             })
@@ -90,11 +131,14 @@ impl Workspace {
         build().map_err(oom)
     }
 
-    fn fits(&self, stream: &CudaStream, dims: Dims, math: Math) -> bool {
+    fn fits(&self, stream: &CudaStream, dims: Dims, math: Math, path: Path) -> bool {
+        // Buffers are used as prefixes: N×D and N×N or D×D must fit their allocations.
         self.ctx == stream.context().cu_ctx() as usize
             && self.math == math
-            && dims.n * dims.d <= self.cap_nd
+            && self.path == path
+            && dims.n * dims.d <= self.cap_n * self.cap_d
             && dims.d <= self.cap_d
+            && dims.n <= self.cap_n
     }
 
     /// Returns the workspace in `slot`, (re)allocated if it does not fit this call.
@@ -103,14 +147,18 @@ impl Workspace {
         stream: &Arc<CudaStream>,
         dims: Dims,
         math: Math,
+        path: Path,
     ) -> Result<&'a mut Workspace> {
-        if !slot.as_ref().is_some_and(|w| w.fits(stream, dims, math)) {
+        if !slot
+            .as_ref()
+            .is_some_and(|w| w.fits(stream, dims, math, path))
+        {
             // Free the old buffers before asking for new ones, in their own context.
             if let Some(old) = slot.take() {
                 let _ = old.ops.stream().context().bind_to_thread();
                 drop(old);
             }
-            *slot = Some(Workspace::new(stream, dims, math)?);
+            *slot = Some(Workspace::new(stream, dims, math, path)?);
         }
         match slot.as_mut() {
             Some(w) => Ok(w),
@@ -139,7 +187,8 @@ pub(crate) fn check_inputs<T: Element>(
     Ok(())
 }
 
-/// Forward pass; with `grads`, also writes dL/dZa and dL/dZb.
+/// Forward pass by `path` (resolved); with `grads`, also writes dL/dZa and dL/dZb.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run<T: Element, Dz: DevicePtrMut<T>>(
     ws: &mut Workspace,
     config: &LossConfig,
@@ -149,66 +198,126 @@ pub(crate) fn run<T: Element, Dz: DevicePtrMut<T>>(
     dims: Dims,
     grads: Option<(&mut Dz, &mut Dz)>,
 ) -> Result<LossValue> {
-    let d = dims.d;
-    let eps = config.eps;
-    let lambda = config.lambda;
-    let math = config.math;
+    let (n, d) = (dims.n, dims.d);
+    let (eps, lambda, math) = (config.eps, config.lambda, config.math);
     let Workspace {
         ops,
         hat,
         stats_a,
         stats_b,
-        c,
-        g16,
+        mats,
         dhat_a,
         dhat_b,
+        path,
         ..
     } = ws;
-    let nd = dims.n * d;
-    let dd = d * d;
-    let (mut c, mut dhat_a, mut dhat_b) = (
-        c.slice_mut(..dd),
-        dhat_a.slice_mut(..nd),
-        dhat_b.slice_mut(..nd),
-    );
+    let path = *path;
+    let (nd, dd) = (n * d, d * d);
     let write_grad = grads.is_some();
     ops.set_stream(stream)?;
 
-    match hat {
-        Hat::F32(ha, hb) => {
+    match (hat, mats) {
+        (Hat::F32(ha, hb), Mats::Direct { c, .. }) => {
             let (mut ha, mut hb) = (ha.slice_mut(..nd), hb.slice_mut(..nd));
             ops.standardize_forward(math, za, dims, eps, &mut ha, stats_a)?;
             ops.standardize_forward(math, zb, dims, eps, &mut hb, stats_b)?;
+            let mut c = c.slice_mut(..dd);
             ops.cross_correlation(math, &ha, &hb, dims, &mut c)?;
             ops.loss_reduce_in_place(math, &mut c, d, lambda, write_grad)?;
             if write_grad {
-                ops.correlation_backward(math, &c, &ha, &hb, dims, &mut dhat_a, &mut dhat_b)?;
+                let (mut da, mut db) = (dhat_a.slice_mut(..nd), dhat_b.slice_mut(..nd));
+                ops.correlation_backward(math, &c, &ha, &hb, dims, &mut da, &mut db)?;
             }
         }
-        Hat::Bf16(ha, hb) => {
+        (Hat::Bf16(ha, hb), Mats::Direct { c, g16 }) => {
             let (mut ha, mut hb) = (ha.slice_mut(..nd), hb.slice_mut(..nd));
             ops.standardize_forward(math, za, dims, eps, &mut ha, stats_a)?;
             ops.standardize_forward(math, zb, dims, eps, &mut hb, stats_b)?;
+            let mut c = c.slice_mut(..dd);
             ops.cross_correlation(math, &ha, &hb, dims, &mut c)?;
             match (write_grad, g16.as_mut()) {
                 (true, Some(g)) => {
                     let mut g = g.slice_mut(..dd);
                     ops.loss_reduce_bf16_grad(&c, &mut g, d, lambda)?;
-                    ops.correlation_backward(math, &g, &ha, &hb, dims, &mut dhat_a, &mut dhat_b)?;
+                    let (mut da, mut db) = (dhat_a.slice_mut(..nd), dhat_b.slice_mut(..nd));
+                    ops.correlation_backward(math, &g, &ha, &hb, dims, &mut da, &mut db)?;
                 }
                 _ => ops.loss_reduce_in_place(math, &mut c, d, lambda, false)?,
             }
         }
+        (Hat::F32(ha, hb), Mats::Gram { ga, gb, g16 }) => {
+            let bufs = GramBufs {
+                ga,
+                gb,
+                g16,
+                dhat_a,
+                dhat_b,
+                stats_a,
+                stats_b,
+            };
+            gram_path(ops, config, za, zb, ha, hb, bufs, dims, write_grad)?
+        }
+        (Hat::Bf16(ha, hb), Mats::Gram { ga, gb, g16 }) => {
+            let bufs = GramBufs {
+                ga,
+                gb,
+                g16,
+                dhat_a,
+                dhat_b,
+                stats_a,
+                stats_b,
+            };
+            gram_path(ops, config, za, zb, ha, hb, bufs, dims, write_grad)?
+        }
     }
     if let Some((dza, dzb)) = grads {
-        ops.standardize_backward(&dhat_a, za, stats_a, dims, dza)?;
-        ops.standardize_backward(&dhat_b, zb, stats_b, dims, dzb)?;
+        let (da, db) = (dhat_a.slice(..nd), dhat_b.slice(..nd));
+        ops.standardize_backward(&da, za, stats_a, dims, dza)?;
+        ops.standardize_backward(&db, zb, stats_b, dims, dzb)?;
     }
-    let value = ops.read_loss()?;
+    let value = ops.read_loss()?.via(path);
     if !value.total.is_finite() {
         return Err(Error::NonFinite { total: value.total });
     }
     Ok(value)
+}
+
+/// The Gram path's buffers, borrowed from the workspace.
+struct GramBufs<'a> {
+    ga: &'a mut CudaSlice<f32>,
+    gb: &'a mut CudaSlice<f32>,
+    g16: &'a mut Option<(CudaSlice<bf16>, CudaSlice<bf16>)>,
+    dhat_a: &'a mut CudaSlice<f32>,
+    dhat_b: &'a mut CudaSlice<f32>,
+    stats_a: &'a mut CudaSlice<f32>,
+    stats_b: &'a mut CudaSlice<f32>,
+}
+
+/// Standardization, the two Gram GEMMs and the Gram reductions (and gradients), for Ẑ of type O.
+#[allow(clippy::too_many_arguments)]
+fn gram_path<T: Element, O: super::HatElement>(
+    ops: &mut CudaOps,
+    config: &LossConfig,
+    za: &impl DevicePtr<T>,
+    zb: &impl DevicePtr<T>,
+    ha: &mut CudaSlice<O>,
+    hb: &mut CudaSlice<O>,
+    b: GramBufs<'_>,
+    dims: Dims,
+    write_grad: bool,
+) -> Result<()> {
+    let (n, d) = (dims.n, dims.d);
+    let (nd, nn) = (n * d, n * n);
+    let math = config.math;
+    let (mut ha, mut hb) = (ha.slice_mut(..nd), hb.slice_mut(..nd));
+    ops.standardize_forward(math, za, dims, config.eps, &mut ha, b.stats_a)?;
+    ops.standardize_forward(math, zb, dims, config.eps, &mut hb, b.stats_b)?;
+    let (mut ga, mut gb) = (b.ga.slice_mut(..nn), b.gb.slice_mut(..nn));
+    ops.gram(math, &ha, dims, &mut ga)?;
+    ops.gram(math, &hb, dims, &mut gb)?;
+    let grads = write_grad.then_some((b.dhat_a, b.dhat_b));
+    let g16 = b.g16.as_mut().map(|(x, y)| (x, y));
+    ops.gram_loss(math, &ha, &hb, &ga, &gb, dims, config.lambda, grads, g16)
 }
 
 /// Validates gradient buffers against the inputs.

@@ -156,6 +156,7 @@ impl NaiveLoss {
                     scale,
                     Operand { ptr: pa, ..a },
                     Operand { ptr: pb, ..b },
+                    0.0,
                     c,
                     m,
                 )
@@ -164,7 +165,7 @@ impl NaiveLoss {
             let blas = self.ops.blas()?;
             // SAFETY: the caller passes f32 device buffers sized for these m, n, k and leading
             // dimensions, and a distinct output.
-            unsafe { blas.gemm(math, m, n, k, scale, a, b, c, m) }
+            unsafe { blas.gemm(math, m, n, k, scale, a, b, 0.0, c, m) }
         }
     }
 

@@ -31,6 +31,14 @@ pub struct CudaOps {
     blas: Blas,
     partials: CudaSlice<f32>,
     out: CudaSlice<f64>,
+    /// Gram path scratch, allocated on first use: f64 partial sums, Cᵢᵢ (f64) and kᵢ (f32).
+    gram: Option<GramScratch>,
+}
+
+struct GramScratch {
+    partials: CudaSlice<f64>,
+    cii: CudaSlice<f64>,
+    coef: CudaSlice<f32>,
 }
 
 impl CudaOps {
@@ -49,6 +57,7 @@ impl CudaOps {
                 "allocating reduction scratch",
             )?,
             out: alloc(stream, 3, "allocating reduction scratch")?,
+            gram: None,
         })
     }
 
@@ -221,6 +230,7 @@ impl CudaOps {
                     ld: d,
                     trans: true,
                 },
+                0.0,
                 pc,
                 d,
             )
@@ -281,6 +291,7 @@ impl CudaOps {
                     ld: d,
                     trans: false,
                 },
+                0.0,
                 pda,
                 d,
             )?;
@@ -300,6 +311,7 @@ impl CudaOps {
                     ld: d,
                     trans: false,
                 },
+                0.0,
                 pdb,
                 d,
             )
@@ -409,6 +421,246 @@ impl CudaOps {
         // SAFETY: (const float* partials, int64 blocks, double lambda, double* out); partials holds
         // the 2·blocks values stage 1 wrote, out holds 3 doubles.
         unsafe { b.launch(cfg) }.map_err(drv("launching loss_reduce_final"))?;
+        Ok(())
+    }
+
+    /// `g = ẑ·ẑᵀ` (N×N, f32) through cuBLAS, for the Gram path.
+    pub fn gram<O: HatElement>(
+        &mut self,
+        math: Math,
+        z_hat: &impl DevicePtr<O>,
+        dims: Dims,
+        g: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        let (n, d) = dims.checked()?;
+        check_math::<O>(math)?;
+        check_input("z_hat", z_hat.len(), dims)?;
+        check_output("g", g.len(), n * n)?;
+        let s = self.stream.clone();
+        check_context("z_hat", z_hat, &s)?;
+        check_context("g", g, &s)?;
+        self.blas.bind(&s)?;
+        let (pz, _gz) = z_hat.device_ptr(&s);
+        let (pg, _gg) = g.device_ptr_mut(&s);
+        // Column-major, ẑ's buffer is ẑᵀ (D×N): G = (ẑᵀ)ᵀ·ẑᵀ, symmetric.
+        // SAFETY: z holds N×D elements of the type `math` implies and g N×N floats, both in this
+        // context; g is a distinct mutable borrow.
+        unsafe {
+            self.blas.gemm(
+                math,
+                n,
+                n,
+                d,
+                1.0,
+                Operand {
+                    ptr: pz,
+                    ld: d,
+                    trans: true,
+                },
+                Operand {
+                    ptr: pz,
+                    ld: d,
+                    trans: false,
+                },
+                0.0,
+                pg,
+                n,
+            )
+        }
+    }
+
+    fn gram_scratch(&mut self, d: usize) -> Result<()> {
+        let fits = self.gram.as_ref().is_some_and(|g| g.cii.len() >= d);
+        if !fits {
+            let s = self.stream.clone();
+            let what = "allocating Gram-path scratch";
+            self.gram = Some(GramScratch {
+                partials: alloc(&s, MAX_REDUCE_BLOCKS, what)?,
+                cii: alloc(&s, d, what)?,
+                coef: alloc(&s, d, what)?,
+            });
+        }
+        Ok(())
+    }
+
+    /// The Gram path's reductions from Ẑa, Ẑb and their Gram matrices `ga`, `gb` (N×N, f32):
+    /// both loss terms (read them with [`CudaOps::read_loss`]) and, with `grads`, dL/dẐa and
+    /// dL/dẐb (f32). Under [`Math::Bf16`] the gradient GEMMs read `g16` = (Ga, Gb) in bf16.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gram_loss<O: HatElement>(
+        &mut self,
+        math: Math,
+        za_hat: &impl DevicePtr<O>,
+        zb_hat: &impl DevicePtr<O>,
+        ga: &impl DevicePtr<f32>,
+        gb: &impl DevicePtr<f32>,
+        dims: Dims,
+        lambda: f32,
+        grads: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
+        g16: Option<(&mut CudaSlice<half::bf16>, &mut CudaSlice<half::bf16>)>,
+    ) -> Result<()> {
+        let (n, d) = dims.checked()?;
+        check_math::<O>(math)?;
+        check_input("za_hat", za_hat.len(), dims)?;
+        check_input("zb_hat", zb_hat.len(), dims)?;
+        check_output("ga", ga.len(), n * n)?;
+        check_output("gb", gb.len(), n * n)?;
+        if !lambda.is_finite() {
+            return Err(Error::InvalidConfig(format!(
+                "lambda = {lambda} is not finite"
+            )));
+        }
+        let s = self.stream.clone();
+        for (name, ok) in [
+            (
+                "za_hat",
+                za_hat.stream().context().cu_ctx() == s.context().cu_ctx(),
+            ),
+            (
+                "zb_hat",
+                zb_hat.stream().context().cu_ctx() == s.context().cu_ctx(),
+            ),
+            ("ga", ga.stream().context().cu_ctx() == s.context().cu_ctx()),
+            ("gb", gb.stream().context().cu_ctx() == s.context().cu_ctx()),
+        ] {
+            if !ok {
+                return Err(Error::WrongContext { name });
+            }
+        }
+        self.gram_scratch(d)?;
+        self.blas.bind(&s)?;
+        let (n64, d64, nn64) = (n as i64, d as i64, (n * n) as i64);
+        let (pa, _ga_) = za_hat.device_ptr(&s);
+        let (pb, _gb_) = zb_hat.device_ptr(&s);
+        let (pga, _gga) = ga.device_ptr(&s);
+        let (pgb, _ggb) = gb.device_ptr(&s);
+        let bf16 = O::SUFFIX == "bf16";
+        let kernels = self.kernels.clone();
+        let scratch = self.gram.as_mut().ok_or_else(|| Error::Cuda {
+            during: "the Gram path".into(),
+            message: "scratch missing after allocation".into(),
+        })?;
+        let (pcii, _gcii) = scratch.cii.device_ptr_mut(&s);
+        let (pcoef, _gcoef) = scratch.coef.device_ptr_mut(&s);
+        let (pparts, _gparts) = scratch.partials.device_ptr_mut(&s);
+        let (pout, _gout) = self.out.device_ptr_mut(&s);
+
+        // Cᵢᵢ, column by column.
+        let diag = kernels.get(if bf16 {
+            "gram_diag_bf16"
+        } else {
+            "gram_diag_f32"
+        })?;
+        let mut b = s.launch_builder(diag);
+        b.arg(&pa).arg(&pb).arg(&pcii).arg(&n64).arg(&d64);
+        // SAFETY: (const T* a, const T* b, double* cii, int64 n, int64 d): a, b hold N×D elements
+        // of T, cii holds at least D doubles (gram_scratch).
+        unsafe { b.launch(std_launch(d)?) }.map_err(drv("launching gram_diag"))?;
+
+        // ⟨Ga, Gb⟩ in f64 partials, then the final one-block reduction.
+        let per_block = REDUCE_THREADS as usize * REDUCE_ITEMS_PER_THREAD;
+        let blocks = (n * n).div_ceil(per_block).clamp(1, MAX_REDUCE_BLOCKS);
+        let dot = kernels.get("gram_dot_partial")?;
+        let mut b = s.launch_builder(dot);
+        b.arg(&pga).arg(&pgb).arg(&pparts).arg(&nn64);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (REDUCE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: (const float* ga, const float* gb, double* partials, int64 len): ga, gb hold
+        // N² floats, partials MAX_REDUCE_BLOCKS ≥ blocks doubles.
+        unsafe { b.launch(cfg) }.map_err(drv("launching gram_dot_partial"))?;
+        let fin = kernels.get("gram_final")?;
+        let (nblocks, lambda64) = (blocks as i64, f64::from(lambda));
+        let mut b = s.launch_builder(fin);
+        b.arg(&pparts)
+            .arg(&nblocks)
+            .arg(&pcii)
+            .arg(&n64)
+            .arg(&d64)
+            .arg(&lambda64)
+            .arg(&pout)
+            .arg(&pcoef);
+        let one = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            ..cfg
+        };
+        // SAFETY: (const double* partials, int64 blocks, const double* cii, int64 n, int64 d,
+        // double lambda, double* out, float* coef): sizes as above, out holds 3 doubles, coef D.
+        unsafe { b.launch(one) }.map_err(drv("launching gram_final"))?;
+
+        let Some((da, db)) = grads else { return Ok(()) };
+        check_output("dza_hat", da.len(), n * d)?;
+        check_output("dzb_hat", db.len(), n * d)?;
+        let init = kernels.get(if bf16 {
+            "gram_grad_init_bf16"
+        } else {
+            "gram_grad_init_f32"
+        })?;
+        let scale = (2.0 * f64::from(lambda) / (n as f64 * n as f64)) as f32;
+        // The bf16 GEMMs read the Gram matrices in bf16.
+        let (pga_g, pgb_g) = match (math, g16) {
+            (Math::Bf16, Some((a16, b16))) => {
+                check_output("ga16", a16.len(), n * n)?;
+                check_output("gb16", b16.len(), n * n)?;
+                let cast = kernels.get("naive_cast_bf16")?;
+                let (p16a, _) = a16.device_ptr_mut(&s);
+                let (p16b, _) = b16.device_ptr_mut(&s);
+                for (src, dst) in [(pga, p16a), (pgb, p16b)] {
+                    let mut b = s.launch_builder(cast);
+                    b.arg(&src).arg(&dst).arg(&nn64);
+                    // SAFETY: (const float*, bf16*, int64 len): both hold N² elements.
+                    unsafe { b.launch(LaunchConfig::for_num_elems((n * n) as u32)) }
+                        .map_err(drv("launching naive_cast_bf16"))?;
+                }
+                (p16a, p16b)
+            }
+            (Math::Bf16, None) => {
+                return Err(Error::InvalidConfig(
+                    "bf16 Gram gradients need bf16 Gram buffers".into(),
+                ))
+            }
+            _ => (pga, pgb),
+        };
+        // dẐa = kᵢ·Ẑb + s·Gb·Ẑa ;  dẐb = kᵢ·Ẑa + s·Ga·Ẑb.
+        for (out, other, own, g) in [(da, pb, pa, pgb_g), (db, pa, pb, pga_g)] {
+            let (po, _go) = out.device_ptr_mut(&s);
+            let mut b = s.launch_builder(init);
+            b.arg(&other).arg(&pcoef).arg(&po).arg(&n64).arg(&d64);
+            let cfg = LaunchConfig {
+                grid_dim: ((n * d).div_ceil(256) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: (const T* other, const float* coef, float* out, int64 n, int64 d): other and
+            // out hold N×D elements, coef D floats.
+            unsafe { b.launch(cfg) }.map_err(drv("launching gram_grad_init"))?;
+            // Column-major: outᵀ (D×N) += s · ownᵀ (D×N) · G (N×N, symmetric).
+            // SAFETY: own holds N×D elements, G N×N, out N×D floats, all live in this context.
+            unsafe {
+                self.blas.gemm(
+                    math,
+                    d,
+                    n,
+                    n,
+                    scale,
+                    Operand {
+                        ptr: own,
+                        ld: d,
+                        trans: false,
+                    },
+                    Operand {
+                        ptr: g,
+                        ld: n,
+                        trans: false,
+                    },
+                    1.0,
+                    po,
+                    d,
+                )?;
+            }
+        }
         Ok(())
     }
 

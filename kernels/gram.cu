@@ -1,0 +1,98 @@
+// The loss through the batch Gram matrices Ga = ẐaẐaᵀ, Gb = ẐbẐbᵀ (N×N) instead of C (D×D):
+//   Σᵢⱼ Cᵢⱼ² = ⟨Ga, Gb⟩ / N²,  Cᵢᵢ = (1/N) Σₙ Ẑa[n,i]·Ẑb[n,i],
+//   off = λ(Σᵢⱼ Cᵢⱼ² − Σᵢ Cᵢᵢ²),  on = Σᵢ (1 − Cᵢᵢ)²,
+//   dẐa = (2λ/N²)·Gb·Ẑa + kᵢ·Ẑb,  kᵢ = (2(Cᵢᵢ − 1) − 2λCᵢᵢ)/N   (and symmetrically for Ẑb).
+// The GEMMs run in cuBLAS; these kernels do the rest. Sums are f64 in a fixed order, since the
+// off-diagonal term is a difference of two sums near D when C ≈ I.
+#include "common.cuh"
+
+namespace barlow {
+
+template <typename T>
+__device__ void gram_diag(const T* __restrict__ a, const T* __restrict__ b,
+                          double* __restrict__ cii, int64_t n, int64_t d) {
+  __shared__ double s[ROWS][COLS];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t col = (int64_t)blockIdx.x * COLS + tx;
+  double acc = 0.0;
+  if (col < d) {
+    for (int64_t r = ty; r < n; r += ROWS) {
+      acc += (double)to_f32(a[r * d + col]) * (double)to_f32(b[r * d + col]);
+    }
+  }
+  s[ty][tx] = acc;
+  __syncthreads();
+  if (ty == 0 && col < d) {
+    for (int k = 1; k < ROWS; ++k) acc += s[k][tx];
+    cii[col] = acc / (double)n;
+  }
+}
+
+template <typename T>
+__device__ void gram_grad_init(const T* __restrict__ other, const float* __restrict__ coef,
+                               float* __restrict__ out, int64_t n, int64_t d) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n * d) out[i] = to_f32(other[i]) * coef[i % d];
+}
+
+constexpr int GRAM_THREADS = 256;
+
+}  // namespace barlow
+
+extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS)
+    gram_diag_f32(const float* a, const float* b, double* cii, int64_t n, int64_t d) {
+  barlow::gram_diag<float>(a, b, cii, n, d);
+}
+
+extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS)
+    gram_diag_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b, double* cii, int64_t n,
+                   int64_t d) {
+  barlow::gram_diag<__nv_bfloat16>(a, b, cii, n, d);
+}
+
+// Per-block partial sums of ga ⊙ gb (len = N²), in f64; the grid depends only on len.
+extern "C" __global__ void __launch_bounds__(barlow::GRAM_THREADS)
+    gram_dot_partial(const float* ga, const float* gb, double* partials, int64_t len) {
+  __shared__ double scratch[barlow::GRAM_THREADS];
+  double acc = 0.0;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
+       i += (int64_t)gridDim.x * blockDim.x)
+    acc += (double)ga[i] * (double)gb[i];
+  acc = barlow::block_sum(acc, scratch);
+  if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+// One block: out = [on, λ·off, total]; coef[i] = kᵢ for the gradients.
+extern "C" __global__ void __launch_bounds__(barlow::GRAM_THREADS)
+    gram_final(const double* partials, int64_t blocks, const double* cii, int64_t n, int64_t d,
+               double lambda, double* out, float* coef) {
+  __shared__ double scratch[barlow::GRAM_THREADS];
+  double dot = 0.0, on = 0.0, diag_sq = 0.0;
+  for (int64_t b = threadIdx.x; b < blocks; b += blockDim.x) dot += partials[b];
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    const double c = cii[i];
+    on += (1.0 - c) * (1.0 - c);
+    diag_sq += c * c;
+    coef[i] = (float)((2.0 * (c - 1.0) - 2.0 * lambda * c) / (double)n);
+  }
+  dot = barlow::block_sum(dot, scratch);
+  on = barlow::block_sum(on, scratch);
+  diag_sq = barlow::block_sum(diag_sq, scratch);
+  if (threadIdx.x == 0) {
+    double off = dot / ((double)n * (double)n) - diag_sq;
+    if (off < 0.0) off = 0.0;  // a rounding residue below zero; the true value is >= 0
+    out[0] = on;
+    out[1] = lambda * off;
+    out[2] = on + lambda * off;
+  }
+}
+
+extern "C" __global__ void gram_grad_init_f32(const float* other, const float* coef, float* out,
+                                              int64_t n, int64_t d) {
+  barlow::gram_grad_init<float>(other, coef, out, n, d);
+}
+
+extern "C" __global__ void gram_grad_init_bf16(const __nv_bfloat16* other, const float* coef,
+                                               float* out, int64_t n, int64_t d) {
+  barlow::gram_grad_init<__nv_bfloat16>(other, coef, out, n, d);
+}
