@@ -1,6 +1,6 @@
 //! Criterion benchmarks of the loss's forward+backward.
 //!
-//! * `loss_cpu`: the CPU path (runs everywhere).
+//! * `loss_cpu/{direct,gram}`: the CPU path by each computation (runs everywhere).
 //! * `loss_cuda/{barlow,naive,cublas-gemm}/{f32,tf32,bf16}`: the fused loss, the naive port of the
 //!   reference code and one plain GEMM of C's shape, timed with CUDA events; skipped without a GPU.
 //!
@@ -12,7 +12,7 @@ use barlow::cuda::cudarc::driver::{CudaSlice, CudaStream};
 use barlow::cuda::naive::NaiveLoss;
 use barlow::cuda::ops::CudaOps;
 use barlow::rng::Rng;
-use barlow::{BarlowTwinsLoss, Dims, LossConfig, Math};
+use barlow::{BarlowTwinsLoss, Dims, LossConfig, Math, Path};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::sync::Arc;
 use std::time::Duration;

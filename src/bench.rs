@@ -7,7 +7,7 @@ use crate::cuda::ops::CudaOps;
 use crate::cuda::{drv, memory};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
-use crate::{BarlowTwinsLoss, Dims, LossConfig, Math};
+use crate::{BarlowTwinsLoss, Dims, LossConfig, Math, Path};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -162,6 +162,27 @@ pub fn math_name(m: Math) -> &'static str {
     }
 }
 
+/// The row name of the fused loss by `path`: `barlow` (auto), `barlow-direct`, `barlow-gram`.
+pub fn path_row(path: Path) -> &'static str {
+    match path {
+        Path::Auto => "barlow",
+        Path::Direct => "barlow-direct",
+        Path::Gram => "barlow-gram",
+    }
+}
+
+/// Parses `auto`, `direct` or `gram`.
+pub fn parse_path(s: &str) -> Result<Path> {
+    match s {
+        "auto" => Ok(Path::Auto),
+        "direct" => Ok(Path::Direct),
+        "gram" => Ok(Path::Gram),
+        other => Err(Error::InvalidConfig(format!(
+            "unknown path `{other}` (use auto, direct or gram)"
+        ))),
+    }
+}
+
 /// Parses `f32`, `tf32` or `bf16`.
 pub fn parse_math(s: &str) -> Result<Math> {
     match s {
@@ -181,14 +202,17 @@ pub struct Repeats {
     pub timed: usize,
 }
 
-/// Measures the fused CPU path for one shape (f32; the CPU ignores `Math`).
-pub fn bench_cpu(dims: Dims, reps: Repeats, seed: u64) -> Row {
-    let row = Row::new("cpu", "barlow", Math::F32, dims);
+/// Measures the CPU path for one shape (f32; the CPU ignores `Math`).
+pub fn bench_cpu(dims: Dims, reps: Repeats, seed: u64, path: Path) -> Row {
+    let row = Row::new("cpu", path_row(path), Math::F32, dims);
     let run = || -> Result<(Timing, Option<u64>)> {
         let mut rng = Rng::new(seed);
         let za = rng.matrix(dims.n, dims.d);
         let zb = rng.correlated(&za, 0.5);
-        let loss = BarlowTwinsLoss::new(LossConfig::default())?;
+        let loss = BarlowTwinsLoss::new(LossConfig {
+            path,
+            ..Default::default()
+        })?;
         let (mut a, mut b) = (vec![0f32; dims.len()], vec![0f32; dims.len()]);
         let t = time_cpu(reps.warmup, reps.timed, || {
             loss.forward_backward_cpu(&za, &zb, dims, &mut a, &mut b)
@@ -223,82 +247,111 @@ fn upload<T: crate::cuda::cudarc::driver::DeviceRepr>(
         .map_err(drv("uploading benchmark inputs"))
 }
 
-/// Measures, for one shape and precision on `stream`: the fused loss, the naive baseline, and one
-/// plain cuBLAS GEMM of C's shape (the unit of the floor). Bf16 feeds the fused loss bf16 inputs.
+/// Measures, for one shape and precision on `stream`: the fused loss by each of `paths`, and with
+/// `baselines` the naive port and one plain cuBLAS GEMM of C's shape (the unit of the floor).
+/// Bf16 feeds the fused loss bf16 inputs.
+#[allow(clippy::too_many_arguments)]
 pub fn bench_gpu(
     stream: &Arc<CudaStream>,
     dims: Dims,
     math: Math,
     reps: Repeats,
     seed: u64,
+    paths: &[Path],
+    baselines: bool,
 ) -> Vec<Row> {
-    let mut rows = Vec::new();
     let mut rng = Rng::new(seed);
     let za = rng.matrix(dims.n, dims.d);
     let zb = rng.correlated(&za, 0.5);
+    let mut rows: Vec<Row> = paths
+        .iter()
+        .map(|&p| bench_fused(stream, dims, math, reps, p, &za, &zb))
+        .collect();
+    if baselines {
+        rows.extend(bench_baselines(stream, dims, math, reps, &za, &zb));
+    }
+    rows
+}
+
+fn to_bf16(x: &[f32]) -> Vec<half::bf16> {
+    x.iter().map(|&v| half::bf16::from_f32(v)).collect()
+}
+
+fn bench_fused(
+    stream: &Arc<CudaStream>,
+    dims: Dims,
+    math: Math,
+    reps: Repeats,
+    path: Path,
+    za: &[f32],
+    zb: &[f32],
+) -> Row {
+    let config = LossConfig {
+        math,
+        path,
+        ..Default::default()
+    };
+    let run = || -> Result<(Timing, Option<u64>)> {
+        let loss = BarlowTwinsLoss::new(config)?;
+        if math == Math::Bf16 {
+            let (a, b) = (upload(stream, &to_bf16(za))?, upload(stream, &to_bf16(zb))?);
+            let (mut da, mut db) = (upload(stream, &to_bf16(za))?, upload(stream, &to_bf16(zb))?);
+            measure_gpu(stream, reps, || {
+                loss.forward_backward(stream, &a, &b, dims, &mut da, &mut db)
+                    .map(|_| ())
+            })
+        } else {
+            let (a, b) = (upload(stream, za)?, upload(stream, zb)?);
+            let (mut da, mut db) = (upload(stream, za)?, upload(stream, zb)?);
+            measure_gpu(stream, reps, || {
+                loss.forward_backward(stream, &a, &b, dims, &mut da, &mut db)
+                    .map(|_| ())
+            })
+        }
+    };
+    Row::new("cuda", path_row(path), math, dims).finish(run())
+}
+
+fn bench_baselines(
+    stream: &Arc<CudaStream>,
+    dims: Dims,
+    math: Math,
+    reps: Repeats,
+    za: &[f32],
+    zb: &[f32],
+) -> Vec<Row> {
     let config = LossConfig {
         math,
         ..Default::default()
     };
-
-    let fused = Row::new("cuda", "barlow", math, dims).finish((|| {
-        let loss = BarlowTwinsLoss::new(config)?;
-        if math == Math::Bf16 {
-            let to16 = |x: &[f32]| {
-                x.iter()
-                    .map(|&v| half::bf16::from_f32(v))
-                    .collect::<Vec<_>>()
-            };
-            let (a, b) = (upload(stream, &to16(&za))?, upload(stream, &to16(&zb))?);
-            let (mut da, mut db) = (upload(stream, &to16(&za))?, upload(stream, &to16(&zb))?);
-            measure_gpu(stream, reps, || {
-                loss.forward_backward(stream, &a, &b, dims, &mut da, &mut db)
-                    .map(|_| ())
-            })
-        } else {
-            let (a, b) = (upload(stream, &za)?, upload(stream, &zb)?);
-            let (mut da, mut db) = (upload(stream, &za)?, upload(stream, &zb)?);
-            measure_gpu(stream, reps, || {
-                loss.forward_backward(stream, &a, &b, dims, &mut da, &mut db)
-                    .map(|_| ())
-            })
-        }
-    })());
-    rows.push(fused);
-
-    let naive = Row::new("cuda", "naive", math, dims).finish((|| {
+    let naive = || -> Result<(Timing, Option<u64>)> {
         let mut loss = NaiveLoss::new(stream, config)?;
-        let (a, b) = (upload(stream, &za)?, upload(stream, &zb)?);
-        let (mut da, mut db) = (upload(stream, &za)?, upload(stream, &zb)?);
+        let (a, b) = (upload(stream, za)?, upload(stream, zb)?);
+        let (mut da, mut db) = (upload(stream, za)?, upload(stream, zb)?);
         measure_gpu(stream, reps, || {
             loss.forward_backward(&a, &b, dims, &mut da, &mut db)
                 .map(|_| ())
         })
-    })());
-    rows.push(naive);
-
-    let gemm = Row::new("cuda", "cublas-gemm", math, dims).finish((|| {
+    };
+    let gemm = || -> Result<(Timing, Option<u64>)> {
         let mut ops = CudaOps::new(stream)?;
         let mut c = crate::cuda::alloc::<f32>(stream, dims.d * dims.d, "allocating C")?;
         if math == Math::Bf16 {
-            let to16 = |x: &[f32]| {
-                x.iter()
-                    .map(|&v| half::bf16::from_f32(v))
-                    .collect::<Vec<_>>()
-            };
-            let (a, b) = (upload(stream, &to16(&za))?, upload(stream, &to16(&zb))?);
+            let (a, b) = (upload(stream, &to_bf16(za))?, upload(stream, &to_bf16(zb))?);
             measure_gpu(stream, reps, || {
                 ops.cross_correlation(math, &a, &b, dims, &mut c)
             })
         } else {
-            let (a, b) = (upload(stream, &za)?, upload(stream, &zb)?);
+            let (a, b) = (upload(stream, za)?, upload(stream, zb)?);
             measure_gpu(stream, reps, || {
                 ops.cross_correlation(math, &a, &b, dims, &mut c)
             })
         }
-    })());
-    rows.push(gemm);
-    rows
+    };
+    vec![
+        Row::new("cuda", "naive", math, dims).finish(naive()),
+        Row::new("cuda", "cublas-gemm", math, dims).finish(gemm()),
+    ]
 }
 
 fn fmt_ms(v: Option<f64>) -> String {
@@ -341,12 +394,15 @@ pub fn render_table(rows: &[Row]) -> String {
     };
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<5} {:>5} {:>6} {:<5} | {:>9} {:>9} {:>9} {:>9} | {:>7} {:>7} {:>7} | {:>7} {:>8} {:>6} | {:>7} {:>7} {:>7}\n",
-        "dev", "N", "D", "prec", "barlow", "naive", "pt-eager", "pt-comp", "vs-nv", "vs-pt", "vs-ptc",
-        "GFLOP/s", "GB/s", "%3gemm", "MiB", "nv-MiB", "pt-MiB"
+        "{:<5} {:>5} {:>6} {:<5} | {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7} {:>7} {:>7} | {:>7} {:>8} {:>6} | {:>7} {:>7} {:>7} {:>7}\n",
+        "dev", "N", "D", "prec", "barlow", "direct", "gram", "naive", "pt-eager", "pt-comp", "vs-nv", "vs-pt", "vs-ptc",
+        "GFLOP/s", "GB/s", "%3gemm", "MiB", "gr-MiB", "nv-MiB", "pt-MiB"
     ));
     for k in &keys {
-        let b = find(k, "barlow");
+        let direct = find(k, "barlow-direct");
+        let gram = find(k, "barlow-gram");
+        // The barlow column: auto when measured, else whichever path was.
+        let b = find(k, "barlow").or(direct).or(gram);
         let nv = find(k, "naive");
         let pe = find(k, "pytorch-eager");
         let pc = find(k, "pytorch-compile");
@@ -365,18 +421,20 @@ pub fn render_table(rows: &[Row]) -> String {
             _ => "-".into(),
         };
         out.push_str(&format!(
-            "{:<5} {:>5} {:>6} {:<5} | {:>9} {:>9} {:>9} {:>9} | {:>7} {:>7} {:>7} | {:>7} {:>8} {:>6} | {:>7} {:>7} {:>7}\n",
+            "{:<5} {:>5} {:>6} {:<5} | {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} | {:>7} {:>7} {:>7} | {:>7} {:>8} {:>6} | {:>7} {:>7} {:>7} {:>7}\n",
             k.0, k.1, k.2, k.3,
-            cell(b), cell(nv), cell(pe), cell(pc),
+            cell(b), cell(direct), cell(gram), cell(nv), cell(pe), cell(pc),
             ratio(ms(b), ms(nv)), ratio(ms(b), ms(pe)), ratio(ms(b), ms(pc)),
             tflops, gbs, frac,
             fmt_mib(b.and_then(|r| r.peak_bytes)),
+            fmt_mib(gram.and_then(|r| r.peak_bytes)),
             fmt_mib(nv.and_then(|r| r.peak_bytes)),
             fmt_mib(pe.and_then(|r| r.peak_bytes)),
         ));
     }
     out.push_str(
-        "vs-*: barlow's speed-up over that column. GFLOP/s and GB/s: barlow's rate on the GEMM work \
+        "barlow: the path Auto picks (direct and gram: each path forced). vs-*: barlow's speed-up over \
+         that column. GFLOP/s and GB/s: barlow's rate on the direct path's GEMM work \
          (6·N·D²) and the compulsory bytes. %3gemm: three plain cuBLAS GEMMs of C's shape as a share \
          of barlow's time (100% = nothing but GEMM). MiB: peak device memory, inputs included.\n",
     );

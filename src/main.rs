@@ -179,6 +179,12 @@ struct LossArgs {
     /// Precisions, comma-separated: f32, tf32, bf16 (GPU only; the CPU computes in f32).
     #[arg(long, value_delimiter = ',', default_value = "f32,tf32,bf16")]
     math: Vec<String>,
+    /// Loss paths to time, comma-separated: auto, direct, gram.
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    path: Vec<String>,
+    /// Skip the naive and plain-GEMM baselines (GPU).
+    #[arg(long)]
+    no_baselines: bool,
     /// Untimed warm-up calls per measurement.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
@@ -197,6 +203,12 @@ struct LossArgs {
 }
 
 fn main() -> ExitCode {
+    // Piped into `head`, end quietly like other command-line tools instead of failing a write.
+    #[cfg(unix)]
+    // SAFETY: restoring the default SIGPIPE disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Info => {
@@ -277,6 +289,12 @@ fn bench_loss(args: LossArgs) -> Result<(), String> {
     } else {
         vec![Math::F32]
     };
+    let paths: Vec<barlow::Path> = args
+        .path
+        .iter()
+        .map(|p| bench::parse_path(p))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
     let reps = Repeats {
         warmup: args.warmup,
         timed: args.repeats.unwrap_or(if gpu { 20 } else { 5 }).max(1),
@@ -298,8 +316,13 @@ fn bench_loss(args: LossArgs) -> Result<(), String> {
                 let dims = Dims::new(n, d);
                 eprintln!("[{done}/{total}] N={n} D={d} {}", bench::math_name(math));
                 let new = match &stream {
-                    Some(s) => bench::bench_gpu(s, dims, math, reps, args.seed),
-                    None => vec![bench::bench_cpu(dims, reps, args.seed)],
+                    Some(s) => {
+                        bench::bench_gpu(s, dims, math, reps, args.seed, &paths, !args.no_baselines)
+                    }
+                    None => paths
+                        .iter()
+                        .map(|&p| bench::bench_cpu(dims, reps, args.seed, p))
+                        .collect(),
                 };
                 for r in &new {
                     eprintln!(
