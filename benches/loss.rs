@@ -40,15 +40,21 @@ fn cpu(c: &mut Criterion) {
         let mut rng = Rng::new(0);
         let za = rng.matrix(n, d);
         let zb = rng.correlated(&za, 0.5);
-        let loss = BarlowTwinsLoss::new(LossConfig::default()).unwrap();
         let (mut a, mut b) = (vec![0f32; n * d], vec![0f32; n * d]);
         g.throughput(Throughput::Elements((6 * n * d * d) as u64));
-        g.bench_function(BenchmarkId::new("barlow", format!("N{n}_D{d}")), |bch| {
-            bch.iter(|| {
-                loss.forward_backward_cpu(&za, &zb, dims, &mut a, &mut b)
-                    .unwrap()
+        for (name, path) in [("direct", Path::Direct), ("gram", Path::Gram)] {
+            let loss = BarlowTwinsLoss::new(LossConfig {
+                path,
+                ..Default::default()
             })
-        });
+            .unwrap();
+            g.bench_function(BenchmarkId::new(name, format!("N{n}_D{d}")), |bch| {
+                bch.iter(|| {
+                    loss.forward_backward_cpu(&za, &zb, dims, &mut a, &mut b)
+                        .unwrap()
+                })
+            });
+        }
     }
     g.finish();
 }

@@ -110,6 +110,25 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     fail "barlow bench loss (see bench.log)"
     tail -n 20 "$report/bench.log"
   fi
+  # Direct vs Gram paths where C grows large (up to D = 65536), beside the PyTorch loss, which
+  # runs out of memory first.
+  note ""
+  note "== direct vs Gram path"
+  gwith=()
+  if python3 -c 'import torch; assert torch.cuda.is_available()' >/dev/null 2>&1; then
+    python3 "$here/pytorch/loss.py" --device cuda --modes eager --math f32,bf16 \
+      --n 256,2048 --d 8192,16384,32768,65536 --out "$report/pytorch-large.jsonl" \
+      2>"$report/pytorch-large.log" || fail "PyTorch large-D benchmark (see pytorch-large.log)"
+    [ -s "$report/pytorch-large.jsonl" ] && gwith+=(--with "$report/pytorch-large.jsonl")
+  fi
+  if "$here/barlow" bench loss --device cuda --n 256,2048 --d 8192,16384,32768,65536 \
+      --math f32,bf16 --path direct,gram --no-baselines --repeats 5 \
+      --json "$report/barlow-gram.jsonl" "${gwith[@]}" >"$report/gram-table.txt" 2>"$report/gram.log"; then
+    cat "$report/gram-table.txt" | tee -a "$summary"
+  else
+    fail "barlow bench loss --path direct,gram (see gram.log)"
+    tail -n 20 "$report/gram.log"
+  fi
   if [ "${RUN_CRITERION:-0}" = 1 ]; then
     "$here/benches/loss" --bench >"$report/criterion.log" 2>&1 || fail "criterion benches"
   fi
