@@ -50,14 +50,22 @@ extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS)
   barlow::gram_diag<__nv_bfloat16>(a, b, cii, n, d);
 }
 
-// Per-block partial sums of ga ⊙ gb (len = N²), in f64; the grid depends only on len.
+// Per-block partial sums of ga ⊙ gb (len = N²), in f64; the grid depends only on len. With
+// `tf32` set, Ga and Gb are rounded to TF32 in place after being read, for the TF32 gradient
+// GEMMs that read them next (each element belongs to one thread: no race).
 extern "C" __global__ void __launch_bounds__(barlow::GRAM_THREADS)
-    gram_dot_partial(const float* ga, const float* gb, double* partials, int64_t len) {
+    gram_dot_partial(float* ga, float* gb, double* partials, int64_t len, int tf32) {
   __shared__ double scratch[barlow::GRAM_THREADS];
   double acc = 0.0;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < len;
-       i += (int64_t)gridDim.x * blockDim.x)
-    acc += (double)ga[i] * (double)gb[i];
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const float a = ga[i], b = gb[i];
+    acc += (double)a * (double)b;
+    if (tf32) {
+      ga[i] = barlow::round_tf32(a);
+      gb[i] = barlow::round_tf32(b);
+    }
+  }
   acc = barlow::block_sum(acc, scratch);
   if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
@@ -79,8 +87,10 @@ extern "C" __global__ void __launch_bounds__(barlow::GRAM_THREADS)
   on = barlow::block_sum(on, scratch);
   diag_sq = barlow::block_sum(diag_sq, scratch);
   if (threadIdx.x == 0) {
-    double off = dot / ((double)n * (double)n) - diag_sq;
-    if (off < 0.0) off = 0.0;  // a rounding residue below zero; the true value is >= 0
+    // With one column there is no off-diagonal term; otherwise a rounding residue below zero is
+    // clamped, since the true value is >= 0.
+    double off = d > 1 ? dot / ((double)n * (double)n) - diag_sq : 0.0;
+    if (off < 0.0) off = 0.0;
     out[0] = on;
     out[1] = lambda * off;
     out[2] = on + lambda * off;

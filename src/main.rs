@@ -384,8 +384,10 @@ impl barlow::train::run::Progress for Bar {
     }
     fn message(&mut self, text: &str) {
         match &self.bar {
-            Some(b) => b.println(text),
-            None => eprintln!("{text}"),
+            // Drawn bars print above themselves; without a terminal the bar is hidden, and so
+            // would its lines be.
+            Some(b) if !b.is_hidden() => b.println(text),
+            _ => eprintln!("{text}"),
         }
     }
     fn finish(&mut self) {

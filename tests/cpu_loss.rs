@@ -289,6 +289,7 @@ fn gram_and_direct_paths_hold_accuracy_near_convergence() {
         (128, 1024, 0.01),
         (512, 256, 0.02),
         (64, 2048, 0.001),
+        (2048, 128, 0.01),
     ] {
         let za = rng.matrix(n, d);
         let zb: Vec<f32> = za

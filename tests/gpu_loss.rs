@@ -503,9 +503,13 @@ fn fused_loss_is_deterministic() {
         return;
     };
     let mut rng = Rng::new(70);
-    for math in [Math::F32, Math::Tf32, Math::Bf16] {
+    for (math, path) in [Math::F32, Math::Tf32, Math::Bf16]
+        .into_iter()
+        .flat_map(|m| [(m, Path::Direct), (m, Path::Gram)])
+    {
         let loss = BarlowTwinsLoss::new(LossConfig {
             math,
+            path,
             ..Default::default()
         })
         .unwrap();
@@ -539,7 +543,18 @@ fn workspace_is_reused_across_shapes() {
     let Some(s) = gpu("workspace_is_reused_across_shapes") else {
         return;
     };
-    let loss = BarlowTwinsLoss::new(LossConfig::default()).unwrap();
+    for path in [Path::Direct, Path::Gram] {
+        workspace_reuse(&s, path);
+    }
+}
+
+fn workspace_reuse(s: &Arc<CudaStream>, path: Path) {
+    let s = s.clone();
+    let loss = BarlowTwinsLoss::new(LossConfig {
+        path,
+        ..Default::default()
+    })
+    .unwrap();
     let mut rng = Rng::new(80);
     // Large, then smaller (fits the workspace), then larger again (reallocates).
     for &(n, d) in &[(300, 500), (37, 129), (301, 777)] {
@@ -602,13 +617,26 @@ fn gpu_errors_are_typed() {
     let e = loss.forward(&s, &nan, &z, Dims::new(n, d)).unwrap_err();
     assert!(matches!(e, Error::NonFinite { .. }), "{e}");
 
-    // D×D (4.4 TB) fits on no GPU: a typed out-of-memory error, and the loss still works after.
-    let big_d = 1 << 20;
-    let wide = up(&s, &vec![0.5f32; 2 * big_d]);
-    let e = loss
-        .forward(&s, &wide, &wide, Dims::new(2, big_d))
-        .unwrap_err();
-    assert!(matches!(e, Error::OutOfDeviceMemory { .. }), "{e}");
+    // The direct path's D×D and the Gram path's N×N (4.4 TB each) fit on no GPU: typed
+    // out-of-memory errors, and the loss still works after.
+    let big = 1 << 20;
+    let long = up(&s, &vec![0.5f32; 2 * big]);
+    for (path, dims) in [
+        (Path::Direct, Dims::new(2, big)),
+        (Path::Gram, Dims::new(big, 2)),
+    ] {
+        let forced = BarlowTwinsLoss::new(LossConfig {
+            path,
+            ..Default::default()
+        })
+        .unwrap();
+        let e = forced.forward(&s, &long, &long, dims).unwrap_err();
+        assert!(
+            matches!(e, Error::OutOfDeviceMemory { .. }),
+            "{path:?}: {e}"
+        );
+        forced.forward(&s, &z, &z, Dims::new(n, d)).unwrap();
+    }
     loss.forward(&s, &z, &z, Dims::new(n, d)).unwrap();
 
     let mut ops = CudaOps::new(&s).unwrap();
@@ -643,6 +671,7 @@ fn gram_path_holds_accuracy_near_convergence() {
         (256usize, 1024usize, 0.01f64),
         (1024, 512, 0.02),
         (128, 4096, 0.001),
+        (4096, 256, 0.01),
     ] {
         let za = rng.matrix(n, d);
         let zb: Vec<f32> = za

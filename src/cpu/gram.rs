@@ -82,7 +82,13 @@ pub fn loss(
     let on: f64 = c.iter().map(|v| (1.0 - v) * (1.0 - v)).sum();
     let diag_sq: f64 = c.iter().map(|v| v * v).sum();
     let lam = f64::from(lambda);
-    let value = LossValue::new(on, lam * (total_sq - diag_sq).max(0.0));
+    // One column has no off-diagonal term; below zero is a rounding residue of a sum >= 0.
+    let off = if d > 1 {
+        (total_sq - diag_sq).max(0.0)
+    } else {
+        0.0
+    };
+    let value = LossValue::new(on, lam * off);
     if let Some((da, db)) = grads {
         check_output("dza_hat", da.len(), n * d)?;
         check_output("dzb_hat", db.len(), n * d)?;

@@ -138,7 +138,7 @@ impl Workspace {
             && self.path == path
             && dims.n * dims.d <= self.cap_n * self.cap_d
             && dims.d <= self.cap_d
-            && dims.n <= self.cap_n
+            && (path != Path::Gram || dims.n <= self.cap_n)
     }
 
     /// Returns the workspace in `slot`, (re)allocated if it does not fit this call.
@@ -317,7 +317,17 @@ fn gram_path<T: Element, O: super::HatElement>(
     ops.gram(math, &hb, dims, &mut gb)?;
     let grads = write_grad.then_some((b.dhat_a, b.dhat_b));
     let g16 = b.g16.as_mut().map(|(x, y)| (x, y));
-    ops.gram_loss(math, &ha, &hb, &ga, &gb, dims, config.lambda, grads, g16)
+    ops.gram_loss(
+        math,
+        &ha,
+        &hb,
+        &mut ga,
+        &mut gb,
+        dims,
+        config.lambda,
+        grads,
+        g16,
+    )
 }
 
 /// Validates gradient buffers against the inputs.

@@ -87,7 +87,12 @@ impl CudaOps {
         Ok(&self.blas)
     }
 
-    /// Bytes of device memory this object holds (the reduction scratch).
+    /// Bytes of the Gram path's f64 partial sums, allocated on its first use.
+    pub fn gram_partials_bytes() -> usize {
+        MAX_REDUCE_BLOCKS * 8
+    }
+
+    /// Bytes of device memory this object holds for the direct path (the reduction scratch).
     pub fn scratch_bytes() -> usize {
         2 * MAX_REDUCE_BLOCKS * 4 + 3 * 8
     }
@@ -485,15 +490,16 @@ impl CudaOps {
 
     /// The Gram path's reductions from Ẑa, Ẑb and their Gram matrices `ga`, `gb` (N×N, f32):
     /// both loss terms (read them with [`CudaOps::read_loss`]) and, with `grads`, dL/dẐa and
-    /// dL/dẐb (f32). Under [`Math::Bf16`] the gradient GEMMs read `g16` = (Ga, Gb) in bf16.
+    /// dL/dẐb (f32). Under [`Math::Bf16`] the gradient GEMMs read `g16` = (Ga, Gb) in bf16;
+    /// under [`Math::Tf32`] with gradients, `ga` and `gb` are left rounded to TF32.
     #[allow(clippy::too_many_arguments)]
     pub fn gram_loss<O: HatElement>(
         &mut self,
         math: Math,
         za_hat: &impl DevicePtr<O>,
         zb_hat: &impl DevicePtr<O>,
-        ga: &impl DevicePtr<f32>,
-        gb: &impl DevicePtr<f32>,
+        ga: &mut impl DevicePtrMut<f32>,
+        gb: &mut impl DevicePtrMut<f32>,
         dims: Dims,
         lambda: f32,
         grads: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
@@ -532,8 +538,9 @@ impl CudaOps {
         let (n64, d64, nn64) = (n as i64, d as i64, (n * n) as i64);
         let (pa, _ga_) = za_hat.device_ptr(&s);
         let (pb, _gb_) = zb_hat.device_ptr(&s);
-        let (pga, _gga) = ga.device_ptr(&s);
-        let (pgb, _ggb) = gb.device_ptr(&s);
+        // Mutable: in TF32 mode the reduction rounds them in place for the gradient GEMMs.
+        let (pga, _gga) = ga.device_ptr_mut(&s);
+        let (pgb, _ggb) = gb.device_ptr_mut(&s);
         let bf16 = O::SUFFIX == "bf16";
         let kernels = self.kernels.clone();
         let scratch = self.gram.as_mut().ok_or_else(|| Error::Cuda {
@@ -561,15 +568,16 @@ impl CudaOps {
         let per_block = REDUCE_THREADS as usize * REDUCE_ITEMS_PER_THREAD;
         let blocks = (n * n).div_ceil(per_block).clamp(1, MAX_REDUCE_BLOCKS);
         let dot = kernels.get("gram_dot_partial")?;
+        let tf32 = i32::from(math == Math::Tf32 && grads.is_some());
         let mut b = s.launch_builder(dot);
-        b.arg(&pga).arg(&pgb).arg(&pparts).arg(&nn64);
+        b.arg(&pga).arg(&pgb).arg(&pparts).arg(&nn64).arg(&tf32);
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (REDUCE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: (const float* ga, const float* gb, double* partials, int64 len): ga, gb hold
-        // N² floats, partials MAX_REDUCE_BLOCKS ≥ blocks doubles.
+        // SAFETY: (float* ga, float* gb, double* partials, int64 len, int tf32): ga, gb hold N²
+        // floats, partials MAX_REDUCE_BLOCKS ≥ blocks doubles.
         unsafe { b.launch(cfg) }.map_err(drv("launching gram_dot_partial"))?;
         let fin = kernels.get("gram_final")?;
         let (nblocks, lambda64) = (blocks as i64, f64::from(lambda));
@@ -593,6 +601,8 @@ impl CudaOps {
         let Some((da, db)) = grads else { return Ok(()) };
         check_output("dza_hat", da.len(), n * d)?;
         check_output("dzb_hat", db.len(), n * d)?;
+        check_context("dza_hat", &*da, &s)?;
+        check_context("dzb_hat", &*db, &s)?;
         let init = kernels.get(if bf16 {
             "gram_grad_init_bf16"
         } else {
@@ -604,15 +614,24 @@ impl CudaOps {
             (Math::Bf16, Some((a16, b16))) => {
                 check_output("ga16", a16.len(), n * n)?;
                 check_output("gb16", b16.len(), n * n)?;
+                check_context("ga16", &*a16, &s)?;
+                check_context("gb16", &*b16, &s)?;
                 let cast = kernels.get("naive_cast_bf16")?;
-                let (p16a, _) = a16.device_ptr_mut(&s);
-                let (p16b, _) = b16.device_ptr_mut(&s);
+                let blocks = u32::try_from((n * n).div_ceil(256)).map_err(|_| Error::TooLarge {
+                    what: format!("N×N = {} elements for the bf16 Gram copies", n * n),
+                })?;
+                let cast_cfg = LaunchConfig {
+                    grid_dim: (blocks, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let (p16a, _g16a) = a16.device_ptr_mut(&s);
+                let (p16b, _g16b) = b16.device_ptr_mut(&s);
                 for (src, dst) in [(pga, p16a), (pgb, p16b)] {
                     let mut b = s.launch_builder(cast);
                     b.arg(&src).arg(&dst).arg(&nn64);
                     // SAFETY: (const float*, bf16*, int64 len): both hold N² elements.
-                    unsafe { b.launch(LaunchConfig::for_num_elems((n * n) as u32)) }
-                        .map_err(drv("launching naive_cast_bf16"))?;
+                    unsafe { b.launch(cast_cfg) }.map_err(drv("launching naive_cast_bf16"))?;
                 }
                 (p16a, p16b)
             }
