@@ -245,7 +245,7 @@ pub(crate) fn run<T: Element, Dz: DevicePtrMut<T>>(
                 _ => ops.loss_reduce_in_place(math, &mut c, d, lambda, false)?,
             }
         }
-        (Hat::F32(ha, hb), Mats::Gram { ga, gb, g16 }) => {
+        (hat, Mats::Gram { ga, gb, g16 }) => {
             let bufs = GramBufs {
                 ga,
                 gb,
@@ -255,19 +255,12 @@ pub(crate) fn run<T: Element, Dz: DevicePtrMut<T>>(
                 stats_a,
                 stats_b,
             };
-            gram_path(ops, config, za, zb, ha, hb, bufs, dims, write_grad)?
-        }
-        (Hat::Bf16(ha, hb), Mats::Gram { ga, gb, g16 }) => {
-            let bufs = GramBufs {
-                ga,
-                gb,
-                g16,
-                dhat_a,
-                dhat_b,
-                stats_a,
-                stats_b,
-            };
-            gram_path(ops, config, za, zb, ha, hb, bufs, dims, write_grad)?
+            match hat {
+                Hat::F32(ha, hb) => gram_path(ops, config, za, zb, ha, hb, bufs, dims, write_grad)?,
+                Hat::Bf16(ha, hb) => {
+                    gram_path(ops, config, za, zb, ha, hb, bufs, dims, write_grad)?
+                }
+            }
         }
     }
     if let Some((dza, dzb)) = grads {
