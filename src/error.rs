@@ -55,6 +55,9 @@ pub enum Error {
     /// libcublas could not be loaded.
     #[error("cuBLAS not found: libcublas could not be loaded (install the CUDA toolkit or put its lib folder on LD_LIBRARY_PATH)")]
     NoCublas,
+    /// libcudnn could not be loaded.
+    #[error("cuDNN not found: libcudnn could not be loaded (install cuDNN 9 for CUDA 13, e.g. the nvidia-cudnn-cu13 wheel, and put its lib folder on LD_LIBRARY_PATH)")]
+    NoCudnn,
     /// The driver found no usable CUDA device.
     #[error("no CUDA device: {0}")]
     NoDevice(String),
@@ -74,6 +77,9 @@ pub enum Error {
     /// Any other CUDA driver failure, with the call that failed.
     #[error("CUDA error in {during}: {message}")]
     Cuda { during: String, message: String },
+    /// Any other cuDNN failure, with the call that failed.
+    #[error("cuDNN error in {during}: {message}")]
+    Cudnn { during: String, message: String },
     /// Any other cuBLAS failure, with the call that failed.
     #[error("cuBLAS error in {during}: {message}")]
     Cublas { during: String, message: String },

@@ -103,6 +103,39 @@ impl Blas {
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
             ),
         };
+        self.gemm_ex(
+            ab_type,
+            cudaDataType::CUDA_R_32F,
+            compute,
+            (m, n, k),
+            alpha,
+            a,
+            b,
+            beta,
+            c,
+            ldc,
+        )
+    }
+
+    /// Column-major `C = alpha · op(A) · op(B) + beta · C` with A and B of type `ab_type`, C of
+    /// type `c_type`, accumulated in f32 (`compute`).
+    ///
+    /// # Safety
+    /// As [`Blas::gemm`], with the element types given here.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn gemm_ex(
+        &self,
+        ab_type: cudaDataType,
+        c_type: cudaDataType,
+        compute: cublasComputeType_t,
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        a: Operand,
+        b: Operand,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+    ) -> Result<()> {
         let op = |t: bool| {
             if t {
                 cublasOperation_t::CUBLAS_OP_T
@@ -128,7 +161,7 @@ impl Blas {
             check_i32("GEMM ldb", b.ld)?,
             (&beta) as *const f32 as *const _,
             c as *mut _,
-            cudaDataType::CUDA_R_32F,
+            c_type,
             check_i32("GEMM ldc", ldc)?,
             compute,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

@@ -6,11 +6,13 @@
 //! [`Error::NoCudaDriver`] instead of letting the loader panic.
 
 pub(crate) mod blas;
+pub mod cudnn;
 pub mod fatbin;
 pub(crate) mod fused;
 pub mod memory;
 pub(crate) mod module;
 pub mod naive;
+pub mod nn;
 pub mod ops;
 
 pub use cudarc;
@@ -32,6 +34,40 @@ impl Element for half::bf16 {
 }
 impl Element for half::f16 {
     const SUFFIX: &'static str = "f16";
+}
+
+/// Element types of activations and gradients in the trainer: f32 (checking) or bf16 (speed),
+/// always with f32 accumulation.
+pub trait Act: Element + cudarc::driver::ValidAsZeroBits {
+    /// cuDNN's name for the type.
+    const CUDNN: cudarc::cudnn::sys::cudnnDataType_t;
+    /// cuBLAS's name for the type.
+    const CUBLAS: cudarc::cublas::sys::cudaDataType;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+impl Act for f32 {
+    const CUDNN: cudarc::cudnn::sys::cudnnDataType_t =
+        cudarc::cudnn::sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
+    const CUBLAS: cudarc::cublas::sys::cudaDataType = cudarc::cublas::sys::cudaDataType::CUDA_R_32F;
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+impl Act for half::bf16 {
+    const CUDNN: cudarc::cudnn::sys::cudnnDataType_t =
+        cudarc::cudnn::sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16;
+    const CUBLAS: cudarc::cublas::sys::cudaDataType =
+        cudarc::cublas::sys::cudaDataType::CUDA_R_16BF;
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
 }
 
 /// Element types Ẑ may be stored in: f32, or bf16 for the bf16 GEMM.

@@ -8,7 +8,7 @@ use crate::cpu::{matmul, Mat, MatRef};
 use rayon::prelude::*;
 
 /// Geometry of a 2-D convolution (square kernel, no bias, groups = 1, NCHW).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConvSpec {
     pub in_c: usize,
     pub out_c: usize,

@@ -3,6 +3,7 @@
 
 pub mod augment;
 pub mod checkpoint;
+pub mod cuda;
 pub mod data;
 pub mod eval;
 pub mod lars;

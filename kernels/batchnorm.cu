@@ -1,0 +1,246 @@
+// Batch normalization over the rows of an M×C row-major matrix: NHWC activations (M = N·H·W) and
+// the projector's N×C features alike. Training statistics are biased (what the norm divides by);
+// the running variance is unbiased, momentum as PyTorch.
+//
+// Reductions split the rows into a fixed number of chunks (a function of M and C only): stage 1
+// writes one partial per (chunk, channel), stage 2 merges them in chunk order in double precision,
+// so results are bit-identical run to run. A block covers COLS adjacent channels (coalesced row
+// reads) and ROWS row-groups inside its chunk.
+//
+// The forward applies the affine, the optional residual add and the optional ReLU in one pass.
+// The backward recomputes x̂ from the norm's input, takes the ReLU mask from the stored output,
+// and writes the residual branch's gradient in the same pass.
+#include "common.cuh"
+
+namespace barlow {
+
+__device__ __forceinline__ void chunk_rows(int64_t m, int64_t rows_per_chunk, int64_t* r0,
+                                           int64_t* r1) {
+  *r0 = (int64_t)blockIdx.y * rows_per_chunk;
+  *r1 = min(m, *r0 + rows_per_chunk);
+}
+
+// Stage 1 of the statistics: per (chunk, channel) count, mean and M2 of x − x[0, c] (the shift
+// keeps Welford exact when |mean| ≫ std). partial = [cnt | mean | m2], each chunks×C.
+template <typename T>
+__device__ void bn_stats_partial(const T* __restrict__ x, float* __restrict__ partial, int64_t m,
+                                 int64_t c, int64_t rows_per_chunk) {
+  __shared__ float s_cnt[ROWS][COLS];
+  __shared__ float s_mean[ROWS][COLS];
+  __shared__ float s_m2[ROWS][COLS];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t col = (int64_t)blockIdx.x * COLS + tx;
+  const bool live = col < c;
+  int64_t r0, r1;
+  chunk_rows(m, rows_per_chunk, &r0, &r1);
+  const float shift = live ? to_f32(x[col]) : 0.f;
+  float cnt = 0.f, mean = 0.f, m2 = 0.f;
+  if (live) {
+    for (int64_t r = r0 + ty; r < r1; r += ROWS) {
+      const float v = to_f32(x[r * c + col]) - shift;
+      cnt += 1.f;
+      const float delta = v - mean;
+      mean += delta / cnt;
+      m2 += delta * (v - mean);
+    }
+  }
+  s_cnt[ty][tx] = cnt;
+  s_mean[ty][tx] = mean;
+  s_m2[ty][tx] = m2;
+  __syncthreads();
+  if (ty != 0 || !live) return;
+  float n = s_cnt[0][tx], mu = s_mean[0][tx], q = s_m2[0][tx];
+  for (int g = 1; g < ROWS; ++g) {
+    const float nb = s_cnt[g][tx];
+    if (nb == 0.f) continue;
+    const float tot = n + nb;
+    const float delta = s_mean[g][tx] - mu;
+    mu += delta * (nb / tot);
+    q += s_m2[g][tx] + delta * delta * (n * nb / tot);
+    n = tot;
+  }
+  const int64_t chunks = gridDim.y;
+  const int64_t at = (int64_t)blockIdx.y * c + col;
+  partial[at] = n;
+  partial[chunks * c + at] = mu;
+  partial[2 * chunks * c + at] = q;
+}
+
+template <typename T>
+__device__ void bn_stats_final(const T* __restrict__ x, const float* __restrict__ partial,
+                               int64_t chunks, int64_t m, int64_t c, float eps, float momentum,
+                               int update_running, float* __restrict__ mean_out,
+                               float* __restrict__ rstd_out, float* __restrict__ running_mean,
+                               float* __restrict__ running_var) {
+  const int64_t col = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= c) return;
+  double n = 0.0, mu = 0.0, q = 0.0;
+  for (int64_t k = 0; k < chunks; ++k) {
+    const double nb = partial[k * c + col];
+    if (nb == 0.0) continue;
+    const double mb = partial[chunks * c + k * c + col];
+    const double qb = partial[2 * chunks * c + k * c + col];
+    const double tot = n + nb;
+    const double delta = mb - mu;
+    mu += delta * (nb / tot);
+    q += qb + delta * delta * (n * nb / tot);
+    n = tot;
+  }
+  const float var = (float)(q / (double)m);
+  const float mean = (float)((double)to_f32(x[col]) + mu);
+  mean_out[col] = mean;
+  rstd_out[col] = 1.f / sqrtf(var + eps);
+  if (update_running) {
+    const float unbias = m > 1 ? (float)m / (float)(m - 1) : 1.f;
+    running_mean[col] = (1.f - momentum) * running_mean[col] + momentum * mean;
+    running_var[col] = (1.f - momentum) * running_var[col] + momentum * var * unbias;
+  }
+}
+
+// y = act((x − mean)·rstd·γ + β (+ residual)), act = ReLU or identity.
+template <typename T>
+__device__ void bn_apply(const T* __restrict__ x, const float* __restrict__ mean,
+                         const float* __restrict__ rstd, const float* __restrict__ gamma,
+                         const float* __restrict__ beta, const T* __restrict__ residual,
+                         T* __restrict__ y, int64_t m, int64_t c, int relu) {
+  const int64_t total = m * c;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t ch = i % c;
+    float v = (to_f32(x[i]) - mean[ch]) * rstd[ch] * gamma[ch] + beta[ch];
+    if (residual) v += to_f32(residual[i]);
+    if (relu) v = fmaxf(v, 0.f);
+    y[i] = from_f32<T>(v);
+  }
+}
+
+// The gradient that reaches the norm: dy, zeroed where the ReLU's output was not positive.
+template <typename T>
+__device__ __forceinline__ float masked(const T* dy, const T* y, int64_t i) {
+  const float g = to_f32(dy[i]);
+  return (y && !(to_f32(y[i]) > 0.f)) ? 0.f : g;
+}
+
+// Stage 1 of the backward sums: per (chunk, channel) Σg and Σg·x̂. partial = [Σg | Σg·x̂].
+template <typename T>
+__device__ void bn_bwd_partial(const T* __restrict__ dy, const T* __restrict__ y,
+                               const T* __restrict__ x, const float* __restrict__ mean,
+                               const float* __restrict__ rstd, float* __restrict__ partial,
+                               int64_t m, int64_t c, int64_t rows_per_chunk) {
+  __shared__ float s_sum[ROWS][COLS];
+  __shared__ float s_dot[ROWS][COLS];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t col = (int64_t)blockIdx.x * COLS + tx;
+  const bool live = col < c;
+  int64_t r0, r1;
+  chunk_rows(m, rows_per_chunk, &r0, &r1);
+  float sum = 0.f, dot = 0.f;
+  if (live) {
+    const float mu = mean[col], rs = rstd[col];
+    for (int64_t r = r0 + ty; r < r1; r += ROWS) {
+      const int64_t i = r * c + col;
+      const float g = masked(dy, y, i);
+      sum += g;
+      dot += g * ((to_f32(x[i]) - mu) * rs);
+    }
+  }
+  s_sum[ty][tx] = sum;
+  s_dot[ty][tx] = dot;
+  __syncthreads();
+  if (ty != 0 || !live) return;
+  for (int g = 1; g < ROWS; ++g) {
+    sum += s_sum[g][tx];
+    dot += s_dot[g][tx];
+  }
+  const int64_t chunks = gridDim.y;
+  const int64_t at = (int64_t)blockIdx.y * c + col;
+  partial[at] = sum;
+  partial[chunks * c + at] = dot;
+}
+
+// Stage 2: dβ += Σg, dγ += Σg·x̂ (the parameter gradients accumulate over views), and the two
+// per-channel means the input gradient needs, into coef = [Σg/M | Σg·x̂/M].
+__device__ void bn_bwd_final(const float* __restrict__ partial, int64_t chunks, int64_t m,
+                             int64_t c, float* __restrict__ dgamma, float* __restrict__ dbeta,
+                             float* __restrict__ coef) {
+  const int64_t col = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= c) return;
+  double sum = 0.0, dot = 0.0;
+  for (int64_t k = 0; k < chunks; ++k) {
+    sum += partial[k * c + col];
+    dot += partial[chunks * c + k * c + col];
+  }
+  dbeta[col] += (float)sum;
+  dgamma[col] += (float)dot;
+  coef[col] = (float)(sum / (double)m);
+  coef[c + col] = (float)(dot / (double)m);
+}
+
+// dx = γ·rstd·(g − mean(g) − x̂·mean(g·x̂)); the residual branch gets g itself (written, or added
+// when another path already wrote that gradient).
+template <typename T>
+__device__ void bn_bwd_apply(const T* __restrict__ dy, const T* __restrict__ y,
+                             const T* __restrict__ x, const float* __restrict__ mean,
+                             const float* __restrict__ rstd, const float* __restrict__ gamma,
+                             const float* __restrict__ coef, T* __restrict__ dx,
+                             T* __restrict__ dres, int accum_res, int64_t m, int64_t c) {
+  const int64_t total = m * c;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t ch = i % c;
+    const float g = masked(dy, y, i);
+    const float rs = rstd[ch];
+    const float xhat = (to_f32(x[i]) - mean[ch]) * rs;
+    dx[i] = from_f32<T>(gamma[ch] * rs * (g - coef[ch] - xhat * coef[c + ch]));
+    if (dres) dres[i] = from_f32<T>(accum_res ? to_f32(dres[i]) + g : g);
+  }
+}
+
+}  // namespace barlow
+
+// Evaluation mode: mean and rstd from the running statistics.
+extern "C" __global__ void bn_eval_stats(const float* running_mean, const float* running_var,
+                                         int64_t c, float eps, float* mean, float* rstd) {
+  const int64_t col = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= c) return;
+  mean[col] = running_mean[col];
+  rstd[col] = 1.f / sqrtf(running_var[col] + eps);
+}
+
+extern "C" __global__ void bn_bwd_final(const float* partial, int64_t chunks, int64_t m, int64_t c,
+                                        float* dgamma, float* dbeta, float* coef) {
+  barlow::bn_bwd_final(partial, chunks, m, c, dgamma, dbeta, coef);
+}
+
+#define BARLOW_BN(SUF, T)                                                                      \
+  extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS)                    \
+      bn_stats_partial_##SUF(const T* x, float* partial, int64_t m, int64_t c, int64_t rpc) {   \
+    barlow::bn_stats_partial<T>(x, partial, m, c, rpc);                                        \
+  }                                                                                            \
+  extern "C" __global__ void bn_stats_final_##SUF(                                             \
+      const T* x, const float* partial, int64_t chunks, int64_t m, int64_t c, float eps,       \
+      float momentum, int update_running, float* mean, float* rstd, float* running_mean,       \
+      float* running_var) {                                                                    \
+    barlow::bn_stats_final<T>(x, partial, chunks, m, c, eps, momentum, update_running, mean,   \
+                              rstd, running_mean, running_var);                                \
+  }                                                                                            \
+  extern "C" __global__ void bn_apply_##SUF(const T* x, const float* mean, const float* rstd,  \
+                                            const float* gamma, const float* beta,             \
+                                            const T* residual, T* y, int64_t m, int64_t c,     \
+                                            int relu) {                                        \
+    barlow::bn_apply<T>(x, mean, rstd, gamma, beta, residual, y, m, c, relu);                  \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS)                    \
+      bn_bwd_partial_##SUF(const T* dy, const T* y, const T* x, const float* mean,             \
+                           const float* rstd, float* partial, int64_t m, int64_t c,            \
+                           int64_t rpc) {                                                      \
+    barlow::bn_bwd_partial<T>(dy, y, x, mean, rstd, partial, m, c, rpc);                       \
+  }                                                                                            \
+  extern "C" __global__ void bn_bwd_apply_##SUF(                                               \
+      const T* dy, const T* y, const T* x, const float* mean, const float* rstd,               \
+      const float* gamma, const float* coef, T* dx, T* dres, int accum_res, int64_t m,         \
+      int64_t c) {                                                                             \
+    barlow::bn_bwd_apply<T>(dy, y, x, mean, rstd, gamma, coef, dx, dres, accum_res, m, c);     \
+  }
+BARLOW_BN(f32, float)
+BARLOW_BN(bf16, __nv_bfloat16)

@@ -1,0 +1,881 @@
+//! Safe wrappers over the trainer's kernels (batch norm, pooling, conversions, LARS) and its
+//! linear layers (cuBLAS), one method per operation. Activations are NHWC: an image batch is an
+//! M×C row-major matrix with M = N·H·W, which is also how the projector's N×C features look, so
+//! one set of batch-norm kernels serves both.
+//!
+//! Every method checks its buffers' lengths and contexts, then queues work on the stream without
+//! waiting. The CPU twins are the layers of [`crate::nn`] (NCHW); the tests compare the two.
+
+use super::blas::{Blas, Operand};
+use super::module::{kernels, Kernels};
+use super::{alloc, check_available, check_context, drv, Act};
+use crate::error::{Error, Result};
+use cudarc::cublas::sys::{cublasComputeType_t, cudaDataType};
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice,
+    LaunchConfig, PushKernelArg,
+};
+use half::bf16;
+use std::sync::Arc;
+
+/// Threads of the elementwise kernels' blocks.
+const THREADS: u32 = 256;
+/// Column tile of the batch-norm reductions (matches `COLS`, `ROWS` in `common.cuh`).
+const COLS: usize = 32;
+const ROWS: u32 = 8;
+/// Target number of blocks for a reduction, split between column tiles and row chunks.
+const REDUCE_BLOCKS: usize = 1024;
+/// Fewest rows worth a chunk of their own.
+const MIN_CHUNK_ROWS: usize = 64;
+/// Largest LARS chunk (elements per block).
+pub const LARS_CHUNK: usize = 1 << 16;
+
+/// How a batch norm gets its statistics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NormMode {
+    /// Batch statistics; the running statistics move by `momentum`.
+    Train { momentum: f32 },
+    /// The running statistics.
+    Eval,
+}
+
+/// Rows per chunk and chunk count of a batch-norm reduction over an M×C matrix: a function of the
+/// shape alone, so the summation order (and the result) never varies.
+pub fn norm_chunks(m: usize, c: usize) -> (usize, usize) {
+    let tiles = c.div_ceil(COLS).max(1);
+    let target = (REDUCE_BLOCKS / tiles).max(1);
+    let chunks = target.min(m.div_ceil(MIN_CHUNK_ROWS)).max(1);
+    let rows = m.div_ceil(chunks).max(1);
+    (rows, m.div_ceil(rows).max(1))
+}
+
+fn grid(total: usize) -> LaunchConfig {
+    let blocks = total.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn need<T>(name: &'static str, buf: &impl DeviceSlice<T>, len: usize) -> Result<()> {
+    if buf.len() < len {
+        return Err(Error::BufferTooSmall {
+            name,
+            len: buf.len(),
+            needed: len,
+        });
+    }
+    Ok(())
+}
+
+fn pick<A: Act>(f32_name: &'static str, bf16_name: &'static str) -> &'static str {
+    if A::SUFFIX == "f32" {
+        f32_name
+    } else {
+        bf16_name
+    }
+}
+
+/// Per-layer batch-norm statistics kept from the forward for the backward: [mean | rstd].
+pub type NormStats = CudaSlice<f32>;
+
+/// The kernels, a cuBLAS handle and reduction scratch, bound to one stream.
+pub struct NnOps {
+    stream: Arc<CudaStream>,
+    kernels: Arc<Kernels>,
+    blas: Blas,
+    partial: Option<CudaSlice<f32>>,
+    coef: Option<CudaSlice<f32>>,
+}
+
+impl NnOps {
+    pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        check_available()?;
+        Ok(Self {
+            stream: stream.clone(),
+            kernels: kernels(stream.context())?,
+            blas: Blas::new(stream)?,
+            partial: None,
+            coef: None,
+        })
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    fn ctx<T>(&self, name: &'static str, buf: &impl DeviceSlice<T>) -> Result<()> {
+        check_context(name, buf, &self.stream)
+    }
+
+    /// Reduction scratch of at least `len` floats (grown, never shrunk).
+    fn scratch(slot: &mut Option<CudaSlice<f32>>, s: &Arc<CudaStream>, len: usize) -> Result<()> {
+        if slot.as_ref().map_or(0, |p| p.len()) < len {
+            *slot = None;
+            *slot = Some(alloc(s, len, "allocating batch-norm scratch")?);
+        }
+        Ok(())
+    }
+
+    /// Batch norm over the M rows of x (M×C): `y = act(x̂·γ + β (+ residual))` with ReLU when
+    /// `relu`. `gb` holds [γ | β], `running` [mean | var] (updated in training), `stats` receives
+    /// [mean | rstd] for the backward pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch_norm_forward<A: Act>(
+        &mut self,
+        mode: NormMode,
+        eps: f32,
+        (m, c): (usize, usize),
+        x: &CudaView<'_, A>,
+        gb: &CudaView<'_, f32>,
+        running: &mut CudaViewMut<'_, f32>,
+        residual: Option<&CudaView<'_, A>>,
+        relu: bool,
+        y: &mut CudaViewMut<'_, A>,
+        stats: &mut NormStats,
+    ) -> Result<()> {
+        if m == 0 || c == 0 {
+            return Err(Error::InvalidConfig(format!(
+                "batch norm over an empty {m}×{c} input"
+            )));
+        }
+        if !(eps > 0.0 && eps.is_finite()) {
+            return Err(Error::InvalidConfig(format!("batch norm eps = {eps}")));
+        }
+        need("x", x, m * c)?;
+        need("y", y, m * c)?;
+        need("gamma/beta", gb, 2 * c)?;
+        need("running statistics", running, 2 * c)?;
+        need("stats", stats, 2 * c)?;
+        if let Some(r) = residual {
+            need("residual", r, m * c)?;
+            self.ctx("residual", r)?;
+        }
+        self.ctx("x", x)?;
+        self.ctx("y", y)?;
+        self.ctx("gamma/beta", gb)?;
+        self.ctx("running statistics", running)?;
+        self.ctx("stats", stats)?;
+        let s = self.stream.clone();
+        let (m64, c64) = (m as i64, c as i64);
+        let (px, _g0) = x.device_ptr(&s);
+        let (pgb, _g1) = gb.device_ptr(&s);
+        let (prun, _g2) = running.device_ptr_mut(&s);
+        let (pst, _g3) = stats.device_ptr_mut(&s);
+        let (pmean, prstd) = (pst, pst + 4 * c as u64);
+        let (prm, prv) = (prun, prun + 4 * c as u64);
+        let small = LaunchConfig {
+            grid_dim: (c.div_ceil(THREADS as usize) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        match mode {
+            NormMode::Train { momentum } => {
+                let (rows, chunks) = norm_chunks(m, c);
+                Self::scratch(&mut self.partial, &s, 3 * chunks * c)?;
+                let (ppart, _g4) = self
+                    .partial
+                    .as_mut()
+                    .expect("allocated above")
+                    .device_ptr_mut(&s);
+                let name = pick::<A>("bn_stats_partial_f32", "bn_stats_partial_bf16");
+                let rows64 = rows as i64;
+                let mut b = s.launch_builder(self.kernels.get(name)?);
+                b.arg(&px).arg(&ppart).arg(&m64).arg(&c64).arg(&rows64);
+                let cfg = LaunchConfig {
+                    grid_dim: (c.div_ceil(COLS) as u32, chunks as u32, 1),
+                    block_dim: (COLS as u32, ROWS, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: (const T*, float*, i64, i64, i64) as the kernel declares; x holds M×C
+                // elements, the scratch 3·chunks·C floats, and the grid has `chunks` rows of
+                // `rows` rows each, covering exactly 0..M.
+                unsafe { b.launch(cfg) }.map_err(drv(format!("launching {name}")))?;
+                let name = pick::<A>("bn_stats_final_f32", "bn_stats_final_bf16");
+                let (chunks64, upd) = (chunks as i64, 1i32);
+                let mut b = s.launch_builder(self.kernels.get(name)?);
+                b.arg(&px)
+                    .arg(&ppart)
+                    .arg(&chunks64)
+                    .arg(&m64)
+                    .arg(&c64)
+                    .arg(&eps)
+                    .arg(&momentum)
+                    .arg(&upd)
+                    .arg(&pmean)
+                    .arg(&prstd)
+                    .arg(&prm)
+                    .arg(&prv);
+                // SAFETY: argument list as declared; stats and running hold 2·C floats each,
+                // split into two C-float halves; one thread per channel.
+                unsafe { b.launch(small) }.map_err(drv(format!("launching {name}")))?;
+            }
+            NormMode::Eval => {
+                let name = "bn_eval_stats";
+                let mut b = s.launch_builder(self.kernels.get(name)?);
+                b.arg(&prm)
+                    .arg(&prv)
+                    .arg(&c64)
+                    .arg(&eps)
+                    .arg(&pmean)
+                    .arg(&prstd);
+                // SAFETY: (const float*, const float*, i64, float, float*, float*); all hold C.
+                unsafe { b.launch(small) }.map_err(drv(format!("launching {name}")))?;
+            }
+        }
+        let (pres, _g5) = match residual {
+            Some(r) => {
+                let (p, g) = r.device_ptr(&s);
+                (p, Some(g))
+            }
+            None => (0u64, None),
+        };
+        let (py, _g6) = y.device_ptr_mut(&s);
+        let (pg, pb) = (pgb, pgb + 4 * c as u64);
+        let relu = i32::from(relu);
+        let name = pick::<A>("bn_apply_f32", "bn_apply_bf16");
+        let mut b = s.launch_builder(self.kernels.get(name)?);
+        b.arg(&px)
+            .arg(&pmean)
+            .arg(&prstd)
+            .arg(&pg)
+            .arg(&pb)
+            .arg(&pres)
+            .arg(&py)
+            .arg(&m64)
+            .arg(&c64)
+            .arg(&relu);
+        // SAFETY: argument list as declared; x, y and the residual (or null) hold M×C elements,
+        // the per-channel arrays C floats; the grid-stride loop stays below M×C.
+        unsafe { b.launch(grid(m * c)) }.map_err(drv(format!("launching {name}")))?;
+        Ok(())
+    }
+
+    /// Backward of [`NnOps::batch_norm_forward`] in training mode: `dgb` ([dγ | dβ]) is
+    /// accumulated, `dx` written, and the residual's gradient written to `dres` (or added to it
+    /// when `accumulate_res`). `y` is the forward's output, whose sign masks dy when `relu`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch_norm_backward<A: Act>(
+        &mut self,
+        (m, c): (usize, usize),
+        dy: &CudaView<'_, A>,
+        y: Option<&CudaView<'_, A>>,
+        x: &CudaView<'_, A>,
+        stats: &NormStats,
+        gb: &CudaView<'_, f32>,
+        dgb: &mut CudaViewMut<'_, f32>,
+        dx: &mut CudaViewMut<'_, A>,
+        dres: Option<(&mut CudaViewMut<'_, A>, bool)>,
+    ) -> Result<()> {
+        if m == 0 || c == 0 {
+            return Err(Error::InvalidConfig(format!(
+                "batch norm over an empty {m}×{c} input"
+            )));
+        }
+        need("dy", dy, m * c)?;
+        need("x", x, m * c)?;
+        need("dx", dx, m * c)?;
+        need("stats", stats, 2 * c)?;
+        need("gamma/beta", gb, 2 * c)?;
+        need("dgamma/dbeta", dgb, 2 * c)?;
+        self.ctx("dy", dy)?;
+        self.ctx("x", x)?;
+        self.ctx("dx", dx)?;
+        self.ctx("stats", stats)?;
+        self.ctx("gamma/beta", gb)?;
+        self.ctx("dgamma/dbeta", dgb)?;
+        if let Some(y) = y {
+            need("y", y, m * c)?;
+            self.ctx("y", y)?;
+        }
+        if let Some((r, _)) = &dres {
+            need("dres", *r, m * c)?;
+            self.ctx("dres", *r)?;
+        }
+        let s = self.stream.clone();
+        let (m64, c64) = (m as i64, c as i64);
+        let (rows, chunks) = norm_chunks(m, c);
+        Self::scratch(&mut self.partial, &s, 2 * chunks * c)?;
+        Self::scratch(&mut self.coef, &s, 2 * c)?;
+        let (pdy, _g0) = dy.device_ptr(&s);
+        let (py, _g1) = match y {
+            Some(y) => {
+                let (p, g) = y.device_ptr(&s);
+                (p, Some(g))
+            }
+            None => (0u64, None),
+        };
+        let (px, _g2) = x.device_ptr(&s);
+        let (pst, _g3) = stats.device_ptr(&s);
+        let (pmean, prstd) = (pst, pst + 4 * c as u64);
+        let (ppart, _g4) = self
+            .partial
+            .as_mut()
+            .expect("allocated above")
+            .device_ptr_mut(&s);
+        let name = pick::<A>("bn_bwd_partial_f32", "bn_bwd_partial_bf16");
+        let rows64 = rows as i64;
+        let mut b = s.launch_builder(self.kernels.get(name)?);
+        b.arg(&pdy)
+            .arg(&py)
+            .arg(&px)
+            .arg(&pmean)
+            .arg(&prstd)
+            .arg(&ppart)
+            .arg(&m64)
+            .arg(&c64)
+            .arg(&rows64);
+        let cfg = LaunchConfig {
+            grid_dim: (c.div_ceil(COLS) as u32, chunks as u32, 1),
+            block_dim: (COLS as u32, ROWS, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument list as declared; dy, y (or null), x hold M×C; the scratch holds
+        // 2·chunks·C floats; chunks × rows covers 0..M.
+        unsafe { b.launch(cfg) }.map_err(drv(format!("launching {name}")))?;
+
+        let (pdgb, _g5) = dgb.device_ptr_mut(&s);
+        let (pdg, pdb) = (pdgb, pdgb + 4 * c as u64);
+        let (pcoef, _g6) = self
+            .coef
+            .as_mut()
+            .expect("allocated above")
+            .device_ptr_mut(&s);
+        let chunks64 = chunks as i64;
+        let name = "bn_bwd_final";
+        let mut b = s.launch_builder(self.kernels.get(name)?);
+        b.arg(&ppart)
+            .arg(&chunks64)
+            .arg(&m64)
+            .arg(&c64)
+            .arg(&pdg)
+            .arg(&pdb)
+            .arg(&pcoef);
+        let small = LaunchConfig {
+            grid_dim: (c.div_ceil(THREADS as usize) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: (const float*, i64, i64, i64, float*, float*, float*); dγ and dβ are the two
+        // C-float halves of dgb, coef holds 2·C floats; one thread per channel.
+        unsafe { b.launch(small) }.map_err(drv(format!("launching {name}")))?;
+
+        let (pgb, _g7) = gb.device_ptr(&s);
+        let (pdx, _g8) = dx.device_ptr_mut(&s);
+        let (pdres, accum, _g9) = match dres {
+            Some((r, acc)) => {
+                let (p, g) = r.device_ptr_mut(&s);
+                (p, i32::from(acc), Some(g))
+            }
+            None => (0u64, 0i32, None),
+        };
+        let name = pick::<A>("bn_bwd_apply_f32", "bn_bwd_apply_bf16");
+        let mut b = s.launch_builder(self.kernels.get(name)?);
+        b.arg(&pdy)
+            .arg(&py)
+            .arg(&px)
+            .arg(&pmean)
+            .arg(&prstd)
+            .arg(&pgb)
+            .arg(&pcoef)
+            .arg(&pdx)
+            .arg(&pdres)
+            .arg(&accum)
+            .arg(&m64)
+            .arg(&c64);
+        // SAFETY: argument list as declared; every M×C buffer was checked, dres is null or M×C
+        // and distinct from dx and dy (separate borrows).
+        unsafe { b.launch(grid(m * c)) }.map_err(drv(format!("launching {name}")))?;
+        Ok(())
+    }
+
+    /// The 3×3 stride-2 padding-1 max-pool: x [n, h, w, c] → y [n, ho, wo, c], with the winning
+    /// window position per output in `arg`.
+    pub fn max_pool_forward<A: Act>(
+        &self,
+        (n, h, w, c): (usize, usize, usize, usize),
+        x: &CudaView<'_, A>,
+        y: &mut CudaViewMut<'_, A>,
+        arg: &mut CudaViewMut<'_, u8>,
+    ) -> Result<()> {
+        let (ho, wo) = (pool_out(h)?, pool_out(w)?);
+        need("x", x, n * h * w * c)?;
+        need("y", y, n * ho * wo * c)?;
+        need("arg", arg, n * ho * wo * c)?;
+        self.ctx("x", x)?;
+        self.ctx("y", y)?;
+        self.ctx("arg", arg)?;
+        let s = &self.stream;
+        let (px, _g0) = x.device_ptr(s);
+        let (py, _g1) = y.device_ptr_mut(s);
+        let (pa, _g2) = arg.device_ptr_mut(s);
+        let dims = [n, h, w, c, ho, wo].map(|v| v as i64);
+        let name = pick::<A>("maxpool_fwd_f32", "maxpool_fwd_bf16");
+        let mut b = s.launch_builder(self.kernels.get(name)?);
+        b.arg(&px).arg(&py).arg(&pa);
+        for d in &dims {
+            b.arg(d);
+        }
+        // SAFETY: (const T*, T*, uint8*, six i64) as declared; sizes checked above.
+        unsafe { b.launch(grid(n * ho * wo * c)) }.map_err(drv(format!("launching {name}")))?;
+        Ok(())
+    }
+
+    /// Backward of [`NnOps::max_pool_forward`]: writes dx.
+    pub fn max_pool_backward<A: Act>(
+        &self,
+        (n, h, w, c): (usize, usize, usize, usize),
+        dy: &CudaView<'_, A>,
+        arg: &CudaView<'_, u8>,
+        dx: &mut CudaViewMut<'_, A>,
+    ) -> Result<()> {
+        let (ho, wo) = (pool_out(h)?, pool_out(w)?);
+        need("dy", dy, n * ho * wo * c)?;
+        need("arg", arg, n * ho * wo * c)?;
+        need("dx", dx, n * h * w * c)?;
+        self.ctx("dy", dy)?;
+        self.ctx("arg", arg)?;
+        self.ctx("dx", dx)?;
+        let s = &self.stream;
+        let (pdy, _g0) = dy.device_ptr(s);
+        let (pa, _g1) = arg.device_ptr(s);
+        let (pdx, _g2) = dx.device_ptr_mut(s);
+        let dims = [n, h, w, c, ho, wo].map(|v| v as i64);
+        let name = pick::<A>("maxpool_bwd_f32", "maxpool_bwd_bf16");
+        let mut b = s.launch_builder(self.kernels.get(name)?);
+        b.arg(&pdy).arg(&pa).arg(&pdx);
+        for d in &dims {
+            b.arg(d);
+        }
+        // SAFETY: (const T*, const uint8*, T*, six i64) as declared; sizes checked above.
+        unsafe { b.launch(grid(n * h * w * c)) }.map_err(drv(format!("launching {name}")))?;
+        Ok(())
+    }
+
+    /// Global average pool: x [n, hw, c] → y [n, c].
+    pub fn avg_pool_forward<A: Act>(
+        &self,
+        (n, hw, c): (usize, usize, usize),
+        x: &CudaView<'_, A>,
+        y: &mut CudaViewMut<'_, A>,
+    ) -> Result<()> {
+        need("x", x, n * hw * c)?;
+        need("y", y, n * c)?;
+        self.ctx("x", x)?;
+        self.ctx("y", y)?;
+        let s = &self.stream;
+        let (px, _g0) = x.device_ptr(s);
+        let (py, _g1) = y.device_ptr_mut(s);
+        let dims = [n, hw, c].map(|v| v as i64);
+        let name = pick::<A>("avgpool_fwd_f32", "avgpool_fwd_bf16");
+        let mut b = s.launch_builder(self.kernels.get(name)?);
+        b.arg(&px)
+            .arg(&py)
+            .arg(&dims[0])
+            .arg(&dims[1])
+            .arg(&dims[2]);
+        // SAFETY: (const T*, T*, i64, i64, i64) as declared; sizes checked above.
+        unsafe { b.launch(grid(n * c)) }.map_err(drv(format!("launching {name}")))?;
+        Ok(())
+    }
+
+    /// Backward of [`NnOps::avg_pool_forward`]: writes dx.
+    pub fn avg_pool_backward<A: Act>(
+        &self,
+        (n, hw, c): (usize, usize, usize),
+        dy: &CudaView<'_, A>,
+        dx: &mut CudaViewMut<'_, A>,
+    ) -> Result<()> {
+        need("dy", dy, n * c)?;
+        need("dx", dx, n * hw * c)?;
+        self.ctx("dy", dy)?;
+        self.ctx("dx", dx)?;
+        let s = &self.stream;
+        let (pdy, _g0) = dy.device_ptr(s);
+        let (pdx, _g1) = dx.device_ptr_mut(s);
+        let dims = [n, hw, c].map(|v| v as i64);
+        let name = pick::<A>("avgpool_bwd_f32", "avgpool_bwd_bf16");
+        let mut b = s.launch_builder(self.kernels.get(name)?);
+        b.arg(&pdy)
+            .arg(&pdx)
+            .arg(&dims[0])
+            .arg(&dims[1])
+            .arg(&dims[2]);
+        // SAFETY: (const T*, T*, i64, i64, i64) as declared; sizes checked above.
+        unsafe { b.launch(grid(n * hw * c)) }.map_err(drv(format!("launching {name}")))?;
+        Ok(())
+    }
+
+    fn gemm_types<A: Act>(fma_only: bool) -> cublasComputeType_t {
+        if A::SUFFIX == "f32" && !fma_only {
+            cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+        } else {
+            cublasComputeType_t::CUBLAS_COMPUTE_32F
+        }
+    }
+
+    /// `y = x·wᵀ`: x [n, inp], w [out, inp], y [n, out]. `fma_only` keeps f32 GEMMs off TF32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_forward<A: Act>(
+        &mut self,
+        fma_only: bool,
+        (n, inp, out): (usize, usize, usize),
+        x: &CudaView<'_, A>,
+        w: &CudaView<'_, A>,
+        y: &mut CudaViewMut<'_, A>,
+    ) -> Result<()> {
+        need("x", x, n * inp)?;
+        need("w", w, out * inp)?;
+        need("y", y, n * out)?;
+        self.ctx("x", x)?;
+        self.ctx("w", w)?;
+        self.ctx("y", y)?;
+        let s = self.stream.clone();
+        self.blas.bind(&s)?;
+        let (px, _g0) = x.device_ptr(&s);
+        let (pw, _g1) = w.device_ptr(&s);
+        let (py, _g2) = y.device_ptr_mut(&s);
+        // Row-major Y = X·Wᵀ is column-major Yᵀ (out×n) = W (out×inp, stored as inp×out) · Xᵀ.
+        // SAFETY: extents checked above; element types are A for all three; y is a distinct
+        // mutable borrow.
+        unsafe {
+            self.blas.gemm_ex(
+                A::CUBLAS,
+                A::CUBLAS,
+                Self::gemm_types::<A>(fma_only),
+                (out, n, inp),
+                1.0,
+                Operand {
+                    ptr: pw,
+                    ld: inp,
+                    trans: true,
+                },
+                Operand {
+                    ptr: px,
+                    ld: inp,
+                    trans: false,
+                },
+                0.0,
+                py,
+                out,
+            )
+        }
+    }
+
+    /// Backward of [`NnOps::linear_forward`]: `dw += dyᵀ·x` into the f32 gradient, and
+    /// `dx (+)= dy·w` when given (added when its flag is set).
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_backward<A: Act>(
+        &mut self,
+        fma_only: bool,
+        (n, inp, out): (usize, usize, usize),
+        x: &CudaView<'_, A>,
+        w: &CudaView<'_, A>,
+        dy: &CudaView<'_, A>,
+        dw: &mut CudaViewMut<'_, f32>,
+        dx: Option<(&mut CudaViewMut<'_, A>, bool)>,
+    ) -> Result<()> {
+        need("x", x, n * inp)?;
+        need("w", w, out * inp)?;
+        need("dy", dy, n * out)?;
+        need("dw", dw, out * inp)?;
+        self.ctx("x", x)?;
+        self.ctx("w", w)?;
+        self.ctx("dy", dy)?;
+        self.ctx("dw", dw)?;
+        let s = self.stream.clone();
+        self.blas.bind(&s)?;
+        let compute = Self::gemm_types::<A>(fma_only);
+        let (px, _g0) = x.device_ptr(&s);
+        let (pw, _g1) = w.device_ptr(&s);
+        let (pdy, _g2) = dy.device_ptr(&s);
+        let (pdw, _g3) = dw.device_ptr_mut(&s);
+        // Column-major dWᵀ (inp×out) += Xᵀ (inp×n) · dY (n×out, stored as out×n).
+        // SAFETY: extents checked above; A and B of type A, C f32 (the master gradient).
+        unsafe {
+            self.blas.gemm_ex(
+                A::CUBLAS,
+                cudaDataType::CUDA_R_32F,
+                compute,
+                (inp, out, n),
+                1.0,
+                Operand {
+                    ptr: px,
+                    ld: inp,
+                    trans: false,
+                },
+                Operand {
+                    ptr: pdy,
+                    ld: out,
+                    trans: true,
+                },
+                1.0,
+                pdw,
+                inp,
+            )?;
+        }
+        if let Some((dx, acc)) = dx {
+            need("dx", dx, n * inp)?;
+            self.ctx("dx", dx)?;
+            let (pdx, _g4) = dx.device_ptr_mut(&s);
+            // Column-major dXᵀ (inp×n) = W (stored inp×out) · dYᵀ (out×n).
+            // SAFETY: extents checked above; all of type A.
+            unsafe {
+                self.blas.gemm_ex(
+                    A::CUBLAS,
+                    A::CUBLAS,
+                    compute,
+                    (inp, n, out),
+                    1.0,
+                    Operand {
+                        ptr: pw,
+                        ld: inp,
+                        trans: false,
+                    },
+                    Operand {
+                        ptr: pdy,
+                        ld: out,
+                        trans: false,
+                    },
+                    if acc { 1.0 } else { 0.0 },
+                    pdx,
+                    inp,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `dst = bf16(src)`.
+    pub fn cast_f32_bf16(
+        &self,
+        src: &CudaView<'_, f32>,
+        dst: &mut CudaViewMut<'_, bf16>,
+    ) -> Result<()> {
+        need("dst", dst, src.len())?;
+        self.ctx("src", src)?;
+        self.ctx("dst", dst)?;
+        let s = &self.stream;
+        let (ps, _g0) = src.device_ptr(s);
+        let (pd, _g1) = dst.device_ptr_mut(s);
+        let n = src.len() as i64;
+        let name = "cast_f32_bf16";
+        let mut b = s.launch_builder(self.kernels.get(name)?);
+        b.arg(&ps).arg(&pd).arg(&n);
+        // SAFETY: (const float*, bf16*, i64); dst holds at least src.len() elements.
+        unsafe { b.launch(grid(src.len())) }.map_err(drv(format!("launching {name}")))?;
+        Ok(())
+    }
+
+    /// `dst += src`: a weight gradient of one view into the f32 master gradient.
+    pub fn accumulate_into_f32<A: Act>(
+        &self,
+        src: &CudaView<'_, A>,
+        dst: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        need("dst", dst, src.len())?;
+        self.ctx("src", src)?;
+        self.ctx("dst", dst)?;
+        let s = &self.stream;
+        let (ps, _g0) = src.device_ptr(s);
+        let (pd, _g1) = dst.device_ptr_mut(s);
+        let n = src.len() as i64;
+        let name = pick::<A>("accumulate_f32_f32", "accumulate_bf16_f32");
+        let mut b = s.launch_builder(self.kernels.get(name)?);
+        b.arg(&ps).arg(&pd).arg(&n);
+        // SAFETY: (const T*, float*, i64); dst holds at least src.len() elements.
+        unsafe { b.launch(grid(src.len())) }.map_err(drv(format!("launching {name}")))?;
+        Ok(())
+    }
+
+    pub(crate) fn kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+}
+
+fn pool_out(h: usize) -> Result<usize> {
+    if h == 0 {
+        return Err(Error::InvalidConfig("max-pool over an empty image".into()));
+    }
+    Ok((h + 2 - 3) / 2 + 1)
+}
+
+/// The LARS tables of a flat parameter array: every tensor split into chunks of at most
+/// [`LARS_CHUNK`] elements.
+pub struct LarsTables {
+    chunk_start: CudaSlice<i64>,
+    chunk_len: CudaSlice<i32>,
+    chunk_tensor: CudaSlice<i32>,
+    tensor_vector: CudaSlice<i32>,
+    first_chunk: CudaSlice<i32>,
+    n_chunks: CudaSlice<i32>,
+    partial: CudaSlice<f32>,
+    trust: CudaSlice<f32>,
+    chunks: usize,
+    tensors: usize,
+    total: usize,
+}
+
+/// LARS hyper-parameters of one step.
+#[derive(Debug, Clone, Copy)]
+pub struct LarsStep {
+    pub weight_decay: f32,
+    pub eta: f32,
+    pub momentum: f32,
+    pub lr_weights: f32,
+    pub lr_biases: f32,
+}
+
+impl LarsTables {
+    /// Tables for tensors given as (offset, length, is 1-D) over a flat array; tensors must be
+    /// disjoint and inside `0..total`.
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        tensors: &[(usize, usize, bool)],
+        total: usize,
+    ) -> Result<Self> {
+        let (mut cs, mut cl, mut ct) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut tv, mut fc, mut nc) = (Vec::new(), Vec::new(), Vec::new());
+        for (t, &(off, len, vector)) in tensors.iter().enumerate() {
+            if off + len > total || len == 0 {
+                return Err(Error::InvalidConfig(format!(
+                    "parameter tensor {t} ({off}..{}) lies outside the {total} parameters",
+                    off + len
+                )));
+            }
+            fc.push(cs.len() as i32);
+            let mut k = 0;
+            while k < len {
+                let l = LARS_CHUNK.min(len - k);
+                cs.push((off + k) as i64);
+                cl.push(l as i32);
+                ct.push(t as i32);
+                k += l;
+            }
+            nc.push(cs.len() as i32 - fc[t]);
+            tv.push(i32::from(vector));
+        }
+        let up = |v: &[i32]| {
+            stream
+                .clone_htod(v)
+                .map_err(drv("uploading the LARS tables"))
+        };
+        Ok(Self {
+            chunk_start: stream
+                .clone_htod(&cs)
+                .map_err(drv("uploading the LARS tables"))?,
+            chunk_len: up(&cl)?,
+            chunk_tensor: up(&ct)?,
+            tensor_vector: up(&tv)?,
+            first_chunk: up(&fc)?,
+            n_chunks: up(&nc)?,
+            partial: alloc(stream, 2 * cs.len(), "allocating LARS scratch")?,
+            trust: alloc(stream, tensors.len(), "allocating LARS scratch")?,
+            chunks: cs.len(),
+            tensors: tensors.len(),
+            total,
+        })
+    }
+
+    /// One LARS step over the flat arrays, in three launches; refreshes `work`, the copy of the
+    /// parameters in the element type the layers read.
+    pub fn step<A: Act>(
+        &mut self,
+        ops: &NnOps,
+        hp: LarsStep,
+        w: &mut CudaSlice<f32>,
+        g: &CudaSlice<f32>,
+        mom: &mut CudaSlice<f32>,
+        work: &mut CudaSlice<A>,
+    ) -> Result<()> {
+        for (name, len) in [("parameters", w.len()), ("gradients", g.len())] {
+            if len < self.total {
+                return Err(Error::BufferTooSmall {
+                    name: if name == "parameters" {
+                        "parameters"
+                    } else {
+                        "gradients"
+                    },
+                    len,
+                    needed: self.total,
+                });
+            }
+        }
+        need("momentum", mom, self.total)?;
+        need("working weights", work, self.total)?;
+        let s = ops.stream().clone();
+        check_context("parameters", w, &s)?;
+        check_context("gradients", g, &s)?;
+        check_context("momentum", mom, &s)?;
+        check_context("working weights", work, &s)?;
+        if self.chunks == 0 {
+            return Ok(());
+        }
+        let k = ops.kernels();
+        let (pw, _g0) = w.device_ptr_mut(&s);
+        let (pg, _g1) = g.device_ptr(&s);
+        let (pm, _g2) = mom.device_ptr_mut(&s);
+        let (cs, _g3) = self.chunk_start.device_ptr(&s);
+        let (cl, _g4) = self.chunk_len.device_ptr(&s);
+        let (ct, _g5) = self.chunk_tensor.device_ptr(&s);
+        let (tv, _g6) = self.tensor_vector.device_ptr(&s);
+        let (fc, _g7) = self.first_chunk.device_ptr(&s);
+        let (nc, _g8) = self.n_chunks.device_ptr(&s);
+        let (pp, _g9) = self.partial.device_ptr_mut(&s);
+        let (pt, _g10) = self.trust.device_ptr_mut(&s);
+        let per_chunk = LaunchConfig {
+            grid_dim: (self.chunks as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = s.launch_builder(k.get("lars_partial")?);
+        b.arg(&pw)
+            .arg(&pg)
+            .arg(&cs)
+            .arg(&cl)
+            .arg(&ct)
+            .arg(&tv)
+            .arg(&hp.weight_decay)
+            .arg(&pp);
+        // SAFETY: argument list as the kernel declares; every chunk lies inside 0..total
+        // (checked in `new`) and the arrays hold `total` floats; one block per chunk.
+        unsafe { b.launch(per_chunk) }.map_err(drv("launching lars_partial"))?;
+        let tensors = self.tensors as i64;
+        let mut b = s.launch_builder(k.get("lars_trust")?);
+        b.arg(&pp)
+            .arg(&fc)
+            .arg(&nc)
+            .arg(&tv)
+            .arg(&tensors)
+            .arg(&hp.eta)
+            .arg(&pt);
+        // SAFETY: one thread per tensor; its chunks index the partial array of 2·chunks floats.
+        unsafe { b.launch(grid(self.tensors)) }.map_err(drv("launching lars_trust"))?;
+        let (pwork, _g11) = work.device_ptr_mut(&s);
+        let (pbf, pf) = if A::SUFFIX == "f32" {
+            (0u64, pwork)
+        } else {
+            (pwork, 0u64)
+        };
+        let mut b = s.launch_builder(k.get("lars_update")?);
+        b.arg(&pw)
+            .arg(&pg)
+            .arg(&pm)
+            .arg(&cs)
+            .arg(&cl)
+            .arg(&ct)
+            .arg(&tv)
+            .arg(&pt)
+            .arg(&hp.weight_decay)
+            .arg(&hp.lr_weights)
+            .arg(&hp.lr_biases)
+            .arg(&hp.momentum)
+            .arg(&pbf)
+            .arg(&pf);
+        // SAFETY: as lars_partial; momentum and the working copy (bf16 or f32 slot, the other
+        // null) hold `total` elements.
+        unsafe { b.launch(per_chunk) }.map_err(drv("launching lars_update"))?;
+        Ok(())
+    }
+}
