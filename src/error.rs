@@ -97,6 +97,19 @@ impl Error {
         }
     }
 
+    /// True when the error means no GPU can be used at all (no kernels, driver, device, cuBLAS
+    /// or cuDNN), as opposed to a failure on a GPU that exists.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Error::NoKernels
+                | Error::NoCudaDriver
+                | Error::NoDevice(_)
+                | Error::NoCublas
+                | Error::NoCudnn
+        )
+    }
+
     /// A dataset error on `path`.
     pub fn dataset(path: impl AsRef<std::path::Path>, reason: impl Into<String>) -> Self {
         Error::Dataset {

@@ -88,10 +88,19 @@ struct TrainArgs {
     /// Continue the run saved in this checkpoint (its settings are kept; --epochs may extend it).
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Compute device: auto picks the GPU when one works (the CUDA trainer is not built yet, so
-    /// training runs on the CPU).
+    /// Compute device: auto picks the first GPU when one works (and says which), else the CPU.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// Activations on the GPU: bf16 (fast; f32 master weights and accumulation) or f32 (exact,
+    /// no tensor-core rounding; for checking).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
+    precision: PrecisionArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PrecisionArg {
+    Bf16,
+    F32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -154,6 +163,62 @@ enum BenchCommand {
     /// Time the loss's forward+backward: barlow's fused path beside the naive port of the
     /// reference code and a plain cuBLAS GEMM (GPU), or the CPU path.
     Loss(LossArgs),
+    /// Time the whole training step (two views, forward, loss, backward, LARS, upload) in
+    /// images/s, with a per-phase breakdown; merge PyTorch's rows (benches/pytorch/train_bench.py)
+    /// with --with to compare.
+    Train(BenchTrainArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum PresetArg {
+    /// ResNet-50, ImageNet stem, 224x224, batch 256, projector 8192-8192-8192.
+    Paper,
+    /// ResNet-18, small stem, 32x32, batch 256, projector 8192-8192-8192.
+    Small,
+}
+
+#[derive(clap::Args)]
+struct BenchTrainArgs {
+    /// Configurations, comma-separated (flags below override each).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "paper,small")]
+    preset: Vec<PresetArg>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
+    precision: PrecisionArg,
+    #[arg(long, value_enum)]
+    arch: Option<ArchArg>,
+    #[arg(long, value_enum)]
+    stem: Option<StemArg>,
+    /// Image size (square).
+    #[arg(long)]
+    image: Option<usize>,
+    #[arg(long)]
+    batch: Option<usize>,
+    /// First-stage width (64 in torchvision).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Projector widths, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    projector: Vec<usize>,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    /// Timed steps (median and mean reported).
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// Steps profiled per phase after the timed ones (GPU; 0: no breakdown).
+    #[arg(long, default_value_t = 5)]
+    profile_steps: usize,
+    /// Write the rows as JSON lines to this file (atomically).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Merge rows from these JSON-lines files (benches/pytorch/train_bench.py's output).
+    #[arg(long = "with")]
+    with: Vec<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -219,6 +284,7 @@ fn main() -> ExitCode {
         Command::Eval(EvalCommand::Knn(args)) => eval_knn(args),
         Command::Eval(EvalCommand::Linear(args)) => eval_linear(args),
         Command::Bench(BenchCommand::Loss(args)) => bench_loss(args),
+        Command::Bench(BenchCommand::Train(args)) => bench_train(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -241,6 +307,71 @@ fn info() {
         Err(e) => println!("CUDA devices: none ({e})"),
     }
     println!("CPU threads: {}", rayon::current_num_threads());
+}
+
+fn bench_train(a: BenchTrainArgs) -> Result<(), String> {
+    use barlow::nn::resnet::{Arch, Stem};
+    use barlow::train::bench::{self as tb, TrainBench};
+    use barlow::train::run::{DeviceChoice, Precision};
+    let mut rows = Vec::new();
+    for p in &a.preset {
+        let mut b = match p {
+            PresetArg::Paper => TrainBench::paper(),
+            PresetArg::Small => TrainBench::small(),
+        };
+        if let Some(x) = a.arch {
+            b.arch = match x {
+                ArchArg::Resnet18 => Arch::Resnet18,
+                ArchArg::Resnet50 => Arch::Resnet50,
+            };
+        }
+        if let Some(x) = a.stem {
+            b.stem = match x {
+                StemArg::Small => Stem::Small,
+                StemArg::Imagenet => Stem::Imagenet,
+            };
+        }
+        b.image = a.image.unwrap_or(b.image);
+        b.batch = a.batch.unwrap_or(b.batch);
+        b.width = a.width.unwrap_or(b.width);
+        if !a.projector.is_empty() {
+            b.projector = a.projector.clone();
+        }
+        b.device = match a.device {
+            Device::Auto => DeviceChoice::Auto,
+            Device::Cpu => DeviceChoice::Cpu,
+            Device::Cuda => DeviceChoice::Cuda,
+        };
+        b.precision = match a.precision {
+            PrecisionArg::Bf16 => Precision::Bf16,
+            PrecisionArg::F32 => Precision::F32,
+        };
+        b.warmup = a.warmup;
+        b.steps = a.steps;
+        b.profile_steps = a.profile_steps;
+        b.seed = a.seed;
+        eprintln!(
+            "barlow: bench train {:?} {}x{} batch {}",
+            b.arch, b.image, b.image, b.batch
+        );
+        let row = tb::run(&b, &mut |m| eprintln!("  {m}")).map_err(|e| e.to_string())?;
+        rows.push(row);
+    }
+    if let Some(path) = &a.json {
+        let mut text = String::new();
+        for r in &rows {
+            text.push_str(&serde_json::to_string(r).map_err(|e| e.to_string())?);
+            text.push('\n');
+        }
+        barlow::io::write_atomic(path, text.as_bytes())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    for path in &a.with {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        rows.extend(tb::read_rows(&text).map_err(|e| format!("{}: {e}", path.display()))?);
+    }
+    print!("{}", tb::render(&rows));
+    Ok(())
 }
 
 fn bench_loss(args: LossArgs) -> Result<(), String> {
@@ -423,14 +554,17 @@ fn timestamp() -> String {
 
 fn train(a: TrainArgs) -> Result<(), String> {
     use barlow::nn::resnet::{Arch, Stem};
-    if matches!(a.device, Device::Cuda) {
-        return Err("--device cuda: the CUDA trainer is not built yet; use --device cpu".into());
-    }
-    eprintln!(
-        "barlow: training on the CPU ({} threads)",
-        rayon::current_num_threads()
-    );
+    use barlow::train::run::{DeviceChoice, Precision};
     let cfg = barlow::train::run::TrainConfig {
+        device: match a.device {
+            Device::Auto => DeviceChoice::Auto,
+            Device::Cpu => DeviceChoice::Cpu,
+            Device::Cuda => DeviceChoice::Cuda,
+        },
+        precision: match a.precision {
+            PrecisionArg::Bf16 => Precision::Bf16,
+            PrecisionArg::F32 => Precision::F32,
+        },
         data: a.data,
         arch: match a.arch {
             ArchArg::Resnet18 => Arch::Resnet18,

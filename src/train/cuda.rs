@@ -709,6 +709,11 @@ impl<A: Act> DeviceTrainer<A> {
         }
     }
 
+    /// The compute stream.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     /// The batch size the buffers were made for.
     pub fn batch(&self) -> usize {
         self.batch

@@ -6,7 +6,7 @@ use super::augment::{eval_batch, AugmentConfig};
 use super::data::Dataset;
 use crate::cpu::{matmul, Mat, MatRef};
 use crate::nn::resnet::ResNet;
-use crate::nn::Backend;
+use crate::nn::{Backend, Tensor};
 use crate::rng::Rng;
 use rayon::prelude::*;
 
@@ -19,21 +19,34 @@ pub fn features(
     batch: usize,
     unit: bool,
 ) -> Vec<f32> {
-    let f = net.config.features();
-    let mut out = Vec::with_capacity(ds.len() * f);
+    let mut f = |x: &Tensor| -> crate::Result<Tensor> { Ok(net.forward(be, x, false)) };
+    features_with(ds, aug, batch, unit, &mut f).unwrap_or_default()
+}
+
+/// [`features`] through any feature extractor (the CPU backbone or a device copy of it).
+pub fn features_with(
+    ds: &Dataset,
+    aug: &AugmentConfig,
+    batch: usize,
+    unit: bool,
+    net: &mut dyn FnMut(&Tensor) -> crate::Result<Tensor>,
+) -> crate::Result<Vec<f32>> {
+    let mut out = Vec::new();
     let idx: Vec<usize> = (0..ds.len()).collect();
+    let mut f = 0;
     for chunk in idx.chunks(batch.max(1)) {
         let x = eval_batch(ds, chunk, aug);
-        let y = net.forward(be, &x, false);
+        let y = net(&x)?;
+        f = y.item_len();
         out.extend_from_slice(&y.data);
     }
-    if unit {
+    if unit && f > 0 {
         out.par_chunks_mut(f).for_each(|v| {
             let n = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
             v.iter_mut().for_each(|x| *x /= n);
         });
     }
-    out
+    Ok(out)
 }
 
 /// kNN top-1 accuracy (in [0, 1]) of unit feature rows `test` against the labelled `bank`:

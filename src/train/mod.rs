@@ -2,6 +2,7 @@
 //! evaluation, checkpoints and the run loop behind `barlow train`.
 
 pub mod augment;
+pub mod bench;
 pub mod checkpoint;
 pub mod cuda;
 pub mod data;

@@ -7,14 +7,16 @@
 
 use super::augment::{two_views, AugmentConfig};
 use super::checkpoint;
+use super::cuda::DeviceTrainer;
 use super::data::{self, Dataset, Splits};
-use super::eval::{features, knn_top1};
+use super::eval::{features_with, knn_top1};
 use super::plot::{save_png, Panel};
 use super::{BarlowTwins, Lars, LarsConfig, ModelConfig, Schedule};
 use crate::error::{Error, Result};
 use crate::nn::resnet::{Arch, ResNetConfig, Stem};
-use crate::nn::{Backend, CpuBackend, Tensor};
+use crate::nn::{CpuBackend, Tensor};
 use crate::rng::Rng;
+use crate::LossValue;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
@@ -50,6 +52,35 @@ pub struct TrainConfig {
     pub knn_bank: usize,
     pub knn_test: usize,
     pub seed: u64,
+    /// Where the step runs (not saved: a run may resume on another machine).
+    #[serde(skip)]
+    pub device: DeviceChoice,
+    /// Element type of activations on the GPU (not saved, like the device).
+    #[serde(skip)]
+    pub precision: Precision,
+}
+
+/// Where training runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// The first CUDA device when one works (kernels built in, driver, cuBLAS and cuDNN found),
+    /// else the CPU.
+    Auto,
+    #[default]
+    Cpu,
+    /// The first CUDA device, or an error saying what is missing.
+    Cuda,
+}
+
+/// Element type of activations and weights in the CUDA step (master weights and accumulation
+/// stay f32 either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// bf16 activations and weight copies: the fast mode.
+    #[default]
+    Bf16,
+    /// f32 everywhere, no tensor-core rounding: for checking against the CPU.
+    F32,
 }
 
 impl Default for TrainConfig {
@@ -75,6 +106,140 @@ impl Default for TrainConfig {
             knn_bank: 10_000,
             knn_test: 2_000,
             seed: 0,
+            device: DeviceChoice::Cpu,
+            precision: Precision::Bf16,
+        }
+    }
+}
+
+/// The step's machinery: the CPU layers, or a device-resident copy of the model.
+pub enum Engine {
+    Cpu,
+    CudaBf16(Box<DeviceTrainer<half::bf16>>),
+    CudaF32(Box<DeviceTrainer<f32>>),
+}
+
+impl Engine {
+    /// Opens the engine `choice` asks for. `Auto` falls back to the CPU (saying why through
+    /// `say`) only when no GPU is usable; any other failure is returned.
+    pub fn open(
+        choice: DeviceChoice,
+        precision: Precision,
+        model: &mut BarlowTwins,
+        opt: &Lars,
+        batch: usize,
+        image: (usize, usize, usize),
+        say: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
+        if choice == DeviceChoice::Cpu {
+            say(&format!(
+                "training on the CPU ({} threads)",
+                rayon::current_num_threads()
+            ));
+            return Ok(Engine::Cpu);
+        }
+        let opened = crate::cuda::open_stream(0).and_then(|stream| {
+            let name = stream
+                .context()
+                .name()
+                .unwrap_or_else(|_| "CUDA device 0".into());
+            let engine = match precision {
+                Precision::Bf16 => Engine::CudaBf16(Box::new(DeviceTrainer::new(
+                    &stream, model, opt, batch, image, false,
+                )?)),
+                Precision::F32 => Engine::CudaF32(Box::new(DeviceTrainer::new(
+                    &stream, model, opt, batch, image, true,
+                )?)),
+            };
+            Ok((engine, name))
+        });
+        match opened {
+            Ok((engine, name)) => {
+                say(&format!(
+                    "training on {name} ({})",
+                    match precision {
+                        Precision::Bf16 => "bf16 activations, f32 master weights",
+                        Precision::F32 => "f32, no tensor-core rounding",
+                    }
+                ));
+                Ok(engine)
+            }
+            Err(e) if choice == DeviceChoice::Auto && e.is_unavailable() => {
+                say(&format!("no usable GPU ({e}); training on the CPU"));
+                Ok(Engine::Cpu)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One training step on two views: forward, loss, backward, LARS.
+    pub fn step(
+        &mut self,
+        model: &mut BarlowTwins,
+        opt: &mut Lars,
+        y1: &Tensor,
+        y2: &Tensor,
+        (lw, lb): (f32, f32),
+    ) -> Result<LossValue> {
+        match self {
+            Engine::Cpu => {
+                let v = model.forward_backward(&CpuBackend, y1, y2)?;
+                opt.step(model, lw, lb);
+                Ok(v)
+            }
+            Engine::CudaBf16(t) => {
+                t.stage(y1, y2)?;
+                t.step(lw, lb)
+            }
+            Engine::CudaF32(t) => {
+                t.stage(y1, y2)?;
+                t.step(lw, lb)
+            }
+        }
+    }
+
+    /// Brings weights, statistics and optimizer state to the host model (a no-op on the CPU).
+    pub fn sync(&mut self, model: &mut BarlowTwins, opt: &mut Lars) -> Result<()> {
+        match self {
+            Engine::Cpu => Ok(()),
+            Engine::CudaBf16(t) => t.sync_to_host(model, opt),
+            Engine::CudaF32(t) => t.sync_to_host(model, opt),
+        }
+    }
+
+    /// The compute stream of a CUDA engine.
+    pub fn stream(&self) -> Option<std::sync::Arc<cudarc::driver::CudaStream>> {
+        match self {
+            Engine::Cpu => None,
+            Engine::CudaBf16(t) => Some(t.stream().clone()),
+            Engine::CudaF32(t) => Some(t.stream().clone()),
+        }
+    }
+
+    /// Turns per-phase timing on or off (CUDA engines; the CPU has none).
+    pub fn set_timing(&mut self, on: bool) {
+        match self {
+            Engine::Cpu => {}
+            Engine::CudaBf16(t) => t.set_timing(on),
+            Engine::CudaF32(t) => t.set_timing(on),
+        }
+    }
+
+    /// Milliseconds per phase since timing was turned on.
+    pub fn timings(&mut self) -> Result<Vec<(super::cuda::Phase, f64)>> {
+        match self {
+            Engine::Cpu => Ok(Vec::new()),
+            Engine::CudaBf16(t) => t.timings(),
+            Engine::CudaF32(t) => t.timings(),
+        }
+    }
+
+    /// Backbone features in evaluation mode.
+    pub fn features(&mut self, model: &mut BarlowTwins, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Engine::Cpu => Ok(model.features(&CpuBackend, x)),
+            Engine::CudaBf16(t) => t.features(x),
+            Engine::CudaF32(t) => t.features(x),
         }
     }
 }
@@ -191,11 +356,17 @@ impl Knn {
         }
     }
 
-    pub fn top1(&self, be: &dyn Backend, model: &mut BarlowTwins, aug: &AugmentConfig) -> f64 {
+    pub fn top1(
+        &self,
+        engine: &mut Engine,
+        model: &mut BarlowTwins,
+        aug: &AugmentConfig,
+    ) -> Result<f64> {
         let dim = model.backbone.config.features();
-        let fb = features(be, &mut model.backbone, &self.bank, aug, 256, true);
-        let ft = features(be, &mut model.backbone, &self.test, aug, 256, true);
-        knn_top1(
+        let mut f = |x: &Tensor| engine.features(model, x);
+        let fb = features_with(&self.bank, aug, 256, true, &mut f)?;
+        let ft = features_with(&self.test, aug, 256, true, &mut f)?;
+        Ok(knn_top1(
             &fb,
             &self.bank.labels,
             &ft,
@@ -204,7 +375,7 @@ impl Knn {
             self.classes,
             self.k,
             self.t,
-        )
+        ))
     }
 }
 
@@ -243,7 +414,6 @@ pub fn train(
     resume: Option<&Path>,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
-    let be = CpuBackend;
     let loaded = resume.map(checkpoint::load).transpose()?;
     let cfg =
         match &loaded {
@@ -254,6 +424,8 @@ pub fn train(
                         reason: format!("train configuration: {e}"),
                     })?;
                 saved.epochs = cfg.epochs.max(saved.epochs);
+                saved.device = cfg.device;
+                saved.precision = cfg.precision;
                 saved
             }
             None => cfg.clone(),
@@ -302,6 +474,16 @@ pub fn train(
         total_steps: total,
     };
     let knn = Knn::new(&splits, &cfg);
+    let c_in = splits.train.channels();
+    let mut engine = Engine::open(
+        cfg.device,
+        cfg.precision,
+        &mut model,
+        &opt,
+        cfg.batch_size,
+        (c_in, aug.size, aug.size),
+        &mut |m| progress.message(m),
+    )?;
     progress.message(&format!(
         "data {}: {} train / {} test images of {}x{}x{}, crop {}; {:?} width {} ({} stem), projector {:?}; batch {}, {} epochs of {} steps",
         cfg.data,
@@ -321,7 +503,7 @@ pub fn train(
     ));
 
     let knn_initial = if step == 0 {
-        let acc = knn.top1(&be, &mut model, &aug);
+        let acc = knn.top1(&mut engine, &mut model, &aug)?;
         progress.message(&format!("kNN top-1 at random init: {:.2}%", 100.0 * acc));
         append_metric(
             &files.metrics(),
@@ -361,8 +543,7 @@ pub fn train(
             let mut window = (Instant::now(), 0usize);
             for (y1, y2) in rx.iter() {
                 let (lw, lb) = schedule.lr(step);
-                let v = model.forward_backward(&be, &y1, &y2)?;
-                opt.step(&mut model, lw, lb);
+                let v = engine.step(&mut model, &mut opt, &y1, &y2, (lw, lb))?;
                 step += 1;
                 final_loss = v.total;
                 window.1 += y1.batch();
@@ -380,9 +561,10 @@ pub fn train(
             Ok(())
         });
         result?;
+        engine.sync(&mut model, &mut opt)?;
         let done = epoch + 1;
         if (cfg.knn_every > 0 && done % cfg.knn_every == 0) || done == cfg.epochs {
-            knn_final = knn.top1(&be, &mut model, &aug);
+            knn_final = knn.top1(&mut engine, &mut model, &aug)?;
             progress.message(&format!(
                 "epoch {done}: loss {final_loss:.2}, kNN top-1 {:.2}%",
                 100.0 * knn_final

@@ -1,0 +1,357 @@
+//! The training-step benchmark behind `barlow bench train`: images per second of the whole step
+//! (two views, forward, loss, backward, LARS, and the upload of the batch) on random images, with
+//! a per-phase breakdown from separately profiled steps.
+//!
+//! Rows share their JSON form with `benches/pytorch/train_bench.py`, so the two can be merged into
+//! one table and compared on the same device.
+
+use super::run::{DeviceChoice, Engine, Precision};
+use super::{BarlowTwins, Lars, LarsConfig, ModelConfig};
+use crate::cuda::drv;
+use crate::error::{Error, Result};
+use crate::nn::resnet::{Arch, ResNetConfig, Stem};
+use crate::nn::Tensor;
+use crate::rng::Rng;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// What to time.
+#[derive(Debug, Clone)]
+pub struct TrainBench {
+    pub arch: Arch,
+    pub stem: Stem,
+    pub image: usize,
+    pub batch: usize,
+    pub width: usize,
+    pub projector: Vec<usize>,
+    pub precision: Precision,
+    pub device: DeviceChoice,
+    pub warmup: usize,
+    pub steps: usize,
+    /// Steps run with per-phase timing after the timed ones (0: no breakdown).
+    pub profile_steps: usize,
+    pub seed: u64,
+}
+
+impl TrainBench {
+    /// ResNet-50, 224×224, batch 256, projector 8192-8192-8192: the paper's model.
+    pub fn paper() -> Self {
+        Self {
+            arch: Arch::Resnet50,
+            stem: Stem::Imagenet,
+            image: 224,
+            batch: 256,
+            width: 64,
+            projector: vec![8192; 3],
+            precision: Precision::Bf16,
+            device: DeviceChoice::Auto,
+            warmup: 10,
+            steps: 30,
+            profile_steps: 5,
+            seed: 0,
+        }
+    }
+
+    /// ResNet-18 with the small-input stem on 32×32 images, batch 256, the paper's projector.
+    pub fn small() -> Self {
+        Self {
+            arch: Arch::Resnet18,
+            stem: Stem::Small,
+            image: 32,
+            ..Self::paper()
+        }
+    }
+}
+
+/// One measured configuration (the JSON line both benchmarks write).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TrainRow {
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    pub arch: String,
+    pub stem: String,
+    pub image: usize,
+    pub batch: usize,
+    #[serde(default)]
+    pub width: usize,
+    #[serde(default)]
+    pub projector: Vec<usize>,
+    pub precision: String,
+    #[serde(default)]
+    pub step_ms_median: Option<f64>,
+    #[serde(default)]
+    pub step_ms_mean: Option<f64>,
+    #[serde(default)]
+    pub images_per_s: Option<f64>,
+    #[serde(default)]
+    pub views_per_s: Option<f64>,
+    /// Milliseconds per step by phase.
+    #[serde(default)]
+    pub breakdown_ms: Option<BTreeMap<String, f64>>,
+    #[serde(default)]
+    pub peak_mem_bytes: Option<u64>,
+    #[serde(default)]
+    pub loss: Option<f64>,
+    #[serde(default)]
+    pub device: String,
+    /// Why the configuration could not run, when it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn arch_name(a: Arch) -> &'static str {
+    match a {
+        Arch::Resnet18 => "resnet18",
+        Arch::Resnet50 => "resnet50",
+    }
+}
+
+fn stem_name(s: Stem) -> &'static str {
+    match s {
+        Stem::Small => "small",
+        Stem::Imagenet => "imagenet",
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// Runs the benchmark; `say` hears progress and the device chosen.
+pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
+    if b.batch < 2 || b.image == 0 || b.width == 0 || b.projector.is_empty() {
+        return Err(Error::InvalidConfig(
+            "bench train needs batch >= 2 and positive image size, width and projector".into(),
+        ));
+    }
+    if b.projector.contains(&0) || b.steps == 0 {
+        return Err(Error::InvalidConfig(
+            "projector widths and the step count must be positive".into(),
+        ));
+    }
+    let mcfg = ModelConfig {
+        backbone: ResNetConfig {
+            arch: b.arch,
+            stem: b.stem,
+            in_channels: 3,
+            width: b.width,
+        },
+        projector: b.projector.clone(),
+        lambda: 0.0051,
+    };
+    let mut rng = Rng::new(b.seed);
+    let mut model = BarlowTwins::new(mcfg, &mut rng)?;
+    let mut opt = Lars::new(LarsConfig::default());
+    let mut engine = Engine::open(
+        b.device,
+        b.precision,
+        &mut model,
+        &opt,
+        b.batch,
+        (3, b.image, b.image),
+        say,
+    )?;
+    let shape = [b.batch, 3, b.image, b.image];
+    let len: usize = shape.iter().product();
+    let views: Vec<Tensor> = (0..2)
+        .map(|_| Tensor::from_vec(&shape, (0..len).map(|_| rng.normal() as f32).collect()))
+        .collect();
+    let lr = (
+        0.2 * b.batch as f32 / 256.0,
+        0.0048 * b.batch as f32 / 256.0,
+    );
+    let step = |engine: &mut Engine, model: &mut BarlowTwins, opt: &mut Lars| {
+        engine.step(model, opt, &views[0], &views[1], lr)
+    };
+    say(&format!("warm-up: {} steps", b.warmup));
+    for _ in 0..b.warmup {
+        step(&mut engine, &mut model, &mut opt)?;
+    }
+    let stream = engine.stream();
+    if let Some(s) = &stream {
+        s.synchronize().map_err(drv("synchronizing"))?;
+        crate::cuda::memory::reset_peak(s.context())?;
+    }
+    say(&format!("timing {} steps", b.steps));
+    let mut ms = Vec::with_capacity(b.steps);
+    let mut loss = f64::NAN;
+    match &stream {
+        Some(s) => {
+            // Events between consecutive steps, read once at the end, so the host stays ahead of
+            // the device as it would in training.
+            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+            let mut marks = vec![s.record_event(flags).map_err(drv("recording an event"))?];
+            for _ in 0..b.steps {
+                loss = step(&mut engine, &mut model, &mut opt)?.total;
+                marks.push(s.record_event(flags).map_err(drv("recording an event"))?);
+            }
+            for w in marks.windows(2) {
+                ms.push(f64::from(
+                    w[0].elapsed_ms(&w[1]).map_err(drv("reading an event"))?,
+                ));
+            }
+        }
+        None => {
+            for _ in 0..b.steps {
+                let t = Instant::now();
+                loss = step(&mut engine, &mut model, &mut opt)?.total;
+                ms.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    let peak = match &stream {
+        Some(s) => crate::cuda::memory::peak_bytes(s.context())?,
+        None => None,
+    };
+    let mean = ms.iter().sum::<f64>() / ms.len() as f64;
+    let med = median(&mut ms);
+    let breakdown = if b.profile_steps > 0 && stream.is_some() {
+        say(&format!("profiling {} steps", b.profile_steps));
+        engine.set_timing(true);
+        let mut host_ms = 0.0;
+        for _ in 0..b.profile_steps {
+            let t = Instant::now();
+            step(&mut engine, &mut model, &mut opt)?;
+            host_ms += t.elapsed().as_secs_f64() * 1e3;
+        }
+        let phases = engine.timings()?;
+        engine.set_timing(false);
+        let k = b.profile_steps as f64;
+        let mut m: BTreeMap<String, f64> = phases
+            .into_iter()
+            .map(|(p, t)| (p.name().to_string(), t / k))
+            .collect();
+        m.insert("host (staging + launches)".into(), host_ms / k);
+        Some(m)
+    } else {
+        None
+    };
+    let device = match &stream {
+        Some(s) => s.context().name().unwrap_or_else(|_| "CUDA".into()),
+        None => format!("cpu ({} threads)", rayon::current_num_threads()),
+    };
+    let images_per_s = b.batch as f64 / (med / 1e3);
+    Ok(TrainRow {
+        implementation: "barlow".into(),
+        arch: arch_name(b.arch).into(),
+        stem: stem_name(b.stem).into(),
+        image: b.image,
+        batch: b.batch,
+        width: b.width,
+        projector: b.projector.clone(),
+        precision: match (b.precision, stream.is_some()) {
+            (_, false) => "f32",
+            (Precision::Bf16, true) => "bf16",
+            (Precision::F32, true) => "f32",
+        }
+        .into(),
+        step_ms_median: Some(med),
+        step_ms_mean: Some(mean),
+        images_per_s: Some(images_per_s),
+        views_per_s: Some(2.0 * images_per_s),
+        breakdown_ms: breakdown,
+        peak_mem_bytes: peak,
+        loss: loss.is_finite().then_some(loss),
+        device,
+        error: None,
+    })
+}
+
+/// Reads JSON-lines rows (this benchmark's or `train_bench.py`'s); blank lines are skipped.
+pub fn read_rows(text: &str) -> Result<Vec<TrainRow>> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| Error::InvalidConfig(format!("line {}: not a train row: {e}", i + 1)))
+        })
+        .collect()
+}
+
+/// The table: one line per row, with the speed relative to PyTorch eager in the same
+/// configuration (arch, image, batch, precision) when that row is present; then each row's
+/// breakdown.
+pub fn render(rows: &[TrainRow]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<16} {:<9} {:>5} {:>5} {:<5} {:>10} {:>9} {:>9} {:>10} {:>9}  device",
+        "impl",
+        "arch",
+        "image",
+        "batch",
+        "prec",
+        "step ms",
+        "images/s",
+        "views/s",
+        "vs eager",
+        "peak GiB"
+    );
+    let same = |a: &TrainRow, b: &TrainRow| {
+        a.arch == b.arch && a.image == b.image && a.batch == b.batch && a.precision == b.precision
+    };
+    for r in rows {
+        if let Some(e) = &r.error {
+            let _ = writeln!(
+                out,
+                "{:<16} {:<9} {:>5} {:>5} {:<5} error: {e}",
+                r.implementation, r.arch, r.image, r.batch, r.precision
+            );
+            continue;
+        }
+        let eager = rows
+            .iter()
+            .find(|o| o.implementation == "pytorch-eager" && o.error.is_none() && same(o, r))
+            .and_then(|o| o.images_per_s);
+        let ratio = match (r.images_per_s, eager) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+            _ => "-".into(),
+        };
+        let f = |v: Option<f64>, p: usize| v.map_or("-".into(), |x| format!("{x:.p$}"));
+        let _ = writeln!(
+            out,
+            "{:<16} {:<9} {:>5} {:>5} {:<5} {:>10} {:>9} {:>9} {:>10} {:>9}  {}",
+            r.implementation,
+            r.arch,
+            r.image,
+            r.batch,
+            r.precision,
+            f(r.step_ms_median, 2),
+            f(r.images_per_s, 0),
+            f(r.views_per_s, 0),
+            ratio,
+            r.peak_mem_bytes.map_or("-".into(), |b| format!(
+                "{:.1}",
+                b as f64 / (1u64 << 30) as f64
+            )),
+            r.device
+        );
+    }
+    for r in rows {
+        if let (Some(b), Some(step)) = (&r.breakdown_ms, r.step_ms_median) {
+            let _ = writeln!(
+                out,
+                "\n{} {} {}x{} batch {} {}: ms per step by phase (profiled steps)",
+                r.implementation, r.arch, r.image, r.image, r.batch, r.precision
+            );
+            for (k, v) in b {
+                let _ = writeln!(
+                    out,
+                    "  {k:<26} {v:>9.2}  {:>5.1}% of the timed step",
+                    100.0 * v / step
+                );
+            }
+        }
+    }
+    out
+}
