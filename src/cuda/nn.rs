@@ -879,3 +879,30 @@ impl LarsTables {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn norm_chunks_cover_every_row_once() {
+        for &(m, c) in &[
+            (1, 1),
+            (2, 3),
+            (63, 64),
+            (65, 64),
+            (256 * 112 * 112, 64),
+            (12544, 2048),
+            (256, 8192),
+            (7, 100_000),
+        ] {
+            let (rows, chunks) = norm_chunks(m, c);
+            assert!(rows >= 1 && chunks >= 1);
+            // The kernels give chunk k rows k·rows .. min(m, (k+1)·rows).
+            assert!(chunks * rows >= m, "{m}x{c}: rows not covered");
+            assert!((chunks - 1) * rows < m, "{m}x{c}: an empty chunk");
+            assert!(chunks <= REDUCE_BLOCKS.max(1));
+            assert!(chunks <= 65_535, "grid y limit");
+        }
+    }
+}

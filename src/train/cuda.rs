@@ -437,132 +437,18 @@ impl<A: Act> DeviceTrainer<A> {
             ..Default::default()
         })?;
 
-        // Parameter table, in the model's visiting order (so a norm's β follows its γ).
-        let mut infos = Vec::new();
-        let mut host = Vec::new();
-        let mut moms = Vec::new();
-        let mut names = HashMap::new();
-        let momentum: HashMap<&str, &Vec<f32>> =
-            opt.momentum.iter().map(|(n, v)| (n.as_str(), v)).collect();
-        model.params_mut(&mut |p| {
-            let off = host.len();
-            let conv = p.shape.len() == 4;
-            let put = |v: &[f32]| {
-                if conv {
-                    oihw_to_ohwi(v, &p.shape)
-                } else {
-                    v.to_vec()
-                }
-            };
-            host.extend(put(&p.value));
-            match momentum.get(p.name.as_str()) {
-                Some(m) if m.len() == p.value.len() => moms.extend(put(m)),
-                _ => moms.extend(std::iter::repeat_n(0f32, p.value.len())),
-            }
-            names.insert(p.name.clone(), infos.len());
-            infos.push(ParamInfo {
-                name: p.name.clone(),
-                shape: p.shape.clone(),
-                off,
-                len: p.value.len(),
-            });
-        });
-        // Running statistics: [mean | var] per norm, by the norm's name.
-        let mut run_host = Vec::new();
-        let mut running = HashMap::new();
-        let mut pending_mean: Option<(String, Vec<f32>)> = None;
-        let mut run_err = None;
-        model.buffers_mut(&mut |b| {
-            if let Some(base) = b.name.strip_suffix(".running_mean") {
-                pending_mean = Some((base.to_string(), b.value.clone()));
-            } else if let Some(base) = b.name.strip_suffix(".running_var") {
-                match pending_mean.take() {
-                    Some((m, mean)) if m == base => {
-                        running.insert(m, run_host.len());
-                        run_host.extend(mean);
-                        run_host.extend_from_slice(&b.value);
-                    }
-                    _ => {
-                        run_err.get_or_insert(internal(format!("{}: no running mean", b.name)));
-                    }
-                }
-            }
-        });
-        if let Some(e) = run_err {
-            return Err(e);
-        }
-
-        // The graph.
-        let (c_in, h, w) = image;
-        let bb = cfg.backbone;
-        let mut b = Builder {
-            params: &names,
-            infos: &infos,
-            running: &running,
-            slots: vec![Slot {
-                rows: h * w,
-                c: c_in,
-            }],
-            nodes: Vec::new(),
-            norms: 0,
-            hw: (h, w),
-        };
-        let (s, p) = match bb.stem {
-            Stem::Imagenet => (2, 3),
-            Stem::Small => (1, 1),
-        };
-        let mut x = b.conv("conv1", 0, s, p)?;
-        x = b.norm("bn1", x, None, true)?;
-        if bb.stem == Stem::Imagenet {
-            let (hh, ww) = b.hw;
-            let (ho, wo) = ((hh + 2 - 3) / 2 + 1, (ww + 2 - 3) / 2 + 1);
-            let c = b.slots[x].c;
-            let y = b.slot(ho * wo, c);
-            b.push(Op::MaxPool { h: hh, w: ww }, x, y);
-            b.hw = (ho, wo);
-            x = y;
-        }
-        let (bottleneck, counts) = match bb.arch {
-            Arch::Resnet18 => (false, [2, 2, 2, 2]),
-            Arch::Resnet50 => (true, [3, 4, 6, 3]),
-        };
-        for (stage, &count) in counts.iter().enumerate() {
-            for i in 0..count {
-                let stride = if stage > 0 && i == 0 { 2 } else { 1 };
-                let name = format!("layer{}.{i}", stage + 1);
-                let has_ds = names.contains_key(&format!("{name}.downsample.0.weight"));
-                x = b.block(&name, bottleneck, x, stride, has_ds)?;
-            }
-        }
-        let c = b.slots[x].c;
-        let feat = b.slot(1, c);
-        b.push(Op::AvgPool, x, feat);
-        x = feat;
-        let linears = cfg.projector.len();
-        for i in 0..linears {
-            let wname = format!("projector.{}.weight", 3 * i);
-            let p = b.param(&wname)?;
-            if names.contains_key(&format!("projector.{}.bias", 3 * i)) {
-                return Err(internal(format!(
-                    "{wname}: linear biases are not supported"
-                )));
-            }
-            let (out, inp) = (infos[p].shape[0], infos[p].shape[1]);
-            if b.slots[x].c != inp {
-                return Err(internal(format!("{wname}: width mismatch")));
-            }
-            let y = b.slot(1, out);
-            b.push(Op::Linear { p, inp, out }, x, y);
-            x = y;
-            if i + 1 < linears {
-                x = b.norm(&format!("projector.{}", 3 * i + 1), x, None, true)?;
-            }
-        }
-        let z_slot = x;
-        let norms = b.norms;
-        let mut nodes = b.nodes;
-        let slots = b.slots;
-        mark_accumulation(&mut nodes, slots.len())?;
+        let HostPlan {
+            infos,
+            host,
+            moms,
+            run_host,
+            running,
+            slots,
+            nodes,
+            feat,
+            z_slot,
+            norms,
+        } = plan(model, opt, image)?;
 
         // Device buffers.
         let n = batch;
@@ -638,6 +524,7 @@ impl<A: Act> DeviceTrainer<A> {
             .map(|i| (i.off, i.len, i.shape.len() == 1))
             .collect();
         let lars = LarsTables::new(stream, &tensors, total)?;
+        let (c_in, h, w) = image;
         let in_len = n * c_in * h * w;
         let ctx = stream.context();
         let pin = || -> Result<PinnedHostSlice<A>> {
@@ -1242,6 +1129,164 @@ impl<A: Act> DeviceTrainer<A> {
     }
 }
 
+/// Everything about the device copy that the host decides: the flat parameter layout (device
+/// order and layout), the running statistics, and the graph.
+struct HostPlan {
+    infos: Vec<ParamInfo>,
+    host: Vec<f32>,
+    moms: Vec<f32>,
+    run_host: Vec<f32>,
+    running: HashMap<String, usize>,
+    slots: Vec<Slot>,
+    nodes: Vec<Node>,
+    feat: usize,
+    z_slot: usize,
+    norms: usize,
+}
+
+fn plan(model: &mut BarlowTwins, opt: &Lars, image: (usize, usize, usize)) -> Result<HostPlan> {
+    let cfg = model.config.clone();
+    // Parameter table, in the model's visiting order (so a norm's β follows its γ).
+    let mut infos = Vec::new();
+    let mut host = Vec::new();
+    let mut moms = Vec::new();
+    let mut names = HashMap::new();
+    let momentum: HashMap<&str, &Vec<f32>> =
+        opt.momentum.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    model.params_mut(&mut |p| {
+        let off = host.len();
+        let conv = p.shape.len() == 4;
+        let put = |v: &[f32]| {
+            if conv {
+                oihw_to_ohwi(v, &p.shape)
+            } else {
+                v.to_vec()
+            }
+        };
+        host.extend(put(&p.value));
+        match momentum.get(p.name.as_str()) {
+            Some(m) if m.len() == p.value.len() => moms.extend(put(m)),
+            _ => moms.extend(std::iter::repeat_n(0f32, p.value.len())),
+        }
+        names.insert(p.name.clone(), infos.len());
+        infos.push(ParamInfo {
+            name: p.name.clone(),
+            shape: p.shape.clone(),
+            off,
+            len: p.value.len(),
+        });
+    });
+    // Running statistics: [mean | var] per norm, by the norm's name.
+    let mut run_host = Vec::new();
+    let mut running = HashMap::new();
+    let mut pending_mean: Option<(String, Vec<f32>)> = None;
+    let mut run_err = None;
+    model.buffers_mut(&mut |b| {
+        if let Some(base) = b.name.strip_suffix(".running_mean") {
+            pending_mean = Some((base.to_string(), b.value.clone()));
+        } else if let Some(base) = b.name.strip_suffix(".running_var") {
+            match pending_mean.take() {
+                Some((m, mean)) if m == base => {
+                    running.insert(m, run_host.len());
+                    run_host.extend(mean);
+                    run_host.extend_from_slice(&b.value);
+                }
+                _ => {
+                    run_err.get_or_insert(internal(format!("{}: no running mean", b.name)));
+                }
+            }
+        }
+    });
+    if let Some(e) = run_err {
+        return Err(e);
+    }
+
+    // The graph.
+    let (c_in, h, w) = image;
+    let bb = cfg.backbone;
+    let mut b = Builder {
+        params: &names,
+        infos: &infos,
+        running: &running,
+        slots: vec![Slot {
+            rows: h * w,
+            c: c_in,
+        }],
+        nodes: Vec::new(),
+        norms: 0,
+        hw: (h, w),
+    };
+    let (s, p) = match bb.stem {
+        Stem::Imagenet => (2, 3),
+        Stem::Small => (1, 1),
+    };
+    let mut x = b.conv("conv1", 0, s, p)?;
+    x = b.norm("bn1", x, None, true)?;
+    if bb.stem == Stem::Imagenet {
+        let (hh, ww) = b.hw;
+        let (ho, wo) = ((hh + 2 - 3) / 2 + 1, (ww + 2 - 3) / 2 + 1);
+        let c = b.slots[x].c;
+        let y = b.slot(ho * wo, c);
+        b.push(Op::MaxPool { h: hh, w: ww }, x, y);
+        b.hw = (ho, wo);
+        x = y;
+    }
+    let (bottleneck, counts) = match bb.arch {
+        Arch::Resnet18 => (false, [2, 2, 2, 2]),
+        Arch::Resnet50 => (true, [3, 4, 6, 3]),
+    };
+    for (stage, &count) in counts.iter().enumerate() {
+        for i in 0..count {
+            let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+            let name = format!("layer{}.{i}", stage + 1);
+            let has_ds = names.contains_key(&format!("{name}.downsample.0.weight"));
+            x = b.block(&name, bottleneck, x, stride, has_ds)?;
+        }
+    }
+    let c = b.slots[x].c;
+    let feat = b.slot(1, c);
+    b.push(Op::AvgPool, x, feat);
+    x = feat;
+    let linears = cfg.projector.len();
+    for i in 0..linears {
+        let wname = format!("projector.{}.weight", 3 * i);
+        let p = b.param(&wname)?;
+        if names.contains_key(&format!("projector.{}.bias", 3 * i)) {
+            return Err(internal(format!(
+                "{wname}: linear biases are not supported"
+            )));
+        }
+        let (out, inp) = (infos[p].shape[0], infos[p].shape[1]);
+        if b.slots[x].c != inp {
+            return Err(internal(format!("{wname}: width mismatch")));
+        }
+        let y = b.slot(1, out);
+        b.push(Op::Linear { p, inp, out }, x, y);
+        x = y;
+        if i + 1 < linears {
+            x = b.norm(&format!("projector.{}", 3 * i + 1), x, None, true)?;
+        }
+    }
+    let z_slot = x;
+    let norms = b.norms;
+    let mut nodes = b.nodes;
+    let slots = b.slots;
+    mark_accumulation(&mut nodes, slots.len())?;
+
+    Ok(HostPlan {
+        infos,
+        host,
+        moms,
+        run_host,
+        running,
+        slots,
+        nodes,
+        feat,
+        z_slot,
+        norms,
+    })
+}
+
 /// Walks the graph backward and marks, for each gradient contribution, whether one was written
 /// before it. Nodes that can only write (norm, pooling inputs) must be their input's sole
 /// consumer.
@@ -1269,4 +1314,132 @@ fn mark_accumulation(nodes: &mut [Node], slots: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::resnet::ResNetConfig;
+    use crate::rng::Rng;
+    use crate::train::{LarsConfig, ModelConfig};
+
+    fn model(arch: Arch, stem: Stem, width: usize) -> BarlowTwins {
+        let cfg = ModelConfig {
+            backbone: ResNetConfig {
+                arch,
+                stem,
+                in_channels: 3,
+                width,
+            },
+            projector: vec![12, 10, 6],
+            lambda: 0.0051,
+        };
+        BarlowTwins::new(cfg, &mut Rng::new(3)).unwrap()
+    }
+
+    /// Every parameter is read by exactly one node, every norm's running statistics by one
+    /// norm, and every activation gradient is written once before anything adds to it.
+    fn check_plan(m: &mut BarlowTwins, image: (usize, usize, usize)) -> HostPlan {
+        let p = plan(m, &Lars::new(LarsConfig::default()), image).unwrap();
+        let mut used = vec![0; p.infos.len()];
+        let mut runs = Vec::new();
+        for nd in &p.nodes {
+            match &nd.op {
+                Op::Conv { p: i, .. } | Op::Linear { p: i, .. } => used[*i] += 1,
+                Op::Norm { p: i, running, .. } => {
+                    used[*i] += 1;
+                    used[*i + 1] += 1;
+                    runs.push(*running);
+                }
+                _ => {}
+            }
+        }
+        assert!(
+            used.iter().all(|&u| u == 1),
+            "parameter use counts {used:?}"
+        );
+        runs.sort();
+        runs.dedup();
+        assert_eq!(runs.len(), p.running.len());
+        assert_eq!(p.norms, p.running.len());
+        // Walk backward: the first contribution to each slot writes, later ones add.
+        let mut seen = vec![false; p.slots.len()];
+        for nd in p.nodes.iter().rev() {
+            if let Op::Norm {
+                residual: Some(r), ..
+            } = nd.op
+            {
+                assert_eq!(nd.acc_res, seen[r]);
+                seen[r] = true;
+            }
+            if nd.x != 0 {
+                assert_eq!(nd.acc_x, seen[nd.x]);
+                seen[nd.x] = true;
+            }
+        }
+        // Every slot but the input and z feeds something backward.
+        for (i, s) in seen.iter().enumerate() {
+            assert_eq!(*s, i != 0 && i != p.z_slot, "slot {i}");
+        }
+        p
+    }
+
+    #[test]
+    fn graphs_use_every_parameter_once_and_write_before_adding() {
+        let mut m = model(Arch::Resnet18, Stem::Small, 4);
+        let p = check_plan(&mut m, (3, 8, 8));
+        assert_eq!(p.slots[p.feat].c, 32);
+        assert_eq!(p.slots[p.z_slot].c, 6);
+        // Small stem keeps 8×8, three stride-2 stages: 1×1 before the pool.
+        let last_conv = p.nodes.iter().rev().find_map(|n| match n.op {
+            Op::Conv { spec, .. } => Some(spec),
+            _ => None,
+        });
+        assert_eq!(last_conv.map(|s| (s.ho(), s.wo())), Some((1, 1)));
+
+        let mut m = model(Arch::Resnet50, Stem::Imagenet, 2);
+        let p = check_plan(&mut m, (3, 32, 32));
+        assert_eq!(p.slots[p.feat].c, 64);
+        assert_eq!(
+            p.nodes
+                .iter()
+                .filter(|n| matches!(n.op, Op::MaxPool { .. }))
+                .count(),
+            1
+        );
+        // 53 convolutions (49 + stem + 4 downsample... of which the stem is one), 3 linears.
+        let convs = p
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.op, Op::Conv { .. }))
+            .count();
+        assert_eq!(convs, 53);
+        // The first block's input (after the max-pool) feeds conv1 and the downsample conv.
+        let pooled = p
+            .nodes
+            .iter()
+            .find(|n| matches!(n.op, Op::MaxPool { .. }))
+            .unwrap()
+            .y;
+        assert_eq!(p.nodes.iter().filter(|n| n.x == pooled).count(), 2);
+    }
+
+    #[test]
+    fn weight_layouts_round_trip() {
+        let shape = [3, 2, 3, 3];
+        let v: Vec<f32> = (0..54).map(|i| i as f32).collect();
+        let t = oihw_to_ohwi(&v, &shape);
+        // Output channel 1, input channel 1, position (2, 0): OIHW index ((1·2+1)·3+2)·3+0.
+        assert_eq!(t[((3 + 2) * 3) * 2 + 1], v[((2 + 1) * 3 + 2) * 3]);
+        assert_eq!(ohwi_to_oihw(&t, &shape), v);
+    }
+
+    #[test]
+    fn images_go_channel_last() {
+        // Two images of 2 channels × 1×3 pixels.
+        let x: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let mut out = vec![0f32; 12];
+        nchw_to_nhwc(&x, (2, 2, 1, 3), &mut out);
+        assert_eq!(out, vec![0., 3., 1., 4., 2., 5., 6., 9., 7., 10., 8., 11.]);
+    }
 }
