@@ -223,3 +223,59 @@ fn bad_settings_and_data_are_clear_errors() {
     assert!(e.to_string().contains("fewer than one batch"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn cuda_device_says_what_is_missing_and_auto_falls_back_to_the_cpu() {
+    use barlow::train::run::{DeviceChoice, Engine, Precision};
+    let gpu_ok = barlow::built_with_kernels()
+        && barlow::cuda::device_count().is_ok_and(|n| n > 0)
+        && barlow::cuda::cudnn::check_cudnn().is_ok();
+    if gpu_ok {
+        println!(
+            "SKIP: cuda_device_says_what_is_missing_and_auto_falls_back_to_the_cpu: a GPU is present"
+        );
+        return;
+    }
+    let dir = tmpdir("nocuda");
+    let cfg = TrainConfig {
+        device: DeviceChoice::Cuda,
+        ..tiny()
+    };
+    let e = run::train(&cfg, &dir, None, &mut Quiet).unwrap_err();
+    assert!(e.is_unavailable(), "not an availability error: {e}");
+    assert!(!dir.join("checkpoint.safetensors").exists());
+
+    let mut m = BarlowTwins::new(
+        ModelConfig {
+            backbone: barlow::nn::resnet::ResNetConfig {
+                arch: barlow::nn::resnet::Arch::Resnet18,
+                stem: barlow::nn::resnet::Stem::Small,
+                in_channels: 1,
+                width: 4,
+            },
+            projector: vec![8, 8, 8],
+            lambda: 0.0051,
+        },
+        &mut barlow::rng::Rng::new(1),
+    )
+    .unwrap();
+    let opt = barlow::train::Lars::new(Default::default());
+    let mut said = Vec::new();
+    let engine = Engine::open(
+        DeviceChoice::Auto,
+        Precision::Bf16,
+        &mut m,
+        &opt,
+        8,
+        (1, 28, 28),
+        &mut |t| said.push(t.to_string()),
+    )
+    .unwrap();
+    assert!(matches!(engine, Engine::Cpu));
+    assert!(
+        said.iter()
+            .any(|t| t.contains("no usable GPU") && t.contains("CPU")),
+        "{said:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -174,7 +174,7 @@ impl ParamInfo {
 }
 
 /// OIHW (the CPU layout, PyTorch's) → OHWI (cuDNN's NHWC filter layout).
-fn oihw_to_ohwi(v: &[f32], s: &[usize]) -> Vec<f32> {
+pub fn oihw_to_ohwi(v: &[f32], s: &[usize]) -> Vec<f32> {
     let (o, i, h, w) = (s[0], s[1], s[2], s[3]);
     let mut out = vec![0f32; v.len()];
     for a in 0..o {
@@ -189,7 +189,8 @@ fn oihw_to_ohwi(v: &[f32], s: &[usize]) -> Vec<f32> {
     out
 }
 
-fn ohwi_to_oihw(v: &[f32], s: &[usize]) -> Vec<f32> {
+/// OHWI → OIHW, the inverse of [`oihw_to_ohwi`].
+pub fn ohwi_to_oihw(v: &[f32], s: &[usize]) -> Vec<f32> {
     let (o, i, h, w) = (s[0], s[1], s[2], s[3]);
     let mut out = vec![0f32; v.len()];
     for a in 0..o {
