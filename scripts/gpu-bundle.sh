@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds everything the GPU checks need into one folder that runs on a GPU host with no Rust
 # toolchain and no network: the test binaries, the criterion bench binary, the `barlow` CLI, the
-# PyTorch reference scripts, and run.sh (see scripts/gpu-run.sh).
+# PyTorch reference scripts, CIFAR-10 when available, and run.sh (see scripts/gpu-run.sh).
 #
 #   scripts/gpu-bundle.sh [OUT_DIR]      default: target/gpu-bundle
 #   then, on the GPU host:  bash OUT_DIR/run.sh [REPORT_DIR]
@@ -27,7 +27,7 @@ mkdir -p "$out/tests" "$out/benches" "$out/pytorch"
 python3 - "$json" "$out" <<'PY'
 import json, shutil, sys, os
 src, out = sys.argv[1], sys.argv[2]
-gpu_tests = {"gpu_loss", "fatbin", "errors"}
+gpu_tests = {"gpu_loss", "gpu_train", "fatbin", "errors"}
 seen = set()
 for line in open(src):
     try:
@@ -52,6 +52,15 @@ PY
 cp target/release/barlow "$out/barlow"
 cp benches/pytorch/*.py "$out/pytorch/"
 cp scripts/gpu-run.sh "$out/run.sh"
+# CIFAR-10 for the short GPU training run, when a copy is at hand (BARLOW_CIFAR10_TGZ, or the
+# data folder beside the checkout).
+cifar=${BARLOW_CIFAR10_TGZ:-../shared/data/cifar10-jpg.tar.gz}
+if [ -f "$cifar" ]; then
+  mkdir -p "$out/data"
+  cp "$cifar" "$out/data/cifar10-jpg.tar.gz"
+else
+  echo "gpu-bundle: no CIFAR-10 tarball at $cifar; the short GPU training run will skip" >&2
+fi
 chmod +x "$out/run.sh"
 git rev-parse --short HEAD >"$out/COMMIT" 2>/dev/null || echo unknown >"$out/COMMIT"
 
