@@ -65,8 +65,11 @@ chmod +x "$out/run.sh"
 git rev-parse --short HEAD >"$out/COMMIT" 2>/dev/null || echo unknown >"$out/COMMIT"
 
 if command -v strip >/dev/null 2>&1; then
-  find "$out" -type f -perm -u+x ! -name '*.sh' ! -name '*.py' -exec strip --strip-debug {} +
+  find "$out" -type f -perm -u+x ! -name '*.sh' ! -name '*.py' -exec strip --strip-all {} +
 fi
+# The binaries travel xz-compressed (about half the size); run.sh unpacks them.
+tar -C "$out" -cf - barlow tests benches | xz -6 -T0 >"$out/binaries.tar.xz"
+rm -rf "$out/barlow" "$out/tests" "$out/benches"
 du -sh "$out" >&2
 ls -la "$out" "$out/tests" "$out/benches" >&2
 echo "gpu-bundle: ready; on a GPU host run: bash $out/run.sh [REPORT_DIR]" >&2

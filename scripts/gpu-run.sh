@@ -13,6 +13,14 @@
 #        RUN_CRITERION=1
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# The binaries come compressed; unpack them once, beside the bundle or in a temporary folder.
+bin=$here
+if [ -f "$here/binaries.tar.xz" ]; then
+  if [ -w "$here" ]; then bin=$here/unpacked; else bin=$(mktemp -d); fi
+  if [ ! -x "$bin/barlow" ]; then
+    mkdir -p "$bin" && tar -C "$bin" -xJf "$here/binaries.tar.xz" || { echo "cannot unpack binaries"; exit 1; }
+  fi
+fi
 report=$(mkdir -p "${1:-./gpu-report}" && cd "${1:-./gpu-report}" && pwd)
 summary=$report/summary.txt
 : >"$summary"
@@ -55,7 +63,7 @@ if [ ${#libdirs[@]} -gt 0 ]; then
   export LD_LIBRARY_PATH="$(IFS=:; echo "${libdirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   note "CUDA libraries from Python: ${libdirs[*]}"
 fi
-"$here/barlow" info | tee -a "$summary"
+"$bin/barlow" info | tee -a "$summary"
 
 export BARLOW_REQUIRE_GPU=1
 [ -f "$here/data/cifar10-jpg.tar.gz" ] && export BARLOW_CIFAR10_TGZ="$here/data/cifar10-jpg.tar.gz"
@@ -63,7 +71,7 @@ cd "$here"
 if want tests; then
 note ""
 note "== tests"
-for t in "$here"/tests/*; do
+for t in "$bin"/tests/*; do
   name=$(basename "$t")
   if "$t" --nocapture --test-threads=1 >"$report/test-$name.log" 2>&1; then
     note "PASS  $name  ($(grep -Eo '[0-9]+ passed' "$report/test-$name.log" | tail -1))"
@@ -85,13 +93,13 @@ if want sanitizer; then
     for tool in memcheck racecheck; do
       # The out-of-memory test asks for far more than the card has on purpose, and the CIFAR-10
       # run is too long under instrumentation; both are left out here.
-      for bin in gpu_loss gpu_train; do
-        log=$report/sanitizer-$tool-$bin.log
-        if "$san" --tool "$tool" --error-exitcode 99 "$here/tests/$bin" --test-threads=1 \
+      for t in gpu_loss gpu_train; do
+        log=$report/sanitizer-$tool-$t.log
+        if "$san" --tool "$tool" --error-exitcode 99 "$bin/tests/$t" --test-threads=1 \
             --skip gpu_errors_are_typed --skip short_cifar10 >"$log" 2>&1; then
-          note "PASS  $tool $bin  ($(grep -Eo 'ERROR SUMMARY: [0-9]+ error' "$log" | tail -1))"
+          note "PASS  $tool $t  ($(grep -Eo 'ERROR SUMMARY: [0-9]+ error' "$log" | tail -1))"
         else
-          fail "compute-sanitizer $tool $bin (see $(basename "$log"))"
+          fail "compute-sanitizer $tool $t (see $(basename "$log"))"
           tail -n 30 "$log"
         fi
       done
@@ -115,7 +123,7 @@ if want loss; then
     note "PyTorch with CUDA not importable: comparison not run"
   fi
   # shellcheck disable=SC2086
-  if "$here/barlow" bench loss --device cuda --json "$report/barlow-loss.jsonl" "${with[@]}" \
+  if "$bin/barlow" bench loss --device cuda --json "$report/barlow-loss.jsonl" "${with[@]}" \
       ${BENCH_ARGS:-} >"$report/bench-table.txt" 2>"$report/bench.log"; then
     cat "$report/bench-table.txt" | tee -a "$summary"
   else
@@ -133,7 +141,7 @@ if want loss; then
       2>"$report/pytorch-large.log" || fail "PyTorch large-D benchmark (see pytorch-large.log)"
     [ -s "$report/pytorch-large.jsonl" ] && gwith+=(--with "$report/pytorch-large.jsonl")
   fi
-  if "$here/barlow" bench loss --device cuda --n 256,2048 --d 8192,16384,32768,65536 \
+  if "$bin/barlow" bench loss --device cuda --n 256,2048 --d 8192,16384,32768,65536 \
       --math f32,bf16 --path direct,gram --no-baselines --repeats 5 \
       --json "$report/barlow-gram.jsonl" "${gwith[@]}" >"$report/gram-table.txt" 2>"$report/gram.log"; then
     cat "$report/gram-table.txt" | tee -a "$summary"
@@ -142,7 +150,7 @@ if want loss; then
     tail -n 20 "$report/gram.log"
   fi
   if [ "${RUN_CRITERION:-0}" = 1 ]; then
-    "$here/benches/loss" --bench >"$report/criterion.log" 2>&1 || fail "criterion benches"
+    "$bin/benches/loss" --bench >"$report/criterion.log" 2>&1 || fail "criterion benches"
   fi
 fi
 
@@ -161,7 +169,7 @@ if want train; then
     note "PyTorch with CUDA not importable: comparison not run"
   fi
   # shellcheck disable=SC2086
-  if "$here/barlow" bench train --device cuda --json "$report/barlow-train.jsonl" "${twith[@]}" \
+  if "$bin/barlow" bench train --device cuda --json "$report/barlow-train.jsonl" "${twith[@]}" \
       ${TRAIN_BENCH_ARGS:-} >"$report/train-table.txt" 2>"$report/train-bench.log"; then
     cat "$report/train-table.txt" | tee -a "$summary"
   else

@@ -150,24 +150,46 @@ struct Plan {
     fwd: sys::cudnnConvolutionFwdAlgo_t,
     bwd_data: sys::cudnnConvolutionBwdDataAlgo_t,
     bwd_filter: sys::cudnnConvolutionBwdFilterAlgo_t,
+    /// The math type each pass's algorithm was ranked with (None: keep FMA-only math).
+    maths: Option<[sys::cudnnMathType_t; 3]>,
     workspace: usize,
+}
+
+impl Plan {
+    /// Sets the math type the chosen algorithm of pass `i` (forward, data, filter) expects.
+    fn math(&self, i: usize) -> Result<()> {
+        if let Some(m) = self.maths {
+            // SAFETY: the descriptor is live; this only changes a host-side field of it.
+            unsafe {
+                status("setting the convolution math type")(sys::cudnnSetConvolutionMathType(
+                    self.d.conv,
+                    m[i],
+                ))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Picks from cuDNN's ranked candidates: the first deterministic one that succeeded and fits the
 /// cap, else the first that succeeded and fits.
-fn choose<A: Copy>(
-    ranked: &[(A, sys::cudnnStatus_t, usize, sys::cudnnDeterminism_t)],
-    what: &str,
-) -> Result<(A, usize)> {
-    let ok = |r: &&(A, sys::cudnnStatus_t, usize, sys::cudnnDeterminism_t)| {
-        r.1 == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && r.2 <= WORKSPACE_CAP
-    };
+type Ranked<A> = (
+    A,
+    sys::cudnnStatus_t,
+    usize,
+    sys::cudnnDeterminism_t,
+    sys::cudnnMathType_t,
+);
+
+fn choose<A: Copy>(ranked: &[Ranked<A>], what: &str) -> Result<(A, sys::cudnnMathType_t)> {
+    let ok =
+        |r: &&Ranked<A>| r.1 == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && r.2 <= WORKSPACE_CAP;
     ranked
         .iter()
         .filter(ok)
         .find(|r| r.3 == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC)
         .or_else(|| ranked.iter().find(ok))
-        .map(|r| (r.0, r.2))
+        .map(|r| (r.0, r.4))
         .ok_or_else(|| Error::Cudnn {
             during: format!("choosing a {what} algorithm"),
             message: "no algorithm supports this convolution".into(),
@@ -218,6 +240,11 @@ impl<A: Act> Convolutions<A> {
     }
 
     fn plan(&mut self, spec: &ConvSpec, n: usize) -> Result<&Plan> {
+        // cuDNN calls do not make the stream's context current themselves.
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(drv("making the stream's context current"))?;
         let key = (*spec, n);
         if !self.plans.contains_key(&key) {
             let plan = self.make_plan(spec, n)?;
@@ -253,7 +280,7 @@ impl<A: Act> Convolutions<A> {
             )?;
             let ranked: Vec<_> = perf[..(count.max(0) as usize).min(N)]
                 .iter()
-                .map(|p| (p.algo, p.status, p.memory, p.determinism))
+                .map(|p| (p.algo, p.status, p.memory, p.determinism, p.mathType))
                 .collect();
             choose(&ranked, "forward convolution")?
         };
@@ -274,7 +301,7 @@ impl<A: Act> Convolutions<A> {
             )?;
             let ranked: Vec<_> = perf[..(count.max(0) as usize).min(N)]
                 .iter()
-                .map(|p| (p.algo, p.status, p.memory, p.determinism))
+                .map(|p| (p.algo, p.status, p.memory, p.determinism, p.mathType))
                 .collect();
             choose(&ranked, "backward-data convolution")?
         };
@@ -295,12 +322,26 @@ impl<A: Act> Convolutions<A> {
             )?;
             let ranked: Vec<_> = perf[..(count.max(0) as usize).min(N)]
                 .iter()
-                .map(|p| (p.algo, p.status, p.memory, p.determinism))
+                .map(|p| (p.algo, p.status, p.memory, p.determinism, p.mathType))
                 .collect();
             choose(&ranked, "backward-filter convolution")?
         };
-        // The heuristic's memory figure is an estimate; ask for the exact sizes.
+        // The heuristic's memory figure is an estimate; ask for the exact sizes, each under
+        // the math type its pass will run with.
+        let maths = (!self.fma_only).then_some([fwd.1, bwd_data.1, bwd_filter.1]);
+        let set_math = |i: usize| -> Result<()> {
+            if let Some(m) = maths {
+                // SAFETY: live descriptor; host-side field only.
+                unsafe {
+                    status("setting the convolution math type")(sys::cudnnSetConvolutionMathType(
+                        d.conv, m[i],
+                    ))?;
+                }
+            }
+            Ok(())
+        };
         let mut sizes = [0usize; 3];
+        set_math(0)?;
         // SAFETY: live descriptors and handle; each call writes one usize.
         unsafe {
             status("sizing the forward workspace")(sys::cudnnGetConvolutionForwardWorkspaceSize(
@@ -312,6 +353,10 @@ impl<A: Act> Convolutions<A> {
                 fwd.0,
                 &mut sizes[0],
             ))?;
+        }
+        set_math(1)?;
+        // SAFETY: as above.
+        unsafe {
             status("sizing the backward-data workspace")(
                 sys::cudnnGetConvolutionBackwardDataWorkspaceSize(
                     self.handle,
@@ -323,6 +368,10 @@ impl<A: Act> Convolutions<A> {
                     &mut sizes[1],
                 ),
             )?;
+        }
+        set_math(2)?;
+        // SAFETY: as above.
+        unsafe {
             status("sizing the backward-filter workspace")(
                 sys::cudnnGetConvolutionBackwardFilterWorkspaceSize(
                     self.handle,
@@ -340,6 +389,9 @@ impl<A: Act> Convolutions<A> {
             fwd: fwd.0,
             bwd_data: bwd_data.0,
             bwd_filter: bwd_filter.0,
+            // With FMA-only math the ranked math types may say "default", which for f32 would
+            // allow TF32 again: keep FMA.
+            maths,
             workspace: sizes.into_iter().max().unwrap_or(0),
         })
     }
@@ -399,6 +451,7 @@ impl<A: Act> Convolutions<A> {
         let (px, _gx) = x.device_ptr(&s);
         let (pw, _gw) = w.device_ptr(&s);
         let (py, _gy) = y.device_ptr_mut(&s);
+        plan.math(0)?;
         let (alpha, beta) = (1f32, 0f32);
         // SAFETY: the plan's descriptors describe exactly these extents (checked above) in `A`'s
         // element type, the workspace holds at least the plan's size, and the handle is bound
@@ -443,6 +496,7 @@ impl<A: Act> Convolutions<A> {
         let (pw, _gw) = w.device_ptr(&s);
         let (pdy, _gdy) = dy.device_ptr(&s);
         let (pdx, _gdx) = dx.device_ptr_mut(&s);
+        plan.math(1)?;
         let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
         // SAFETY: as in `forward`.
         unsafe {
@@ -485,6 +539,7 @@ impl<A: Act> Convolutions<A> {
         let (px, _gx) = x.device_ptr(&s);
         let (pdy, _gdy) = dy.device_ptr(&s);
         let (pdw, _gdw) = dw.device_ptr_mut(&s);
+        plan.math(2)?;
         let (alpha, beta) = (1f32, if accumulate { 1f32 } else { 0f32 });
         // SAFETY: as in `forward`.
         unsafe {

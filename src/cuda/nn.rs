@@ -584,6 +584,10 @@ impl NnOps {
         self.ctx("w", w)?;
         self.ctx("dy", dy)?;
         self.ctx("dw", dw)?;
+        if let Some((dx, _)) = &dx {
+            need("dx", *dx, n * inp)?;
+            self.ctx("dx", *dx)?;
+        }
         let s = self.stream.clone();
         self.blas.bind(&s)?;
         let compute = Self::gemm_types::<A>(fma_only);
@@ -616,8 +620,6 @@ impl NnOps {
             )?;
         }
         if let Some((dx, acc)) = dx {
-            need("dx", dx, n * inp)?;
-            self.ctx("dx", dx)?;
             let (pdx, _g4) = dx.device_ptr_mut(&s);
             // Column-major dXᵀ (inp×n) = W (stored inp×out) · dYᵀ (out×n).
             // SAFETY: extents checked above; all of type A.

@@ -264,6 +264,12 @@ impl Builder<'_> {
         let p = self.param(&format!("{name}.weight"))?;
         let s = &self.infos[p].shape;
         let (h, w) = self.hw;
+        let k = s[2];
+        if h + 2 * pad < k || w + 2 * pad < k {
+            return Err(Error::InvalidConfig(format!(
+                "{name}: a {h}x{w} input is smaller than its {k}x{k} kernel; use larger images"
+            )));
+        }
         let spec = ConvSpec {
             in_c: s[1],
             out_c: s[0],
@@ -284,7 +290,10 @@ impl Builder<'_> {
 
     fn norm(&mut self, name: &str, x: usize, residual: Option<usize>, relu: bool) -> Result<usize> {
         let p = self.param(&format!("{name}.weight"))?;
-        if self.params.get(&format!("{name}.bias")) != Some(&(p + 1)) {
+        let c = self.infos[p].len;
+        if self.params.get(&format!("{name}.bias")) != Some(&(p + 1))
+            || self.infos[p + 1].off != self.infos[p].off + c
+        {
             return Err(internal(format!("{name}: bias does not follow weight")));
         }
         let running = *self
@@ -403,6 +412,10 @@ impl<A: Act> DeviceTrainer<A> {
     /// Uploads `model` and the optimizer state of `opt` to the GPU of `stream`, planned for
     /// batches of `batch` images of `image` = (channels, height, width). `fma_only` keeps every
     /// f32 convolution and GEMM off TF32 (the checking mode); it has no effect in bf16.
+    ///
+    /// The trainer adds an upload stream to the context and turns off cudarc's per-buffer event
+    /// tracking there: buffers shared with other streams of the same context must then be ordered
+    /// with events by their owner.
     pub fn new(
         stream: &Arc<CudaStream>,
         model: &mut BarlowTwins,
@@ -415,6 +428,12 @@ impl<A: Act> DeviceTrainer<A> {
             return Err(Error::BatchTooSmall { n: batch });
         }
         let cfg = model.config.clone();
+        if image.1 == 0 || image.2 == 0 {
+            return Err(Error::InvalidConfig(format!(
+                "images of {}x{} pixels: height and width must be at least 1",
+                image.1, image.2
+            )));
+        }
         if image.0 != cfg.backbone.in_channels {
             return Err(Error::InvalidConfig(format!(
                 "images have {} channels but the model expects {}",
@@ -422,11 +441,15 @@ impl<A: Act> DeviceTrainer<A> {
             )));
         }
         let ops = NnOps::new(stream)?;
-        let convs = Convolutions::<A>::new(stream, fma_only || A::SUFFIX != "f32")?;
+        let convs = Convolutions::<A>::new(stream, fma_only && A::SUFFIX == "f32")?;
         let copy = stream
             .context()
             .new_stream()
             .map_err(drv("creating the upload stream"))?;
+        // SAFETY: per-buffer event tracking would add a wait and a record to every buffer of every
+        // launch; the trainer orders its only cross-stream traffic (the staged inputs) with its own
+        // events, and pinned buffers carry theirs regardless.
+        unsafe { stream.context().disable_event_tracking() };
         let math = if A::SUFFIX == "f32" {
             Math::F32
         } else {
@@ -1067,31 +1090,36 @@ impl<A: Act> DeviceTrainer<A> {
         flat: &[f32],
         mut put: impl FnMut(&mut crate::nn::Param, Vec<f32>),
     ) -> Result<()> {
+        // Check the whole model first, so a mismatch leaves it untouched.
         let mut i = 0;
-        let mut err = None;
+        let mut ok = true;
         model.params_mut(&mut |p| {
-            match self.infos.get(i) {
-                Some(info) if info.name == p.name && info.len == p.value.len() => {
-                    let v = &flat[info.off..info.off + info.len];
-                    put(
-                        p,
-                        if info.is_conv() {
-                            ohwi_to_oihw(v, &info.shape)
-                        } else {
-                            v.to_vec()
-                        },
-                    );
-                }
-                _ => {
-                    err.get_or_insert(internal(format!(
-                        "parameter {} does not match the device copy",
-                        p.name
-                    )));
-                }
-            }
+            ok &= self
+                .infos
+                .get(i)
+                .is_some_and(|info| info.name == p.name && info.len == p.value.len());
             i += 1;
         });
-        err.map_or(Ok(()), Err)
+        if !ok || i != self.infos.len() {
+            return Err(Error::InvalidConfig(
+                "the model's parameters do not match the device copy (another model?)".into(),
+            ));
+        }
+        let mut i = 0;
+        model.params_mut(&mut |p| {
+            let info = &self.infos[i];
+            let v = &flat[info.off..info.off + info.len];
+            put(
+                p,
+                if info.is_conv() {
+                    ohwi_to_oihw(v, &info.shape)
+                } else {
+                    v.to_vec()
+                },
+            );
+            i += 1;
+        });
+        Ok(())
     }
 
     /// Copies weights, running statistics, batch counts and LARS momentum back into the host
