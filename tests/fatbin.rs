@@ -40,13 +40,9 @@ fn every_kernel_in_the_sources_is_listed() {
             .take_while(|c| c.is_alphanumeric() || *c == '_')
             .collect()
     };
-    for entry in entries {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "cu") {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).unwrap();
-        // `__global__ void [__launch_bounds__(…)] NAME(`, possibly across lines.
+    // The kernel names after each `__global__ void [__launch_bounds__(…)]` in `text`.
+    let kernels = |text: &str| -> Vec<(String, bool)> {
+        let mut out = Vec::new();
         for rest in text.split("__global__ void").skip(1) {
             let mut t = rest.trim_start();
             if let Some(after) = t.strip_prefix("__launch_bounds__(") {
@@ -66,14 +62,64 @@ fn every_kernel_in_the_sources_is_listed() {
                 t = after[end + 1..].trim_start();
             }
             let name = ident(t);
-            // A macro's parameter, not a kernel: its instantiations are found below.
-            if name != "NAME" {
-                found.push(name);
+            // `PREFIX##SUF(`: a name pasted from a macro argument.
+            let pasted = t[name.len()..].starts_with("##");
+            out.push((name, pasted));
+        }
+        out
+    };
+    for entry in entries {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "cu") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Macros that define kernels: each maps its first argument to names (a whole name when
+        // the macro's kernel is called NAME, else PREFIX + argument).
+        let mut macros: Vec<(String, Vec<String>)> = Vec::new();
+        let mut plain = String::new();
+        let mut lines = text.lines();
+        while let Some(line) = lines.next() {
+            let Some(def) = line.trim_start().strip_prefix("#define ") else {
+                plain.push_str(line);
+                plain.push('\n');
+                continue;
+            };
+            // Join the continued lines without their backslashes.
+            let strip = |l: &str| format!("{} ", l.trim_end().trim_end_matches('\\'));
+            let mut body = strip(line);
+            let mut last = line;
+            while last.trim_end().ends_with('\\') {
+                match lines.next() {
+                    Some(l) => {
+                        body.push_str(&strip(l));
+                        last = l;
+                    }
+                    None => break,
+                }
+            }
+            let prefixes: Vec<String> = kernels(&body)
+                .into_iter()
+                .map(|(n, pasted)| if pasted { n } else { String::new() })
+                .collect();
+            if !prefixes.is_empty() {
+                macros.push((ident(def), prefixes));
             }
         }
-        for line in text.lines().map(str::trim_start) {
-            if line.starts_with("BARLOW_STD_") {
-                found.push(ident(line.split('(').nth(1).unwrap()));
+        for (name, _) in kernels(&plain) {
+            found.push(name);
+        }
+        for line in plain.lines().map(str::trim_start) {
+            for (m, prefixes) in &macros {
+                if let Some(args) = line
+                    .strip_prefix(m.as_str())
+                    .and_then(|r| r.strip_prefix('('))
+                {
+                    let arg = ident(args.trim_start());
+                    for p in prefixes {
+                        found.push(format!("{p}{arg}"));
+                    }
+                }
             }
         }
     }
