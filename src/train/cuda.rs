@@ -416,7 +416,40 @@ impl<A: Act> DeviceTrainer<A> {
     /// The trainer adds an upload stream to the context and turns off cudarc's per-buffer event
     /// tracking there: buffers shared with other streams of the same context must then be ordered
     /// with events by their owner.
+    ///
+    /// Running out of device memory is reported with the estimated need at this batch size.
     pub fn new(
+        stream: &Arc<CudaStream>,
+        model: &mut BarlowTwins,
+        opt: &Lars,
+        batch: usize,
+        image: (usize, usize, usize),
+        fma_only: bool,
+    ) -> Result<Self> {
+        Self::build(stream, model, opt, batch, image, fma_only).map_err(|e| match e {
+            Error::OutOfDeviceMemory { during, bytes } => {
+                let need = plan(model, opt, image).map(|p| {
+                    let per: usize = p.slots.iter().skip(1).map(|s| s.per_image()).sum();
+                    let acts = 3 * per * batch * std::mem::size_of::<A>();
+                    let params = p.host.len() * (4 * 3 + std::mem::size_of::<A>());
+                    (acts + params) as f64 / (1u64 << 30) as f64
+                });
+                Error::OutOfDeviceMemory {
+                    during: match need {
+                        Ok(gib) => format!(
+                            "{during} (the trainer needs about {gib:.1} GiB at batch {batch} \
+                             before cuDNN's workspace; a smaller --batch-size or bf16 needs less)"
+                        ),
+                        Err(_) => during,
+                    },
+                    bytes,
+                }
+            }
+            other => other,
+        })
+    }
+
+    fn build(
         stream: &Arc<CudaStream>,
         model: &mut BarlowTwins,
         opt: &Lars,
