@@ -1,4 +1,5 @@
-// Fused batch standardization (BatchNorm1d without affine, training mode) and its backward pass.
+// Fused batch standardization (BatchNorm1d without affine, training mode) and its backward pass,
+// plus the affine (and ReLU) variant the trainer's projector uses.
 // With `tf32` set, Ẑ is written rounded to TF32 for the TF32 GEMMs that read it.
 //
 // Z is N×D row-major. A block owns COLS adjacent columns; its ROWS row-groups each run Welford over
@@ -12,10 +13,23 @@
 
 namespace barlow {
 
+// The projector's batch norm is this same standardization with an affine and an optional ReLU:
+// `gamma`/`beta` non-null turn y = act(x̂·γ + β) on, and `running_mean` non-null moves the running
+// statistics (unbiased variance, `momentum`) as BatchNorm1d does in training.
+struct Affine {
+  const float* gamma;
+  const float* beta;
+  int relu;
+  float momentum;
+  float* running_mean;
+  float* running_var;
+};
+
 template <typename In, typename Out>
 __device__ void standardize_fwd(const In* __restrict__ z, Out* __restrict__ zhat,
                                 float* __restrict__ stats, int64_t n, int64_t d, float eps,
-                                int tf32) {
+                                int tf32, Affine aff = Affine{nullptr, nullptr, 0, 0.f, nullptr,
+                                                              nullptr}) {
   __shared__ float s_cnt[ROWS][COLS];
   __shared__ float s_mean[ROWS][COLS];
   __shared__ float s_m2[ROWS][COLS];
@@ -68,16 +82,84 @@ __device__ void standardize_fwd(const In* __restrict__ z, Out* __restrict__ zhat
       stats[col] = hi;
       stats[d + col] = lo;
       stats[2 * d + col] = rstd;
+      if (aff.running_mean) {
+        const float unbias = c > 1.f ? c / (c - 1.f) : 1.f;
+        const float mo = aff.momentum;
+        aff.running_mean[col] = (1.f - mo) * aff.running_mean[col] + mo * (hi + lo);
+        aff.running_var[col] = (1.f - mo) * aff.running_var[col] + mo * var * unbias;
+      }
     }
   }
   __syncthreads();
 
   if (!live) return;
   const float hi = s_hi[tx], lo = s_lo[tx], rs = s_rstd[tx];
+  const float g = aff.gamma ? aff.gamma[col] : 1.f;
+  const float b = aff.gamma ? aff.beta[col] : 0.f;
   for (int64_t r = ty; r < n; r += ROWS) {
     const int64_t i = r * d + col;
-    const float v = ((to_f32(z[i]) - hi) - lo) * rs;
+    float v = ((to_f32(z[i]) - hi) - lo) * rs;
+    if (aff.gamma) {
+      v = v * g + b;
+      if (aff.relu) v = fmaxf(v, 0.f);
+    }
     zhat[i] = from_f32<Out>(tf32 ? round_tf32(v) : v);
+  }
+}
+
+// Backward of the affine variant, in one launch: g = dy (zeroed where the ReLU's output y was not
+// positive), dβ += Σg, dγ += Σg·x̂, dz = γ·rstd·(g − mean(g) − x̂·mean(g·x̂)), x̂ recomputed from z.
+template <typename T>
+__device__ void standardize_affine_bwd(const T* __restrict__ dy, const T* __restrict__ y,
+                                       const T* __restrict__ z, const float* __restrict__ stats,
+                                       const float* __restrict__ gamma, T* __restrict__ dz,
+                                       float* __restrict__ dgamma, float* __restrict__ dbeta,
+                                       int64_t n, int64_t d) {
+  __shared__ float s_sum[ROWS][COLS];
+  __shared__ float s_dot[ROWS][COLS];
+
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t col = (int64_t)blockIdx.x * COLS + tx;
+  const bool live = col < d;
+  const float hi = live ? stats[col] : 0.f;
+  const float lo = live ? stats[d + col] : 0.f;
+  const float rs = live ? stats[2 * d + col] : 0.f;
+
+  float sum = 0.f, dot = 0.f;
+  if (live) {
+    for (int64_t r = ty; r < n; r += ROWS) {
+      const int64_t i = r * d + col;
+      const float gi = (y && !(to_f32(y[i]) > 0.f)) ? 0.f : to_f32(dy[i]);
+      sum += gi;
+      dot += gi * (((to_f32(z[i]) - hi) - lo) * rs);
+    }
+  }
+  s_sum[ty][tx] = sum;
+  s_dot[ty][tx] = dot;
+  __syncthreads();
+  if (ty == 0) {
+    for (int k = 1; k < ROWS; ++k) {
+      sum += s_sum[k][tx];
+      dot += s_dot[k][tx];
+    }
+    s_sum[0][tx] = sum;
+    s_dot[0][tx] = dot;
+    if (live) {
+      dbeta[col] += sum;
+      dgamma[col] += dot;
+    }
+  }
+  __syncthreads();
+
+  if (!live) return;
+  const float inv_n = 1.f / (float)n;
+  const float mg = s_sum[0][tx] * inv_n, mgx = s_dot[0][tx] * inv_n;
+  const float k = gamma[col] * rs;
+  for (int64_t r = ty; r < n; r += ROWS) {
+    const int64_t i = r * d + col;
+    const float gi = (y && !(to_f32(y[i]) > 0.f)) ? 0.f : to_f32(dy[i]);
+    const float xhat = ((to_f32(z[i]) - hi) - lo) * rs;
+    dz[i] = from_f32<T>(k * (gi - mg - xhat * mgx));
   }
 }
 
@@ -151,3 +233,19 @@ BARLOW_STD_FWD(standardize_fwd_f16_bf16, __half, __nv_bfloat16)
 BARLOW_STD_BWD(standardize_bwd_f32, float)
 BARLOW_STD_BWD(standardize_bwd_bf16, __nv_bfloat16)
 BARLOW_STD_BWD(standardize_bwd_f16, __half)
+
+#define BARLOW_STD_AFFINE(NAME_FWD, NAME_BWD, T)                                              \
+  extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS) NAME_FWD(        \
+      const T* z, T* y, float* stats, int64_t n, int64_t d, float eps, const float* gamma,    \
+      const float* beta, int relu, float momentum, float* running_mean, float* running_var) { \
+    barlow::standardize_fwd<T, T>(                                                           \
+        z, y, stats, n, d, eps, 0,                                                           \
+        barlow::Affine{gamma, beta, relu, momentum, running_mean, running_var});             \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS) NAME_BWD(        \
+      const T* dy, const T* y, const T* z, const float* stats, const float* gamma, T* dz,     \
+      float* dgamma, float* dbeta, int64_t n, int64_t d) {                                    \
+    barlow::standardize_affine_bwd<T>(dy, y, z, stats, gamma, dz, dgamma, dbeta, n, d);      \
+  }
+BARLOW_STD_AFFINE(standardize_affine_fwd_f32, standardize_affine_bwd_f32, float)
+BARLOW_STD_AFFINE(standardize_affine_fwd_bf16, standardize_affine_bwd_bf16, __nv_bfloat16)

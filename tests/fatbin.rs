@@ -40,8 +40,9 @@ fn every_kernel_in_the_sources_is_listed() {
             .take_while(|c| c.is_alphanumeric() || *c == '_')
             .collect()
     };
-    // The kernel names after each `__global__ void [__launch_bounds__(…)]` in `text`.
-    let kernels = |text: &str| -> Vec<(String, bool)> {
+    // The kernel names after each `__global__ void [__launch_bounds__(…)]` in `text`, with
+    // what follows each name (to spot `PREFIX##PARAM` pasting).
+    let kernels = |text: &str| -> Vec<(String, String)> {
         let mut out = Vec::new();
         for rest in text.split("__global__ void").skip(1) {
             let mut t = rest.trim_start();
@@ -62,11 +63,19 @@ fn every_kernel_in_the_sources_is_listed() {
                 t = after[end + 1..].trim_start();
             }
             let name = ident(t);
-            // `PREFIX##SUF(`: a name pasted from a macro argument.
-            let pasted = t[name.len()..].starts_with("##");
-            out.push((name, pasted));
+            let tail = t[name.len()..].to_string();
+            out.push((name, tail));
         }
         out
+    };
+    // A macro's arguments: `MACRO(a, b, T)` → ["a", "b", "T"].
+    let args = |t: &str| -> Vec<String> {
+        t.split(')')
+            .next()
+            .unwrap_or("")
+            .split(',')
+            .map(|a| a.trim().to_string())
+            .collect()
     };
     for entry in entries {
         let path = entry.unwrap().path();
@@ -74,9 +83,10 @@ fn every_kernel_in_the_sources_is_listed() {
             continue;
         }
         let text = std::fs::read_to_string(&path).unwrap();
-        // Macros that define kernels: each maps its first argument to names (a whole name when
-        // the macro's kernel is called NAME, else PREFIX + argument).
-        let mut macros: Vec<(String, Vec<String>)> = Vec::new();
+        // Macros that define kernels, as (macro, [(prefix, index of the argument that completes
+        // the name)]): a kernel named by a parameter is that argument; `PREFIX##PARAM` is the
+        // prefix followed by it.
+        let mut macros: Vec<(String, Vec<(String, usize)>)> = Vec::new();
         let mut plain = String::new();
         let mut lines = text.lines();
         while let Some(line) = lines.next() {
@@ -98,26 +108,39 @@ fn every_kernel_in_the_sources_is_listed() {
                     None => break,
                 }
             }
-            let prefixes: Vec<String> = kernels(&body)
-                .into_iter()
-                .map(|(n, pasted)| if pasted { n } else { String::new() })
-                .collect();
-            if !prefixes.is_empty() {
-                macros.push((ident(def), prefixes));
+            let name = ident(def);
+            let params = args(def[name.len()..].trim_start_matches('('));
+            let mut names = Vec::new();
+            for (k, tail) in kernels(&body) {
+                if let Some(pasted) = tail.strip_prefix("##") {
+                    let param = ident(pasted);
+                    let i = params.iter().position(|p| *p == param).unwrap();
+                    names.push((k, i));
+                } else if let Some(i) = params.iter().position(|p| *p == k) {
+                    names.push((String::new(), i));
+                } else {
+                    panic!(
+                        "{}: kernel {k} in macro {name} is not named by a parameter",
+                        path.display()
+                    );
+                }
+            }
+            if !names.is_empty() {
+                macros.push((name, names));
             }
         }
         for (name, _) in kernels(&plain) {
             found.push(name);
         }
         for line in plain.lines().map(str::trim_start) {
-            for (m, prefixes) in &macros {
-                if let Some(args) = line
+            for (m, names) in &macros {
+                if let Some(rest) = line
                     .strip_prefix(m.as_str())
                     .and_then(|r| r.strip_prefix('('))
                 {
-                    let arg = ident(args.trim_start());
-                    for p in prefixes {
-                        found.push(format!("{p}{arg}"));
+                    let a = args(rest);
+                    for (prefix, i) in names {
+                        found.push(format!("{prefix}{}", a[*i]));
                     }
                 }
             }

@@ -380,6 +380,129 @@ fn batch_norm_with_residual_and_relu_matches_the_cpu_layer() {
     }
 }
 
+/// The projector's norm: the standardization kernel's affine variant against the CPU layer.
+fn dense_norm_case<A: Act>(s: &Arc<CudaStream>, (n, c): (usize, usize), relu: bool, seed: u64) {
+    let what = format!("{} projector norm {n}x{c} relu={relu}", A::SUFFIX);
+    let mut rng = Rng::new(seed);
+    // A large offset: the loss's kernel keeps the mean as an f32 pair, so it stays exact.
+    let x = round::<A>(
+        &randn(&mut rng, n * c)
+            .iter()
+            .map(|v| 2.0 * v - 7.0)
+            .collect::<Vec<_>>(),
+    );
+    let dy = round::<A>(&randn(&mut rng, n * c));
+    let gamma = randn(&mut rng, c);
+    let beta = randn(&mut rng, c);
+    let be = CpuBackend;
+    let mut bn = BatchNorm::new("bn", c, 1.0);
+    bn.weight.value = gamma.clone();
+    bn.bias.value = beta.clone();
+    let xt = Tensor::from_vec(&[n, c], x.clone());
+    let y = if relu {
+        bn.forward_relu(&be, &xt, true)
+    } else {
+        bn.forward(&be, &xt, true)
+    };
+    let dyt = Tensor::from_vec(&[n, c], dy.clone());
+    let dx = if relu {
+        bn.backward_relu(&be, &dyt)
+    } else {
+        bn.backward(&be, &dyt)
+    };
+
+    let ops = NnOps::new(s).unwrap();
+    let gx = up::<A>(s, &x);
+    let gdy = up::<A>(s, &dy);
+    let gb: Vec<f32> = gamma.iter().chain(&beta).copied().collect();
+    let ggb = s.clone_htod(&gb).unwrap();
+    let mut grun = s
+        .clone_htod(&[vec![0f32; c], vec![1f32; c]].concat())
+        .unwrap();
+    let mut stats = s.clone_htod(&vec![f32::NAN; 3 * c]).unwrap();
+    let mut gy = poisoned::<A>(s, n * c);
+    ops.standardize_affine_forward(
+        1e-5,
+        0.1,
+        (n, c),
+        &gx.slice(..),
+        &ggb.slice(..),
+        &mut grun.slice_mut(..),
+        relu,
+        &mut gy.slice_mut(..),
+        &mut stats,
+    )
+    .unwrap();
+    close(
+        &format!("{what} forward"),
+        &down(s, &gy, n * c),
+        &y.data,
+        tol::<A>(),
+    );
+    let run = s.clone_dtoh(&grun).unwrap();
+    close(
+        &format!("{what} running mean"),
+        &run[..c],
+        &bn.running_mean.value,
+        1e-4,
+    );
+    close(
+        &format!("{what} running var"),
+        &run[c..],
+        &bn.running_var.value,
+        1e-4,
+    );
+    let mut gdx = poisoned::<A>(s, n * c);
+    let mut gdgb = s.clone_htod(&vec![0f32; 2 * c]).unwrap();
+    let ys = gy.slice(..);
+    ops.standardize_affine_backward(
+        (n, c),
+        &gdy.slice(..),
+        relu.then_some(&ys),
+        &gx.slice(..),
+        &stats,
+        &ggb.slice(..),
+        &mut gdgb.slice_mut(..),
+        &mut gdx.slice_mut(..),
+    )
+    .unwrap();
+    close(
+        &format!("{what} dx"),
+        &down(s, &gdx, n * c),
+        &dx.data,
+        tol::<A>(),
+    );
+    let dgb = s.clone_dtoh(&gdgb).unwrap();
+    close(
+        &format!("{what} dgamma"),
+        &dgb[..c],
+        &bn.weight.grad,
+        tol::<A>(),
+    );
+    close(
+        &format!("{what} dbeta"),
+        &dgb[c..],
+        &bn.bias.grad,
+        tol::<A>(),
+    );
+}
+
+#[test]
+fn projector_norm_on_the_standardization_kernel_matches_the_cpu_layer() {
+    let Some(s) = gpu_nn("projector_norm_on_the_standardization_kernel_matches_the_cpu_layer")
+    else {
+        return;
+    };
+    let mut seed = 700;
+    for &d in &[(2, 5), (7, 33), (300, 70), (64, 1000)] {
+        for relu in [false, true] {
+            dense_norm_case::<f32>(&s, d, relu, seed);
+            dense_norm_case::<bf16>(&s, d, relu, seed + 1);
+            seed += 2;
+        }
+    }
+}
+
 fn pool_case<A: Act>(s: &Arc<CudaStream>, (n, c, h, w): (usize, usize, usize, usize), seed: u64) {
     let what = format!("{} pools {n}x{c}x{h}x{w}", A::SUFFIX);
     let mut rng = Rng::new(seed);

@@ -58,6 +58,15 @@ fn grid(total: usize) -> LaunchConfig {
     }
 }
 
+/// The standardization kernels' grid: one block of COLS×ROWS threads per COLS columns.
+fn std_grid(c: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (c.div_ceil(COLS) as u32, 1, 1),
+        block_dim: (COLS as u32, ROWS, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 fn need<T>(name: &'static str, buf: &impl DeviceSlice<T>, len: usize) -> Result<()> {
     if buf.len() < len {
         return Err(Error::BufferTooSmall {
@@ -387,6 +396,142 @@ impl NnOps {
         // SAFETY: argument list as declared; every M×C buffer was checked, dres is null or M×C
         // and distinct from dx and dy (separate borrows).
         unsafe { b.launch(grid(m * c)) }.map_err(drv(format!("launching {name}")))?;
+        Ok(())
+    }
+
+    /// The projector's batch norm in training mode: the loss's fused column standardization
+    /// (Welford on shifted values, the mean kept as an f32 pair) with its affine variant,
+    /// `y = act(x̂·γ + β)`, over N×C features; one block per 32 columns covers all rows. `gb` is
+    /// [γ | β], `running` [mean | var] (moved by `momentum`), `stats` receives 3·C floats
+    /// ([mean_hi | mean_lo | rstd]) for [`NnOps::standardize_affine_backward`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn standardize_affine_forward<A: Act>(
+        &self,
+        eps: f32,
+        momentum: f32,
+        (n, c): (usize, usize),
+        x: &CudaView<'_, A>,
+        gb: &CudaView<'_, f32>,
+        running: &mut CudaViewMut<'_, f32>,
+        relu: bool,
+        y: &mut CudaViewMut<'_, A>,
+        stats: &mut NormStats,
+    ) -> Result<()> {
+        if n == 0 || c == 0 {
+            return Err(Error::InvalidConfig(format!(
+                "batch norm over an empty {n}×{c} input"
+            )));
+        }
+        if !(eps > 0.0 && eps.is_finite()) {
+            return Err(Error::InvalidConfig(format!("batch norm eps = {eps}")));
+        }
+        need("x", x, n * c)?;
+        need("y", y, n * c)?;
+        need("gamma/beta", gb, 2 * c)?;
+        need("running statistics", running, 2 * c)?;
+        need("stats", stats, 3 * c)?;
+        self.ctx("x", x)?;
+        self.ctx("y", y)?;
+        self.ctx("gamma/beta", gb)?;
+        self.ctx("running statistics", running)?;
+        self.ctx("stats", stats)?;
+        let s = &self.stream;
+        let (px, _g0) = x.device_ptr(s);
+        let (py, _g1) = y.device_ptr_mut(s);
+        let (pst, _g2) = stats.device_ptr_mut(s);
+        let (pgb, _g3) = gb.device_ptr(s);
+        let (prun, _g4) = running.device_ptr_mut(s);
+        let (pg, pb) = (pgb, pgb + 4 * c as u64);
+        let (prm, prv) = (prun, prun + 4 * c as u64);
+        let (n64, c64, relu) = (n as i64, c as i64, i32::from(relu));
+        let name = pick::<A>("standardize_affine_fwd_f32", "standardize_affine_fwd_bf16");
+        let mut b = s.launch_builder(self.kernels.get(name)?);
+        b.arg(&px)
+            .arg(&py)
+            .arg(&pst)
+            .arg(&n64)
+            .arg(&c64)
+            .arg(&eps)
+            .arg(&pg)
+            .arg(&pb)
+            .arg(&relu)
+            .arg(&momentum)
+            .arg(&prm)
+            .arg(&prv);
+        // SAFETY: (const T*, T*, float*, i64, i64, float, const float*, const float*, int, float,
+        // float*, float*) as declared; x and y hold N×C, stats 3·C, γ/β and mean/var are the C-float
+        // halves of their 2·C views; the kernel touches columns < C and rows < N only.
+        unsafe { b.launch(std_grid(c)) }.map_err(drv(format!("launching {name}")))?;
+        Ok(())
+    }
+
+    /// Backward of [`NnOps::standardize_affine_forward`] in one launch: `dgb` ([dγ | dβ])
+    /// accumulates, `dx` is written; `y` (the forward's output) masks dy when the norm had a ReLU.
+    #[allow(clippy::too_many_arguments)]
+    pub fn standardize_affine_backward<A: Act>(
+        &self,
+        (n, c): (usize, usize),
+        dy: &CudaView<'_, A>,
+        y: Option<&CudaView<'_, A>>,
+        x: &CudaView<'_, A>,
+        stats: &NormStats,
+        gb: &CudaView<'_, f32>,
+        dgb: &mut CudaViewMut<'_, f32>,
+        dx: &mut CudaViewMut<'_, A>,
+    ) -> Result<()> {
+        if n == 0 || c == 0 {
+            return Err(Error::InvalidConfig(format!(
+                "batch norm over an empty {n}×{c} input"
+            )));
+        }
+        need("dy", dy, n * c)?;
+        need("x", x, n * c)?;
+        need("dx", dx, n * c)?;
+        need("stats", stats, 3 * c)?;
+        need("gamma/beta", gb, 2 * c)?;
+        need("dgamma/dbeta", dgb, 2 * c)?;
+        self.ctx("dy", dy)?;
+        self.ctx("x", x)?;
+        self.ctx("dx", dx)?;
+        self.ctx("stats", stats)?;
+        self.ctx("gamma/beta", gb)?;
+        self.ctx("dgamma/dbeta", dgb)?;
+        if let Some(y) = y {
+            need("y", y, n * c)?;
+            self.ctx("y", y)?;
+        }
+        let s = &self.stream;
+        let (pdy, _g0) = dy.device_ptr(s);
+        let (py, _g1) = match y {
+            Some(y) => {
+                let (p, g) = y.device_ptr(s);
+                (p, Some(g))
+            }
+            None => (0u64, None),
+        };
+        let (px, _g2) = x.device_ptr(s);
+        let (pst, _g3) = stats.device_ptr(s);
+        let (pgb, _g4) = gb.device_ptr(s);
+        let (pdgb, _g5) = dgb.device_ptr_mut(s);
+        let (pdx, _g6) = dx.device_ptr_mut(s);
+        let (pdg, pdb) = (pdgb, pdgb + 4 * c as u64);
+        let (n64, c64) = (n as i64, c as i64);
+        let name = pick::<A>("standardize_affine_bwd_f32", "standardize_affine_bwd_bf16");
+        let mut b = s.launch_builder(self.kernels.get(name)?);
+        b.arg(&pdy)
+            .arg(&py)
+            .arg(&px)
+            .arg(&pst)
+            .arg(&pgb)
+            .arg(&pdx)
+            .arg(&pdg)
+            .arg(&pdb)
+            .arg(&n64)
+            .arg(&c64);
+        // SAFETY: (const T*, const T*, const T*, const float*, const float*, T*, float*, float*,
+        // i64, i64) as declared; every N×C buffer and the 3·C stats were checked, dγ and dβ are
+        // the halves of dgb; dx is a separate mutable borrow from dy, y and x.
+        unsafe { b.launch(std_grid(c)) }.map_err(drv(format!("launching {name}")))?;
         Ok(())
     }
 

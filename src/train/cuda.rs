@@ -46,13 +46,16 @@ enum Op {
         spec: ConvSpec,
         p: usize,
     },
-    /// Batch norm (γ at parameter `p`, β at `p + 1`), then `+ residual`, then ReLU.
+    /// Batch norm (γ at parameter `p`, β at `p + 1`), then `+ residual`, then ReLU. `dense`
+    /// marks the projector's norms over N×C features, which run on the loss's standardization
+    /// kernel (its affine variant) in training.
     Norm {
         p: usize,
         running: usize,
         stats: usize,
         residual: Option<usize>,
         relu: bool,
+        dense: bool,
     },
     MaxPool {
         h: usize,
@@ -288,7 +291,14 @@ impl Builder<'_> {
         Ok(y)
     }
 
-    fn norm(&mut self, name: &str, x: usize, residual: Option<usize>, relu: bool) -> Result<usize> {
+    fn norm(
+        &mut self,
+        name: &str,
+        x: usize,
+        residual: Option<usize>,
+        relu: bool,
+        dense: bool,
+    ) -> Result<usize> {
         let p = self.param(&format!("{name}.weight"))?;
         let c = self.infos[p].len;
         if self.params.get(&format!("{name}.bias")) != Some(&(p + 1))
@@ -311,6 +321,7 @@ impl Builder<'_> {
                 stats,
                 residual,
                 relu,
+                dense,
             },
             x,
             y,
@@ -343,19 +354,19 @@ impl Builder<'_> {
             };
             h = self.conv(&format!("{name}.conv{}", i + 1), h, s, pad)?;
             if i + 1 < k {
-                h = self.norm(&format!("{name}.bn{}", i + 1), h, None, true)?;
+                h = self.norm(&format!("{name}.bn{}", i + 1), h, None, true, false)?;
             }
         }
         let hw_out = self.hw;
         let res = if has_ds {
             self.hw = hw_in;
             let d = self.conv(&format!("{name}.downsample.0"), x, stride, 0)?;
-            self.norm(&format!("{name}.downsample.1"), d, None, false)?
+            self.norm(&format!("{name}.downsample.1"), d, None, false, false)?
         } else {
             x
         };
         self.hw = hw_out;
-        self.norm(&format!("{name}.bn{k}"), h, Some(res), true)
+        self.norm(&format!("{name}.bn{k}"), h, Some(res), true, false)
     }
 }
 
@@ -543,7 +554,7 @@ impl<A: Act> DeviceTrainer<A> {
         let max_c = slots.iter().map(|s| s.c).max().unwrap_or(1);
         let stats_set = || -> Result<Vec<CudaSlice<f32>>> {
             (0..norms)
-                .map(|_| alloc(stream, 2 * max_c, "allocating norm statistics"))
+                .map(|_| alloc(stream, 3 * max_c, "allocating norm statistics"))
                 .collect()
         };
         let stats = [stats_set()?, stats_set()?];
@@ -771,11 +782,27 @@ impl<A: Act> DeviceTrainer<A> {
                     stats: st,
                     residual,
                     relu,
+                    dense,
                 } => {
                     let i = &infos[*p];
                     let c = sx.c;
                     let res = residual.map(|r| lo[r].slice(..));
                     let m = timer.start(stream, Phase::Norm)?;
+                    if let (true, NormMode::Train { momentum }) = (*dense, mode) {
+                        ops.standardize_affine_forward(
+                            1e-5,
+                            momentum,
+                            (n * sx.rows, c),
+                            &x.slice(..),
+                            &master.slice(i.off..i.off + 2 * c),
+                            &mut running.slice_mut(*r..*r + 2 * c),
+                            *relu,
+                            &mut y.slice_mut(..),
+                            &mut stats[v][*st],
+                        )?;
+                        timer.stop(stream, m)?;
+                        continue;
+                    }
                     ops.batch_norm_forward(
                         mode,
                         1e-5,
@@ -883,6 +910,7 @@ impl<A: Act> DeviceTrainer<A> {
                     stats: st,
                     residual,
                     relu,
+                    dense,
                     ..
                 } => {
                     let i = &infos[*p];
@@ -892,6 +920,21 @@ impl<A: Act> DeviceTrainer<A> {
                     let mut dgb = grad.slice_mut(i.off..i.off + 2 * c);
                     let ys = relu.then(|| yv.slice(..));
                     match residual {
+                        _ if *dense => {
+                            let [dy, dx] = grads
+                                .get_disjoint_mut([nd.y, nd.x])
+                                .map_err(|e| internal(format!("gradient slots: {e}")))?;
+                            ops.standardize_affine_backward(
+                                (n * sx.rows, c),
+                                &dy.slice(..),
+                                ys.as_ref(),
+                                &x.slice(..),
+                                &stats[v][*st],
+                                &gb,
+                                &mut dgb,
+                                &mut dx.slice_mut(..),
+                            )?;
+                        }
                         Some(r) => {
                             let [dy, dx, dr] = grads
                                 .get_disjoint_mut([nd.y, nd.x, *r])
@@ -1283,7 +1326,7 @@ fn plan(model: &mut BarlowTwins, opt: &Lars, image: (usize, usize, usize)) -> Re
         Stem::Small => (1, 1),
     };
     let mut x = b.conv("conv1", 0, s, p)?;
-    x = b.norm("bn1", x, None, true)?;
+    x = b.norm("bn1", x, None, true, false)?;
     if bb.stem == Stem::Imagenet {
         let (hh, ww) = b.hw;
         let (ho, wo) = ((hh + 2 - 3) / 2 + 1, (ww + 2 - 3) / 2 + 1);
@@ -1326,7 +1369,7 @@ fn plan(model: &mut BarlowTwins, opt: &Lars, image: (usize, usize, usize)) -> Re
         b.push(Op::Linear { p, inp, out }, x, y);
         x = y;
         if i + 1 < linears {
-            x = b.norm(&format!("projector.{}", 3 * i + 1), x, None, true)?;
+            x = b.norm(&format!("projector.{}", 3 * i + 1), x, None, true, true)?;
         }
     }
     let z_slot = x;
@@ -1450,6 +1493,13 @@ mod tests {
     fn graphs_use_every_parameter_once_and_write_before_adding() {
         let mut m = model(Arch::Resnet18, Stem::Small, 4);
         let p = check_plan(&mut m, (3, 8, 8));
+        // The projector's two norms, and only they, run on the standardization kernel.
+        let dense = p
+            .nodes
+            .iter()
+            .filter(|n| matches!(n.op, Op::Norm { dense: true, .. }))
+            .count();
+        assert_eq!(dense, 2);
         assert_eq!(p.slots[p.feat].c, 32);
         assert_eq!(p.slots[p.z_slot].c, 6);
         // Small stem keeps 8×8, three stride-2 stages: 1×1 before the pool.
