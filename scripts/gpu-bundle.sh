@@ -71,5 +71,6 @@ fi
 tar -C "$out" -cf - barlow tests benches | xz -6 -T0 >"$out/binaries.tar.xz"
 rm -rf "$out/barlow" "$out/tests" "$out/benches"
 du -sh "$out" >&2
-ls -la "$out" "$out/tests" "$out/benches" >&2
+ls -la "$out" >&2
+xz -dc "$out/binaries.tar.xz" | tar -tvf - >&2
 echo "gpu-bundle: ready; on a GPU host run: bash $out/run.sh [REPORT_DIR]" >&2
