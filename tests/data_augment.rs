@@ -20,7 +20,7 @@ fn tmpdir(name: &str) -> PathBuf {
 fn builtin_sample_is_balanced_fashion_mnist() {
     let s = data::open("builtin").unwrap();
     assert_eq!((s.train.len(), s.test.len()), (10_000, 2_000));
-    let img = &s.train.images[0];
+    let img = s.train.image(0);
     assert_eq!((img.h, img.w, img.c), (28, 28, 1));
     for c in 0..10u32 {
         assert_eq!(s.train.labels.iter().filter(|&&l| l == c).count(), 1000);
@@ -50,8 +50,8 @@ fn idx_reader_accepts_plain_files_and_rejects_bad_ones() {
     let labels = idx(1, &[2], &[7, 3]);
     let d = data::idx_from_bytes("t", &imgs, &labels).unwrap();
     assert_eq!(d.len(), 2);
-    assert_eq!(d.images[1].data, vec![7, 8, 9, 10, 11, 12]);
-    assert_eq!((d.images[1].h, d.images[1].w), (2, 3));
+    assert_eq!(d.image(1).data, vec![7, 8, 9, 10, 11, 12]);
+    assert_eq!(d.dims(1), (2, 3));
     assert_eq!(d.labels, vec![7, 3]);
 
     let bad = |i: &[u8], l: &[u8]| match data::idx_from_bytes("t", i, l) {
@@ -77,7 +77,7 @@ fn cifar_binary_batches_are_read_channel_planar() {
     std::fs::write(dir.join("test_batch.bin"), &rec).unwrap();
     let s = data::open(dir.to_str().unwrap()).unwrap();
     assert_eq!((s.train.len(), s.test.len()), (2, 1));
-    let px = &s.train.images[0].data;
+    let px = s.train.image(0).data.clone();
     // Pixel 0: R from plane 0, G from plane 1, B from plane 2.
     assert_eq!(&px[..3], &[0, 100, 200]);
     assert_eq!(s.train.labels, vec![4, 4]);
@@ -106,7 +106,8 @@ fn image_folder_skips_corrupt_files_and_reports_empty_sets() {
     let d = data::image_folder(&dir).unwrap();
     assert_eq!(d.classes, vec!["ant", "bee", "cat"]);
     assert_eq!((d.len(), d.skipped), (12, 1));
-    assert_eq!((d.images[0].h, d.images[0].w, d.images[0].c), (5, 6, 3));
+    let i0 = d.image(0);
+    assert_eq!((i0.h, i0.w, i0.c), (5, 6, 3));
     // A single folder of classes: every 10th image is held out.
     let s = data::open(dir.to_str().unwrap()).unwrap();
     assert_eq!((s.train.len(), s.test.len()), (11, 1));
@@ -125,6 +126,56 @@ fn image_folder_skips_corrupt_files_and_reports_empty_sets() {
     ));
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::remove_dir_all(&empty).unwrap();
+}
+
+#[test]
+fn large_image_folders_stream_from_disk_with_the_same_pixels_and_views() {
+    let dir = tmpdir("streamed");
+    for (ci, class) in ["a", "b"].iter().enumerate() {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for k in 0..5 {
+            let img = image::RgbImage::from_fn(9 + k, 7, |x, y| {
+                image::Rgb([
+                    (x * 20) as u8,
+                    (y * 30) as u8,
+                    (ci * 90 + k as usize * 7) as u8,
+                ])
+            });
+            img.save(dir.join(class).join(format!("{k}.png"))).unwrap();
+        }
+        // A grayscale file among RGB ones is converted, as in memory.
+        image::GrayImage::from_fn(8, 8, |x, _| image::Luma([x as u8 * 9]))
+            .save(dir.join(class).join("gray.png"))
+            .unwrap();
+    }
+    std::fs::write(dir.join("b").join("broken.jpg"), b"not a jpeg").unwrap();
+    let mem = data::image_folder_with_budget(&dir, usize::MAX).unwrap();
+    let disk = data::image_folder_with_budget(&dir, 0).unwrap();
+    assert!(!mem.is_streamed() && disk.is_streamed());
+    assert_eq!((disk.len(), disk.skipped), (mem.len(), mem.skipped));
+    assert_eq!((disk.len(), disk.skipped), (12, 1));
+    assert_eq!(disk.labels, mem.labels);
+    assert_eq!(disk.channels(), 3);
+    for i in 0..mem.len() {
+        assert_eq!(disk.dims(i), mem.dims(i));
+        assert_eq!(*disk.image(i), *mem.image(i), "image {i}");
+    }
+    assert_eq!(disk.pixel_stats(), mem.pixel_stats());
+    let cfg = AugmentConfig::for_dataset(&mem, Some(6));
+    let idx = [0, 3, 7, 11];
+    let (a1, b1) = augment::two_views(&mem, &idx, &cfg, 4, 1);
+    let (a2, b2) = augment::two_views(&disk, &idx, &cfg, 4, 1);
+    assert_eq!((a1, b1), (a2, b2), "views differ between memory and disk");
+    let sub = disk.clone().subsample(5);
+    assert!(sub.is_streamed() && sub.len() == 5);
+
+    // A file that stops decoding after opening: a gray stand-in, counted, no panic.
+    std::fs::write(dir.join("a").join("0.png"), b"truncated").unwrap();
+    let gone = disk.image(0);
+    assert_eq!((gone.h, gone.w, gone.c), (7, 9, 3));
+    assert!(gone.data.iter().all(|&v| v == 128));
+    assert_eq!(disk.decode_failures(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -154,7 +205,7 @@ fn shared_cifar10_jpegs_load_as_an_image_folder() {
         (50_000, 10_000, 0)
     );
     assert_eq!(s.train.classes.len(), 10);
-    assert_eq!((s.train.images[0].h, s.train.images[0].c), (32, 3));
+    assert_eq!((s.train.dims(0).0, s.train.channels()), (32, 3));
 }
 
 #[test]

@@ -27,7 +27,12 @@ impl AugmentConfig {
     /// The recipe for a dataset: crop to the image size, scale 0.08–1 for large images and
     /// 0.2–1 for small ones, blur kernel a tenth of the side, the dataset's pixel statistics.
     pub fn for_dataset(ds: &Dataset, size: Option<usize>) -> Self {
-        let side = ds.images.first().map_or(32, |i| i.h.min(i.w));
+        let side = if ds.is_empty() {
+            32
+        } else {
+            let (h, w) = ds.dims(0);
+            h.min(w)
+        };
         let size = size.unwrap_or(if side > 64 { 224 } else { side });
         let scale = if size >= 96 { (0.08, 1.0) } else { (0.2, 1.0) };
         let blur_kernel = ((size as f32 * 0.1) as usize).max(3) | 1;
@@ -410,11 +415,11 @@ pub fn two_views(
         .zip(b.data.par_chunks_mut(item))
         .zip(indices.par_iter())
         .for_each(|((oa, ob), &i)| {
-            let img = &ds.images[i];
+            let img = ds.image(i);
             let mut ra = Rng::new(sample_seed(seed, epoch, i as u64, 0));
             let mut rb = Rng::new(sample_seed(seed, epoch, i as u64, 1));
-            view(img, cfg, VIEW_A, &mut ra, oa);
-            view(img, cfg, VIEW_B, &mut rb, ob);
+            view(&img, cfg, VIEW_A, &mut ra, oa);
+            view(&img, cfg, VIEW_B, &mut rb, ob);
         });
     (a, b)
 }
@@ -427,6 +432,6 @@ pub fn eval_batch(ds: &Dataset, indices: &[usize], cfg: &AugmentConfig) -> Tenso
     t.data
         .par_chunks_mut(item)
         .zip(indices.par_iter())
-        .for_each(|(o, &i)| eval_view(&ds.images[i], cfg, o));
+        .for_each(|(o, &i)| eval_view(&ds.image(i), cfg, o));
     t
 }

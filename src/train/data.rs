@@ -1,11 +1,19 @@
 //! Datasets: ImageFolder (`root/<class>/*.jpg|png`), IDX (MNIST, Fashion-MNIST; gzipped or not),
-//! CIFAR-10's binary batches, and the built-in Fashion-MNIST sample. Images are decoded once into
-//! memory as 8-bit HWC pixels.
+//! CIFAR-10's binary batches, and the built-in Fashion-MNIST sample. Images are 8-bit HWC pixels,
+//! decoded once into memory — or, for an ImageFolder too large for that (ImageNet), decoded from
+//! their files each time a view is made, on the data worker threads.
 
 use crate::error::{Error, Result};
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Decoded bytes an ImageFolder may take in memory before it is read from its files instead
+/// (`BARLOW_IMAGE_MEMORY_GB` overrides).
+pub const DEFAULT_IMAGE_MEMORY: usize = 8 << 30;
 
 /// One 8-bit image, height × width × channels, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,12 +24,26 @@ pub struct Image {
     pub data: Vec<u8>,
 }
 
+/// Where a dataset's pixels are.
+#[derive(Debug, Clone)]
+enum Store {
+    Memory(Vec<Image>),
+    /// Image files with their sizes (from the headers), decoded on use to `channels`.
+    Files {
+        paths: Vec<PathBuf>,
+        dims: Vec<(u32, u32)>,
+        channels: usize,
+        /// Files that stopped decoding after the dataset was opened (a gray image stood in).
+        failures: Arc<AtomicUsize>,
+    },
+}
+
 /// Labelled images of one split.
 #[derive(Debug, Clone)]
 pub struct Dataset {
     /// Where it came from, for messages.
     pub source: String,
-    pub images: Vec<Image>,
+    store: Store,
     pub labels: Vec<u32>,
     pub classes: Vec<String>,
     /// Files that could not be read or decoded, and were left out.
@@ -29,17 +51,111 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// A dataset of decoded images (`labels` and `images` of equal length).
+    pub fn in_memory(
+        source: impl Into<String>,
+        images: Vec<Image>,
+        labels: Vec<u32>,
+        classes: Vec<String>,
+    ) -> Self {
+        Self {
+            source: source.into(),
+            store: Store::Memory(images),
+            labels,
+            classes,
+            skipped: 0,
+        }
+    }
+
     pub fn len(&self) -> usize {
-        self.images.len()
+        self.labels.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.images.is_empty()
+        self.labels.is_empty()
     }
 
     /// Channels of the images (all images of a dataset share it).
     pub fn channels(&self) -> usize {
-        self.images.first().map_or(3, |i| i.c)
+        match &self.store {
+            Store::Memory(images) => images.first().map_or(3, |i| i.c),
+            Store::Files { channels, .. } => *channels,
+        }
+    }
+
+    /// Whether images are decoded from their files on use.
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.store, Store::Files { .. })
+    }
+
+    /// Height and width of image `i`.
+    pub fn dims(&self, i: usize) -> (usize, usize) {
+        match &self.store {
+            Store::Memory(images) => (images[i].h, images[i].w),
+            Store::Files { dims, .. } => (dims[i].0 as usize, dims[i].1 as usize),
+        }
+    }
+
+    /// Image `i`. A file that no longer decodes (changed on disk since the dataset was opened)
+    /// gives a mid-gray image of its recorded size, is counted in
+    /// [`Dataset::decode_failures`], and is reported once on stderr; training goes on.
+    pub fn image(&self, i: usize) -> Cow<'_, Image> {
+        match &self.store {
+            Store::Memory(images) => Cow::Borrowed(&images[i]),
+            Store::Files {
+                paths,
+                dims,
+                channels,
+                failures,
+            } => match decode(&paths[i]) {
+                Ok(img) => Cow::Owned(to_channels(img, *channels)),
+                Err(e) => {
+                    if failures.fetch_add(1, Ordering::Relaxed) == 0 {
+                        eprintln!(
+                            "warning: {} no longer decodes ({e}); a gray image stands in \
+                             (further failures are counted, not printed)",
+                            paths[i].display()
+                        );
+                    }
+                    let (h, w) = (dims[i].0 as usize, dims[i].1 as usize);
+                    Cow::Owned(Image {
+                        h,
+                        w,
+                        c: *channels,
+                        data: vec![128; h * w * channels],
+                    })
+                }
+            },
+        }
+    }
+
+    /// Files that failed to decode during use (0 for datasets held in memory).
+    pub fn decode_failures(&self) -> usize {
+        match &self.store {
+            Store::Memory(_) => 0,
+            Store::Files { failures, .. } => failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Keeps the images at `idx`, in that order.
+    fn select(&mut self, idx: &[usize]) {
+        self.store = match &self.store {
+            Store::Memory(images) => {
+                Store::Memory(idx.iter().map(|&i| images[i].clone()).collect())
+            }
+            Store::Files {
+                paths,
+                dims,
+                channels,
+                failures,
+            } => Store::Files {
+                paths: idx.iter().map(|&i| paths[i].clone()).collect(),
+                dims: idx.iter().map(|&i| dims[i]).collect(),
+                channels: *channels,
+                failures: failures.clone(),
+            },
+        };
+        self.labels = idx.iter().map(|&i| self.labels[i]).collect();
     }
 
     /// Per-channel mean and standard deviation of the pixels in [0, 1], over at most 2,000 images
@@ -50,7 +166,10 @@ impl Dataset {
         let mut s = vec![0f64; c];
         let mut q = vec![0f64; c];
         let mut count = 0f64;
-        for img in self.images.iter().step_by(step) {
+        let picked: Vec<usize> = (0..self.len()).step_by(step).collect();
+        // Decoding (for streamed datasets) in parallel; the sums stay in index order.
+        let images: Vec<Cow<'_, Image>> = picked.par_iter().map(|&i| self.image(i)).collect();
+        for img in &images {
             for px in img.data.chunks_exact(img.c) {
                 for ch in 0..c {
                     let v = f64::from(px[ch]) / 255.0;
@@ -75,8 +194,7 @@ impl Dataset {
             return self;
         }
         let keep: Vec<usize> = (0..n).map(|i| i * self.len() / n).collect();
-        self.images = keep.iter().map(|&i| self.images[i].clone()).collect();
-        self.labels = keep.iter().map(|&i| self.labels[i]).collect();
+        self.select(&keep);
         self
     }
 }
@@ -257,13 +375,7 @@ pub fn idx_from_bytes(src: &str, images: &[u8], labels: &[u8]) -> Result<Dataset
     let classes = (0..=labels.iter().copied().max().unwrap_or(0))
         .map(|c| c.to_string())
         .collect();
-    Ok(Dataset {
-        source: src.to_string(),
-        images,
-        labels,
-        classes,
-        skipped: 0,
-    })
+    Ok(Dataset::in_memory(src.to_string(), images, labels, classes))
 }
 
 /// CIFAR-10 binary batches: `data_batch_{1..5}.bin` (train) or `test_batch.bin`.
@@ -328,13 +440,12 @@ pub fn cifar_bin(dir: &Path, train: bool) -> Result<Dataset> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    Ok(Dataset {
-        source: dir.display().to_string(),
+    Ok(Dataset::in_memory(
+        dir.display().to_string(),
         images,
         labels,
         classes,
-        skipped: 0,
-    })
+    ))
 }
 
 fn image_folder_splits(dir: &Path) -> Result<Splits> {
@@ -354,11 +465,8 @@ fn image_folder_splits(dir: &Path) -> Result<Splits> {
     let all = image_folder(dir)?;
     let (mut train, mut test) = (all.clone(), all);
     let pick = |d: &mut Dataset, held: bool| {
-        let idx: Vec<usize> = (0..d.images.len())
-            .filter(|i| (i % 10 == 9) == held)
-            .collect();
-        d.images = idx.iter().map(|&i| d.images[i].clone()).collect();
-        d.labels = idx.iter().map(|&i| d.labels[i]).collect();
+        let idx: Vec<usize> = (0..d.len()).filter(|i| (i % 10 == 9) == held).collect();
+        d.select(&idx);
     };
     pick(&mut train, false);
     pick(&mut test, true);
@@ -369,6 +477,18 @@ fn image_folder_splits(dir: &Path) -> Result<Splits> {
 /// read or decoded are skipped and counted; an image whose channel count differs from the
 /// first one is converted to it.
 pub fn image_folder(root: &Path) -> Result<Dataset> {
+    let budget = std::env::var("BARLOW_IMAGE_MEMORY_GB")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map_or(DEFAULT_IMAGE_MEMORY, |g| (g * (1u64 << 30) as f64) as usize);
+    image_folder_with_budget(root, budget)
+}
+
+/// [`image_folder`] with an explicit memory budget: when the decoded images would take more
+/// than `budget` bytes (estimated from the file headers), they are decoded from their files on
+/// use instead of once up front.
+pub fn image_folder_with_budget(root: &Path, budget: usize) -> Result<Dataset> {
     let rd = std::fs::read_dir(root).map_err(|e| Error::io(root, e))?;
     let mut classes: Vec<String> = rd
         .filter_map(|e| e.ok())
@@ -402,6 +522,62 @@ pub fn image_folder(root: &Path) -> Result<Dataset> {
             root,
             "no .jpg, .jpeg or .png files in the class folders",
         ));
+    }
+    // Headers first: sizes and channels, without decoding.
+    let headers: Vec<Option<(u32, u32, usize)>> =
+        files.par_iter().map(|(p, _)| header(p).ok()).collect();
+    let channels = headers.iter().flatten().map(|h| h.2).next().unwrap_or(3);
+    let bytes: usize = headers
+        .iter()
+        .flatten()
+        .map(|&(h, w, _)| h as usize * w as usize * channels)
+        .sum();
+    if bytes > budget {
+        let mut paths = Vec::new();
+        let mut dims = Vec::new();
+        let mut labels = Vec::new();
+        let mut skipped = 0;
+        for (hd, (path, label)) in headers.into_iter().zip(&files) {
+            match hd {
+                Some((h, w, _)) => {
+                    paths.push(path.clone());
+                    dims.push((h, w));
+                    labels.push(*label);
+                }
+                None => skipped += 1,
+            }
+        }
+        if skipped > 0 {
+            eprintln!(
+                "warning: {skipped} of {} files in {} have unreadable headers and were skipped",
+                files.len(),
+                root.display()
+            );
+        }
+        if paths.is_empty() {
+            return Err(Error::dataset(
+                root,
+                format!("none of the {} image files could be read", files.len()),
+            ));
+        }
+        eprintln!(
+            "{}: {} images would take {:.1} GiB decoded; decoding them from disk as views are made",
+            root.display(),
+            paths.len(),
+            bytes as f64 / (1u64 << 30) as f64
+        );
+        return Ok(Dataset {
+            source: root.display().to_string(),
+            store: Store::Files {
+                paths,
+                dims,
+                channels,
+                failures: Arc::default(),
+            },
+            labels,
+            classes,
+            skipped,
+        });
     }
     let decoded: Vec<Option<Image>> = files.par_iter().map(|(p, _)| decode(p).ok()).collect();
     let channels = decoded.iter().flatten().map(|i| i.c).next().unwrap_or(3);
@@ -437,11 +613,32 @@ pub fn image_folder(root: &Path) -> Result<Dataset> {
     }
     Ok(Dataset {
         source: root.display().to_string(),
-        images,
+        store: Store::Memory(images),
         labels,
         classes,
         skipped,
     })
+}
+
+/// Height, width and channels (1 or 3, as [`decode`] gives them) from a file's header.
+fn header(path: &Path) -> std::result::Result<(u32, u32, usize), String> {
+    use image::ImageDecoder;
+    let dec = image::ImageReader::open(path)
+        .map_err(|e| e.to_string())?
+        .with_guessed_format()
+        .map_err(|e| e.to_string())?
+        .into_decoder()
+        .map_err(|e| e.to_string())?;
+    let (w, h) = dec.dimensions();
+    if w == 0 || h == 0 {
+        return Err("empty image".into());
+    }
+    let c = if dec.color_type().channel_count() <= 2 {
+        1
+    } else {
+        3
+    };
+    Ok((h, w, c))
 }
 
 fn decode(path: &Path) -> std::result::Result<Image, String> {
