@@ -137,6 +137,9 @@ struct EvalArgs {
     /// Temperature of the votes.
     #[arg(long, default_value_t = 0.1)]
     t: f32,
+    /// Where the features are computed: auto picks the first GPU when one works.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
 }
 
 #[derive(clap::Args)]
@@ -156,6 +159,9 @@ struct LinearArgs {
     /// Batch size.
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
+    /// Where the features are computed: auto picks the first GPU when one works.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
 }
 
 #[derive(Subcommand)]
@@ -649,14 +655,51 @@ fn load_for_eval(
     Ok((model, splits, aug))
 }
 
+/// Backbone features of both splits (evaluation mode) on the device asked for.
+fn eval_features(
+    model: &mut barlow::train::BarlowTwins,
+    s: &barlow::train::data::Splits,
+    aug: &barlow::train::augment::AugmentConfig,
+    device: Device,
+    unit: bool,
+) -> Result<(Vec<f32>, Vec<f32>), String> {
+    use barlow::train::eval::features_with;
+    use barlow::train::run::{DeviceChoice, Engine, Precision};
+    let choice = match device {
+        Device::Auto => DeviceChoice::Auto,
+        Device::Cpu => DeviceChoice::Cpu,
+        Device::Cuda => DeviceChoice::Cuda,
+    };
+    let opt = barlow::train::Lars::new(Default::default());
+    // f32 without tensor-core rounding, so the figures match the CPU's; batches of 64 keep the
+    // device buffers small.
+    let mut engine = Engine::open(
+        choice,
+        Precision::F32,
+        model,
+        &opt,
+        64,
+        (s.train.channels(), aug.size, aug.size),
+        &mut |m| {
+            eprintln!(
+                "barlow: {}",
+                m.replacen("training on", "computing features on", 1)
+            )
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let mut f = |x: &barlow::nn::Tensor| engine.features(model, x);
+    let train = features_with(&s.train, aug, 256, unit, &mut f).map_err(|e| e.to_string())?;
+    let test = features_with(&s.test, aug, 256, unit, &mut f).map_err(|e| e.to_string())?;
+    Ok((train, test))
+}
+
 fn eval_knn(a: EvalArgs) -> Result<(), String> {
-    use barlow::train::eval::{features, knn_top1};
+    use barlow::train::eval::knn_top1;
     let (mut model, s, aug) = load_for_eval(&a.checkpoint, a.data)?;
-    let be = barlow::nn::CpuBackend;
     let dim = model.backbone.config.features();
     let classes = s.train.classes.len();
-    let fb = features(&be, &mut model.backbone, &s.train, &aug, 256, true);
-    let ft = features(&be, &mut model.backbone, &s.test, &aug, 256, true);
+    let (fb, ft) = eval_features(&mut model, &s, &aug, a.device, true)?;
     let acc = knn_top1(
         &fb,
         &s.train.labels,
@@ -679,9 +722,8 @@ fn eval_knn(a: EvalArgs) -> Result<(), String> {
 }
 
 fn eval_linear(a: LinearArgs) -> Result<(), String> {
-    use barlow::train::eval::{features, linear_probe, ProbeConfig};
+    use barlow::train::eval::{linear_probe, ProbeConfig};
     let (mut model, s, aug) = load_for_eval(&a.checkpoint, a.data)?;
-    let be = barlow::nn::CpuBackend;
     let dim = model.backbone.config.features();
     let classes = s.train.classes.len();
     eprintln!(
@@ -689,8 +731,7 @@ fn eval_linear(a: LinearArgs) -> Result<(), String> {
         s.train.len(),
         s.test.len()
     );
-    let ftr = features(&be, &mut model.backbone, &s.train, &aug, 256, false);
-    let fte = features(&be, &mut model.backbone, &s.test, &aug, 256, false);
+    let (ftr, fte) = eval_features(&mut model, &s, &aug, a.device, false)?;
     let cfg = ProbeConfig {
         epochs: a.epochs,
         lr: a.lr,
