@@ -2,8 +2,12 @@
 // Every reduction here combines values in an order that depends only on the launch shape, so the
 // same inputs give bit-identical results run to run.
 #pragma once
+#ifdef BARLOW_HOST_EMULATION
+#include "cuda_host.h"  // tests/emulated: the kernels on the CPU, for tests without a GPU
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 #include <stdint.h>
 
 namespace barlow {
