@@ -103,14 +103,14 @@ __device__ void bn_apply(const T* __restrict__ x, const float* __restrict__ mean
                          const float* __restrict__ rstd, const float* __restrict__ gamma,
                          const float* __restrict__ beta, const T* __restrict__ residual,
                          T* __restrict__ y, int64_t m, int64_t c, int relu) {
-  const int64_t total = m * c;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t ch = i % c;
-    float v = (to_f32(x[i]) - mean[ch]) * rstd[ch] * gamma[ch] + beta[ch];
-    if (residual) v += to_f32(residual[i]);
-    if (relu) v = fmaxf(v, 0.f);
-    y[i] = from_f32<T>(v);
+  BARLOW_FOR_ROWS(m, r) {
+    BARLOW_FOR_CHANNELS(c, ch) {
+      const int64_t i = r * c + ch;
+      float v = (to_f32(x[i]) - mean[ch]) * rstd[ch] * gamma[ch] + beta[ch];
+      if (residual) v += to_f32(residual[i]);
+      if (relu) v = fmaxf(v, 0.f);
+      y[i] = from_f32<T>(v);
+    }
   }
 }
 
@@ -184,15 +184,15 @@ __device__ void bn_bwd_apply(const T* __restrict__ dy, const T* __restrict__ y,
                              const float* __restrict__ rstd, const float* __restrict__ gamma,
                              const float* __restrict__ coef, T* __restrict__ dx,
                              T* __restrict__ dres, int accum_res, int64_t m, int64_t c) {
-  const int64_t total = m * c;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t ch = i % c;
-    const float g = masked(dy, y, i);
-    const float rs = rstd[ch];
-    const float xhat = (to_f32(x[i]) - mean[ch]) * rs;
-    dx[i] = from_f32<T>(gamma[ch] * rs * (g - coef[ch] - xhat * coef[c + ch]));
-    if (dres) dres[i] = from_f32<T>(accum_res ? to_f32(dres[i]) + g : g);
+  BARLOW_FOR_ROWS(m, r) {
+    BARLOW_FOR_CHANNELS(c, ch) {
+      const int64_t i = r * c + ch;
+      const float g = masked(dy, y, i);
+      const float rs = rstd[ch];
+      const float xhat = (to_f32(x[i]) - mean[ch]) * rs;
+      dx[i] = from_f32<T>(gamma[ch] * rs * (g - coef[ch] - xhat * coef[c + ch]));
+      if (dres) dres[i] = from_f32<T>(accum_res ? to_f32(dres[i]) + g : g);
+    }
   }
 }
 

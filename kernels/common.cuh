@@ -36,6 +36,14 @@ __device__ __forceinline__ float round_tf32(float x) {
 constexpr int COLS = 32;
 constexpr int ROWS = 8;
 
+// Row-and-channel loops over an M×C row-major matrix for the elementwise kernels: rows spread over
+// blockIdx.x·blockDim.y + threadIdx.y (grid-stride), channels over threadIdx.x (stride
+// blockDim.x), so no element pays for a 64-bit division to find its channel.
+#define BARLOW_FOR_ROWS(m, r)                                                   \
+  for (int64_t r = (int64_t)blockIdx.x * blockDim.y + threadIdx.y; r < (m);     \
+       r += (int64_t)gridDim.x * blockDim.y)
+#define BARLOW_FOR_CHANNELS(c, ch) for (int64_t ch = threadIdx.x; ch < (c); ch += blockDim.x)
+
 // Sums `v` over the block in a fixed tree order; the result is valid in thread 0.
 // `scratch` must hold blockDim.x values of T.
 template <typename T>

@@ -58,6 +58,30 @@ fn grid(total: usize) -> LaunchConfig {
     }
 }
 
+/// Launch shape of the row-and-channel kernels over `rows` rows of `c` channels: a block is
+/// (channels, rows) = (the power of two ≥ c, clamped to 32..256) × (256 / that), and the grid
+/// strides over the rows.
+pub fn rows_grid(rows: usize, c: usize) -> LaunchConfig {
+    let bx = c.next_power_of_two().clamp(32, THREADS as usize) as u32;
+    let by = THREADS / bx;
+    let blocks = rows.div_ceil(by as usize).clamp(1, 1 << 16) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (bx, by, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Pooling kernels find a row's position with 32-bit divisions.
+fn check_rows(rows: usize) -> Result<()> {
+    if rows >= 1 << 31 {
+        return Err(Error::TooLarge {
+            what: format!("{rows} pixel positions in one pooling call (the limit is 2^31)"),
+        });
+    }
+    Ok(())
+}
+
 /// The standardization kernels' grid: one block of COLS×ROWS threads per COLS columns.
 fn std_grid(c: usize) -> LaunchConfig {
     LaunchConfig {
@@ -256,8 +280,8 @@ impl NnOps {
             .arg(&c64)
             .arg(&relu);
         // SAFETY: argument list as declared; x, y and the residual (or null) hold M×C elements,
-        // the per-channel arrays C floats; the grid-stride loop stays below M×C.
-        unsafe { b.launch(grid(m * c)) }.map_err(drv(format!("launching {name}")))?;
+        // the per-channel arrays C floats; the row and channel loops stay below M and C.
+        unsafe { b.launch(rows_grid(m, c)) }.map_err(drv(format!("launching {name}")))?;
         Ok(())
     }
 
@@ -395,7 +419,7 @@ impl NnOps {
             .arg(&c64);
         // SAFETY: argument list as declared; every M×C buffer was checked, dres is null or M×C
         // and distinct from dx and dy (separate borrows).
-        unsafe { b.launch(grid(m * c)) }.map_err(drv(format!("launching {name}")))?;
+        unsafe { b.launch(rows_grid(m, c)) }.map_err(drv(format!("launching {name}")))?;
         Ok(())
     }
 
@@ -545,6 +569,7 @@ impl NnOps {
         arg: &mut CudaViewMut<'_, u8>,
     ) -> Result<()> {
         let (ho, wo) = (pool_out(h)?, pool_out(w)?);
+        check_rows(n * h * w)?;
         need("x", x, n * h * w * c)?;
         need("y", y, n * ho * wo * c)?;
         need("arg", arg, n * ho * wo * c)?;
@@ -562,8 +587,9 @@ impl NnOps {
         for d in &dims {
             b.arg(d);
         }
-        // SAFETY: (const T*, T*, uint8*, six i64) as declared; sizes checked above.
-        unsafe { b.launch(grid(n * ho * wo * c)) }.map_err(drv(format!("launching {name}")))?;
+        // SAFETY: (const T*, T*, uint8*, six i64) as declared; sizes checked above, and the
+        // row count below 2³¹.
+        unsafe { b.launch(rows_grid(n * ho * wo, c)) }.map_err(drv(format!("launching {name}")))?;
         Ok(())
     }
 
@@ -576,6 +602,7 @@ impl NnOps {
         dx: &mut CudaViewMut<'_, A>,
     ) -> Result<()> {
         let (ho, wo) = (pool_out(h)?, pool_out(w)?);
+        check_rows(n * h * w)?;
         need("dy", dy, n * ho * wo * c)?;
         need("arg", arg, n * ho * wo * c)?;
         need("dx", dx, n * h * w * c)?;
@@ -593,8 +620,9 @@ impl NnOps {
         for d in &dims {
             b.arg(d);
         }
-        // SAFETY: (const T*, const uint8*, T*, six i64) as declared; sizes checked above.
-        unsafe { b.launch(grid(n * h * w * c)) }.map_err(drv(format!("launching {name}")))?;
+        // SAFETY: (const T*, const uint8*, T*, six i64) as declared; sizes checked above, and
+        // the row count below 2³¹.
+        unsafe { b.launch(rows_grid(n * h * w, c)) }.map_err(drv(format!("launching {name}")))?;
         Ok(())
     }
 
@@ -632,6 +660,7 @@ impl NnOps {
         dy: &CudaView<'_, A>,
         dx: &mut CudaViewMut<'_, A>,
     ) -> Result<()> {
+        check_rows(n * hw)?;
         need("dy", dy, n * c)?;
         need("dx", dx, n * hw * c)?;
         self.ctx("dy", dy)?;
@@ -647,8 +676,9 @@ impl NnOps {
             .arg(&dims[0])
             .arg(&dims[1])
             .arg(&dims[2]);
-        // SAFETY: (const T*, T*, i64, i64, i64) as declared; sizes checked above.
-        unsafe { b.launch(grid(n * hw * c)) }.map_err(drv(format!("launching {name}")))?;
+        // SAFETY: (const T*, T*, i64, i64, i64) as declared; sizes checked above, and the row
+        // count below 2³¹.
+        unsafe { b.launch(rows_grid(n * hw, c)) }.map_err(drv(format!("launching {name}")))?;
         Ok(())
     }
 
@@ -1051,5 +1081,26 @@ mod tests {
             assert!(chunks <= REDUCE_BLOCKS.max(1));
             assert!(chunks <= 65_535, "grid y limit");
         }
+    }
+}
+
+#[cfg(test)]
+mod grid_tests {
+    use super::*;
+
+    #[test]
+    fn row_kernels_cover_channels_with_whole_warps() {
+        for &(rows, c, bx, by) in &[
+            (100, 64, 64, 4),
+            (7, 3, 32, 8),
+            (1 << 22, 2048, 256, 1),
+            (5, 100, 128, 2),
+        ] {
+            let g = rows_grid(rows, c);
+            assert_eq!(g.block_dim, (bx, by, 1), "{rows}x{c}");
+            assert_eq!(g.block_dim.0 * g.block_dim.1, THREADS);
+            assert!(g.grid_dim.0 >= 1 && g.grid_dim.0 <= 1 << 16);
+        }
+        assert!(check_rows(1 << 31).is_err() && check_rows((1 << 31) - 1).is_ok());
     }
 }

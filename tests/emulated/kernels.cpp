@@ -14,6 +14,7 @@
 
 #include <stdio.h>
 
+#include <functional>
 #include <string>
 
 static int failures = 0;
@@ -126,6 +127,16 @@ double tol() {
   return sizeof(T) == 4 ? 1e-5 : 1e-2;
 }
 
+// The block shape the Rust side gives the row-and-channel kernels (nn.rs `rows_grid`), with the
+// grid capped small: the grid-stride loop covers the rest, and the emulator stays quick.
+static void rows_launch(int64_t rows, int64_t c, std::function<void()> body) {
+  unsigned bx = 32;
+  while (bx < c && bx < 256) bx *= 2;
+  const unsigned by = 256 / bx;
+  const unsigned blocks = unsigned(std::min<int64_t>(std::max<int64_t>((rows + by - 1) / by, 1), 3));
+  emu_launch({blocks}, {bx, by}, body);
+}
+
 // ---- batch norm (kernels/batchnorm.cu) ---------------------------------------------------------
 
 #define BN_KERNELS(T, SUF)                                                                       \
@@ -166,7 +177,7 @@ void test_batch_norm(int64_t m, int64_t c, int64_t rows, bool residual, bool rel
     Bn<T>::final_(xt.data(), partial.data(), chunks, m, c, eps, momentum, 1, mean.data(),
                   rstd.data(), rm.data(), rv.data());
   });
-  emu_launch({3}, {64}, [&] {
+  rows_launch(m, c, [&] {
     Bn<T>::apply(xt.data(), mean.data(), rstd.data(), gamma.data(), beta.data(),
                  residual ? rt.data() : nullptr, yt.data(), m, c, relu ? 1 : 0);
   });
@@ -209,7 +220,7 @@ void test_batch_norm(int64_t m, int64_t c, int64_t rows, bool residual, bool rel
   });
   emu_launch({unsigned((c + 255) / 256)}, {256},
              [&] { bn_bwd_final(bpart.data(), chunks, m, c, dg.data(), db.data(), coef.data()); });
-  emu_launch({2}, {128}, [&] {
+  rows_launch(m, c, [&] {
     Bn<T>::bwd_apply(dyt.data(), relu ? yt.data() : nullptr, xt.data(), mean.data(), rstd.data(),
                      gamma.data(), coef.data(), dxt.data(), residual ? drt.data() : nullptr,
                      accum ? 1 : 0, m, c);
@@ -474,13 +485,13 @@ void test_pools(int64_t n, int64_t h, int64_t w, int64_t c, uint64_t seed) {
   auto yt = poisoned<T>(n * ho * wo * c);
   std::vector<uint8_t> arg(n * ho * wo * c, 255);
   auto dxt = poisoned<T>(n * h * w * c);
-  emu_launch({2}, {64}, [&] {
+  rows_launch(n * ho * wo, c, [&] {
     if constexpr (sizeof(T) == 4)
       maxpool_fwd_f32(xt.data(), yt.data(), arg.data(), n, h, w, c, ho, wo);
     else
       maxpool_fwd_bf16(xt.data(), yt.data(), arg.data(), n, h, w, c, ho, wo);
   });
-  emu_launch({3}, {64}, [&] {
+  rows_launch(n * h * w, c, [&] {
     if constexpr (sizeof(T) == 4)
       maxpool_bwd_f32(dyt.data(), arg.data(), dxt.data(), n, h, w, c, ho, wo);
     else
@@ -517,13 +528,16 @@ void test_pools(int64_t n, int64_t h, int64_t w, int64_t c, uint64_t seed) {
   auto dpt = conv<T>(dp);
   auto dat = poisoned<T>(n * hw * c);
   emu_launch({1}, {64}, [&] {
-    if constexpr (sizeof(T) == 4) {
+    if constexpr (sizeof(T) == 4)
       avgpool_fwd_f32(xt.data(), at.data(), n, hw, c);
-      avgpool_bwd_f32(dpt.data(), dat.data(), n, hw, c);
-    } else {
+    else
       avgpool_fwd_bf16(xt.data(), at.data(), n, hw, c);
+  });
+  rows_launch(n * hw, c, [&] {
+    if constexpr (sizeof(T) == 4)
+      avgpool_bwd_f32(dpt.data(), dat.data(), n, hw, c);
+    else
       avgpool_bwd_bf16(dpt.data(), dat.data(), n, hw, c);
-    }
   });
   std::vector<double> avg(n * c, 0.0), davg(n * hw * c);
   for (int64_t b = 0; b < n; ++b)
