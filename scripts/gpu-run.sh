@@ -10,6 +10,7 @@
 #        PT_COMPILE_N / PT_COMPILE_D   the (smaller) grid timed under torch.compile
 #        ONLY=tests,sanitizer,loss,train   the sections to run (default: all of them)
 #        TRAIN_BENCH_ARGS   extra arguments for `barlow bench train`
+#        PT_TRAIN_MODE=eager|compile|both   the PyTorch training-step modes (default both)
 #        RUN_CRITERION=1
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -160,7 +161,7 @@ if want train; then
   twith=()
   if python3 -c 'import torch; assert torch.cuda.is_available()' >/dev/null 2>&1; then
     for preset in paper small; do
-      python3 "$here/pytorch/train_bench.py" --device cuda --preset "$preset" --mode both \
+      python3 "$here/pytorch/train_bench.py" --device cuda --preset "$preset" --mode "${PT_TRAIN_MODE:-both}" \
         >"$report/pytorch-train-$preset.jsonl" 2>"$report/pytorch-train-$preset.log" \
         || fail "PyTorch train benchmark $preset (see pytorch-train-$preset.log)"
       [ -s "$report/pytorch-train-$preset.jsonl" ] && twith+=(--with "$report/pytorch-train-$preset.jsonl")
