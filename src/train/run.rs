@@ -120,8 +120,8 @@ pub enum Engine {
 }
 
 impl Engine {
-    /// Opens the engine `choice` asks for. `Auto` falls back to the CPU (saying why through
-    /// `say`) only when no GPU is usable; any other failure is returned.
+    /// Opens the engine `choice` asks for. `Auto` falls back to the CPU, saying why through
+    /// `say`, when the GPU engine cannot be opened; `Cuda` returns the error.
     pub fn open(
         choice: DeviceChoice,
         precision: Precision,
@@ -164,8 +164,15 @@ impl Engine {
                 ));
                 Ok(engine)
             }
-            Err(e) if choice == DeviceChoice::Auto && e.is_unavailable() => {
-                say(&format!("no usable GPU ({e}); training on the CPU"));
+            Err(e) if choice == DeviceChoice::Auto => {
+                // No GPU at all, or one this model cannot be set up on (memory, a convolution
+                // cuDNN has no algorithm for): `auto` means the CPU then, said out loud.
+                let what = if e.is_unavailable() {
+                    "no usable GPU"
+                } else {
+                    "the GPU could not be set up"
+                };
+                say(&format!("{what} ({e}); training on the CPU"));
                 Ok(Engine::Cpu)
             }
             Err(e) => Err(e),
