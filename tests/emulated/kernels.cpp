@@ -1,7 +1,7 @@
 // The project's CUDA kernels, run on the CPU through cuda_host.h, against plain double-precision
 // references: batch norm (train, eval, backward, with residual and ReLU), the standardization
 // kernels (the loss's and their affine variant), the loss reduction, the Gram-path kernels,
-// pooling, LARS and the conversions. Launch shapes follow the Rust side's; outputs are poisoned
+// pooling, LARS, the conversions and the naive baseline's kernels. Launch shapes follow the Rust side's; outputs are poisoned
 // (NaN) first; inputs are random with odd shapes. Prints one line per check; exits 1 on a failure.
 #include "standardize.cu"
 #include "loss_reduce.cu"
@@ -656,6 +656,80 @@ void test_convert() {
   check("accumulate f32 into f32", err(acc2, want2), 1e-6);
 }
 
+// ---- the naive baseline (kernels/naive.cu): the reference loss op by op ----------------------
+
+void test_naive(int64_t n, int64_t d, uint64_t seed) {
+  Rng rng{seed};
+  const float eps = 1e-5f;
+  auto z = randn(rng, n * d, 1.5f, 0.5f);
+  auto g = randn(rng, n * d);
+  auto lin = [](int64_t len) { return Dim3{unsigned((len + 63) / 64)}; };
+  std::vector<float> mean(d, NAN), var(d, NAN), zhat(n * d, NAN), s1(d, NAN), gx(n * d, NAN),
+      s2(d, NAN), dz(n * d, NAN);
+  emu_launch(lin(d), {64}, [&] { naive_col_mean(z.data(), mean.data(), n, d); });
+  emu_launch(lin(d), {64}, [&] { naive_col_var(z.data(), mean.data(), var.data(), n, d); });
+  emu_launch(lin(n * d), {64},
+             [&] { naive_normalize(z.data(), mean.data(), var.data(), zhat.data(), n, d, eps); });
+  emu_launch(lin(d), {64}, [&] { naive_col_sum(g.data(), s1.data(), n, d); });
+  emu_launch(lin(n * d), {64}, [&] { naive_mul(g.data(), zhat.data(), gx.data(), n * d); });
+  emu_launch(lin(d), {64}, [&] { naive_col_sum(gx.data(), s2.data(), n, d); });
+  emu_launch(lin(n * d), {64}, [&] {
+    naive_bn_bwd(g.data(), zhat.data(), var.data(), s1.data(), s2.data(), dz.data(), n, d, eps);
+  });
+  std::vector<double> zh(n * d), dzr(n * d);
+  for (int64_t j = 0; j < d; ++j) {
+    double s = 0, q = 0, sg = 0, sgx = 0;
+    for (int64_t i = 0; i < n; ++i) s += z[i * d + j];
+    const double mu = s / n;
+    for (int64_t i = 0; i < n; ++i) q += (z[i * d + j] - mu) * (z[i * d + j] - mu);
+    const double rs = 1.0 / sqrt(q / n + eps);
+    for (int64_t i = 0; i < n; ++i) {
+      zh[i * d + j] = (z[i * d + j] - mu) * rs;
+      sg += g[i * d + j];
+      sgx += g[i * d + j] * zh[i * d + j];
+    }
+    for (int64_t i = 0; i < n; ++i)
+      dzr[i * d + j] = rs * (g[i * d + j] - sg / n - zh[i * d + j] * sgx / n);
+  }
+  const std::string tag = "naive " + std::to_string(n) + "x" + std::to_string(d);
+  check(tag + " normalize", err(zhat, zh), 1e-5);
+  check(tag + " batch-norm backward", err(dz, dzr), 1e-4);
+
+  // The loss's pieces on a D×D matrix: diagonal and off-diagonal copies and scatters, affine,
+  // square, two-stage sum, bf16 cast.
+  auto c = randn(rng, d * d);
+  std::vector<float> diag(d, NAN), off(d * (d - 1), NAN), back_(d * d, NAN), sq(d * (d - 1), NAN),
+      aff(d, NAN), parts(2, NAN), total(1, NAN);
+  emu_launch(lin(d), {64}, [&] { naive_diag_copy(c.data(), diag.data(), d); });
+  emu_launch(lin(d * (d - 1)), {64}, [&] { naive_off_diag_copy(c.data(), off.data(), d); });
+  emu_launch(lin(d), {64}, [&] { naive_diag_scatter(diag.data(), back_.data(), d); });
+  emu_launch(lin(d * (d - 1)), {64}, [&] { naive_off_diag_scatter(off.data(), back_.data(), d); });
+  emu_launch(lin(d), {64}, [&] { naive_affine(diag.data(), aff.data(), d, -1.f, 1.f); });
+  emu_launch(lin(d * (d - 1)), {64}, [&] { naive_square(off.data(), sq.data(), d * (d - 1)); });
+  emu_launch({2}, {256}, [&] { naive_sum_partial(sq.data(), parts.data(), d * (d - 1)); });
+  emu_launch({1}, {256}, [&] { naive_sum_final(parts.data(), total.data(), 2); });
+  std::vector<__nv_bfloat16> c16 = poisoned<__nv_bfloat16>(d * d);
+  emu_launch(lin(d * d), {64}, [&] { naive_cast_bf16(c.data(), c16.data(), d * d); });
+  std::vector<double> diag_r(d), off_r, aff_r(d), c_r(c.begin(), c.end());
+  double ssq = 0;
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = 0; j < d; ++j) {
+      if (i == j) {
+        diag_r[i] = c[i * d + j];
+        aff_r[i] = 1.0 - c[i * d + j];
+      } else {
+        off_r.push_back(c[i * d + j]);
+        ssq += double(c[i * d + j]) * c[i * d + j];
+      }
+    }
+  check(tag + " diagonal copy", err(diag, diag_r), 0);
+  check(tag + " off-diagonal copy (row-major order)", err(off, off_r), 0);
+  check(tag + " scatters rebuild C", err(back_, c_r), 0);
+  check(tag + " 1 - diagonal", err(aff, aff_r), 1e-7);
+  check(tag + " sum of squares", std::fabs(total[0] - ssq) / ssq, 1e-5);
+  check(tag + " bf16 cast", err(back(c16), c_r), 4e-3);
+}
+
 int main() {
   uint64_t seed = 1;
   // (rows M, channels C, rows per chunk): one chunk, uneven chunks, many chunks of a tall matrix.
@@ -684,6 +758,8 @@ int main() {
   }
   test_lars();
   test_convert();
+  test_naive(37, 11, seed++);
+  test_naive(2, 64, seed++);
   printf("%d checks, %d failed\n", checks, failures);
   return failures ? 1 : 0;
 }
