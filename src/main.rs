@@ -671,14 +671,14 @@ fn eval_features(
         Device::Cuda => DeviceChoice::Cuda,
     };
     let opt = barlow::train::Lars::new(Default::default());
-    // f32 without tensor-core rounding, so the figures match the CPU's; batches of 64 keep the
-    // device buffers small.
+    // f32 without tensor-core rounding, so the figures match the CPU's; batches of 16 keep the
+    // device buffers (a training step's, two views) small.
     let mut engine = Engine::open(
         choice,
         Precision::F32,
         model,
         &opt,
-        64,
+        16,
         (s.train.channels(), aug.size, aug.size),
         &mut |m| {
             eprintln!(

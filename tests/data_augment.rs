@@ -169,12 +169,30 @@ fn large_image_folders_stream_from_disk_with_the_same_pixels_and_views() {
     let sub = disk.clone().subsample(5);
     assert!(sub.is_streamed() && sub.len() == 5);
 
-    // A file that stops decoding after opening: a gray stand-in, counted, no panic.
+    // A file that stops decoding after opening: a gray stand-in, counted once per file, no
+    // panic; a selection of the dataset keeps its own count.
     std::fs::write(dir.join("a").join("0.png"), b"truncated").unwrap();
     let gone = disk.image(0);
     assert_eq!((gone.h, gone.w, gone.c), (7, 9, 3));
     assert!(gone.data.iter().all(|&v| v == 128));
+    let _ = disk.image(0);
     assert_eq!(disk.decode_failures(), 1);
+    assert_eq!(sub.decode_failures(), 0);
+    // A body that is corrupt behind a readable header is found on use, the same way.
+    let mut png = std::fs::read(dir.join("a").join("1.png")).unwrap();
+    let cut = png.len() - 20;
+    png[cut..].iter_mut().for_each(|b| *b ^= 0x5a);
+    let late = tmpdir("streamed-late");
+    std::fs::create_dir_all(late.join("x")).unwrap();
+    std::fs::write(late.join("x").join("bad.png"), &png).unwrap();
+    std::fs::copy(dir.join("b").join("1.png"), late.join("x").join("good.png")).unwrap();
+    let streamed = data::image_folder_with_budget(&late, 0).unwrap();
+    let in_memory = data::image_folder_with_budget(&late, usize::MAX).unwrap();
+    assert_eq!(streamed.len(), 2, "the header reads, so the file is listed");
+    let _ = streamed.image(0);
+    assert_eq!(streamed.decode_failures(), 1);
+    assert_eq!((in_memory.len(), in_memory.skipped), (1, 1));
+    std::fs::remove_dir_all(&late).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -110,7 +110,9 @@ fn pick<A: Act>(f32_name: &'static str, bf16_name: &'static str) -> &'static str
     }
 }
 
-/// Per-layer batch-norm statistics kept from the forward for the backward: [mean | rstd].
+/// Per-layer batch-norm statistics kept from the forward for the backward: [mean | rstd] (2·C
+/// floats) from the batch-norm kernels, [mean_hi | mean_lo | rstd] (3·C) from the
+/// standardization kernels.
 pub type NormStats = CudaSlice<f32>;
 
 /// The kernels, a cuBLAS handle and reduction scratch, bound to one stream.

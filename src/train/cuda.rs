@@ -310,6 +310,11 @@ impl Builder<'_> {
             .running
             .get(name)
             .ok_or_else(|| internal(format!("{name}: no running statistics")))?;
+        if dense && residual.is_some() {
+            return Err(internal(format!(
+                "{name}: a projector norm has no residual"
+            )));
+        }
         let sl = self.slots[x];
         let y = self.slot(sl.rows, sl.c);
         let stats = self.norms;

@@ -6,10 +6,10 @@
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Decoded bytes an ImageFolder may take in memory before it is read from its files instead
 /// (`BARLOW_IMAGE_MEMORY_GB` overrides).
@@ -33,8 +33,9 @@ enum Store {
         paths: Vec<PathBuf>,
         dims: Vec<(u32, u32)>,
         channels: usize,
-        /// Files that stopped decoding after the dataset was opened (a gray image stood in).
-        failures: Arc<AtomicUsize>,
+        /// Indices of files that failed to decode when used (a gray image stood in): their
+        /// headers read when the dataset was opened, their pixels did not.
+        failures: Arc<Mutex<BTreeSet<usize>>>,
     },
 }
 
@@ -96,9 +97,11 @@ impl Dataset {
         }
     }
 
-    /// Image `i`. A file that no longer decodes (changed on disk since the dataset was opened)
-    /// gives a mid-gray image of its recorded size, is counted in
-    /// [`Dataset::decode_failures`], and is reported once on stderr; training goes on.
+    /// Image `i`. A streamed file that does not decode (its header read when the dataset was
+    /// opened, but its pixels are corrupt, or it changed on disk since) gives a mid-gray image of
+    /// its recorded size, is counted in [`Dataset::decode_failures`], and the first one is
+    /// reported on stderr; training goes on. (Held in memory, such a file is skipped when the
+    /// dataset is opened instead.)
     pub fn image(&self, i: usize) -> Cow<'_, Image> {
         match &self.store {
             Store::Memory(images) => Cow::Borrowed(&images[i]),
@@ -110,13 +113,16 @@ impl Dataset {
             } => match decode(&paths[i]) {
                 Ok(img) => Cow::Owned(to_channels(img, *channels)),
                 Err(e) => {
-                    if failures.fetch_add(1, Ordering::Relaxed) == 0 {
+                    let mut f = failures.lock().unwrap_or_else(|p| p.into_inner());
+                    if f.is_empty() {
                         eprintln!(
-                            "warning: {} no longer decodes ({e}); a gray image stands in \
+                            "warning: {} could not be decoded ({e}); a gray image stands in \
                              (further failures are counted, not printed)",
                             paths[i].display()
                         );
                     }
+                    f.insert(i);
+                    drop(f);
                     let (h, w) = (dims[i].0 as usize, dims[i].1 as usize);
                     Cow::Owned(Image {
                         h,
@@ -129,17 +135,21 @@ impl Dataset {
         }
     }
 
-    /// Files that failed to decode during use (0 for datasets held in memory).
+    /// Distinct files of this dataset that failed to decode when used (0 for datasets held in
+    /// memory).
     pub fn decode_failures(&self) -> usize {
         match &self.store {
             Store::Memory(_) => 0,
-            Store::Files { failures, .. } => failures.load(Ordering::Relaxed),
+            Store::Files { failures, .. } => {
+                failures.lock().unwrap_or_else(|p| p.into_inner()).len()
+            }
         }
     }
 
-    /// Keeps the images at `idx`, in that order.
-    fn select(&mut self, idx: &[usize]) {
-        self.store = match &self.store {
+    /// The images at `idx`, in that order, as a new dataset (only they are copied; its failure
+    /// count starts at zero).
+    pub fn selected(&self, idx: &[usize]) -> Dataset {
+        let store = match &self.store {
             Store::Memory(images) => {
                 Store::Memory(idx.iter().map(|&i| images[i].clone()).collect())
             }
@@ -147,37 +157,58 @@ impl Dataset {
                 paths,
                 dims,
                 channels,
-                failures,
+                ..
             } => Store::Files {
                 paths: idx.iter().map(|&i| paths[i].clone()).collect(),
                 dims: idx.iter().map(|&i| dims[i]).collect(),
                 channels: *channels,
-                failures: failures.clone(),
+                failures: Arc::default(),
             },
         };
-        self.labels = idx.iter().map(|&i| self.labels[i]).collect();
+        Dataset {
+            source: self.source.clone(),
+            store,
+            labels: idx.iter().map(|&i| self.labels[i]).collect(),
+            classes: self.classes.clone(),
+            skipped: self.skipped,
+        }
+    }
+
+    /// At most `n` images (all when `n` is 0), every k-th so classes stay balanced, as a new
+    /// dataset (only they are copied).
+    pub fn subsampled(&self, n: usize) -> Dataset {
+        let n = if n == 0 {
+            self.len()
+        } else {
+            n.min(self.len())
+        };
+        let keep: Vec<usize> = (0..n).map(|i| i * self.len() / n.max(1)).collect();
+        self.selected(&keep)
     }
 
     /// Per-channel mean and standard deviation of the pixels in [0, 1], over at most 2,000 images
-    /// spread across the set (deterministic).
+    /// spread across the set (deterministic; streamed images are decoded 64 at a time).
     pub fn pixel_stats(&self) -> (Vec<f32>, Vec<f32>) {
         let c = self.channels();
-        let step = (self.len() / 2000).max(1);
+        let step = self.len().div_ceil(2000).max(1);
         let mut s = vec![0f64; c];
         let mut q = vec![0f64; c];
         let mut count = 0f64;
         let picked: Vec<usize> = (0..self.len()).step_by(step).collect();
-        // Decoding (for streamed datasets) in parallel; the sums stay in index order.
-        let images: Vec<Cow<'_, Image>> = picked.par_iter().map(|&i| self.image(i)).collect();
-        for img in &images {
-            for px in img.data.chunks_exact(img.c) {
-                for ch in 0..c {
-                    let v = f64::from(px[ch]) / 255.0;
-                    s[ch] += v;
-                    q[ch] += v * v;
+        // Decoding (for streamed datasets) in parallel, a chunk at a time; the sums stay in
+        // index order.
+        for chunk in picked.chunks(64) {
+            let images: Vec<Cow<'_, Image>> = chunk.par_iter().map(|&i| self.image(i)).collect();
+            for img in &images {
+                for px in img.data.chunks_exact(img.c) {
+                    for ch in 0..c {
+                        let v = f64::from(px[ch]) / 255.0;
+                        s[ch] += v;
+                        q[ch] += v * v;
+                    }
                 }
+                count += (img.h * img.w) as f64;
             }
-            count += (img.h * img.w) as f64;
         }
         let mean: Vec<f64> = s.iter().map(|v| v / count.max(1.0)).collect();
         let std = q
@@ -189,13 +220,12 @@ impl Dataset {
     }
 
     /// Keeps at most `n` images, taking every k-th so classes stay balanced.
-    pub fn subsample(mut self, n: usize) -> Self {
+    pub fn subsample(self, n: usize) -> Self {
         if n >= self.len() || n == 0 {
             return self;
         }
         let keep: Vec<usize> = (0..n).map(|i| i * self.len() / n).collect();
-        self.select(&keep);
-        self
+        self.selected(&keep)
     }
 }
 
@@ -463,13 +493,10 @@ fn image_folder_splits(dir: &Path) -> Result<Splits> {
     }
     // One folder of classes: hold out every 10th image as the test split.
     let all = image_folder(dir)?;
-    let (mut train, mut test) = (all.clone(), all);
-    let pick = |d: &mut Dataset, held: bool| {
-        let idx: Vec<usize> = (0..d.len()).filter(|i| (i % 10 == 9) == held).collect();
-        d.select(&idx);
-    };
-    pick(&mut train, false);
-    pick(&mut test, true);
+    let held =
+        |held: bool| -> Vec<usize> { (0..all.len()).filter(|i| (i % 10 == 9) == held).collect() };
+    let test = all.selected(&held(true));
+    let train = all.selected(&held(false));
     Ok(Splits { train, test })
 }
 
@@ -623,21 +650,33 @@ pub fn image_folder_with_budget(root: &Path, budget: usize) -> Result<Dataset> {
 /// Height, width and channels (1 or 3, as [`decode`] gives them) from a file's header.
 fn header(path: &Path) -> std::result::Result<(u32, u32, usize), String> {
     use image::ImageDecoder;
-    let dec = image::ImageReader::open(path)
-        .map_err(|e| e.to_string())?
-        .with_guessed_format()
-        .map_err(|e| e.to_string())?
-        .into_decoder()
+    // Headers sit at the start: try the first 64 KiB (a JPEG decoder would otherwise read the
+    // whole file), then the whole file.
+    let mut prefix = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(64 << 10).read_to_end(&mut prefix))
         .map_err(|e| e.to_string())?;
-    let (w, h) = dec.dimensions();
+    let parse = |bytes: &[u8]| -> std::result::Result<(u32, u32, usize), String> {
+        let dec = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| e.to_string())?
+            .into_decoder()
+            .map_err(|e| e.to_string())?;
+        let (w, h) = dec.dimensions();
+        let c = if dec.color_type().channel_count() <= 2 {
+            1
+        } else {
+            3
+        };
+        Ok((h, w, c))
+    };
+    let (h, w, c) = match parse(&prefix) {
+        Ok(v) => v,
+        Err(_) => parse(&std::fs::read(path).map_err(|e| e.to_string())?)?,
+    };
     if w == 0 || h == 0 {
         return Err("empty image".into());
     }
-    let c = if dec.color_type().channel_count() <= 2 {
-        1
-    } else {
-        3
-    };
     Ok((h, w, c))
 }
 

@@ -121,7 +121,8 @@ pub enum Engine {
 
 impl Engine {
     /// Opens the engine `choice` asks for. `Auto` falls back to the CPU, saying why through
-    /// `say`, when the GPU engine cannot be opened; `Cuda` returns the error.
+    /// `say`, when there is no usable GPU or the GPU fails to set the model up (memory, a CUDA,
+    /// cuDNN or cuBLAS error); configuration errors, and every error under `Cuda`, are returned.
     pub fn open(
         choice: DeviceChoice,
         precision: Precision,
@@ -164,7 +165,17 @@ impl Engine {
                 ));
                 Ok(engine)
             }
-            Err(e) if choice == DeviceChoice::Auto => {
+            Err(e)
+                if choice == DeviceChoice::Auto
+                    && (e.is_unavailable()
+                        || matches!(
+                            e,
+                            Error::OutOfDeviceMemory { .. }
+                                | Error::Cuda { .. }
+                                | Error::Cudnn { .. }
+                                | Error::Cublas { .. }
+                        )) =>
+            {
                 // No GPU at all, or one this model cannot be set up on (memory, a convolution
                 // cuDNN has no algorithm for): `auto` means the CPU then, said out loud.
                 let what = if e.is_unavailable() {
@@ -355,8 +366,8 @@ impl Knn {
             .len()
             .max(1 + s.train.labels.iter().copied().max().unwrap_or(0) as usize);
         Self {
-            bank: s.train.clone().subsample(cfg.knn_bank),
-            test: s.test.clone().subsample(cfg.knn_test),
+            bank: s.train.subsampled(cfg.knn_bank),
+            test: s.test.subsampled(cfg.knn_test),
             classes,
             k: cfg.knn_k,
             t: cfg.knn_t,
@@ -568,6 +579,13 @@ pub fn train(
             Ok(())
         });
         result?;
+        let failed = splits.train.decode_failures();
+        if failed > 0 {
+            progress.message(&format!(
+                "warning: {failed} training image file(s) could not be decoded so far; gray \
+                 images stood in for them"
+            ));
+        }
         engine.sync(&mut model, &mut opt)?;
         let done = epoch + 1;
         if (cfg.knn_every > 0 && done % cfg.knn_every == 0) || done == cfg.epochs {
