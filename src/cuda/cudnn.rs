@@ -2,8 +2,9 @@
 //! elements with f32 accumulation.
 //!
 //! Each (geometry, batch) gets a plan on first use: descriptors, the algorithm for the forward,
-//! backward-data and backward-filter passes (cuDNN's heuristic ranking, preferring deterministic
-//! algorithms whose workspace fits the cap), and their workspace sizes. Plans and one shared
+//! backward-data and backward-filter passes (ranked by timing them, cudnnFind*, or by cuDNN's
+//! heuristics when that fails or `BARLOW_CUDNN_FIND=0`; deterministic algorithms whose workspace
+//! fits the cap are preferred), and their workspace sizes. Plans and one shared
 //! workspace are kept for the life of the object, so steady-state steps allocate nothing.
 
 use super::{alloc, check_context, drv, Act};
@@ -261,71 +262,127 @@ impl<A: Act> Convolutions<A> {
     fn make_plan(&self, spec: &ConvSpec, n: usize) -> Result<Plan> {
         const N: usize = 16;
         let d = Descriptors::new(spec, n, A::CUDNN, self.fma_only)?;
-        let mut count: c_int = 0;
-        // SAFETY: every descriptor is live and set; the perf arrays hold N entries and cuDNN
-        // writes at most the requested count (N), reporting how many in `count`.
-        let fwd = unsafe {
-            let mut perf = [std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>(); N];
-            status("ranking forward convolution algorithms")(
-                sys::cudnnGetConvolutionForwardAlgorithm_v7(
-                    self.handle,
-                    d.x,
-                    d.w,
-                    d.conv,
-                    d.y,
-                    N as c_int,
-                    &mut count,
-                    perf.as_mut_ptr(),
-                ),
-            )?;
-            let ranked: Vec<_> = perf[..(count.max(0) as usize).min(N)]
-                .iter()
-                .map(|p| (p.algo, p.status, p.memory, p.determinism, p.mathType))
-                .collect();
-            choose(&ranked, "forward convolution")?
+        // Benchmarked ranking (cudnnFind*, what a framework's autotuner does) first, cuDNN's
+        // heuristic ranking when that fails or `BARLOW_CUDNN_FIND=0` turns it off.
+        let find = std::env::var("BARLOW_CUDNN_FIND").map_or(true, |v| v != "0");
+        type FwdRank = unsafe fn(
+            sys::cudnnHandle_t,
+            sys::cudnnTensorDescriptor_t,
+            sys::cudnnFilterDescriptor_t,
+            sys::cudnnConvolutionDescriptor_t,
+            sys::cudnnTensorDescriptor_t,
+            c_int,
+            *mut c_int,
+            *mut sys::cudnnConvolutionFwdAlgoPerf_t,
+        ) -> sys::cudnnStatus_t;
+        type DataRank = unsafe fn(
+            sys::cudnnHandle_t,
+            sys::cudnnFilterDescriptor_t,
+            sys::cudnnTensorDescriptor_t,
+            sys::cudnnConvolutionDescriptor_t,
+            sys::cudnnTensorDescriptor_t,
+            c_int,
+            *mut c_int,
+            *mut sys::cudnnConvolutionBwdDataAlgoPerf_t,
+        ) -> sys::cudnnStatus_t;
+        type FilterRank = unsafe fn(
+            sys::cudnnHandle_t,
+            sys::cudnnTensorDescriptor_t,
+            sys::cudnnTensorDescriptor_t,
+            sys::cudnnConvolutionDescriptor_t,
+            sys::cudnnFilterDescriptor_t,
+            c_int,
+            *mut c_int,
+            *mut sys::cudnnConvolutionBwdFilterAlgoPerf_t,
+        ) -> sys::cudnnStatus_t;
+        let fwd_rankers: Vec<FwdRank> = if find {
+            vec![
+                sys::cudnnFindConvolutionForwardAlgorithm,
+                sys::cudnnGetConvolutionForwardAlgorithm_v7,
+            ]
+        } else {
+            vec![sys::cudnnGetConvolutionForwardAlgorithm_v7]
         };
-        // SAFETY: as above.
-        let bwd_data = unsafe {
-            let mut perf = [std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>(); N];
-            status("ranking backward-data algorithms")(
-                sys::cudnnGetConvolutionBackwardDataAlgorithm_v7(
-                    self.handle,
-                    d.w,
-                    d.y,
-                    d.conv,
-                    d.x,
-                    N as c_int,
-                    &mut count,
-                    perf.as_mut_ptr(),
-                ),
-            )?;
-            let ranked: Vec<_> = perf[..(count.max(0) as usize).min(N)]
-                .iter()
-                .map(|p| (p.algo, p.status, p.memory, p.determinism, p.mathType))
-                .collect();
-            choose(&ranked, "backward-data convolution")?
+        let data_rankers: Vec<DataRank> = if find {
+            vec![
+                sys::cudnnFindConvolutionBackwardDataAlgorithm,
+                sys::cudnnGetConvolutionBackwardDataAlgorithm_v7,
+            ]
+        } else {
+            vec![sys::cudnnGetConvolutionBackwardDataAlgorithm_v7]
         };
-        // SAFETY: as above.
-        let bwd_filter = unsafe {
-            let mut perf = [std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>(); N];
-            status("ranking backward-filter algorithms")(
-                sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7(
-                    self.handle,
-                    d.x,
-                    d.y,
-                    d.conv,
-                    d.w,
-                    N as c_int,
-                    &mut count,
-                    perf.as_mut_ptr(),
-                ),
-            )?;
-            let ranked: Vec<_> = perf[..(count.max(0) as usize).min(N)]
-                .iter()
-                .map(|p| (p.algo, p.status, p.memory, p.determinism, p.mathType))
-                .collect();
-            choose(&ranked, "backward-filter convolution")?
+        let filter_rankers: Vec<FilterRank> = if find {
+            vec![
+                sys::cudnnFindConvolutionBackwardFilterAlgorithm,
+                sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7,
+            ]
+        } else {
+            vec![sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7]
         };
+        // The first ranking that succeeds and offers a usable algorithm wins.
+        macro_rules! pick {
+            ($rankers:expr, $perf:ty, $what:expr, $a:expr, $b:expr, $c:expr) => {{
+                let mut result = Err(Error::Cudnn {
+                    during: format!("choosing a {} algorithm", $what),
+                    message: "no ranking ran".into(),
+                });
+                for rank in &$rankers {
+                    let mut count: c_int = 0;
+                    // SAFETY: the perf structs are plain C data; all zeros is a valid value.
+                    let mut perf = [unsafe { std::mem::zeroed::<$perf>() }; N];
+                    // SAFETY: every descriptor is live and set; the perf array holds N entries
+                    // and cuDNN writes at most the requested count (N), reporting how many in
+                    // `count`.
+                    let st = unsafe {
+                        rank(
+                            self.handle,
+                            $a,
+                            $b,
+                            d.conv,
+                            $c,
+                            N as c_int,
+                            &mut count,
+                            perf.as_mut_ptr(),
+                        )
+                    };
+                    result = status(&format!("ranking {} algorithms", $what))(st).and_then(|()| {
+                        let ranked: Vec<_> = perf[..(count.max(0) as usize).min(N)]
+                            .iter()
+                            .map(|p| (p.algo, p.status, p.memory, p.determinism, p.mathType))
+                            .collect();
+                        choose(&ranked, $what)
+                    });
+                    if result.is_ok() {
+                        break;
+                    }
+                }
+                result
+            }};
+        }
+        let fwd = pick!(
+            fwd_rankers,
+            sys::cudnnConvolutionFwdAlgoPerf_t,
+            "forward convolution",
+            d.x,
+            d.w,
+            d.y
+        )?;
+        let bwd_data = pick!(
+            data_rankers,
+            sys::cudnnConvolutionBwdDataAlgoPerf_t,
+            "backward-data convolution",
+            d.w,
+            d.y,
+            d.x
+        )?;
+        let bwd_filter = pick!(
+            filter_rankers,
+            sys::cudnnConvolutionBwdFilterAlgoPerf_t,
+            "backward-filter convolution",
+            d.x,
+            d.y,
+            d.w
+        )?;
         // The heuristic's memory figure is an estimate; ask for the exact sizes, each under
         // the math type its pass will run with.
         let maths = (!self.fma_only).then_some([fwd.1, bwd_data.1, bwd_filter.1]);
