@@ -376,6 +376,30 @@ impl Builder<'_> {
 }
 
 /// Device buffers and plans for training one model at a fixed batch size.
+///
+/// ```no_run
+/// use barlow::nn::resnet::{Arch, ResNetConfig, Stem};
+/// use barlow::nn::Tensor;
+/// use barlow::train::{cuda::DeviceTrainer, BarlowTwins, Lars, LarsConfig, ModelConfig};
+/// # fn main() -> barlow::Result<()> {
+/// let config = ModelConfig {
+///     backbone: ResNetConfig { arch: Arch::Resnet50, stem: Stem::Imagenet, in_channels: 3, width: 64 },
+///     projector: vec![8192; 3],
+///     lambda: 0.0051,
+/// };
+/// let mut model = BarlowTwins::new(config, &mut barlow::rng::Rng::new(0))?;
+/// let mut opt = Lars::new(LarsConfig::default());
+/// let stream = barlow::cuda::open_stream(0)?;
+/// let mut gpu =
+///     DeviceTrainer::<half::bf16>::new(&stream, &mut model, &opt, 256, (3, 224, 224), false)?;
+/// # let (view1, view2) = (Tensor::zeros(&[256, 3, 224, 224]), Tensor::zeros(&[256, 3, 224, 224]));
+/// gpu.stage(&view1, &view2)?; // two augmented views, NCHW f32
+/// let loss = gpu.step(0.2, 0.0048)?; // forward, loss, backward, LARS
+/// println!("loss {}", loss.total);
+/// gpu.sync_to_host(&mut model, &mut opt)?; // weights and optimizer state, for a checkpoint
+/// # Ok(())
+/// # }
+/// ```
 pub struct DeviceTrainer<A: Act> {
     stream: Arc<CudaStream>,
     copy: Arc<CudaStream>,
