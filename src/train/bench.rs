@@ -213,6 +213,16 @@ pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
     };
     let mean = ms.iter().sum::<f64>() / ms.len() as f64;
     let med = median(&mut ms);
+    // The CPU side of the data pipeline: two augmented views of a batch from decoded images (the
+    // paper's augmentations; JPEG decoding, for streamed datasets, comes on top). The trainer
+    // makes the next batch while the device computes this one, so only what exceeds a step is
+    // waited for.
+    let augment_ms = if b.profile_steps > 0 {
+        say("timing the augmentations of one batch");
+        Some(time_augment(b)?)
+    } else {
+        None
+    };
     let breakdown = if b.profile_steps > 0 && stream.is_some() {
         say(&format!("profiling {} steps", b.profile_steps));
         engine.set_timing(true);
@@ -230,9 +240,13 @@ pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
             .map(|(p, t)| (p.name().to_string(), t / k))
             .collect();
         m.insert("host (staging + launches)".into(), host_ms / k);
+        if let Some(a) = augment_ms {
+            m.insert("augment (CPU threads, per batch)".into(), a);
+            m.insert("data wait (estimated)".into(), (a - med).max(0.0));
+        }
         Some(m)
     } else {
-        None
+        augment_ms.map(|a| BTreeMap::from([("augment (CPU threads, per batch)".to_string(), a)]))
     };
     let device = match &stream {
         Some(s) => s.context().name().unwrap_or_else(|_| "CUDA".into()),
@@ -263,6 +277,42 @@ pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
         device,
         error: None,
     })
+}
+
+/// Median milliseconds to make the two views of one batch on the CPU threads, from random
+/// decoded images of a typical size (4:3 at 1.6× the crop for large crops, the crop itself for
+/// small ones).
+fn time_augment(b: &TrainBench) -> Result<f64> {
+    use super::augment::{two_views, AugmentConfig};
+    use super::data::{Dataset, Image};
+    let (h, w) = if b.image > 64 {
+        (b.image * 8 / 5, b.image * 32 / 15)
+    } else {
+        (b.image, b.image)
+    };
+    let mut rng = Rng::new(b.seed ^ 0xA5A5);
+    let count = b.batch.min(512);
+    let images: Vec<Image> = (0..count)
+        .map(|_| Image {
+            h,
+            w,
+            c: 3,
+            data: (0..h * w * 3)
+                .map(|_| (rng.next_u64() & 0xff) as u8)
+                .collect(),
+        })
+        .collect();
+    let ds = Dataset::in_memory("synthetic", images, vec![0; count], vec!["0".into()]);
+    let cfg = AugmentConfig::for_dataset(&ds, Some(b.image));
+    let idx: Vec<usize> = (0..b.batch).map(|i| i % count).collect();
+    let mut ms = Vec::new();
+    for epoch in 0..3 {
+        let t = Instant::now();
+        let views = two_views(&ds, &idx, &cfg, b.seed, epoch);
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+        drop(views);
+    }
+    Ok(median(&mut ms))
 }
 
 /// Reads JSON-lines rows (this benchmark's or `train_bench.py`'s); blank lines are skipped.
