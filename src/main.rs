@@ -312,6 +312,10 @@ fn info() {
         Ok(n) => println!("CUDA devices: {n}"),
         Err(e) => println!("CUDA devices: none ({e})"),
     }
+    match barlow::cuda::cudnn::check_cudnn() {
+        Ok(()) => println!("cuDNN: found (the CUDA trainer can run)"),
+        Err(e) => println!("cuDNN: none ({e})"),
+    }
     println!("CPU threads: {}", rayon::current_num_threads());
 }
 
