@@ -728,6 +728,13 @@ impl<A: Act> DeviceTrainer<A> {
                     t.shape, self.batch
                 )));
             }
+            if t.data.len() != t.shape.iter().product::<usize>() {
+                return Err(Error::InvalidConfig(format!(
+                    "{name} holds {} values for shape {:?}",
+                    t.data.len(),
+                    t.shape
+                )));
+            }
             if t.data.iter().any(|v| !v.is_finite()) {
                 return Err(Error::InvalidConfig(format!(
                     "{name} holds NaN or infinite pixels"
@@ -1135,6 +1142,13 @@ impl<A: Act> DeviceTrainer<A> {
         if x.shape.len() != 4 || x.shape[1..] != [c, h, w] {
             return Err(Error::InvalidConfig(format!(
                 "images of shape {:?}, the trainer was built for [n, {c}, {h}, {w}]",
+                x.shape
+            )));
+        }
+        if x.data.len() != x.shape.iter().product::<usize>() {
+            return Err(Error::InvalidConfig(format!(
+                "images hold {} values for shape {:?}",
+                x.data.len(),
                 x.shape
             )));
         }
