@@ -938,6 +938,15 @@ fn trainer_rejects_bad_input_with_typed_errors() {
     nan.data[5] = f32::NAN;
     assert!(matches!(t.stage(&nan, &good), Err(Error::InvalidConfig(_))));
     assert!(matches!(t.features(&wrong), Err(Error::InvalidConfig(_))));
+    let short = Tensor {
+        shape: vec![4, 3, 8, 8],
+        data: vec![0.5; 10],
+    };
+    assert!(matches!(
+        t.stage(&short, &good),
+        Err(Error::InvalidConfig(_))
+    ));
+    assert!(matches!(t.features(&short), Err(Error::InvalidConfig(_))));
 }
 
 fn cifar_dir() -> Option<std::path::PathBuf> {
