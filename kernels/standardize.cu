@@ -107,14 +107,16 @@ __device__ void standardize_fwd(const In* __restrict__ z, Out* __restrict__ zhat
   }
 }
 
-// Backward of the affine variant, in one launch: g = dy (zeroed where the ReLU's output y was not
-// positive), dβ += Σg, dγ += Σg·x̂, dz = γ·rstd·(g − mean(g) − x̂·mean(g·x̂)), x̂ recomputed from z.
-template <typename T>
-__device__ void standardize_affine_bwd(const T* __restrict__ dy, const T* __restrict__ y,
-                                       const T* __restrict__ z, const float* __restrict__ stats,
-                                       const float* __restrict__ gamma, T* __restrict__ dz,
-                                       float* __restrict__ dgamma, float* __restrict__ dbeta,
-                                       int64_t n, int64_t d) {
+// Backward, in one launch: g = dy (zeroed where the ReLU's output y was not positive, when y is
+// given), dz = γ·rstd·(g − mean(g) − x̂·mean(g·x̂)) with γ = 1 when absent, and with the affine
+// dβ += Σg, dγ += Σg·x̂. x̂ is recomputed from z, so the backward keeps full precision even when
+// the forward stored Ẑ in bf16.
+template <typename G, typename T>
+__device__ void standardize_bwd(const G* __restrict__ dy, const T* __restrict__ y,
+                                const T* __restrict__ z, const float* __restrict__ stats,
+                                const float* __restrict__ gamma, T* __restrict__ dz,
+                                float* __restrict__ dgamma, float* __restrict__ dbeta, int64_t n,
+                                int64_t d) {
   __shared__ float s_sum[ROWS][COLS];
   __shared__ float s_dot[ROWS][COLS];
 
@@ -144,7 +146,7 @@ __device__ void standardize_affine_bwd(const T* __restrict__ dy, const T* __rest
     }
     s_sum[0][tx] = sum;
     s_dot[0][tx] = dot;
-    if (live) {
+    if (live && dgamma) {
       dbeta[col] += sum;
       dgamma[col] += dot;
     }
@@ -154,60 +156,12 @@ __device__ void standardize_affine_bwd(const T* __restrict__ dy, const T* __rest
   if (!live) return;
   const float inv_n = 1.f / (float)n;
   const float mg = s_sum[0][tx] * inv_n, mgx = s_dot[0][tx] * inv_n;
-  const float k = gamma[col] * rs;
+  const float k = (gamma ? gamma[col] : 1.f) * rs;
   for (int64_t r = ty; r < n; r += ROWS) {
     const int64_t i = r * d + col;
     const float gi = (y && !(to_f32(y[i]) > 0.f)) ? 0.f : to_f32(dy[i]);
     const float xhat = ((to_f32(z[i]) - hi) - lo) * rs;
     dz[i] = from_f32<T>(k * (gi - mg - xhat * mgx));
-  }
-}
-
-// dZ = rstd * (g - mean(g) - xhat * mean(g * xhat)), with xhat recomputed from Z so that the
-// backward pass keeps full precision even when the forward stored Ẑ in bf16.
-template <typename T>
-__device__ void standardize_bwd(const float* __restrict__ g, const T* __restrict__ z,
-                                const float* __restrict__ stats, T* __restrict__ dz, int64_t n,
-                                int64_t d) {
-  __shared__ float s_sum[ROWS][COLS];
-  __shared__ float s_dot[ROWS][COLS];
-
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t col = (int64_t)blockIdx.x * COLS + tx;
-  const bool live = col < d;
-  const float hi = live ? stats[col] : 0.f;
-  const float lo = live ? stats[d + col] : 0.f;
-  const float rs = live ? stats[2 * d + col] : 0.f;
-
-  float sum = 0.f, dot = 0.f;
-  if (live) {
-    for (int64_t r = ty; r < n; r += ROWS) {
-      const int64_t i = r * d + col;
-      const float gi = g[i];
-      sum += gi;
-      dot += gi * (((to_f32(z[i]) - hi) - lo) * rs);
-    }
-  }
-  s_sum[ty][tx] = sum;
-  s_dot[ty][tx] = dot;
-  __syncthreads();
-  if (ty == 0) {
-    for (int k = 1; k < ROWS; ++k) {
-      sum += s_sum[k][tx];
-      dot += s_dot[k][tx];
-    }
-    s_sum[0][tx] = sum;
-    s_dot[0][tx] = dot;
-  }
-  __syncthreads();
-
-  if (!live) return;
-  const float inv_n = 1.f / (float)n;
-  const float mg = s_sum[0][tx] * inv_n, mgx = s_dot[0][tx] * inv_n;
-  for (int64_t r = ty; r < n; r += ROWS) {
-    const int64_t i = r * d + col;
-    const float xhat = ((to_f32(z[i]) - hi) - lo) * rs;
-    dz[i] = from_f32<T>(rs * (g[i] - mg - xhat * mgx));
   }
 }
 
@@ -228,7 +182,8 @@ BARLOW_STD_FWD(standardize_fwd_f16_bf16, __half, __nv_bfloat16)
 #define BARLOW_STD_BWD(NAME, T)                                                              \
   extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS) NAME(            \
       const float* g, const T* z, const float* stats, T* dz, int64_t n, int64_t d) {         \
-    barlow::standardize_bwd<T>(g, z, stats, dz, n, d);                                       \
+    barlow::standardize_bwd<float, T>(g, (const T*)nullptr, z, stats, nullptr, dz, nullptr,  \
+                                      nullptr, n, d);                                        \
   }
 BARLOW_STD_BWD(standardize_bwd_f32, float)
 BARLOW_STD_BWD(standardize_bwd_bf16, __nv_bfloat16)
@@ -245,7 +200,7 @@ BARLOW_STD_BWD(standardize_bwd_f16, __half)
   extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS) NAME_BWD(        \
       const T* dy, const T* y, const T* z, const float* stats, const float* gamma, T* dz,     \
       float* dgamma, float* dbeta, int64_t n, int64_t d) {                                    \
-    barlow::standardize_affine_bwd<T>(dy, y, z, stats, gamma, dz, dgamma, dbeta, n, d);      \
+    barlow::standardize_bwd<T, T>(dy, y, z, stats, gamma, dz, dgamma, dbeta, n, d);          \
   }
 BARLOW_STD_AFFINE(standardize_affine_fwd_f32, standardize_affine_bwd_f32, float)
 BARLOW_STD_AFFINE(standardize_affine_fwd_bf16, standardize_affine_bwd_bf16, __nv_bfloat16)

@@ -235,6 +235,25 @@ enum Device {
     Cuda,
 }
 
+impl From<Device> for barlow::train::run::DeviceChoice {
+    fn from(d: Device) -> Self {
+        match d {
+            Device::Auto => Self::Auto,
+            Device::Cpu => Self::Cpu,
+            Device::Cuda => Self::Cuda,
+        }
+    }
+}
+
+impl From<PrecisionArg> for barlow::train::run::Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Bf16 => Self::Bf16,
+            PrecisionArg::F32 => Self::F32,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct LossArgs {
     /// Where to run.
@@ -319,10 +338,20 @@ fn info() {
     println!("CPU threads: {}", rayon::current_num_threads());
 }
 
+/// Writes one JSON object per row, atomically.
+fn write_json_lines<T: serde::Serialize>(path: &std::path::Path, rows: &[T]) -> Result<(), String> {
+    let mut text = String::new();
+    for r in rows {
+        text.push_str(&serde_json::to_string(r).map_err(|e| e.to_string())?);
+        text.push('\n');
+    }
+    barlow::io::write_atomic(path, text.as_bytes())
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
 fn bench_train(a: BenchTrainArgs) -> Result<(), String> {
     use barlow::nn::resnet::{Arch, Stem};
     use barlow::train::bench::{self as tb, TrainBench};
-    use barlow::train::run::{DeviceChoice, Precision};
     let mut rows = Vec::new();
     for p in &a.preset {
         let mut b = match p {
@@ -347,15 +376,8 @@ fn bench_train(a: BenchTrainArgs) -> Result<(), String> {
         if !a.projector.is_empty() {
             b.projector = a.projector.clone();
         }
-        b.device = match a.device {
-            Device::Auto => DeviceChoice::Auto,
-            Device::Cpu => DeviceChoice::Cpu,
-            Device::Cuda => DeviceChoice::Cuda,
-        };
-        b.precision = match a.precision {
-            PrecisionArg::Bf16 => Precision::Bf16,
-            PrecisionArg::F32 => Precision::F32,
-        };
+        b.device = a.device.into();
+        b.precision = a.precision.into();
         b.warmup = a.warmup;
         b.steps = a.steps;
         b.profile_steps = a.profile_steps;
@@ -368,13 +390,7 @@ fn bench_train(a: BenchTrainArgs) -> Result<(), String> {
         rows.push(row);
     }
     if let Some(path) = &a.json {
-        let mut text = String::new();
-        for r in &rows {
-            text.push_str(&serde_json::to_string(r).map_err(|e| e.to_string())?);
-            text.push('\n');
-        }
-        barlow::io::write_atomic(path, text.as_bytes())
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        write_json_lines(path, &rows)?;
     }
     for path in &a.with {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -478,13 +494,7 @@ fn bench_loss(args: LossArgs) -> Result<(), String> {
         }
     }
     if let Some(path) = &args.json {
-        let mut text = String::new();
-        for r in &rows {
-            text.push_str(&serde_json::to_string(r).map_err(|e| e.to_string())?);
-            text.push('\n');
-        }
-        barlow::io::write_atomic(path, text.as_bytes())
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        write_json_lines(path, &rows)?;
     }
     for path in &args.with {
         let text = std::fs::read_to_string(path)
@@ -564,17 +574,9 @@ fn timestamp() -> String {
 
 fn train(a: TrainArgs) -> Result<(), String> {
     use barlow::nn::resnet::{Arch, Stem};
-    use barlow::train::run::{DeviceChoice, Precision};
     let cfg = barlow::train::run::TrainConfig {
-        device: match a.device {
-            Device::Auto => DeviceChoice::Auto,
-            Device::Cpu => DeviceChoice::Cpu,
-            Device::Cuda => DeviceChoice::Cuda,
-        },
-        precision: match a.precision {
-            PrecisionArg::Bf16 => Precision::Bf16,
-            PrecisionArg::F32 => Precision::F32,
-        },
+        device: a.device.into(),
+        precision: a.precision.into(),
         data: a.data,
         arch: match a.arch {
             ArchArg::Resnet18 => Arch::Resnet18,
@@ -668,12 +670,8 @@ fn eval_features(
     unit: bool,
 ) -> Result<(Vec<f32>, Vec<f32>), String> {
     use barlow::train::eval::features_with;
-    use barlow::train::run::{DeviceChoice, Engine, Precision};
-    let choice = match device {
-        Device::Auto => DeviceChoice::Auto,
-        Device::Cpu => DeviceChoice::Cpu,
-        Device::Cuda => DeviceChoice::Cuda,
-    };
+    use barlow::train::run::{Engine, Precision};
+    let choice = device.into();
     let opt = barlow::train::Lars::new(Default::default());
     // f32 without tensor-core rounding, so the figures match the CPU's; batches of 16 keep the
     // device buffers (a training step's, two views) small.

@@ -178,29 +178,29 @@ impl ParamInfo {
 
 /// OIHW (the CPU layout, PyTorch's) → OHWI (cuDNN's NHWC filter layout).
 pub fn oihw_to_ohwi(v: &[f32], s: &[usize]) -> Vec<f32> {
-    let (o, i, h, w) = (s[0], s[1], s[2], s[3]);
-    let mut out = vec![0f32; v.len()];
-    for a in 0..o {
-        for b in 0..i {
-            for y in 0..h {
-                for x in 0..w {
-                    out[((a * h + y) * w + x) * i + b] = v[((a * i + b) * h + y) * w + x];
-                }
-            }
-        }
-    }
-    out
+    permute_filter(v, s, true)
 }
 
 /// OHWI → OIHW, the inverse of [`oihw_to_ohwi`].
 pub fn ohwi_to_oihw(v: &[f32], s: &[usize]) -> Vec<f32> {
+    permute_filter(v, s, false)
+}
+
+/// Moves the input-channel axis of a filter of shape `s` (O, I, H, W) last, or back.
+fn permute_filter(v: &[f32], s: &[usize], to_last: bool) -> Vec<f32> {
     let (o, i, h, w) = (s[0], s[1], s[2], s[3]);
     let mut out = vec![0f32; v.len()];
     for a in 0..o {
         for b in 0..i {
             for y in 0..h {
                 for x in 0..w {
-                    out[((a * i + b) * h + y) * w + x] = v[((a * h + y) * w + x) * i + b];
+                    let oihw = ((a * i + b) * h + y) * w + x;
+                    let ohwi = ((a * h + y) * w + x) * i + b;
+                    if to_last {
+                        out[ohwi] = v[oihw];
+                    } else {
+                        out[oihw] = v[ohwi];
+                    }
                 }
             }
         }
