@@ -39,7 +39,7 @@ pub struct Timing {
 }
 
 impl Timing {
-    fn from(mut ms: Vec<f64>) -> Self {
+    pub(crate) fn from(mut ms: Vec<f64>) -> Self {
         ms.sort_by(f64::total_cmp);
         let runs = ms.len();
         let median_ms = if runs == 0 {

@@ -682,12 +682,7 @@ fn eval_features(
         &opt,
         16,
         (s.train.channels(), aug.size, aug.size),
-        &mut |m| {
-            eprintln!(
-                "barlow: {}",
-                m.replacen("training on", "computing features on", 1)
-            )
-        },
+        &mut |m| eprintln!("barlow: features: {m}"),
     )
     .map_err(|e| e.to_string())?;
     let mut f = |x: &barlow::nn::Tensor| engine.features(model, x);

@@ -295,30 +295,20 @@ impl<A: Act> Convolutions<A> {
             *mut c_int,
             *mut sys::cudnnConvolutionBwdFilterAlgoPerf_t,
         ) -> sys::cudnnStatus_t;
-        let fwd_rankers: Vec<FwdRank> = if find {
-            vec![
-                sys::cudnnFindConvolutionForwardAlgorithm,
-                sys::cudnnGetConvolutionForwardAlgorithm_v7,
-            ]
-        } else {
-            vec![sys::cudnnGetConvolutionForwardAlgorithm_v7]
-        };
-        let data_rankers: Vec<DataRank> = if find {
-            vec![
-                sys::cudnnFindConvolutionBackwardDataAlgorithm,
-                sys::cudnnGetConvolutionBackwardDataAlgorithm_v7,
-            ]
-        } else {
-            vec![sys::cudnnGetConvolutionBackwardDataAlgorithm_v7]
-        };
-        let filter_rankers: Vec<FilterRank> = if find {
-            vec![
-                sys::cudnnFindConvolutionBackwardFilterAlgorithm,
-                sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7,
-            ]
-        } else {
-            vec![sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7]
-        };
+        let fwd_rankers: [FwdRank; 2] = [
+            sys::cudnnFindConvolutionForwardAlgorithm,
+            sys::cudnnGetConvolutionForwardAlgorithm_v7,
+        ];
+        let data_rankers: [DataRank; 2] = [
+            sys::cudnnFindConvolutionBackwardDataAlgorithm,
+            sys::cudnnGetConvolutionBackwardDataAlgorithm_v7,
+        ];
+        let filter_rankers: [FilterRank; 2] = [
+            sys::cudnnFindConvolutionBackwardFilterAlgorithm,
+            sys::cudnnGetConvolutionBackwardFilterAlgorithm_v7,
+        ];
+        // Without timing, only the heuristic (second) ranking.
+        let from = usize::from(!find);
         // The first ranking that succeeds and offers a usable algorithm wins.
         macro_rules! pick {
             ($rankers:expr, $perf:ty, $what:expr, $a:expr, $b:expr, $c:expr) => {{
@@ -326,7 +316,7 @@ impl<A: Act> Convolutions<A> {
                     during: format!("choosing a {} algorithm", $what),
                     message: "no ranking ran".into(),
                 });
-                for rank in &$rankers {
+                for rank in &$rankers[from..] {
                     let mut count: c_int = 0;
                     // SAFETY: the perf structs are plain C data; all zeros is a valid value.
                     let mut perf = [unsafe { std::mem::zeroed::<$perf>() }; N];

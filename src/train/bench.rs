@@ -7,6 +7,7 @@
 
 use super::run::{DeviceChoice, Engine, Precision};
 use super::{BarlowTwins, Lars, LarsConfig, ModelConfig};
+use crate::bench::Timing;
 use crate::cuda::drv;
 use crate::error::{Error, Result};
 use crate::nn::resnet::{Arch, ResNetConfig, Stem};
@@ -113,18 +114,6 @@ fn stem_name(s: Stem) -> &'static str {
     }
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        0.5 * (v[n / 2 - 1] + v[n / 2])
-    }
-}
-
 /// Runs the benchmark; `say` hears progress and the device chosen.
 pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
     if b.batch < 2 || b.image == 0 || b.width == 0 || b.projector.is_empty() {
@@ -212,7 +201,7 @@ pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
         None => None,
     };
     let mean = ms.iter().sum::<f64>() / ms.len() as f64;
-    let med = median(&mut ms);
+    let med = Timing::from(ms).median_ms;
     // The CPU side of the data pipeline: two augmented views of a batch from decoded images (the
     // paper's augmentations; JPEG decoding, for streamed datasets, comes on top). The trainer
     // makes the next batch while the device computes this one, so only what exceeds a step is
@@ -312,7 +301,7 @@ fn time_augment(b: &TrainBench) -> Result<f64> {
         ms.push(t.elapsed().as_secs_f64() * 1e3);
         drop(views);
     }
-    Ok(median(&mut ms))
+    Ok(Timing::from(ms).median_ms)
 }
 
 /// Reads JSON-lines rows (this benchmark's or `train_bench.py`'s); blank lines are skipped.

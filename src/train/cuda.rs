@@ -223,6 +223,32 @@ pub fn nchw_to_nhwc<A: Act>(x: &[f32], (n, c, h, w): (usize, usize, usize, usize
         });
 }
 
+/// The gradients of slots `y` and `x`, and of `r` when given, mutably at once (they are distinct
+/// slots by construction of the graph).
+#[allow(clippy::type_complexity)]
+fn grad_slots<A: Act>(
+    grads: &mut [CudaSlice<A>],
+    y: usize,
+    x: usize,
+    r: Option<usize>,
+) -> Result<(
+    &mut CudaSlice<A>,
+    &mut CudaSlice<A>,
+    Option<&mut CudaSlice<A>>,
+)> {
+    let bad = |e| internal(format!("gradient slots: {e}"));
+    Ok(match r {
+        Some(r) => {
+            let [dy, dx, dr] = grads.get_disjoint_mut([y, x, r]).map_err(bad)?;
+            (dy, dx, Some(dr))
+        }
+        None => {
+            let [dy, dx] = grads.get_disjoint_mut([y, x]).map_err(bad)?;
+            (dy, dx, None)
+        }
+    })
+}
+
 fn internal(what: String) -> Error {
     Error::InvalidConfig(format!("internal: {what}"))
 }
@@ -927,9 +953,7 @@ impl<A: Act> DeviceTrainer<A> {
                         &mut grad.slice_mut(i.off..i.off + i.len),
                     )?;
                     if nd.x != 0 {
-                        let [dy, dx] = grads
-                            .get_disjoint_mut([nd.y, nd.x])
-                            .map_err(|e| internal(format!("gradient slots: {e}")))?;
+                        let (dy, dx, _) = grad_slots(grads, nd.y, nd.x, None)?;
                         convs.backward_data(
                             spec,
                             n,
@@ -955,62 +979,36 @@ impl<A: Act> DeviceTrainer<A> {
                     let gb = master.slice(i.off..i.off + 2 * c);
                     let mut dgb = grad.slice_mut(i.off..i.off + 2 * c);
                     let ys = relu.then(|| yv.slice(..));
-                    match residual {
-                        _ if *dense => {
-                            let [dy, dx] = grads
-                                .get_disjoint_mut([nd.y, nd.x])
-                                .map_err(|e| internal(format!("gradient slots: {e}")))?;
-                            ops.standardize_affine_backward(
-                                (n * sx.rows, c),
-                                &dy.slice(..),
-                                ys.as_ref(),
-                                &x.slice(..),
-                                &stats[v][*st],
-                                &gb,
-                                &mut dgb,
-                                &mut dx.slice_mut(..),
-                            )?;
-                        }
-                        Some(r) => {
-                            let [dy, dx, dr] = grads
-                                .get_disjoint_mut([nd.y, nd.x, *r])
-                                .map_err(|e| internal(format!("gradient slots: {e}")))?;
-                            let mut drv_ = dr.slice_mut(..);
-                            ops.batch_norm_backward(
-                                (n * sx.rows, c),
-                                &dy.slice(..),
-                                ys.as_ref(),
-                                &x.slice(..),
-                                &stats[v][*st],
-                                &gb,
-                                &mut dgb,
-                                &mut dx.slice_mut(..),
-                                Some((&mut drv_, nd.acc_res)),
-                            )?;
-                        }
-                        None => {
-                            let [dy, dx] = grads
-                                .get_disjoint_mut([nd.y, nd.x])
-                                .map_err(|e| internal(format!("gradient slots: {e}")))?;
-                            ops.batch_norm_backward(
-                                (n * sx.rows, c),
-                                &dy.slice(..),
-                                ys.as_ref(),
-                                &x.slice(..),
-                                &stats[v][*st],
-                                &gb,
-                                &mut dgb,
-                                &mut dx.slice_mut(..),
-                                None,
-                            )?;
-                        }
+                    let (dy, dx, dr) = grad_slots(grads, nd.y, nd.x, *residual)?;
+                    if *dense {
+                        ops.standardize_affine_backward(
+                            (n * sx.rows, c),
+                            &dy.slice(..),
+                            ys.as_ref(),
+                            &x.slice(..),
+                            &stats[v][*st],
+                            &gb,
+                            &mut dgb,
+                            &mut dx.slice_mut(..),
+                        )?;
+                    } else {
+                        let mut dr = dr.map(|d| d.slice_mut(..));
+                        ops.batch_norm_backward(
+                            (n * sx.rows, c),
+                            &dy.slice(..),
+                            ys.as_ref(),
+                            &x.slice(..),
+                            &stats[v][*st],
+                            &gb,
+                            &mut dgb,
+                            &mut dx.slice_mut(..),
+                            dr.as_mut().map(|d| (d, nd.acc_res)),
+                        )?;
                     }
                     timer.stop(stream, m)?;
                 }
                 Op::MaxPool { h, w } => {
-                    let [dy, dx] = grads
-                        .get_disjoint_mut([nd.y, nd.x])
-                        .map_err(|e| internal(format!("gradient slots: {e}")))?;
+                    let (dy, dx, _) = grad_slots(grads, nd.y, nd.x, None)?;
                     let m = timer.start(stream, Phase::Pool)?;
                     ops.max_pool_backward(
                         (n, *h, *w, sx.c),
@@ -1021,9 +1019,7 @@ impl<A: Act> DeviceTrainer<A> {
                     timer.stop(stream, m)?;
                 }
                 Op::AvgPool => {
-                    let [dy, dx] = grads
-                        .get_disjoint_mut([nd.y, nd.x])
-                        .map_err(|e| internal(format!("gradient slots: {e}")))?;
+                    let (dy, dx, _) = grad_slots(grads, nd.y, nd.x, None)?;
                     let m = timer.start(stream, Phase::Pool)?;
                     ops.avg_pool_backward(
                         (n, sx.rows, sx.c),
@@ -1034,9 +1030,7 @@ impl<A: Act> DeviceTrainer<A> {
                 }
                 Op::Linear { p, inp, out } => {
                     let i = &infos[*p];
-                    let [dy, dx] = grads
-                        .get_disjoint_mut([nd.y, nd.x])
-                        .map_err(|e| internal(format!("gradient slots: {e}")))?;
+                    let (dy, dx, _) = grad_slots(grads, nd.y, nd.x, None)?;
                     let m = timer.start(stream, Phase::Linear)?;
                     let mut dxv = dx.slice_mut(..);
                     ops.linear_backward(

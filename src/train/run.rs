@@ -134,7 +134,7 @@ impl Engine {
     ) -> Result<Self> {
         if choice == DeviceChoice::Cpu {
             say(&format!(
-                "training on the CPU ({} threads)",
+                "running on the CPU ({} threads)",
                 rayon::current_num_threads()
             ));
             return Ok(Engine::Cpu);
@@ -157,7 +157,7 @@ impl Engine {
         match opened {
             Ok((engine, name)) => {
                 say(&format!(
-                    "training on {name} ({})",
+                    "running on {name} ({})",
                     match precision {
                         Precision::Bf16 => "bf16 activations, f32 master weights",
                         Precision::F32 => "f32, no tensor-core rounding",
@@ -183,7 +183,7 @@ impl Engine {
                 } else {
                     "the GPU could not be set up"
                 };
-                say(&format!("{what} ({e}); training on the CPU"));
+                say(&format!("{what} ({e}); running on the CPU"));
                 Ok(Engine::Cpu)
             }
             Err(e) => Err(e),
