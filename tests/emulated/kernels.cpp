@@ -3,6 +3,10 @@
 // kernels (the loss's and their affine variant), the loss reduction, the Gram-path kernels,
 // pooling, LARS, the conversions and the naive baseline's kernels. Launch shapes follow the Rust side's; outputs are poisoned
 // (NaN) first; inputs are random with odd shapes. Prints one line per check; exits 1 on a failure.
+//
+// With BARLOW_EMU_REDUCED defined, every kernel still runs, on fewer and smaller shapes (see
+// main): the sanitizer runs (scripts/sanitize-emulated.sh) pay for each emulated thread, and the
+// thread count, not the data, sets their time.
 #include "standardize.cu"
 #include "loss_reduce.cu"
 #include "gram.cu"
@@ -552,7 +556,7 @@ void test_pools(int64_t n, int64_t h, int64_t w, int64_t c, uint64_t seed) {
 
 // ---- LARS (kernels/lars.cu) ----------------------------------------------------------------------
 
-void test_lars() {
+void test_lars(int steps) {
   Rng rng{42};
   struct T {
     int64_t len;
@@ -585,7 +589,7 @@ void test_lars() {
   std::vector<double> wr(w.begin(), w.end()), mr(total, 0.0);
   const float wd = 1.5e-6f, eta = 1e-3f, m = 0.9f;
   std::vector<float> partial(2 * cs.size(), NAN), trust(tensors.size(), NAN);
-  for (int step = 0; step < 3; ++step) {
+  for (int step = 0; step < steps; ++step) {
     for (auto& v : g) v = float(rng.normal());
     const float lw = 0.2f + 0.1f * step, lb = 0.005f;
     const unsigned chunks = unsigned(cs.size());
@@ -732,6 +736,7 @@ void test_naive(int64_t n, int64_t d, uint64_t seed) {
 
 int main() {
   uint64_t seed = 1;
+#ifndef BARLOW_EMU_REDUCED
   // (rows M, channels C, rows per chunk): one chunk, uneven chunks, many chunks of a tall matrix.
   const int64_t shapes[][3] = {{37, 5, 37}, {37, 5, 7}, {300, 70, 64}, {1000, 3, 13}, {2, 33, 1}};
   for (auto& s : shapes)
@@ -756,10 +761,40 @@ int main() {
     test_pools<float>(p[0], p[1], p[2], p[3], seed++);
     test_pools<__nv_bfloat16>(p[0], p[1], p[2], p[3], seed++);
   }
-  test_lars();
+  test_lars(3);
   test_convert();
   test_naive(37, 11, seed++);
   test_naive(2, 64, seed++);
+#else
+  // Still odd shapes, still multi-block grids, and each kernel crosses a block boundary at least
+  // once (a tile of 32 columns, a row chunk, a block of rows or elements).
+  // Batch norm, one shape per arm (plain, ReLU, residual + ReLU): one chunk; 37 channels over two
+  // column tiles in three uneven chunks; M = 2 in one-row chunks. The residual arm runs once
+  // written (f32, odd seed) and once added (bf16, even seed).
+  const int64_t shapes[][3] = {{37, 5, 37}, {13, 37, 5}, {2, 33, 1}};
+  for (int v = 0; v < 3; ++v) {
+    const bool residual = v == 2, relu = v >= 1;
+    test_batch_norm<float>(shapes[v][0], shapes[v][1], shapes[v][2], residual, relu, seed++);
+    test_batch_norm<__nv_bfloat16>(shapes[v][0], shapes[v][1], shapes[v][2], residual, relu,
+                                   seed++);
+  }
+  for (int relu = 0; relu < 2; ++relu) {
+    test_standardize_affine<float>(7, 33, relu, seed++);
+    test_standardize_affine<__nv_bfloat16>(7, 33, relu, seed++);
+  }
+  test_standardize_loss(67, 41, seed++);
+  test_loss_reduce(7, 0, seed++);
+  test_loss_reduce(40, 1, seed++);
+  test_gram(21, 37, seed++);  // two column tiles, two dot blocks, four init blocks
+  const int64_t pools[][4] = {{2, 7, 9, 3}, {1, 1, 1, 2}};
+  for (auto& p : pools) {
+    test_pools<float>(p[0], p[1], p[2], p[3], seed++);
+    test_pools<__nv_bfloat16>(p[0], p[1], p[2], p[3], seed++);
+  }
+  test_lars(1);
+  test_convert();
+  test_naive(37, 11, seed++);
+#endif
   printf("%d checks, %d failed\n", checks, failures);
   return failures ? 1 : 0;
 }

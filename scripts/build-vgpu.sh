@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Builds the virtual CUDA device (tests/vgpu) into one shared library, target/vgpu/libvgpu.so, with
+# the names the CUDA loader looks for (libcuda.so, libcublas.so, libcudnn.so) as links to it, so
+# they share one state. Put target/vgpu on LD_LIBRARY_PATH to run a program on it.
+#
+#   scripts/build-vgpu.sh            prints the folder to put on LD_LIBRARY_PATH
+#
+# Needs a C++20 compiler and cuda.h (scripts/install-nvcc.sh installs it into .cuda/).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+out=${VGPU_OUT:-$root/target/vgpu}
+cxx=${CXX:-c++}
+inc=${CUDA_INCLUDE:-$root/.cuda/nvidia/cu13/include}
+[[ -f $inc/cuda.h ]] || { echo "build-vgpu: $inc/cuda.h not found (run scripts/install-nvcc.sh)" >&2; exit 1; }
+mkdir -p "$out/gen"
+
+# The kernels, and the table of their names taken from the preprocessed sources (kernels made
+# through token-pasting macros included).
+src=$out/gen/kernel_sources.inc
+: >"$src.tmp"
+for f in "$root"/kernels/*.cu; do echo "#include \"$f\"" >>"$src.tmp"; done
+mv "$src.tmp" "$src"
+flags=(-std=c++20 -DBARLOW_HOST_EMULATION -I "$root/tests/vgpu" -I "$root/tests/emulated"
+       -I "$root/kernels" -I "$out/gen" -I "$inc")
+"$cxx" "${flags[@]}" -E -P -x c++ "$src" | tr -s '\n\t' '  ' \
+  | grep -oE 'extern "C" +void +[A-Za-z_][A-Za-z_0-9]* *\(' \
+  | sed -E 's/.*void +([A-Za-z_0-9]+).*/VGPU_KERNEL(\1)/' | sort -u >"$out/gen/kernel_table.inc"
+[[ -s $out/gen/kernel_table.inc ]] || { echo "build-vgpu: no kernels found in kernels/*.cu" >&2; exit 1; }
+
+lib=$out/libvgpu.so
+sources=("$root"/tests/vgpu/*.cpp)
+newest=$(ls -t "${sources[@]}" "$root"/tests/vgpu/*.h "$root"/tests/emulated/cuda_scalars.h \
+         "$root"/kernels/* "${BASH_SOURCE[0]}" | head -n 1)
+if [[ ! -f $lib || $newest -nt $lib ]]; then
+  objs=() pids=()
+  for s in "${sources[@]}"; do
+    o=$out/$(basename "${s%.cpp}").o
+    objs+=("$o")
+    "$cxx" "${flags[@]}" -O2 -g -fPIC -pthread -Wall -Wextra -Wno-unused-parameter -c "$s" -o "$o" &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+  # nodelete: the loader's presence probes dlopen and dlclose each name; the state must survive.
+  "$cxx" -shared -pthread -Wl,-z,nodelete -o "$lib.tmp" "${objs[@]}"
+  mv "$lib.tmp" "$lib"
+fi
+for name in libcuda.so libcuda.so.1 libcublas.so libcudnn.so; do ln -sf libvgpu.so "$out/$name"; done
+echo "$out"

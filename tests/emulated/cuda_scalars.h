@@ -1,0 +1,50 @@
+// Scalar types and conversions CUDA's headers give device code, for the kernels compiled as host
+// C++ (tests/emulated and the virtual device): bit-exact software bf16, f16 through _Float16.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <algorithm>
+
+using std::max;
+using std::min;
+
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float __bfloat162float(__nv_bfloat16 b) {
+  uint32_t u = uint32_t(b.bits) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {uint16_t((u >> 16) | 0x40u)};  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);                                              // nearest, even
+  return {uint16_t(u >> 16)};
+}
+
+struct __half {
+  _Float16 v;
+};
+inline float __half2float(__half h) { return float(h.v); }
+inline __half __float2half_rn(float f) { return {_Float16(f)}; }
+
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  memcpy(&u, &f, 4);
+  return u;
+}
+inline float __uint_as_float(unsigned u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }

@@ -1,0 +1,122 @@
+// The virtual CUDA device: state shared by its driver, cuBLAS and cuDNN parts.
+//
+// Work runs synchronously on the host when it is enqueued, so results never depend on timing; what
+// a real GPU may run concurrently is tracked instead with vector clocks (one component per stream
+// and one for the host). Every device access is checked against the allocation it lands in: live,
+// of the current context, in bounds, and ordered after the allocation, its last write and (for a
+// write or a free) every read since, whatever order the host happened to run things in.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace vgpu {
+
+// Prints `vgpu: <kind>: <message>` and aborts: a report of a bug in the program under test.
+[[noreturn]] void fail(const char* kind, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
+
+// One lock for the whole device: calls are serialized, as the work runs when enqueued.
+std::recursive_mutex& lock();
+
+struct Clock {
+  std::vector<uint64_t> t;
+  uint64_t at(uint32_t actor) const { return actor < t.size() ? t[actor] : 0; }
+  void join(const Clock& o);
+};
+
+// A point in one actor's history: actor 0 is the host, every stream another.
+struct Epoch {
+  uint32_t actor = 0;
+  uint64_t t = 0;
+  bool before(const Clock& c) const { return c.at(actor) >= t; }
+};
+
+struct Context;
+
+struct Stream {
+  Context* ctx = nullptr;
+  uint32_t actor = 0;
+  bool legacy = false;    // the context's null stream
+  bool blocking = false;  // created without CU_STREAM_NON_BLOCKING: ordered with the null stream
+  Clock clock;
+  std::string name() const;
+};
+
+enum class Access { Read, Write };
+
+struct Allocation {
+  uintptr_t base = 0;
+  size_t size = 0;
+  Context* ctx = nullptr;
+  bool host = false;  // page-locked host memory: no ordering tracked
+  bool freed = false;
+  Epoch born, write, died;
+  std::map<uint32_t, uint64_t> reads;  // per actor, the latest read since the last write
+  // The mapping: guard page, slack before `base`, the bytes, slack after, guard page.
+  uintptr_t map_base = 0;
+  size_t map_size = 0;
+  std::string describe() const;
+};
+
+struct Context {
+  int device = 0;
+  bool primary = false;
+  bool destroyed = false;
+  Stream* null_stream = nullptr;
+  std::vector<Stream*> streams;  // live streams, null stream first
+};
+
+// The current context of the calling thread, or null.
+Context* current();
+// The stream a handle names in context `ctx` (null: the context's null stream).
+Stream* stream(void* handle, Context* ctx);
+// Starts one operation on `s`: orders it after what the host and (by the legacy stream's rules)
+// other streams did before, and returns its epoch.
+Epoch begin_op(Stream* s);
+// The host waits for `c` (synchronize calls).
+void host_join(const Clock& c);
+const Clock& host_clock();
+
+// Checks an access of [p, p + bytes) by the current operation on `s` and records it. `what`
+// names the operation and operand in a report. Returns the allocation.
+Allocation* access(Stream* s, const void* p, size_t bytes, Access a, const char* what);
+// The live allocation of `ctx` that holds `p`, or null.
+Allocation* find(const void* p);
+
+// Reports a write past the ends of a written allocation (its slack lost its pattern).
+void check_slack(const Allocation* a, const char* what);
+
+// Fills `bytes` at `p` with a NaN pattern: a workspace whose old contents must not matter.
+void scribble(void* p, size_t bytes);
+
+// Runs f(i) for i in [0, n) on the device's worker threads.
+void parallel_for(size_t n, void (*f)(size_t, void*), void* arg);
+template <class F>
+void parallel(size_t n, F&& f) {
+  parallel_for(n, [](size_t i, void* a) { (*static_cast<F*>(a))(i); }, &f);
+}
+
+// The kernel registry (kernels.cpp): `launch` runs one, by the name the module gave it.
+struct Kernel;
+const Kernel* find_kernel(const char* name);
+const char* kernel_name(const Kernel* k);
+struct LaunchShape {
+  unsigned grid[3], block[3];
+  unsigned shared;
+};
+// Validates the arguments against the kernel's signature and runs it. Returns a CUresult.
+int launch(const Kernel* k, const LaunchShape& shape, Stream* s, void** params);
+// Static shared memory of a kernel from the fatbin's cubins, if known.
+void note_static_shared(const char* name, size_t bytes);
+
+// Device properties of the virtual device.
+constexpr int kSmCount = 132;
+constexpr int kMaxThreadsPerBlock = 1024;
+constexpr int kMaxSharedPerBlock = 48 * 1024;
+constexpr const char* kDeviceName = "barlow virtual CUDA device (host emulation)";
+
+}  // namespace vgpu
