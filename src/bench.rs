@@ -4,7 +4,7 @@
 use crate::cuda::cudarc::driver::{CudaSlice, CudaStream};
 use crate::cuda::naive::NaiveLoss;
 use crate::cuda::ops::CudaOps;
-use crate::cuda::{drv, memory};
+use crate::cuda::{device_label, drv, memory};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::{BarlowTwinsLoss, Dims, LossConfig, Math, Path};
@@ -309,7 +309,7 @@ fn bench_fused(
             })
         }
     };
-    Row::new("cuda", path_row(path), math, dims).finish(run())
+    Row::new(device_label(stream), path_row(path), math, dims).finish(run())
 }
 
 fn bench_baselines(
@@ -349,8 +349,8 @@ fn bench_baselines(
         }
     };
     vec![
-        Row::new("cuda", "naive", math, dims).finish(naive()),
-        Row::new("cuda", "cublas-gemm", math, dims).finish(gemm()),
+        Row::new(device_label(stream), "naive", math, dims).finish(naive()),
+        Row::new(device_label(stream), "cublas-gemm", math, dims).finish(gemm()),
     ]
 }
 

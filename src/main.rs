@@ -328,7 +328,25 @@ fn info() {
     };
     println!("CUDA kernels: {kernels}");
     match barlow::cuda::device_count() {
-        Ok(n) => println!("CUDA devices: {n}"),
+        Ok(n) => {
+            println!("CUDA devices: {n}");
+            for i in 0..n {
+                let name = match barlow::cuda::open_stream(i) {
+                    Ok(s) => s
+                        .context()
+                        .name()
+                        .unwrap_or_else(|e| format!("unnamed ({e})")),
+                    Err(e) => format!("unusable: {e}"),
+                };
+                let note = if name.starts_with(barlow::cuda::VIRTUAL_DEVICE) {
+                    " — virtual: runs on the host to check launches, library calls and stream \
+                     order; nothing timed on it is a GPU figure"
+                } else {
+                    ""
+                };
+                println!("  {i}: {name}{note}");
+            }
+        }
         Err(e) => println!("CUDA devices: none ({e})"),
     }
     match barlow::cuda::cudnn::check_cudnn() {
@@ -419,6 +437,15 @@ fn bench_loss(args: LossArgs) -> Result<(), String> {
         }
     };
     let gpu = stream.is_some();
+    if stream
+        .as_ref()
+        .is_some_and(|s| barlow::cuda::is_virtual(s.context()))
+    {
+        eprintln!(
+            "barlow: on the virtual CUDA device (host emulation): rows are labelled vgpu and their \
+             times are not GPU figures"
+        );
+    }
     let ns = if args.n.is_empty() {
         if gpu {
             vec![256, 512, 1024, 2048, 4096]

@@ -136,6 +136,26 @@ pub fn open_stream(ordinal: usize) -> Result<Arc<CudaStream>> {
     Ok(ctx.default_stream())
 }
 
+/// How the project's virtual CUDA device (`tests/vgpu`, for running the GPU suite on machines
+/// without a GPU) names itself. Its kernels and library calls run on the host: it checks launches,
+/// library calls and stream order, and nothing timed on it is a GPU figure.
+pub const VIRTUAL_DEVICE: &str = "barlow virtual CUDA device";
+
+/// Whether `ctx` is on the virtual CUDA device rather than a GPU.
+pub fn is_virtual(ctx: &CudaContext) -> bool {
+    ctx.name().is_ok_and(|n| n.starts_with(VIRTUAL_DEVICE))
+}
+
+/// The device label of measurements on `stream`: `cuda`, or `vgpu` on the virtual device, so its
+/// timings never pass for a GPU's.
+pub fn device_label(stream: &CudaStream) -> &'static str {
+    if is_virtual(stream.context()) {
+        "vgpu"
+    } else {
+        "cuda"
+    }
+}
+
 /// Maps a driver error to [`Error`], naming the call that failed; out-of-memory gets its own variant.
 pub(crate) fn drv(during: impl Into<String>) -> impl Fn(DriverError) -> Error {
     let during = during.into();

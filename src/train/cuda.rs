@@ -657,6 +657,15 @@ impl<A: Act> DeviceTrainer<A> {
         let pinned = [[pin()?, pin()?], [pin()?, pin()?]];
         let input = || alloc(stream, in_len, "allocating input batches");
         let inputs = [[input()?, input()?], [input()?, input()?]];
+        // The inputs come from the compute stream's pool but are first written on the upload
+        // stream: each slot's first upload waits for their allocation, as later ones wait for
+        // the step that read them.
+        let allocated = || {
+            stream
+                .record_event(None)
+                .map_err(drv("ordering uploads after allocation"))
+        };
+        let consumed = [Some(allocated()?), Some(allocated()?)];
         let mut running_names: Vec<(String, usize)> = running.into_iter().collect();
         running_names.sort_by_key(|(_, o)| *o);
 
@@ -690,7 +699,7 @@ impl<A: Act> DeviceTrainer<A> {
             pinned,
             inputs,
             staged: [None, None],
-            consumed: [None, None],
+            consumed,
             next: 0,
             forwards: 0,
             timer: Timer::default(),
@@ -1061,6 +1070,21 @@ impl<A: Act> DeviceTrainer<A> {
             .wait(&staged)
             .map_err(drv("ordering compute after an upload"))?;
         self.next ^= 1;
+        let result = self.forward_backward_on(k);
+        // Also after a failure: the next upload into slot k must wait for whatever was queued
+        // on it.
+        let end = self
+            .stream
+            .record_event(None)
+            .map_err(drv("recording the end of a step"));
+        match end {
+            Ok(e) => self.consumed[k] = Some(e),
+            Err(e) => return Err(result.err().unwrap_or(e)),
+        }
+        result
+    }
+
+    fn forward_backward_on(&mut self, k: usize) -> Result<LossValue> {
         let n = self.batch;
         let m = self.timer.start(&self.stream, Phase::Optimizer)?;
         self.stream
@@ -1093,11 +1117,6 @@ impl<A: Act> DeviceTrainer<A> {
         let second = self.backward(1, n, k);
         std::mem::swap(&mut self.grads[z], &mut self.dz_b);
         second?;
-        self.consumed[k] = Some(
-            self.stream
-                .record_event(None)
-                .map_err(drv("recording the end of a step"))?,
-        );
         Ok(value)
     }
 

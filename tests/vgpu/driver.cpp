@@ -900,6 +900,12 @@ static CUresult copy(Stream* s, void* dst, const void* src, size_t bytes, int ki
   if (kind & 2) d = access(s, dst, bytes, Access::Write, w); else host_operand(s, dst, bytes, w);
   if (bytes) memmove(dst, src, bytes);
   if (d) check_slack(d, what);
+  // A copy into pageable host memory returns only once it has completed, so the host has then
+  // seen everything before it on the stream (the driver's documented behaviour).
+  if (kind == 1) {
+    Allocation* h = containing(st().live, uintptr_t(dst));
+    if (!h || !h->host) host_join(s->clock);
+  }
   return CUDA_SUCCESS;
 }
 
