@@ -28,7 +28,10 @@ flags=(-std=c++20 -DBARLOW_HOST_EMULATION -I "$root/tests/vgpu" -I "$root/tests/
 [[ -s $out/gen/kernel_table.inc ]] || { echo "build-vgpu: no kernels found in kernels/*.cu" >&2; exit 1; }
 
 lib=$out/libvgpu.so
-sources=("$root"/tests/vgpu/*.cpp)
+sources=()
+for s in "$root"/tests/vgpu/*.cpp; do
+  [[ $s == */selftest.cpp ]] || sources+=("$s")  # a program linked against the library, not part of it
+done
 newest=$(ls -t "${sources[@]}" "$root"/tests/vgpu/*.h "$root"/tests/emulated/cuda_scalars.h \
          "$root"/kernels/* "${BASH_SOURCE[0]}" | head -n 1)
 if [[ ! -f $lib || $newest -nt $lib ]]; then

@@ -30,8 +30,12 @@ note() { echo "$*" | tee -a "$summary"; }
 fail() { note "FAIL: $*"; failed=1; }
 
 want() { [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",$1,"* ]]; }
-[ "${SKIP_SANITIZER:-0}" = 1 ] && ONLY=${ONLY:-tests,loss,train}
-[ "${SKIP_BENCH:-0}" = 1 ] && ONLY=${ONLY:-tests,sanitizer}
+# SKIP_SANITIZER=1 and SKIP_BENCH=1 each drop their sections (together: the tests alone).
+if [ -z "${ONLY:-}" ]; then
+  ONLY=tests,sanitizer,loss,train
+  [ "${SKIP_SANITIZER:-0}" = 1 ] && ONLY=${ONLY/,sanitizer/}
+  [ "${SKIP_BENCH:-0}" = 1 ] && ONLY=${ONLY/,loss,train/}
+fi
 note "barlow GPU report  commit $(cat "$here/COMMIT" 2>/dev/null || echo unknown)  $(date -u +%Y-%m-%dT%H:%MZ)"
 
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >"$report/nvidia-smi.txt" 2>&1; then
@@ -40,9 +44,10 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi >"$report/nvidia-smi.
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/GPU: /' | tee -a "$summary"
 
-# CUDA libraries: the system's, else those inside a Python installation (nvidia/*/lib).
+# CUDA libraries: the system's, plus those inside a Python installation (nvidia/*/lib) when the
+# system lacks cuBLAS or cuDNN.
 libdirs=()
-if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so' || ! ldconfig -p 2>/dev/null | grep -q 'libcudnn\.so'; then
   for py in python3 python; do
     command -v "$py" >/dev/null 2>&1 || continue
     while IFS= read -r d; do libdirs+=("$d"); done < <("$py" - <<'PY' 2>/dev/null

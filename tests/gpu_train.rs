@@ -34,6 +34,12 @@ fn gpu_nn(test: &str) -> Option<Arc<CudaStream>> {
     }
 }
 
+/// The math the trainer runs each element type with: FMA only for f32 (its checking mode), tensor
+/// cores for bf16.
+fn fma_only<A: Act>() -> bool {
+    A::SUFFIX == "f32"
+}
+
 fn tol<A: Act>() -> f64 {
     if A::SUFFIX == "f32" {
         1e-4
@@ -112,7 +118,7 @@ fn conv_case<A: Act>(s: &Arc<CudaStream>, spec: ConvSpec, n: usize, seed: u64) {
     let xd = (n, spec.in_c, spec.h, spec.w);
     let yd = (n, spec.out_c, ho, wo);
     let wshape = [spec.out_c, spec.in_c, spec.k, spec.k];
-    let mut convs = Convolutions::<A>::new(s, true).unwrap();
+    let mut convs = Convolutions::<A>::new(s, fma_only::<A>()).unwrap();
     let gx = up::<A>(s, &to_nhwc(&x, xd));
     let gw = up::<A>(s, &oihw_to_ohwi(&w, &wshape));
     let gdy = up::<A>(s, &to_nhwc(&dy, yd));
@@ -628,7 +634,7 @@ fn linear_case<A: Act>(s: &Arc<CudaStream>, (n, inp, out): (usize, usize, usize)
     let (gx, gw, gdy) = (up::<A>(s, &x), up::<A>(s, &w), up::<A>(s, &dy));
     let mut gy = poisoned::<A>(s, n * out);
     ops.linear_forward(
-        true,
+        fma_only::<A>(),
         (n, inp, out),
         &gx.slice(..),
         &gw.slice(..),
@@ -645,7 +651,7 @@ fn linear_case<A: Act>(s: &Arc<CudaStream>, (n, inp, out): (usize, usize, usize)
     let mut gdx = poisoned::<A>(s, n * inp);
     let mut dxv = gdx.slice_mut(..);
     ops.linear_backward(
-        true,
+        fma_only::<A>(),
         (n, inp, out),
         &gx.slice(..),
         &gw.slice(..),

@@ -149,7 +149,9 @@ impl Drop for Descriptors {
 struct Plan {
     d: Descriptors,
     fwd: sys::cudnnConvolutionFwdAlgo_t,
-    bwd_data: sys::cudnnConvolutionBwdDataAlgo_t,
+    /// None until a backward-data pass is asked for: a network's first convolution never
+    /// computes the gradient of its input, and planning it can fail where nothing needs it.
+    bwd_data: Option<sys::cudnnConvolutionBwdDataAlgo_t>,
     bwd_filter: sys::cudnnConvolutionBwdFilterAlgo_t,
     /// The math type each pass's algorithm was ranked with (None: keep FMA-only math).
     maths: Option<[sys::cudnnMathType_t; 3]>,
@@ -240,15 +242,16 @@ impl<A: Act> Convolutions<A> {
         Ok(this)
     }
 
-    fn plan(&mut self, spec: &ConvSpec, n: usize) -> Result<&Plan> {
+    fn plan(&mut self, spec: &ConvSpec, n: usize, data: bool) -> Result<&Plan> {
         // cuDNN calls do not make the stream's context current themselves.
         self.stream
             .context()
             .bind_to_thread()
             .map_err(drv("making the stream's context current"))?;
         let key = (*spec, n);
-        if !self.plans.contains_key(&key) {
-            let plan = self.make_plan(spec, n)?;
+        let have = self.plans.get(&key).map(|p| p.bwd_data.is_some());
+        if have.is_none() || (data && have == Some(false)) {
+            let plan = self.make_plan(spec, n, data)?;
             let need = plan.workspace;
             if self.workspace.as_ref().map_or(0, |w| w.len()) < need {
                 self.workspace = None;
@@ -259,7 +262,7 @@ impl<A: Act> Convolutions<A> {
         Ok(&self.plans[&key])
     }
 
-    fn make_plan(&self, spec: &ConvSpec, n: usize) -> Result<Plan> {
+    fn make_plan(&self, spec: &ConvSpec, n: usize, data: bool) -> Result<Plan> {
         const N: usize = 16;
         let d = Descriptors::new(spec, n, A::CUDNN, self.fma_only)?;
         // Benchmarked ranking (cudnnFind*, what a framework's autotuner does) first, cuDNN's
@@ -357,14 +360,18 @@ impl<A: Act> Convolutions<A> {
             d.w,
             d.y
         )?;
-        let bwd_data = pick!(
-            data_rankers,
-            sys::cudnnConvolutionBwdDataAlgoPerf_t,
-            "backward-data convolution",
-            d.w,
-            d.y,
-            d.x
-        )?;
+        let bwd_data = if data {
+            Some(pick!(
+                data_rankers,
+                sys::cudnnConvolutionBwdDataAlgoPerf_t,
+                "backward-data convolution",
+                d.w,
+                d.y,
+                d.x
+            )?)
+        } else {
+            None
+        };
         let bwd_filter = pick!(
             filter_rankers,
             sys::cudnnConvolutionBwdFilterAlgoPerf_t,
@@ -375,7 +382,8 @@ impl<A: Act> Convolutions<A> {
         )?;
         // The heuristic's memory figure is an estimate; ask for the exact sizes, each under
         // the math type its pass will run with.
-        let maths = (!self.fma_only).then_some([fwd.1, bwd_data.1, bwd_filter.1]);
+        let maths =
+            (!self.fma_only).then_some([fwd.1, bwd_data.map_or(fwd.1, |b| b.1), bwd_filter.1]);
         let set_math = |i: usize| -> Result<()> {
             if let Some(m) = maths {
                 // SAFETY: live descriptor; host-side field only.
@@ -401,20 +409,22 @@ impl<A: Act> Convolutions<A> {
                 &mut sizes[0],
             ))?;
         }
-        set_math(1)?;
-        // SAFETY: as above.
-        unsafe {
-            status("sizing the backward-data workspace")(
-                sys::cudnnGetConvolutionBackwardDataWorkspaceSize(
-                    self.handle,
-                    d.w,
-                    d.y,
-                    d.conv,
-                    d.x,
-                    bwd_data.0,
-                    &mut sizes[1],
-                ),
-            )?;
+        if let Some(b) = bwd_data {
+            set_math(1)?;
+            // SAFETY: as above.
+            unsafe {
+                status("sizing the backward-data workspace")(
+                    sys::cudnnGetConvolutionBackwardDataWorkspaceSize(
+                        self.handle,
+                        d.w,
+                        d.y,
+                        d.conv,
+                        d.x,
+                        b.0,
+                        &mut sizes[1],
+                    ),
+                )?;
+            }
         }
         set_math(2)?;
         // SAFETY: as above.
@@ -434,7 +444,7 @@ impl<A: Act> Convolutions<A> {
         Ok(Plan {
             d,
             fwd: fwd.0,
-            bwd_data: bwd_data.0,
+            bwd_data: bwd_data.map(|b| b.0),
             bwd_filter: bwd_filter.0,
             // With FMA-only math the ranked math types may say "default", which for f32 would
             // allow TF32 again: keep FMA.
@@ -443,9 +453,10 @@ impl<A: Act> Convolutions<A> {
         })
     }
 
-    /// Plans `spec` at batch `n` now (the first step would otherwise pay for it).
-    pub fn prepare(&mut self, spec: &ConvSpec, n: usize) -> Result<()> {
-        self.plan(spec, n).map(|_| ())
+    /// Plans `spec` at batch `n` now (the first step would otherwise pay for it), with its
+    /// backward-data pass when `data` (every convolution but one whose input is the images).
+    pub fn prepare(&mut self, spec: &ConvSpec, n: usize, data: bool) -> Result<()> {
+        self.plan(spec, n, data).map(|_| ())
     }
 
     /// Number of planned (geometry, batch) pairs.
@@ -491,7 +502,7 @@ impl<A: Act> Convolutions<A> {
         self.check("x", x, xl)?;
         self.check("w", w, wl)?;
         self.check("y", y, yl)?;
-        self.plan(spec, n)?;
+        self.plan(spec, n, false)?;
         let s = self.stream.clone();
         let plan = &self.plans[&(*spec, n)];
         let (ws, ws_len) = workspace_ptr(&self.workspace, &s);
@@ -536,7 +547,7 @@ impl<A: Act> Convolutions<A> {
         self.check("w", w, wl)?;
         self.check("dy", dy, yl)?;
         self.check("dx", dx, xl)?;
-        self.plan(spec, n)?;
+        self.plan(spec, n, true)?;
         let s = self.stream.clone();
         let plan = &self.plans[&(*spec, n)];
         let (ws, ws_len) = workspace_ptr(&self.workspace, &s);
@@ -555,7 +566,10 @@ impl<A: Act> Convolutions<A> {
                 plan.d.y,
                 pdy as *const c_void,
                 plan.d.conv,
-                plan.bwd_data,
+                plan.bwd_data.ok_or_else(|| Error::Cudnn {
+                    during: "cudnnConvolutionBackwardData".into(),
+                    message: "no backward-data algorithm planned".into(),
+                })?,
                 ws as *mut c_void,
                 ws_len,
                 &beta as *const f32 as *const c_void,
@@ -579,7 +593,7 @@ impl<A: Act> Convolutions<A> {
         self.check("x", x, xl)?;
         self.check("dy", dy, yl)?;
         self.check("dw", dw, wl)?;
-        self.plan(spec, n)?;
+        self.plan(spec, n, false)?;
         let s = self.stream.clone();
         let plan = &self.plans[&(*spec, n)];
         let (ws, ws_len) = workspace_ptr(&self.workspace, &s);

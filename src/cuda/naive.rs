@@ -58,8 +58,9 @@ impl NaiveLoss {
         })
     }
 
+    /// The address of one of this baseline's own buffers, which only its stream ever touches (so
+    /// dropping the event guard at once orders nothing wrongly).
     fn ptr<T>(&self, b: &impl DevicePtr<T>) -> u64 {
-        // The guard only records events for cross-stream use; all work here is on one stream.
         let (p, _g) = b.device_ptr(self.ops.stream());
         p
     }
@@ -185,7 +186,12 @@ impl NaiveLoss {
         let (nd, dd) = (n * d, d * d);
         let (n64, d64, eps) = (n as i64, d as i64, self.config.eps);
         let lambda = self.config.lambda;
-        let (pza, pzb) = (self.ptr(za), self.ptr(zb));
+        // The caller's buffers may be used on other streams: their guards record the events that
+        // order such use, so they live until every launch that touches them has been queued.
+        let (pza, _za_done) = za.device_ptr(&stream);
+        let (pzb, _zb_done) = zb.device_ptr(&stream);
+        let (pdza, _dza_done) = dza.device_ptr_mut(&stream);
+        let (pdzb, _dzb_done) = dzb.device_ptr_mut(&stream);
 
         // Forward: bn(z1), bn(z2), c = bn(z1).T @ bn(z2) / N.
         let a = self.standardize(pza, n, d)?;
@@ -334,8 +340,6 @@ impl NaiveLoss {
             pghb,
         )?;
 
-        let pdza = self.ptr_mut(dza);
-        let pdzb = self.ptr_mut(dzb);
         for (g, view, dz) in [(pgha, &a, pdza), (pghb, &b, pdzb)] {
             let mut s1 = self.buf(d)?;
             let mut s2 = self.buf(d)?;

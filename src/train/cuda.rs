@@ -704,17 +704,18 @@ impl<A: Act> DeviceTrainer<A> {
             forwards: 0,
             timer: Timer::default(),
         };
-        // Plan every convolution now, at the training batch size.
-        let specs: Vec<ConvSpec> = this
+        // Plan every convolution now, at the training batch size; the backward-data pass only
+        // where it runs (not for a convolution of the input images).
+        let specs: Vec<(ConvSpec, bool)> = this
             .nodes
             .iter()
             .filter_map(|nd| match nd.op {
-                Op::Conv { spec, .. } => Some(spec),
+                Op::Conv { spec, .. } => Some((spec, nd.x != 0)),
                 _ => None,
             })
             .collect();
-        for spec in specs {
-            this.convs.prepare(&spec, batch)?;
+        for (spec, data) in specs {
+            this.convs.prepare(&spec, batch, data)?;
         }
         Ok(this)
     }
@@ -1305,6 +1306,9 @@ struct HostPlan {
     norms: usize,
 }
 
+/// Elements between weight-tensor boundaries in the flat parameter arrays.
+const WEIGHT_ALIGN: usize = 64;
+
 fn plan(model: &mut BarlowTwins, opt: &Lars, image: (usize, usize, usize)) -> Result<HostPlan> {
     let cfg = model.config.clone();
     // Parameter table, in the model's visiting order (so a norm's β follows its γ).
@@ -1315,6 +1319,14 @@ fn plan(model: &mut BarlowTwins, opt: &Lars, image: (usize, usize, usize)) -> Re
     let momentum: HashMap<&str, &Vec<f32>> =
         opt.momentum.iter().map(|(n, v)| (n.as_str(), v)).collect();
     model.params_mut(&mut |p| {
+        // Weight matrices and filters start on a WEIGHT_ALIGN-element boundary (256 bytes of f32,
+        // 128 of bf16): cuBLAS and cuDNN pick their vectorized paths by operand alignment. A norm's
+        // γ and β stay adjacent (the kernels read them as one 2·C array).
+        if p.shape.len() > 1 {
+            let pad = host.len().next_multiple_of(WEIGHT_ALIGN) - host.len();
+            host.extend(std::iter::repeat_n(0f32, pad));
+            moms.extend(std::iter::repeat_n(0f32, pad));
+        }
         let off = host.len();
         let conv = p.shape.len() == 4;
         let put = |v: &[f32]| {
@@ -1502,6 +1514,9 @@ mod tests {
     /// norm, and every activation gradient is written once before anything adds to it.
     fn check_plan(m: &mut BarlowTwins, image: (usize, usize, usize)) -> HostPlan {
         let p = plan(m, &Lars::new(LarsConfig::default()), image).unwrap();
+        for i in p.infos.iter().filter(|i| i.shape.len() > 1) {
+            assert_eq!(i.off % WEIGHT_ALIGN, 0, "{} at element {}", i.name, i.off);
+        }
         let mut used = vec![0; p.infos.len()];
         let mut runs = Vec::new();
         for nd in &p.nodes {

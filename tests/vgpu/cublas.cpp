@@ -429,6 +429,12 @@ EXPORT cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t tran
                                    cublasComputeType_t computeType, cublasGemmAlgo_t algo) {
   std::lock_guard<std::recursive_mutex> g(vgpu::lock());
   if (!live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
+  // VGPU_MUTATE=transpose: a wrong GEMM (or, where the flipped shapes break the leading-dimension
+  // rules below, a failing one) that the tests must notice.
+  if (vgpu::mutation().transpose) {
+    transa = transa == CUBLAS_OP_N ? CUBLAS_OP_T : CUBLAS_OP_N;
+    vgpu::mutation_applied("transa of every cublasGemmEx flipped between N and T");
+  }
 
   // cuBLAS's argument rules; OP_C is OP_T for real types.
   auto op_ok = [](int t) { return t == CUBLAS_OP_N || t == CUBLAS_OP_T || t == CUBLAS_OP_C; };

@@ -429,6 +429,61 @@ static CUresult fill(Stream* s, CUdeviceptr dst, T v, size_t n, const char* what
   return CUDA_SUCCESS;
 }
 
+struct Module {
+  Context* ctx;
+  std::vector<unsigned char> image;
+  std::map<std::string, size_t> shared;  // static shared memory per kernel, from the cubins
+};
+
+template <class T>
+static bool read_at(const std::vector<unsigned char>& b, size_t at, T* v) {
+  if (at > b.size() || b.size() - at < sizeof(T)) return false;
+  memcpy(v, b.data() + at, sizeof(T));
+  return true;
+}
+
+// Each cubin (ELF) in the fatbin has a `.nv.shared.<kernel>` section per kernel that declares
+// static shared memory, sized by it; the largest over the image's architectures is kept.
+static void read_static_shared(Module* m) {
+  const auto& b = m->image;
+  for (size_t at = 16; at + 16 <= b.size();) {
+    uint32_t hsize = 0;
+    uint64_t psize = 0;
+    if (!read_at(b, at + 4, &hsize) || !read_at(b, at + 8, &psize) || hsize < 16) return;
+    const size_t elf = at + hsize;
+    if (psize > b.size() || elf > b.size() - psize) return;
+    uint64_t shoff = 0;
+    uint16_t shentsize = 0, shnum = 0, shstrndx = 0;
+    if (psize > 64 && memcmp(b.data() + elf, "\x7f" "ELF\x02\x01", 6) == 0 &&
+        read_at(b, elf + 0x28, &shoff) && read_at(b, elf + 0x3A, &shentsize) &&
+        read_at(b, elf + 0x3C, &shnum) && read_at(b, elf + 0x3E, &shstrndx) && shentsize >= 64 &&
+        shstrndx < shnum) {
+      auto section = [&](unsigned i, uint32_t* name, uint64_t* off, uint64_t* size) {
+        const size_t h = elf + shoff + size_t(i) * shentsize;
+        return read_at(b, h, name) && read_at(b, h + 24, off) && read_at(b, h + 32, size);
+      };
+      uint32_t n;
+      uint64_t stroff, strsize;
+      if (section(shstrndx, &n, &stroff, &strsize) && stroff + strsize <= psize) {
+        const char* strtab = reinterpret_cast<const char*>(b.data() + elf + stroff);
+        static const char kPrefix[] = ".nv.shared.";
+        for (unsigned i = 0; i < shnum; ++i) {
+          uint32_t name;
+          uint64_t off, size;
+          if (!section(i, &name, &off, &size) || name >= strsize) continue;
+          const char* s = strtab + name;
+          if (strnlen(s, strsize - name) == strsize - name) continue;
+          if (strncmp(s, kPrefix, sizeof kPrefix - 1) == 0) {
+            size_t& v = m->shared[s + sizeof kPrefix - 1];
+            v = std::max<size_t>(v, size);
+          }
+        }
+      }
+    }
+    at = elf + psize;
+  }
+}
+
 extern "C" {
 
 // Build-time identification, so a test can tell this library from the real driver.
@@ -437,6 +492,7 @@ const char* vgpu_version() { return "barlow vgpu 1"; }
 CUresult cuInit(unsigned int flags) {
   GUARD;
   if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
+  mutation();  // a bad VGPU_MUTATE is reported at once, not at the first launch it names
   return init_state();
 }
 
@@ -1038,11 +1094,6 @@ CUresult cuMemPoolTrimTo(CUmemoryPool, size_t) { return CUDA_SUCCESS; }
 
 // ---- modules and launches
 
-struct Module {
-  Context* ctx;
-  std::vector<unsigned char> image;
-};
-
 static const unsigned kFatbinMagic = 0xBA55ED50u;
 
 CUresult cuModuleLoadData(CUmodule* out, const void* image) {
@@ -1059,7 +1110,8 @@ CUresult cuModuleLoadData(CUmodule* out, const void* image) {
   memcpy(&payload, static_cast<const char*>(image) + 8, 8);
   if (header != 16 || payload == 0 || payload > (size_t(1) << 30)) return CUDA_ERROR_INVALID_IMAGE;
   const unsigned char* b = static_cast<const unsigned char*>(image);
-  Module* m = new Module{ctx, std::vector<unsigned char>(b, b + header + payload)};
+  Module* m = new Module{ctx, std::vector<unsigned char>(b, b + header + payload), {}};
+  read_static_shared(m);
   *out = reinterpret_cast<CUmodule>(m);
   return CUDA_SUCCESS;
 }
@@ -1075,6 +1127,7 @@ CUresult cuModuleUnload(CUmodule m) {
 struct Function {
   Module* module;
   const Kernel* kernel;
+  size_t static_shared;
 };
 
 CUresult cuModuleGetFunction(CUfunction* out, CUmodule hm, const char* name) {
@@ -1087,7 +1140,8 @@ CUresult cuModuleGetFunction(CUfunction* out, CUmodule hm, const char* name) {
   if (!memmem(img.data(), img.size(), name, strlen(name) + 1)) return CUDA_ERROR_NOT_FOUND;
   const Kernel* k = find_kernel(name);
   if (!k) return CUDA_ERROR_NOT_FOUND;
-  *out = reinterpret_cast<CUfunction>(new Function{m, k});
+  auto sh = m->shared.find(name);
+  *out = reinterpret_cast<CUfunction>(new Function{m, k, sh == m->shared.end() ? 0 : sh->second});
   return CUDA_SUCCESS;
 }
 
@@ -1103,7 +1157,8 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
   if (gx > 2147483647u || gy > 65535 || gz > 65535 || bx > 1024 || by > 1024 || bz > 64 ||
       size_t(bx) * by * bz > kMaxThreadsPerBlock)
     return CUDA_ERROR_INVALID_VALUE;
-  if (shared > kMaxSharedPerBlock) return CUDA_ERROR_INVALID_VALUE;
+  // Static and dynamic shared memory together must fit a block's 48 KiB.
+  if (fn->static_shared + shared > size_t(kMaxSharedPerBlock)) return CUDA_ERROR_INVALID_VALUE;
   Stream* s = stream(hs, ctx);
   LaunchShape shape{{gx, gy, gz}, {bx, by, bz}, shared};
   return CUresult(launch(fn->kernel, shape, s, params));
@@ -1114,6 +1169,9 @@ CUresult cuFuncGetAttribute(int* v, CUfunction_attribute attr, CUfunction f) {
   switch (attr) {
     case CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *v = kMaxThreadsPerBlock; break;
     case CU_FUNC_ATTRIBUTE_NUM_REGS: *v = 32; break;
+    case CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES:
+      *v = int(reinterpret_cast<Function*>(f)->static_shared);
+      break;
     default: *v = 0; break;
   }
   return CUDA_SUCCESS;

@@ -2,9 +2,14 @@
 // driver's `void** params`: the arguments are unpacked by the kernel's own C++ signature, each
 // pointer is checked against the live allocations of the current context (a const pointee is a
 // read, any other a write, for the stream-order checks), and after the launch every written
-// allocation's slack is checked for writes past its ends.
+// allocation's slack is checked for writes past its ends. VGPU_MUTATE=swap:<kernel> (vgpu.h) makes
+// every launch of one kernel wrong on purpose.
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
+#include <atomic>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -18,7 +23,36 @@ namespace vgpu {
 
 void run_block(Dim3 block_index, void (*body)(const void*), const void* arg);
 
+// Two parameter indices, a < b; {-1, -1}: none.
+struct Pair {
+  int a = -1, b = -1;
+};
+
 namespace {
+
+// What `VGPU_MUTATE=swap:<kernel>` exchanges: the first two pointer parameters with one pointee
+// type. Const is ignored, so an input can trade places with an output of its type.
+template <class T>
+using Pointee = std::remove_cv_t<std::remove_pointer_t<T>>;
+template <class T, class... A>
+constexpr bool kSameTarget[] = {
+    (std::is_pointer_v<T> && std::is_pointer_v<A> && std::is_same_v<Pointee<T>, Pointee<A>>)...};
+
+template <class... A>
+constexpr Pair swap_pair() {
+  if constexpr (sizeof...(A) >= 2) {
+    const bool* same[] = {kSameTarget<A, A...>...};  // same[i][j]: parameters i and j match
+    for (int i = 0; i < int(sizeof...(A)); ++i)
+      for (int j = i + 1; j < int(sizeof...(A)); ++j)
+        if (same[i][j]) return {i, j};
+  }
+  return {};
+}
+
+template <class... A>
+constexpr Pair swap_pair_of(void (*)(A...)) {
+  return swap_pair<A...>();
+}
 
 template <class F, class Tuple>
 struct Call {
@@ -50,8 +84,21 @@ void check_arg(T v, size_t i, const char* name, Stream* s, Allocation** written)
 
 template <class... A, size_t... I>
 int launch_with(void (*f)(A...), const char* name, const LaunchShape& sh, Stream* s, void** params,
-                std::index_sequence<I...>) {
+                bool mutate, std::index_sequence<I...>) {
   if (sizeof...(A) > 0 && params == nullptr) return 1;  // CUDA_ERROR_INVALID_VALUE
+  // VGPU_MUTATE=swap:<this kernel>: two operands exchanged, in a copy of the caller's array.
+  [[maybe_unused]] void* swapped[sizeof...(A) + 1];
+  if constexpr (constexpr Pair p = swap_pair<A...>(); p.a >= 0) {
+    if (mutate) {
+      std::copy(params, params + sizeof...(A), swapped);
+      std::swap(swapped[p.a], swapped[p.b]);
+      params = swapped;
+      char what[160];
+      snprintf(what, sizeof what, "arguments %d and %d of every `%s` launch swapped", p.a, p.b,
+               name);
+      mutation_applied(what);
+    }
+  }
   begin_op(s);
   using Args = std::tuple<std::remove_cv_t<A>...>;
   Call<void (*)(A...), Args> call{f, Args{*static_cast<std::remove_cv_t<A>*>(params[I])...}};
@@ -72,19 +119,25 @@ int launch_with(void (*f)(A...), const char* name, const LaunchShape& sh, Stream
 }
 
 template <class... A>
-int launch_kernel(void (*f)(A...), const char* name, const LaunchShape& sh, Stream* s, void** params) {
-  return launch_with(f, name, sh, s, params, std::index_sequence_for<A...>{});
+int launch_kernel(void (*f)(A...), const char* name, const LaunchShape& sh, Stream* s,
+                  void** params, bool mutate) {
+  return launch_with(f, name, sh, s, params, mutate, std::index_sequence_for<A...>{});
 }
 
 }  // namespace
 
 struct Kernel {
   const char* name;
-  int (*launch)(const LaunchShape&, Stream*, void**);
+  int (*launch)(const LaunchShape&, Stream*, void**, bool mutate);
+  Pair swap;  // the parameters `VGPU_MUTATE=swap:<name>` exchanges
 };
 
-#define VGPU_KERNEL(k) \
-  {#k, [](const LaunchShape& sh, Stream* s, void** p) { return launch_kernel(&::k, #k, sh, s, p); }},
+#define VGPU_KERNEL(k)                                      \
+  {#k,                                                      \
+   [](const LaunchShape& sh, Stream* s, void** p, bool m) { \
+     return launch_kernel(&::k, #k, sh, s, p, m);           \
+   },                                                       \
+   swap_pair_of(&::k)},
 static const Kernel kKernels[] = {
 #include "kernel_table.inc"  // generated: VGPU_KERNEL(name) for every extern "C" kernel
 };
@@ -98,7 +151,35 @@ const Kernel* find_kernel(const char* name) {
 const char* kernel_name(const Kernel* k) { return k->name; }
 
 int launch(const Kernel* k, const LaunchShape& shape, Stream* s, void** params) {
-  return k->launch(shape, s, params);
+  return k->launch(shape, s, params, mutation().swap == k);
+}
+
+const Mutation& mutation() {
+  static const Mutation m = [] {
+    Mutation m;
+    const char* v = getenv("VGPU_MUTATE");
+    if (!v || !*v) return m;
+    if (strcmp(v, "transpose") == 0) {
+      m.transpose = true;
+    } else if (strncmp(v, "swap:", 5) == 0) {
+      const char* name = v + 5;
+      m.swap = find_kernel(name);
+      if (!m.swap) fail("mutation", "VGPU_MUTATE=%s: no kernel named `%s`", v, name);
+      if (m.swap->swap.a < 0)
+        fail("mutation", "VGPU_MUTATE=%s: `%s` has no two pointer parameters of one type", v, name);
+    } else {
+      fail("mutation", "VGPU_MUTATE=%s: expected swap:<kernel> or transpose", v);
+    }
+    return m;
+  }();
+  return m;
+}
+
+void mutation_applied(const char* what) {
+  static std::atomic<bool> told{false};
+  if (told.exchange(true)) return;
+  fprintf(stderr, "\nvgpu: mutation active: %s\n", what);
+  fflush(stderr);
 }
 
 }  // namespace vgpu

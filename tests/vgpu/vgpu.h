@@ -110,8 +110,18 @@ struct LaunchShape {
 };
 // Validates the arguments against the kernel's signature and runs it. Returns a CUresult.
 int launch(const Kernel* k, const LaunchShape& shape, Stream* s, void** params);
-// Static shared memory of a kernel from the fatbin's cubins, if known.
-void note_static_shared(const char* name, size_t bytes);
+
+// A deliberate fault from VGPU_MUTATE, to prove a test suite notices a wrong launch or GEMM:
+// `swap:<kernel>` exchanges the first two pointer arguments with one pointee type (const or not)
+// in every launch of that kernel; `transpose` flips op(A) of every cublasGemmEx. Read once; an
+// unknown value, kernel or a kernel with no such pair is reported, so a typo is never a no-op.
+struct Mutation {
+  const Kernel* swap = nullptr;
+  bool transpose = false;
+};
+const Mutation& mutation();
+// Says on stderr, once per process, that a mutation changed a call: `vgpu: mutation active: ...`.
+void mutation_applied(const char* what);
 
 // Device properties of the virtual device.
 constexpr int kSmCount = 132;
