@@ -458,13 +458,16 @@ static void read_static_shared(Module* m) {
         read_at(b, elf + 0x28, &shoff) && read_at(b, elf + 0x3A, &shentsize) &&
         read_at(b, elf + 0x3C, &shnum) && read_at(b, elf + 0x3E, &shstrndx) && shentsize >= 64 &&
         shstrndx < shnum) {
+      // Every header must lie inside this entry's own payload.
       auto section = [&](unsigned i, uint32_t* name, uint64_t* off, uint64_t* size) {
-        const size_t h = elf + shoff + size_t(i) * shentsize;
+        const uint64_t rel = uint64_t(i) * shentsize;
+        if (shoff > psize || rel > psize - shoff || psize - shoff - rel < 64) return false;
+        const size_t h = elf + shoff + rel;
         return read_at(b, h, name) && read_at(b, h + 24, off) && read_at(b, h + 32, size);
       };
       uint32_t n;
       uint64_t stroff, strsize;
-      if (section(shstrndx, &n, &stroff, &strsize) && stroff + strsize <= psize) {
+      if (section(shstrndx, &n, &stroff, &strsize) && stroff <= psize && strsize <= psize - stroff) {
         const char* strtab = reinterpret_cast<const char*>(b.data() + elf + stroff);
         static const char kPrefix[] = ".nv.shared.";
         for (unsigned i = 0; i < shnum; ++i) {
@@ -474,8 +477,9 @@ static void read_static_shared(Module* m) {
           const char* s = strtab + name;
           if (strnlen(s, strsize - name) == strsize - name) continue;
           if (strncmp(s, kPrefix, sizeof kPrefix - 1) == 0) {
+            // Anything past a block's limit is reported as just past it: it cannot launch.
             size_t& v = m->shared[s + sizeof kPrefix - 1];
-            v = std::max<size_t>(v, size);
+            v = std::max<size_t>(v, std::min<uint64_t>(size, kMaxSharedPerBlock + 1));
           }
         }
       }
@@ -1158,7 +1162,8 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
       size_t(bx) * by * bz > kMaxThreadsPerBlock)
     return CUDA_ERROR_INVALID_VALUE;
   // Static and dynamic shared memory together must fit a block's 48 KiB.
-  if (fn->static_shared + shared > size_t(kMaxSharedPerBlock)) return CUDA_ERROR_INVALID_VALUE;
+  if (shared > unsigned(kMaxSharedPerBlock) || fn->static_shared > size_t(kMaxSharedPerBlock) - shared)
+    return CUDA_ERROR_INVALID_VALUE;
   Stream* s = stream(hs, ctx);
   LaunchShape shape{{gx, gy, gz}, {bx, by, bz}, shared};
   return CUresult(launch(fn->kernel, shape, s, params));
