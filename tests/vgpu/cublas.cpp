@@ -8,6 +8,7 @@
 #include <set>
 
 #include "cublas_enums.h"
+#include "cuda_scalars.h"  // the bf16 conversions the kernels use
 #include "vgpu.h"
 
 typedef int cublasStatus_t;
@@ -49,22 +50,10 @@ bool live(cublasHandle_t h) {
 
 enum class Elem { F32, TF32, BF16 };
 
-inline uint32_t bits(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  return u;
-}
-inline float from_bits(uint32_t u) {
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-}
-inline float bf16_to_f32(uint16_t h) { return from_bits(uint32_t(h) << 16); }
-inline uint16_t f32_to_bf16(float f) {  // nearest even; NaN stays a (quiet) NaN
-  uint32_t u = bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-  return uint16_t((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
+inline uint32_t bits(float f) { return __float_as_uint(f); }
+inline float from_bits(uint32_t u) { return __uint_as_float(u); }
+inline float bf16_to_f32(uint16_t h) { return __bfloat162float({h}); }
+inline uint16_t f32_to_bf16(float f) { return __float2bfloat16_rn(f).bits; }
 // TF32 keeps 10 mantissa bits, rounded to nearest (ties away), as the tensor cores' inputs.
 inline float to_tf32(float f) {
   uint32_t u = bits(f);

@@ -10,6 +10,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "cuda_scalars.h"  // the bf16 conversions the kernels use
 #include "cudnn_enums.h"
 #include "vgpu.h"
 
@@ -262,20 +263,9 @@ cudnnStatus_t begin(cudnnHandle_t h, const Geom& g, const Algo (&t)[N], int coun
 }
 
 inline float ld(float v) { return v; }
-inline float ld(uint16_t v) {
-  uint32_t b = uint32_t(v) << 16;
-  float f;
-  memcpy(&f, &b, 4);
-  return f;
-}
+inline float ld(uint16_t v) { return __bfloat162float({v}); }
 inline void st(float& d, float v) { d = v; }
-inline void st(uint16_t& d, float v) {
-  uint32_t b;
-  memcpy(&b, &v, 4);
-  // A NaN stays a (quiet) NaN; everything else rounds to nearest, ties to even.
-  d = (b & 0x7fffffffu) > 0x7f800000u ? uint16_t((b >> 16) | 0x40)
-                                      : uint16_t((b + 0x7fffu + ((b >> 16) & 1)) >> 16);
-}
+inline void st(uint16_t& d, float v) { d = __float2bfloat16_rn(v).bits; }
 // d = alpha·v + beta·d; beta == 0 never reads d (it may hold NaN).
 template <class T>
 inline void put(T& d, float v, float alpha, float beta) {
