@@ -37,12 +37,25 @@ pub enum Error {
         "buffer `{name}` lives on another CUDA device/context than the stream it was passed with"
     )]
     WrongContext { name: &'static str },
-    /// A loss configuration value is out of range.
-    #[error("invalid loss configuration: {0}")]
+    /// A configuration value (of the loss, the trainer or a command) is out of range; the
+    /// message names it.
+    #[error("invalid configuration: {0}")]
     InvalidConfig(String),
     /// The inputs hold NaN or infinity, so the loss is not a number.
     #[error("non-finite inputs: the loss came out as {total} (NaN or infinity in Za or Zb)")]
     NonFinite { total: f64 },
+    /// Training diverged: the loss stopped being a finite number.
+    #[error(
+        "training diverged at step {step}: the loss became {loss}; lower the base learning rates \
+         (--lr-weights {lr_weights}, --lr-biases {lr_biases}) or warm up longer \
+         (--warmup-epochs); the checkpoint of the last finished epoch is kept"
+    )]
+    Diverged {
+        step: usize,
+        loss: f64,
+        lr_weights: f32,
+        lr_biases: f32,
+    },
     /// The device ran out of memory.
     #[error("out of device memory while {during} (needs about {bytes} bytes); use a smaller N or D, or free device memory")]
     OutOfDeviceMemory { during: String, bytes: usize },

@@ -44,34 +44,34 @@ struct TrainArgs {
     #[arg(long, value_enum)]
     stem: Option<StemArg>,
     /// Channels of the first stage (torchvision: 64); later stages double it.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = positive)]
     width: usize,
     /// Projector widths, comma-separated (paper: 8192,8192,8192).
-    #[arg(long, value_delimiter = ',', default_value = "512,512,512")]
+    #[arg(long, value_delimiter = ',', default_value = "512,512,512", value_parser = positive)]
     projector: Vec<usize>,
     /// Weight of the off-diagonal term.
-    #[arg(long, default_value_t = 0.0051)]
+    #[arg(long, default_value_t = 0.0051, value_parser = non_negative)]
     lambda: f32,
     /// Images per batch (each gives two views).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = batch)]
     batch_size: usize,
     /// Passes over the training images.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = positive)]
     epochs: usize,
     /// Linear warm-up epochs [default: 10, or a tenth of the run when shorter than 100 epochs].
     #[arg(long)]
     warmup_epochs: Option<usize>,
     /// Base learning rate of the weights (scaled by batch/256).
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, value_parser = non_negative)]
     lr_weights: f32,
     /// Base learning rate of biases and norm parameters (scaled by batch/256).
-    #[arg(long, default_value_t = 0.0048)]
+    #[arg(long, default_value_t = 0.0048, value_parser = non_negative)]
     lr_biases: f32,
     /// Weight decay (weights only).
-    #[arg(long, default_value_t = 1.5e-6)]
+    #[arg(long, default_value_t = 1.5e-6, value_parser = non_negative)]
     weight_decay: f32,
     /// Crop size [default: the dataset's image size; 224 for large images].
-    #[arg(long)]
+    #[arg(long, value_parser = crop)]
     crop: Option<usize>,
     /// Train on at most this many images (0: all).
     #[arg(long, default_value_t = 0)]
@@ -132,10 +132,10 @@ struct EvalArgs {
     #[arg(long)]
     data: Option<String>,
     /// Neighbours.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = positive)]
     k: usize,
     /// Temperature of the votes.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = finite_positive)]
     t: f32,
     /// Where the features are computed: auto picks the first GPU when one works.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
@@ -151,13 +151,13 @@ struct LinearArgs {
     #[arg(long)]
     data: Option<String>,
     /// Epochs over the frozen features.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = positive)]
     epochs: usize,
     /// Peak learning rate (cosine decay to 0).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = finite_positive)]
     lr: f32,
     /// Batch size.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = batch)]
     batch_size: usize,
     /// Where the features are computed: auto picks the first GPU when one works.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
@@ -317,6 +317,59 @@ fn main() -> ExitCode {
             eprintln!("barlow: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A count of at least 1 (parsed by clap, so an error names the option).
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(v) => Ok(v),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A batch size: the loss standardizes over the batch, so at least 2.
+fn batch(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(v) if v < 2 => {
+            Err("must be at least 2 (Barlow Twins standardizes over the batch)".into())
+        }
+        Ok(v) => Ok(v),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A crop size in pixels: at least 1 and no larger than any image worth training on.
+fn crop(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(v) if (1..=4096).contains(&v) => Ok(v),
+        Ok(_) => Err("must be between 1 and 4096 pixels".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A finite number >= 0.
+fn non_negative(s: &str) -> Result<f32, String> {
+    let v: f32 = s
+        .parse()
+        .map_err(|e: std::num::ParseFloatError| e.to_string())?;
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err("must be a finite number >= 0".into())
+    }
+}
+
+/// A finite number > 0.
+fn finite_positive(s: &str) -> Result<f32, String> {
+    let v: f32 = s
+        .parse()
+        .map_err(|e: std::num::ParseFloatError| e.to_string())?;
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err("must be a finite number > 0".into())
     }
 }
 

@@ -279,3 +279,53 @@ fn cuda_device_says_what_is_missing_and_auto_falls_back_to_the_cpu() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs `f` on another thread and fails if it takes longer than `secs`: an error inside a run
+/// must end it, never hang it.
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .expect("the run hung instead of ending with an error")
+}
+
+#[test]
+fn a_diverging_run_stops_with_an_error_naming_the_step() {
+    let out = tmpdir("diverge");
+    let cfg = TrainConfig {
+        lr_weights: 1e30,
+        lr_biases: 1e30,
+        epochs: 1,
+        ..tiny()
+    };
+    let o = out.clone();
+    let r = within(300, move || run::train(&cfg, &o, None, &mut Quiet));
+    match r {
+        Err(e @ Error::Diverged { step, .. }) => {
+            assert!(step >= 1);
+            let text = e.to_string();
+            assert!(text.contains("--lr-weights"), "{text}");
+        }
+        other => panic!("expected a divergence error, got {other:?}"),
+    }
+    // The metrics hold whole lines only, and no checkpoint of the unfinished epoch was written.
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+    for line in metrics.lines() {
+        serde_json::from_str::<serde_json::Value>(line).unwrap();
+    }
+    assert!(!out.join("checkpoint.safetensors").exists());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+fn a_metrics_file_that_cannot_be_written_ends_the_run_with_an_error() {
+    let out = tmpdir("metrics-fail");
+    // A folder where the metrics file must go: appending fails as on a full disk.
+    std::fs::create_dir_all(out.join("metrics.jsonl")).unwrap();
+    let o = out.clone();
+    let r = within(300, move || run::train(&tiny(), &o, None, &mut Quiet));
+    assert!(matches!(r, Err(Error::Io { .. })), "{r:?}");
+    std::fs::remove_dir_all(&out).unwrap();
+}

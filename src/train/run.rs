@@ -415,13 +415,20 @@ fn state_json(
     })
 }
 
+/// Appends one JSON line. A failed write (a full disk) is cut back off, so the file never ends in
+/// half a line.
 fn append_metric(path: &Path, v: &serde_json::Value) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(|e| Error::io(path, e))?;
-    writeln!(f, "{v}").map_err(|e| Error::io(path, e))
+    let before = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let line = format!("{v}\n");
+    f.write_all(line.as_bytes()).map_err(|e| {
+        let _ = f.set_len(before);
+        Error::io(path, e)
+    })
 }
 
 /// Trains as `cfg` says, writing into `out`. With `resume`, continues the run saved in that
@@ -559,24 +566,43 @@ pub fn train(
                 }
             });
             let mut window = (Instant::now(), 0usize);
-            for (y1, y2) in rx.iter() {
-                let (lw, lb) = schedule.lr(step);
-                let v = engine.step(&mut model, &mut opt, &y1, &y2, (lw, lb))?;
-                step += 1;
-                final_loss = v.total;
-                window.1 += y1.batch();
-                let rate = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
-                progress.step(step, v.total, rate);
-                append_metric(
-                    &files.metrics(),
-                    &serde_json::json!({"event": "step", "epoch": epoch, "step": step, "loss": v.total,
-                        "on_diag": v.on_diag, "off_diag": v.off_diag, "lr": lw, "pairs_per_s": rate}),
-                )?;
-            }
-            feeder
-                .join()
-                .map_err(|_| Error::dataset(&cfg.data, "the data thread panicked"))?;
-            Ok(())
+            let trained = (|| -> Result<()> {
+                for (y1, y2) in rx.iter() {
+                    let (lw, lb) = schedule.lr(step);
+                    let diverged = |loss| Error::Diverged {
+                        step: step + 1,
+                        loss,
+                        lr_weights: cfg.lr_weights,
+                        lr_biases: cfg.lr_biases,
+                    };
+                    // Non-finite activations reach the loss as non-finite inputs: the same story.
+                    let v = match engine.step(&mut model, &mut opt, &y1, &y2, (lw, lb)) {
+                        Err(Error::NonFinite { total }) => return Err(diverged(total)),
+                        r => r?,
+                    };
+                    if !v.total.is_finite() {
+                        return Err(diverged(v.total));
+                    }
+                    step += 1;
+                    final_loss = v.total;
+                    window.1 += y1.batch();
+                    let rate = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
+                    progress.step(step, v.total, rate);
+                    append_metric(
+                        &files.metrics(),
+                        &serde_json::json!({"event": "step", "epoch": epoch, "step": step,
+                            "loss": v.total, "on_diag": v.on_diag, "off_diag": v.off_diag,
+                            "lr": lw, "pairs_per_s": rate}),
+                    )?;
+                }
+                Ok(())
+            })();
+            // Whatever ended the loop, the data thread must not wait on a full channel: with the
+            // receiver gone its next send fails and it returns, so the join below cannot hang.
+            drop(rx);
+            let joined = feeder.join();
+            trained?;
+            joined.map_err(|_| Error::dataset(&cfg.data, "the data thread panicked"))
         });
         result?;
         let failed = splits.train.decode_failures();
