@@ -132,3 +132,55 @@ fn cuda_entry_points_say_what_is_missing() {
         ),
     }
 }
+
+#[test]
+fn public_building_blocks_reject_slices_of_the_wrong_length() {
+    use barlow::cpu::{gram, reference};
+    let dims = Dims::new(3, 4);
+    let mut rng = barlow::rng::Rng::new(4);
+    let a = rng.matrix(3, 4);
+    let b = rng.matrix(3, 4);
+    let short = &a[..11];
+    fn shape<T>(r: Result<T, Error>) -> bool {
+        matches!(r, Err(Error::ShapeMismatch { .. }))
+    }
+    assert!(shape(gram::diagonal(short, &b, dims)));
+    assert!(shape(gram::diagonal(&a, &b[..11], dims)));
+    assert!(shape(gram::gram(short, dims, &mut [0.0; 9])));
+    assert!(matches!(
+        gram::gram(&a, dims, &mut [0.0; 8]),
+        Err(Error::BufferTooSmall { .. })
+    ));
+    let (a64, b64): (Vec<f64>, Vec<f64>) = (
+        a.iter().map(|&v| f64::from(v)).collect(),
+        b.iter().map(|&v| f64::from(v)).collect(),
+    );
+    assert!(shape(reference::standardize(&a64[..11], 3, 4, 1e-5)));
+    assert!(matches!(
+        reference::standardize(&a64[..4], 1, 4, 1e-5),
+        Err(Error::BatchTooSmall { n: 1 })
+    ));
+    assert!(shape(reference::cross_correlation(&a64, &b64[..11], 3, 4)));
+    assert!(shape(reference::loss_terms(&[0.0; 15], 4, 0.005)));
+    assert!(shape(reference::loss_grad(&[0.0; 15], 4, 0.005)));
+    assert!(shape(reference::correlation_backward(
+        &[0.0; 15], &a64, &b64, 3, 4
+    )));
+    let s = reference::standardize(&a64, 3, 4, 1e-5).unwrap();
+    assert!(shape(reference::standardize_backward(&a64[..11], &s, 3, 4)));
+
+    // With the right lengths the diagonal is C's, to f64 rounding.
+    let (sa, sb) = (
+        reference::standardize(&a64, 3, 4, 1e-5).unwrap(),
+        reference::standardize(&b64, 3, 4, 1e-5).unwrap(),
+    );
+    let c = reference::cross_correlation(&sa.zhat, &sb.zhat, 3, 4).unwrap();
+    let (ha, hb): (Vec<f32>, Vec<f32>) = (
+        sa.zhat.iter().map(|&v| v as f32).collect(),
+        sb.zhat.iter().map(|&v| v as f32).collect(),
+    );
+    let diag = gram::diagonal(&ha, &hb, dims).unwrap();
+    for i in 0..4 {
+        assert!((diag[i] - c[i * 4 + i]).abs() < 1e-6, "C[{i}{i}]");
+    }
+}

@@ -17,8 +17,10 @@ use crate::LossValue;
 use rayon::prelude::*;
 
 /// Column dot products Cᵢᵢ = (1/N) Σₙ a[n,i]·b[n,i], accumulated in f64.
-pub fn diagonal(za_hat: &[f32], zb_hat: &[f32], dims: Dims) -> Vec<f64> {
-    let (n, d) = (dims.n, dims.d);
+pub fn diagonal(za_hat: &[f32], zb_hat: &[f32], dims: Dims) -> Result<Vec<f64>> {
+    let (n, d) = dims.checked()?;
+    check_input("za_hat", za_hat.len(), dims)?;
+    check_input("zb_hat", zb_hat.len(), dims)?;
     let chunk = 64;
     let mut out = vec![0f64; d];
     out.par_chunks_mut(chunk).enumerate().for_each(|(ci, o)| {
@@ -30,12 +32,14 @@ pub fn diagonal(za_hat: &[f32], zb_hat: &[f32], dims: Dims) -> Vec<f64> {
         }
         o.iter_mut().for_each(|v| *v /= n as f64);
     });
-    out
+    Ok(out)
 }
 
 /// `g = z·zᵀ` (N×N).
-pub fn gram(z_hat: &[f32], dims: Dims, g: &mut [f32]) {
-    let (n, d) = (dims.n, dims.d);
+pub fn gram(z_hat: &[f32], dims: Dims, g: &mut [f32]) -> Result<()> {
+    let (n, d) = dims.checked()?;
+    check_input("z_hat", z_hat.len(), dims)?;
+    check_output("g", g.len(), n * n)?;
     matmul(
         Mat::new(&mut g[..n * n], n, n, n as isize, 1),
         MatRef::new(z_hat, n, d, d as isize, 1),
@@ -44,6 +48,7 @@ pub fn gram(z_hat: &[f32], dims: Dims, g: &mut [f32]) {
         false,
         true,
     );
+    Ok(())
 }
 
 /// The loss (and, with `grads`, dL/dẐa and dL/dẐb) from standardized inputs through the Gram
@@ -63,8 +68,8 @@ pub fn loss(
     check_input("zb_hat", zb_hat.len(), dims)?;
     check_output("ga", ga.len(), n * n)?;
     check_output("gb", gb.len(), n * n)?;
-    gram(za_hat, dims, ga);
-    gram(zb_hat, dims, gb);
+    gram(za_hat, dims, ga)?;
+    gram(zb_hat, dims, gb)?;
     let total_sq: f64 = ga[..n * n]
         .par_chunks(n)
         .zip(gb[..n * n].par_chunks(n))
@@ -78,7 +83,7 @@ pub fn loss(
         .iter()
         .sum::<f64>()
         / (n as f64 * n as f64);
-    let c = diagonal(za_hat, zb_hat, dims);
+    let c = diagonal(za_hat, zb_hat, dims)?;
     let on: f64 = c.iter().map(|v| (1.0 - v) * (1.0 - v)).sum();
     let diag_sq: f64 = c.iter().map(|v| v * v).sum();
     let lam = f64::from(lambda);

@@ -35,8 +35,15 @@ pub struct Reference {
     pub grad_zb: Vec<f64>,
 }
 
+/// `len` must be `rows × cols` (an N×D input, or D×D for C and its gradient).
+fn need(name: &'static str, len: usize, rows: usize, cols: usize) -> Result<()> {
+    check_input(name, len, Dims::new(rows, cols))
+}
+
 /// Column standardization with biased variance (BatchNorm1d, affine = false, training mode).
-pub fn standardize(z: &[f64], n: usize, d: usize, eps: f64) -> Standardized {
+pub fn standardize(z: &[f64], n: usize, d: usize, eps: f64) -> Result<Standardized> {
+    Dims::new(n, d).checked()?;
+    need("z", z.len(), n, d)?;
     let mut mean = vec![0.0; d];
     let mut rstd = vec![0.0; d];
     for j in 0..d {
@@ -51,11 +58,13 @@ pub fn standardize(z: &[f64], n: usize, d: usize, eps: f64) -> Standardized {
             zhat[i * d + j] = (z[i * d + j] - mean[j]) * rstd[j];
         }
     }
-    Standardized { zhat, mean, rstd }
+    Ok(Standardized { zhat, mean, rstd })
 }
 
 /// C = ẐaᵀẐb / N.
-pub fn cross_correlation(za_hat: &[f64], zb_hat: &[f64], n: usize, d: usize) -> Vec<f64> {
+pub fn cross_correlation(za_hat: &[f64], zb_hat: &[f64], n: usize, d: usize) -> Result<Vec<f64>> {
+    need("za_hat", za_hat.len(), n, d)?;
+    need("zb_hat", zb_hat.len(), n, d)?;
     let mut c = vec![0.0; d * d];
     for k in 0..n {
         for i in 0..d {
@@ -66,11 +75,12 @@ pub fn cross_correlation(za_hat: &[f64], zb_hat: &[f64], n: usize, d: usize) -> 
         }
     }
     c.iter_mut().for_each(|x| *x /= n as f64);
-    c
+    Ok(c)
 }
 
 /// The two loss terms of C: (Σᵢ (1 − Cᵢᵢ)², λ·Σᵢ≠ⱼ Cᵢⱼ²).
-pub fn loss_terms(c: &[f64], d: usize, lambda: f64) -> (f64, f64) {
+pub fn loss_terms(c: &[f64], d: usize, lambda: f64) -> Result<(f64, f64)> {
+    need("c", c.len(), d, d)?;
     let mut on = 0.0;
     let mut off = 0.0;
     for i in 0..d {
@@ -83,11 +93,12 @@ pub fn loss_terms(c: &[f64], d: usize, lambda: f64) -> (f64, f64) {
             }
         }
     }
-    (on, lambda * off)
+    Ok((on, lambda * off))
 }
 
 /// dL/dC: 2(Cᵢᵢ − 1) on the diagonal, 2λCᵢⱼ off it.
-pub fn loss_grad(c: &[f64], d: usize, lambda: f64) -> Vec<f64> {
+pub fn loss_grad(c: &[f64], d: usize, lambda: f64) -> Result<Vec<f64>> {
+    need("c", c.len(), d, d)?;
     let mut g = vec![0.0; d * d];
     for i in 0..d {
         for j in 0..d {
@@ -99,7 +110,7 @@ pub fn loss_grad(c: &[f64], d: usize, lambda: f64) -> Vec<f64> {
             };
         }
     }
-    g
+    Ok(g)
 }
 
 /// dẐa = Ẑb·Gᵀ / N and dẐb = Ẑa·G / N.
@@ -109,7 +120,10 @@ pub fn correlation_backward(
     zb_hat: &[f64],
     n: usize,
     d: usize,
-) -> (Vec<f64>, Vec<f64>) {
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    need("g", g.len(), d, d)?;
+    need("za_hat", za_hat.len(), n, d)?;
+    need("zb_hat", zb_hat.len(), n, d)?;
     let mut dza = vec![0.0; n * d];
     let mut dzb = vec![0.0; n * d];
     for k in 0..n {
@@ -124,11 +138,14 @@ pub fn correlation_backward(
             dzb[k * d + i] = sb / n as f64;
         }
     }
-    (dza, dzb)
+    Ok((dza, dzb))
 }
 
 /// dZ = rstd ⊙ (dẐ − mean(dẐ) − Ẑ ⊙ mean(dẐ ⊙ Ẑ)), means over the batch.
-pub fn standardize_backward(g: &[f64], s: &Standardized, n: usize, d: usize) -> Vec<f64> {
+pub fn standardize_backward(g: &[f64], s: &Standardized, n: usize, d: usize) -> Result<Vec<f64>> {
+    need("g", g.len(), n, d)?;
+    need("zhat", s.zhat.len(), n, d)?;
+    need("rstd", s.rstd.len(), 1, d)?;
     let mut dz = vec![0.0; n * d];
     for j in 0..d {
         let mg = (0..n).map(|i| g[i * d + j]).sum::<f64>() / n as f64;
@@ -141,7 +158,7 @@ pub fn standardize_backward(g: &[f64], s: &Standardized, n: usize, d: usize) -> 
             dz[k] = s.rstd[j] * (g[k] - mg - s.zhat[k] * mgx);
         }
     }
-    dz
+    Ok(dz)
 }
 
 /// The loss value only: Σᵢ (1 − Cᵢᵢ)² + λ·Σᵢ≠ⱼ Cᵢⱼ².
@@ -149,10 +166,10 @@ pub fn loss(za: &[f64], zb: &[f64], dims: Dims, lambda: f64, eps: f64) -> Result
     let (n, d) = dims.checked()?;
     check_input("za", za.len(), dims)?;
     check_input("zb", zb.len(), dims)?;
-    let a = standardize(za, n, d, eps);
-    let b = standardize(zb, n, d, eps);
-    let c = cross_correlation(&a.zhat, &b.zhat, n, d);
-    let (on, off) = loss_terms(&c, d, lambda);
+    let a = standardize(za, n, d, eps)?;
+    let b = standardize(zb, n, d, eps)?;
+    let c = cross_correlation(&a.zhat, &b.zhat, n, d)?;
+    let (on, off) = loss_terms(&c, d, lambda)?;
     Ok(on + off)
 }
 
@@ -167,14 +184,14 @@ pub fn forward_backward(
     let (n, d) = dims.checked()?;
     check_input("za", za.len(), dims)?;
     check_input("zb", zb.len(), dims)?;
-    let a = standardize(za, n, d, eps);
-    let b = standardize(zb, n, d, eps);
-    let c = cross_correlation(&a.zhat, &b.zhat, n, d);
-    let (on_diag, off_diag) = loss_terms(&c, d, lambda);
-    let grad_c = loss_grad(&c, d, lambda);
-    let (grad_za_hat, grad_zb_hat) = correlation_backward(&grad_c, &a.zhat, &b.zhat, n, d);
-    let grad_za = standardize_backward(&grad_za_hat, &a, n, d);
-    let grad_zb = standardize_backward(&grad_zb_hat, &b, n, d);
+    let a = standardize(za, n, d, eps)?;
+    let b = standardize(zb, n, d, eps)?;
+    let c = cross_correlation(&a.zhat, &b.zhat, n, d)?;
+    let (on_diag, off_diag) = loss_terms(&c, d, lambda)?;
+    let grad_c = loss_grad(&c, d, lambda)?;
+    let (grad_za_hat, grad_zb_hat) = correlation_backward(&grad_c, &a.zhat, &b.zhat, n, d)?;
+    let grad_za = standardize_backward(&grad_za_hat, &a, n, d)?;
+    let grad_zb = standardize_backward(&grad_zb_hat, &b, n, d)?;
     Ok(Reference {
         a,
         b,
