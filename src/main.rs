@@ -738,6 +738,23 @@ fn load_for_eval(
         BarlowTwins::new(mcfg, &mut barlow::rng::Rng::new(0)).map_err(|e| e.to_string())?;
     l.restore_model(&mut model).map_err(|e| e.to_string())?;
     let splits = ds::open(&data).map_err(|e| e.to_string())?;
+    let (want, have) = (model.config.backbone.in_channels, splits.train.channels());
+    if want != have {
+        let name = |c| {
+            if c == 1 {
+                "gray (1 channel)"
+            } else {
+                "RGB (3 channels)"
+            }
+        };
+        return Err(format!(
+            "{}: the model takes {} images but {data} holds {} images; evaluate it on data like \
+             what it was trained on",
+            path.display(),
+            name(want),
+            name(have)
+        ));
+    }
     Ok((model, splits, aug))
 }
 

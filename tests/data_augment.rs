@@ -379,3 +379,80 @@ fn views_are_seeded_normalized_and_the_right_shape() {
         assert!(out.iter().all(|v| v.is_finite() && v.abs() <= 2.0 + 1e-5));
     }
 }
+
+#[test]
+fn idx_images_of_no_pixels_are_rejected() {
+    let labels = idx(1, &[2], &[0, 1]);
+    for dims in [[2, 0, 0], [2, 0, 5], [2, 5, 0]] {
+        match data::idx_from_bytes("t", &idx(3, &dims, &[]), &labels) {
+            Err(Error::Dataset { reason, .. }) => assert!(reason.contains("empty"), "{reason}"),
+            other => panic!("{dims:?}: expected a dataset error, got {other:?}"),
+        }
+    }
+}
+
+/// A PNG whose header claims `w`×`h` pixels and holds no image data.
+fn png_header_only(w: u32, h: u32) -> Vec<u8> {
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
+    let mut crc = flate2::Crc::new();
+    crc.update(&ihdr);
+    let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
+    v.extend_from_slice(&13u32.to_be_bytes());
+    v.extend_from_slice(&ihdr);
+    v.extend_from_slice(&crc.sum().to_be_bytes());
+    v
+}
+
+#[test]
+fn image_folder_splits_share_labels_and_channels_and_refuse_giant_headers() {
+    let dir = tmpdir("splits");
+    let put = |split: &str, class: &str, k: usize, rgb: bool| {
+        let d = dir.join(split).join(class);
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join(format!("{k}.png"));
+        if rgb {
+            image::RgbImage::from_fn(6, 5, |x, y| image::Rgb([x as u8 * 9, y as u8 * 7, k as u8]))
+                .save(p)
+                .unwrap();
+        } else {
+            image::GrayImage::from_fn(6, 5, |x, y| image::Luma([(x + y) as u8 * 11]))
+                .save(p)
+                .unwrap();
+        }
+    };
+    // Train: the first file (class "a") is gray, a later one RGB; test: gray only, no class "b".
+    for k in 0..3 {
+        put("train", "a", k, false);
+        put("train", "b", k, k == 2);
+        put("train", "c", k, false);
+        put("test", "a", k, false);
+        put("test", "c", k, false);
+    }
+    // A tiny file claiming a gigapixel image is skipped, not decoded.
+    std::fs::write(
+        dir.join("train").join("c").join("giant.png"),
+        png_header_only(100_000, 100_000),
+    )
+    .unwrap();
+    let s = data::open(dir.to_str().unwrap()).unwrap();
+    assert_eq!(s.train.channels(), 3, "one RGB file makes the dataset RGB");
+    assert_eq!(
+        s.test.channels(),
+        3,
+        "the test split follows the training split"
+    );
+    assert_eq!(s.test.image(0).c, 3);
+    assert_eq!(s.train.skipped, 1);
+    assert_eq!(s.test.classes, s.train.classes);
+    // Class "c" is label 2 in both splits although the test split has no "b".
+    assert_eq!(s.test.labels, vec![0, 0, 0, 2, 2, 2]);
+
+    // A test class the training split never saw is an error naming it.
+    put("test", "zebra", 0, false);
+    let e = data::open(dir.to_str().unwrap()).unwrap_err();
+    assert!(e.to_string().contains("zebra"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

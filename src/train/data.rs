@@ -393,6 +393,8 @@ pub fn idx_from_bytes(src: &str, images: &[u8], labels: &[u8]) -> Result<Dataset
         return Err(Error::dataset(src, "the IDX files hold no images"));
     }
     let (n, h, w) = (idims[0], idims[1], idims[2]);
+    check_side(w as u32, h as u32)
+        .map_err(|e| Error::dataset(src, format!("IDX images of {h}×{w}: {e}")))?;
     let images = (0..n)
         .map(|i| Image {
             h,
@@ -485,10 +487,11 @@ fn image_folder_splits(dir: &Path) -> Result<Splits> {
         .find(|p| p.is_dir());
     if dir.join("train").is_dir() {
         if let Some(t) = test_dir {
-            return Ok(Splits {
-                train: image_folder(&dir.join("train"))?,
-                test: image_folder(&t)?,
-            });
+            // Labels and channels are the training split's: the test split is read against
+            // them, not numbered and converted on its own.
+            let train = image_folder(&dir.join("train"))?;
+            let test = image_folder_like(&t, image_memory_budget(), Some(&train))?;
+            return Ok(Splits { train, test });
         }
     }
     // One folder of classes: hold out every 10th image as the test split.
@@ -501,21 +504,31 @@ fn image_folder_splits(dir: &Path) -> Result<Splits> {
 }
 
 /// `root/<class>/<image>` with JPEG or PNG files; classes in sorted order. Files that cannot be
-/// read or decoded are skipped and counted; an image whose channel count differs from the
-/// first one is converted to it.
+/// read or decoded are skipped and counted. The dataset is RGB when any readable file is colour
+/// (gray images are converted), gray when all are.
 pub fn image_folder(root: &Path) -> Result<Dataset> {
-    let budget = std::env::var("BARLOW_IMAGE_MEMORY_GB")
+    image_folder_with_budget(root, image_memory_budget())
+}
+
+fn image_memory_budget() -> usize {
+    std::env::var("BARLOW_IMAGE_MEMORY_GB")
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
         .filter(|v| v.is_finite() && *v >= 0.0)
-        .map_or(DEFAULT_IMAGE_MEMORY, |g| (g * (1u64 << 30) as f64) as usize);
-    image_folder_with_budget(root, budget)
+        .map_or(DEFAULT_IMAGE_MEMORY, |g| (g * (1u64 << 30) as f64) as usize)
 }
 
 /// [`image_folder`] with an explicit memory budget: when the decoded images would take more
 /// than `budget` bytes (estimated from the file headers), they are decoded from their files on
 /// use instead of once up front.
 pub fn image_folder_with_budget(root: &Path, budget: usize) -> Result<Dataset> {
+    image_folder_like(root, budget, None)
+}
+
+/// An ImageFolder read against `like`'s class list and channel count when given (a test split
+/// against its training split): a class folder `like` lacks is an error, a class it has but
+/// `root` lacks is simply absent.
+fn image_folder_like(root: &Path, budget: usize, like: Option<&Dataset>) -> Result<Dataset> {
     let rd = std::fs::read_dir(root).map_err(|e| Error::io(root, e))?;
     let mut classes: Vec<String> = rd
         .filter_map(|e| e.ok())
@@ -529,8 +542,22 @@ pub fn image_folder_with_budget(root: &Path, budget: usize) -> Result<Dataset> {
             "no class folders (expected root/<class>/<image files>)",
         ));
     }
+    let found = classes;
+    let classes = match like {
+        Some(l) => {
+            if let Some(c) = found.iter().find(|c| !l.classes.contains(c)) {
+                return Err(Error::dataset(
+                    root,
+                    format!("class folder `{c}` is not among the training split's classes"),
+                ));
+            }
+            l.classes.clone()
+        }
+        None => found.clone(),
+    };
     let mut files: Vec<(PathBuf, u32)> = Vec::new();
-    for (ci, c) in classes.iter().enumerate() {
+    for c in &found {
+        let ci = classes.iter().position(|k| k == c).unwrap_or(0);
         let dir = root.join(c);
         let mut fs: Vec<PathBuf> = std::fs::read_dir(&dir)
             .map_err(|e| Error::io(&dir, e))?
@@ -553,7 +580,13 @@ pub fn image_folder_with_budget(root: &Path, budget: usize) -> Result<Dataset> {
     // Headers first: sizes and channels, without decoding.
     let headers: Vec<Option<(u32, u32, usize)>> =
         files.par_iter().map(|(p, _)| header(p).ok()).collect();
-    let channels = headers.iter().flatten().map(|h| h.2).next().unwrap_or(3);
+    let channels = like.map(Dataset::channels).unwrap_or_else(|| {
+        if headers.iter().flatten().any(|h| h.2 == 3) || headers.iter().flatten().next().is_none() {
+            3
+        } else {
+            1
+        }
+    });
     let bytes: usize = headers
         .iter()
         .flatten()
@@ -607,7 +640,6 @@ pub fn image_folder_with_budget(root: &Path, budget: usize) -> Result<Dataset> {
         });
     }
     let decoded: Vec<Option<Image>> = files.par_iter().map(|(p, _)| decode(p).ok()).collect();
-    let channels = decoded.iter().flatten().map(|i| i.c).next().unwrap_or(3);
     let mut images = Vec::new();
     let mut labels = Vec::new();
     let mut skipped = 0;
@@ -647,6 +679,29 @@ pub fn image_folder_with_budget(root: &Path, budget: usize) -> Result<Dataset> {
     })
 }
 
+/// Images larger than this on a side are refused before anything is allocated for them: a few
+/// bytes of header can claim gigapixels.
+const MAX_SIDE: u32 = 16384;
+
+fn limits() -> image::Limits {
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(MAX_SIDE);
+    l.max_image_height = Some(MAX_SIDE);
+    l
+}
+
+fn check_side(w: u32, h: u32) -> std::result::Result<(), String> {
+    if w == 0 || h == 0 {
+        return Err("empty image".into());
+    }
+    if w > MAX_SIDE || h > MAX_SIDE {
+        return Err(format!(
+            "{w}×{h} pixels exceeds the {MAX_SIDE}-pixel limit per side"
+        ));
+    }
+    Ok(())
+}
+
 /// Height, width and channels (1 or 3, as [`decode`] gives them) from a file's header.
 fn header(path: &Path) -> std::result::Result<(u32, u32, usize), String> {
     use image::ImageDecoder;
@@ -674,23 +729,19 @@ fn header(path: &Path) -> std::result::Result<(u32, u32, usize), String> {
         Ok(v) => v,
         Err(_) => parse(&std::fs::read(path).map_err(|e| e.to_string())?)?,
     };
-    if w == 0 || h == 0 {
-        return Err("empty image".into());
-    }
+    check_side(w, h)?;
     Ok((h, w, c))
 }
 
 fn decode(path: &Path) -> std::result::Result<Image, String> {
-    let img = image::ImageReader::open(path)
+    let mut reader = image::ImageReader::open(path)
         .map_err(|e| e.to_string())?
         .with_guessed_format()
-        .map_err(|e| e.to_string())?
-        .decode()
         .map_err(|e| e.to_string())?;
+    reader.limits(limits());
+    let img = reader.decode().map_err(|e| e.to_string())?;
+    check_side(img.width(), img.height())?;
     let (w, h) = (img.width() as usize, img.height() as usize);
-    if w == 0 || h == 0 {
-        return Err("empty image".into());
-    }
     Ok(match img.color().channel_count() {
         1 | 2 => Image {
             h,
