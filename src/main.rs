@@ -82,7 +82,8 @@ struct TrainArgs {
     /// Seed of the initialization, the data order and the augmentations.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Output folder [default: runs/<UTC timestamp>].
+    /// Output folder [default: runs/<UTC timestamp>-<process id>]; a folder holding another run is
+    /// refused (resume that run with --resume instead).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue the run saved in this checkpoint (its settings are kept; --epochs may extend it).
@@ -687,7 +688,10 @@ fn train(a: TrainArgs) -> Result<(), String> {
             .parent()
             .map(|p| p.to_path_buf())
             .unwrap_or_else(|| PathBuf::from(".")),
-        (None, None) => PathBuf::from("runs").join(timestamp()),
+        // The process id keeps runs started in the same second apart.
+        (None, None) => {
+            PathBuf::from("runs").join(format!("{}-{}", timestamp(), std::process::id()))
+        }
     };
     let mut bar = Bar {
         bar: None,

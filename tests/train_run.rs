@@ -320,12 +320,56 @@ fn a_diverging_run_stops_with_an_error_naming_the_step() {
 }
 
 #[test]
-fn a_metrics_file_that_cannot_be_written_ends_the_run_with_an_error() {
-    let out = tmpdir("metrics-fail");
-    // A folder where the metrics file must go: appending fails as on a full disk.
-    std::fs::create_dir_all(out.join("metrics.jsonl")).unwrap();
-    let o = out.clone();
-    let r = within(300, move || run::train(&tiny(), &o, None, &mut Quiet));
-    assert!(matches!(r, Err(Error::Io { .. })), "{r:?}");
+fn run_folders_are_claimed_not_shared() {
+    // A folder holding another run's files is refused before anything is written into it.
+    let out = tmpdir("taken");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("metrics.jsonl"), "{}\n").unwrap();
+    let e = run::train(&tiny(), &out, None, &mut Quiet).unwrap_err();
+    assert!(e.to_string().contains("already holds a run"), "{e}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap(),
+        "{}\n"
+    );
+    assert!(!out.join(".barlow.lock").exists());
     std::fs::remove_dir_all(&out).unwrap();
+
+    // A lock held by a live process (pid 1 always runs) keeps a run out.
+    let busy = tmpdir("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    std::fs::write(busy.join(".barlow.lock"), "1").unwrap();
+    let e = run::train(&tiny(), &busy, None, &mut Quiet).unwrap_err();
+    assert!(
+        e.to_string().contains("in use by another barlow process"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&busy).unwrap();
+
+    // A stale lock and a killed writer's temporary are cleaned up; the run goes ahead and
+    // leaves no lock behind.
+    let stale = tmpdir("stale");
+    std::fs::create_dir_all(&stale).unwrap();
+    let dead = 2_000_000_000; // above any pid the kernel hands out
+    std::fs::write(stale.join(".barlow.lock"), dead.to_string()).unwrap();
+    let tmp = stale.join(format!(".checkpoint.safetensors.tmp.{dead}"));
+    std::fs::write(&tmp, "partial").unwrap();
+    let cfg = TrainConfig {
+        epochs: 1,
+        max_train: 128,
+        ..tiny()
+    };
+    run::train(&cfg, &stale, None, &mut Quiet).unwrap();
+    assert!(!tmp.exists(), "the stale temporary is still there");
+    assert!(!stale.join(".barlow.lock").exists());
+    assert!(stale.join("checkpoint.safetensors").is_file());
+    std::fs::remove_dir_all(&stale).unwrap();
+
+    // Bad inputs create nothing.
+    let never = tmpdir("never");
+    let bad = TrainConfig {
+        data: "/no/such/dataset".into(),
+        ..tiny()
+    };
+    assert!(run::train(&bad, &never, None, &mut Quiet).is_err());
+    assert!(!never.exists(), "a failed start left a folder");
 }

@@ -415,6 +415,99 @@ fn state_json(
     })
 }
 
+fn same_folder(a: Option<&Path>, b: &Path) -> bool {
+    let a = a
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// The files a run writes; a folder holding any of them belongs to a run.
+const RUN_FILES: [&str; 3] = ["checkpoint.safetensors", "metrics.jsonl", "curves.png"];
+const LOCK: &str = ".barlow.lock";
+
+/// A run folder claimed by this process: created if missing; refused while another live process
+/// holds it, or when it holds another run's files (unless this run continues that one). Stale
+/// temporaries of killed writers are removed. The lock file goes when this value is dropped.
+struct RunFolder {
+    lock: PathBuf,
+}
+
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only asks whether the process exists and may be signalled; nothing is sent.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+impl RunFolder {
+    fn claim(out: &Path, continuing: bool) -> Result<RunFolder> {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let lock = out.join(LOCK);
+        let mut attempts = 0;
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&lock)
+            {
+                Ok(mut f) => {
+                    write!(f, "{}", std::process::id()).map_err(|e| Error::io(&lock, e))?;
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 3 => {
+                    attempts += 1;
+                    let holder = std::fs::read_to_string(&lock)
+                        .ok()
+                        .and_then(|t| t.trim().parse::<i32>().ok());
+                    if let Some(pid) = holder.filter(|&p| p > 0 && process_alive(p)) {
+                        return Err(Error::InvalidConfig(format!(
+                            "{} is in use by another barlow process (pid {pid}); choose another \
+                             --out",
+                            out.display()
+                        )));
+                    }
+                    // Left by a process that no longer runs.
+                    let _ = std::fs::remove_file(&lock);
+                }
+                Err(e) => return Err(Error::io(&lock, e)),
+            }
+        }
+        let claim = RunFolder { lock };
+        if !continuing {
+            if let Some(f) = RUN_FILES.iter().find(|f| out.join(f).exists()) {
+                return Err(Error::InvalidConfig(format!(
+                    "{} already holds a run ({f}); choose another --out, or --resume its \
+                     checkpoint to continue it",
+                    out.display()
+                )));
+            }
+        }
+        // Temporaries (`.<name>.tmp.<pid>`, see io::write_atomic) whose writer is gone.
+        if let Ok(rd) = std::fs::read_dir(out) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let pid = name
+                    .strip_prefix('.')
+                    .and_then(|n| n.rsplit_once(".tmp."))
+                    .and_then(|(_, p)| p.parse::<i32>().ok());
+                if pid.is_some_and(|p| p as u32 == std::process::id() || !process_alive(p)) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Ok(claim)
+    }
+}
+
+impl Drop for RunFolder {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.lock);
+    }
+}
+
 /// Appends one JSON line. A failed write (a full disk) is cut back off, so the file never ends in
 /// half a line.
 fn append_metric(path: &Path, v: &serde_json::Value) -> Result<()> {
@@ -456,10 +549,11 @@ pub fn train(
             None => cfg.clone(),
         };
     validate(&cfg)?;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let files = RunFiles {
         dir: out.to_path_buf(),
     };
+    // The folder is claimed only once data, model and device are known to be good.
+    let continuing = resume.is_some_and(|r| same_folder(r.parent(), out));
 
     let splits = load_data(&cfg)?;
     let aug = match &loaded {
@@ -509,6 +603,16 @@ pub fn train(
         (c_in, aug.size, aug.size),
         &mut |m| progress.message(m),
     )?;
+    let _claim = RunFolder::claim(out, continuing)?;
+    if loaded.is_some() {
+        let done = step / steps_per_epoch.max(1);
+        progress.message(&format!(
+            "resuming at step {step} (epoch {done} of {}): {} epoch(s) to go, writing into {}",
+            cfg.epochs,
+            cfg.epochs.saturating_sub(done),
+            out.display()
+        ));
+    }
     progress.message(&format!(
         "data {}: {} train / {} test images of {}x{}x{}, crop {}; {:?} width {} ({} stem), projector {:?}; batch {}, {} epochs of {} steps",
         cfg.data,
@@ -712,4 +816,17 @@ pub fn plot_metrics(files: &RunFiles) -> Result<()> {
         ],
     )
     .map_err(|e| Error::io(files.plot(), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_metrics_write_on_a_full_disk_is_an_error() {
+        // /dev/full fails every write with "no space left on device".
+        let e = append_metric(Path::new("/dev/full"), &serde_json::json!({"step": 1})).unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e}");
+    }
 }
