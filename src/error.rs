@@ -44,6 +44,12 @@ pub enum Error {
     /// The inputs hold NaN or infinity, so the loss is not a number.
     #[error("non-finite inputs: the loss came out as {total} (NaN or infinity in Za or Zb)")]
     NonFinite { total: f64 },
+    /// The run was asked to stop (Ctrl-C in the CLI).
+    #[error(
+        "interrupted after step {step}; the checkpoint of the last finished epoch is kept \
+         (continue with --resume)"
+    )]
+    Interrupted { step: usize },
     /// Training diverged: the loss stopped being a finite number.
     #[error(
         "training diverged at step {step}: the loss became {loss}; lower the base learning rates \

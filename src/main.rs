@@ -301,6 +301,7 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    install_interrupt_handler();
     let result = match cli.command {
         Command::Info => {
             info();
@@ -318,6 +319,29 @@ fn main() -> ExitCode {
             eprintln!("barlow: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Set by the first Ctrl-C; a run stops after its current step.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+    // A second Ctrl-C ends the process at once.
+    // SAFETY: signal() is async-signal-safe; SIG_DFL restores the default action.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+    }
+}
+
+fn install_interrupt_handler() {
+    #[cfg(unix)]
+    // SAFETY: the handler only stores to an atomic and calls signal(), both async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
     }
 }
 
@@ -593,6 +617,10 @@ struct Bar {
 }
 
 impl barlow::train::run::Progress for Bar {
+    fn stop_requested(&self) -> bool {
+        INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn start(&mut self, total: usize, first: usize) {
         let bar = indicatif::ProgressBar::new(total as u64);
         bar.set_style(
@@ -697,8 +725,17 @@ fn train(a: TrainArgs) -> Result<(), String> {
         bar: None,
         batch: cfg.batch_size,
     };
-    let s = barlow::train::run::train(&cfg, &out, a.resume.as_deref(), &mut bar)
-        .map_err(|e| e.to_string())?;
+    let s = match barlow::train::run::train(&cfg, &out, a.resume.as_deref(), &mut bar) {
+        Ok(s) => s,
+        Err(e @ barlow::Error::Interrupted { .. }) => {
+            if let Some(b) = &bar.bar {
+                b.abandon();
+            }
+            eprintln!("barlow: {e}");
+            std::process::exit(130);
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     println!(
         "done: {} steps, final loss {:.2}, {:.0} pairs/s; kNN top-1 {} at init -> {:.2}% after training",
         s.steps,

@@ -373,3 +373,81 @@ fn run_folders_are_claimed_not_shared() {
     assert!(run::train(&bad, &never, None, &mut Quiet).is_err());
     assert!(!never.exists(), "a failed start left a folder");
 }
+
+/// Asks the run to stop once it has taken `at` steps.
+struct StopAt {
+    at: usize,
+    seen: usize,
+}
+
+impl run::Progress for StopAt {
+    fn step(&mut self, step: usize, _loss: f64, _rate: f64) {
+        self.seen = step;
+    }
+    fn stop_requested(&self) -> bool {
+        self.seen >= self.at
+    }
+}
+
+#[test]
+fn a_stop_request_ends_the_run_after_the_step_keeping_the_last_checkpoint() {
+    let out = tmpdir("stop");
+    // 10 steps an epoch: stopping after step 12 keeps epoch 1's checkpoint.
+    let mut p = StopAt { at: 12, seen: 0 };
+    match run::train(&tiny(), &out, None, &mut p) {
+        Err(Error::Interrupted { step: 12 }) => {}
+        other => panic!("expected an interruption after step 12, got {other:?}"),
+    }
+    let l = checkpoint::load(&out.join("checkpoint.safetensors")).unwrap();
+    assert_eq!(l.state["step"].as_u64(), Some(10));
+    assert!(!out.join(".barlow.lock").exists());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+#[test]
+#[cfg(unix)]
+fn ctrl_c_stops_the_cli_with_exit_status_130() {
+    let out = tmpdir("sigint");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_barlow"))
+        .args([
+            "train",
+            "--width",
+            "4",
+            "--projector",
+            "64,64,64",
+            "--epochs",
+            "50",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    // SAFETY: sends SIGINT to the child this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed().as_secs() > 180 {
+            let _ = child.kill();
+            panic!("the run did not stop after Ctrl-C");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted after step"), "{err}");
+    assert!(!out.join(".barlow.lock").exists());
+    std::fs::remove_dir_all(&out).unwrap();
+}

@@ -343,6 +343,11 @@ pub trait Progress {
     fn step(&mut self, _step: usize, _loss: f64, _images_per_second: f64) {}
     fn message(&mut self, _text: &str) {}
     fn finish(&mut self) {}
+    /// Asked after every step: `true` ends the run there with [`Error::Interrupted`], the
+    /// checkpoint of the last finished epoch kept (the CLI answers Ctrl-C this way).
+    fn stop_requested(&self) -> bool {
+        false
+    }
 }
 
 /// No output.
@@ -698,6 +703,9 @@ pub fn train(
                             "loss": v.total, "on_diag": v.on_diag, "off_diag": v.off_diag,
                             "lr": lw, "pairs_per_s": rate}),
                     )?;
+                    if progress.stop_requested() {
+                        return Err(Error::Interrupted { step });
+                    }
                 }
                 Ok(())
             })();
