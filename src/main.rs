@@ -844,7 +844,8 @@ fn eval_knn(a: EvalArgs) -> Result<(), String> {
         classes,
         a.k,
         a.t,
-    );
+    )
+    .map_err(|e| e.to_string())?;
     println!(
         "kNN top-1 (k = {}, t = {}): {:.2}% on {} test images against {} training images",
         a.k,
@@ -882,7 +883,8 @@ fn eval_linear(a: LinearArgs) -> Result<(), String> {
         classes,
         cfg,
         |e, loss| eprintln!("probe epoch {}: loss {loss:.4}", e + 1),
-    );
+    )
+    .map_err(|e| e.to_string())?;
     println!(
         "linear probe top-1: {:.2}% on {} test images",
         100.0 * acc,

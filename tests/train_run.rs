@@ -171,6 +171,53 @@ fn checkpoint_names_follow_torchvision_and_bad_files_are_errors() {
     let mut other = BarlowTwins::new(mcfg, &mut barlow::rng::Rng::new(0)).unwrap();
     let e = l.restore_model(&mut other).unwrap_err();
     assert!(e.to_string().contains("expects"), "{e}");
+
+    // One tensor changed at a time: the same element count in another shape, another type, a
+    // NaN. Each is refused, naming the tensor.
+    let original = dir.join("checkpoint.safetensors");
+    let mcfg: ModelConfig = serde_json::from_value(l.state["model"].clone()).unwrap();
+    let cases: [(
+        &str,
+        &dyn Fn(&mut Vec<usize>, &mut safetensors::Dtype, &mut Vec<u8>),
+    ); 3] = [
+        ("shape", &|shape, _, _| shape.reverse()),
+        ("type", &|_, dtype, _| *dtype = safetensors::Dtype::I32),
+        ("NaN", &|_, _, bytes| {
+            bytes[..4].copy_from_slice(&f32::NAN.to_le_bytes())
+        }),
+    ];
+    for (what, change) in cases {
+        let bytes = std::fs::read(&original).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let mut owned: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (n, v.shape().to_vec(), v.dtype(), v.data().to_vec()))
+            .collect();
+        for t in owned.iter_mut().filter(|t| t.0 == "layer1.0.conv1.weight") {
+            change(&mut t.1, &mut t.2, &mut t.3);
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+            .iter()
+            .map(|(n, shape, dtype, data)| {
+                let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), data);
+                (n.clone(), view.unwrap())
+            })
+            .collect();
+        let out = safetensors::tensor::serialize(views, meta.metadata().clone()).unwrap();
+        let path = dir.join(format!("{what}.safetensors"));
+        std::fs::write(&path, out).unwrap();
+        let mut m = BarlowTwins::new(mcfg.clone(), &mut barlow::rng::Rng::new(0)).unwrap();
+        let e = checkpoint::load(&path)
+            .and_then(|l| l.restore_model(&mut m))
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            matches!(e, Error::Checkpoint { .. }) && text.contains("layer1.0.conv1.weight"),
+            "{what}: {text}"
+        );
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -248,12 +248,12 @@ fn knn_and_linear_probe_classify_separable_features() {
     };
     let (xb, yb) = sample(&mut rng, 400);
     let (xt, yt) = sample(&mut rng, 200);
-    let acc = knn_top1(&xb, &yb, &xt, &yt, dim, classes, 20, 0.1);
+    let acc = knn_top1(&xb, &yb, &xt, &yt, dim, classes, 20, 0.1).unwrap();
     assert!(acc > 0.95, "kNN {acc}");
     // Labels shuffled: chance level.
     let mut ys = yb.clone();
     ys.rotate_left(1);
-    let chance = knn_top1(&xb, &ys, &xt, &yt, dim, classes, 20, 0.1);
+    let chance = knn_top1(&xb, &ys, &xt, &yt, dim, classes, 20, 0.1).unwrap();
     assert!(chance < 0.5, "kNN on shuffled labels {chance}");
     let cfg = ProbeConfig {
         epochs: 20,
@@ -261,7 +261,44 @@ fn knn_and_linear_probe_classify_separable_features() {
         ..Default::default()
     };
     let mut losses = Vec::new();
-    let acc = linear_probe(&xb, &yb, &xt, &yt, dim, classes, cfg, |_, l| losses.push(l));
+    let acc = linear_probe(&xb, &yb, &xt, &yt, dim, classes, cfg, |_, l| losses.push(l)).unwrap();
     assert!(acc > 0.95, "probe {acc}");
     assert!(losses.last().unwrap() < &losses[0]);
+
+    // Settings that make no sense, and features that do not match their labels, are errors
+    // rather than an accuracy.
+    let knn = |x: &[f32], y: &[u32], k, t| knn_top1(x, y, &xt, &yt, dim, classes, k, t);
+    for (what, r) in [
+        ("k = 0", knn(&xb, &yb, 0, 0.1)),
+        ("t = 0", knn(&xb, &yb, 20, 0.0)),
+        ("t = NaN", knn(&xb, &yb, 20, f32::NAN)),
+        ("short bank", knn(&xb[..xb.len() - 1], &yb, 20, 0.1)),
+        (
+            "label >= classes",
+            knn(&xb, &vec![classes as u32; yb.len()], 20, 0.1),
+        ),
+    ] {
+        assert!(
+            matches!(r, Err(barlow::Error::InvalidConfig(_))),
+            "{what}: {r:?}"
+        );
+    }
+    let probe = |c: ProbeConfig| linear_probe(&xb, &yb, &xt, &yt, dim, classes, c, |_, _| {});
+    for (what, c) in [
+        ("epochs = 0", ProbeConfig { epochs: 0, ..cfg }),
+        (
+            "lr = NaN",
+            ProbeConfig {
+                lr: f32::NAN,
+                ..cfg
+            },
+        ),
+        ("lr = 0", ProbeConfig { lr: 0.0, ..cfg }),
+        ("batch = 0", ProbeConfig { batch: 0, ..cfg }),
+    ] {
+        assert!(
+            matches!(probe(c), Err(barlow::Error::InvalidConfig(_))),
+            "{what}"
+        );
+    }
 }

@@ -88,7 +88,7 @@ pub fn save(
 /// A checkpoint read into memory.
 pub struct Loaded {
     pub path: String,
-    tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    tensors: HashMap<String, (Vec<usize>, Dtype, Vec<f32>)>,
     /// The run state saved with it.
     pub state: serde_json::Value,
 }
@@ -127,7 +127,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
                 .collect(),
             other => return Err(bad(format!("tensor {name} has unsupported type {other:?}"))),
         };
-        tensors.insert(name, (view.shape().to_vec(), data));
+        tensors.insert(name, (view.shape().to_vec(), view.dtype(), data));
     }
     Ok(Loaded {
         path: p,
@@ -137,19 +137,38 @@ pub fn load(path: &Path) -> Result<Loaded> {
 }
 
 impl Loaded {
-    fn take(&self, name: &str, len: usize) -> Result<&Vec<f32>> {
-        let (_, v) = self.tensors.get(name).ok_or_else(|| Error::Checkpoint {
+    /// The tensor `name`, checked against what the model holds there: its shape, its type
+    /// (f32, or the int64 count torchvision keeps for `num_batches_tracked`) and finite values.
+    fn take(&self, name: &str, shape: &[usize]) -> Result<&Vec<f32>> {
+        let bad = |reason: String| Error::Checkpoint {
             path: self.path.clone(),
-            reason: format!("tensor {name} is missing (a different architecture?)"),
-        })?;
-        if v.len() != len {
-            return Err(Error::Checkpoint {
-                path: self.path.clone(),
-                reason: format!(
-                    "tensor {name} holds {} values, the model expects {len}",
-                    v.len()
-                ),
-            });
+            reason: format!("tensor {name}: {reason}"),
+        };
+        let (have, dtype, v) = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| bad("missing (a different architecture?)".into()))?;
+        let count = name.ends_with("num_batches_tracked");
+        let (want_shape, want_type): (&[usize], Dtype) = if count {
+            (&[], Dtype::I64)
+        } else {
+            (shape, Dtype::F32)
+        };
+        if *dtype != want_type {
+            return Err(bad(format!(
+                "type {dtype:?}, the model expects {want_type:?}"
+            )));
+        }
+        if have.as_slice() != want_shape {
+            return Err(bad(format!(
+                "shape {have:?}, the model expects {want_shape:?}"
+            )));
+        }
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(bad(format!(
+                "value {i} is {} (the run it came from diverged?)",
+                v[i]
+            )));
         }
         Ok(v)
     }
@@ -157,14 +176,20 @@ impl Loaded {
     /// Copies every parameter and buffer into `model` (all must be present, with their sizes).
     pub fn restore_model(&self, model: &mut dyn Visit) -> Result<()> {
         let mut err = None;
-        model.params_mut(&mut |p| match self.take(&p.name, p.value.len()) {
+        model.params_mut(&mut |p| match self.take(&p.name, &p.shape) {
             Ok(v) => p.value.copy_from_slice(v),
             Err(e) => {
                 err.get_or_insert(e);
             }
         });
-        model.buffers_mut(&mut |b| match self.take(&b.name, b.value.len()) {
-            Ok(v) => b.value.copy_from_slice(v),
+        model.buffers_mut(&mut |b| match self.take(&b.name, &b.shape) {
+            Ok(v) if v.len() == b.value.len() => b.value.copy_from_slice(v),
+            Ok(_) => {
+                err.get_or_insert(Error::Checkpoint {
+                    path: self.path.clone(),
+                    reason: format!("tensor {}: wrong number of values", b.name),
+                });
+            }
             Err(e) => {
                 err.get_or_insert(e);
             }
@@ -177,7 +202,7 @@ impl Loaded {
         let mut err = None;
         let mut momentum = Vec::new();
         model.params_mut(&mut |p| match self
-            .take(&format!("optimizer.momentum.{}", p.name), p.value.len())
+            .take(&format!("optimizer.momentum.{}", p.name), &[p.value.len()])
         {
             Ok(v) => momentum.push((p.name.clone(), v.clone())),
             Err(e) => {

@@ -5,6 +5,7 @@
 use super::augment::{eval_batch, AugmentConfig};
 use super::data::Dataset;
 use crate::cpu::{matmul, Mat, MatRef};
+use crate::error::{Error, Result};
 use crate::nn::resnet::ResNet;
 use crate::nn::{Backend, Tensor};
 use crate::rng::Rng;
@@ -61,11 +62,20 @@ pub fn knn_top1(
     classes: usize,
     k: usize,
     t: f32,
-) -> f64 {
+) -> Result<f64> {
+    let bad = |m: String| Err(Error::InvalidConfig(m));
+    if k == 0 {
+        return bad("kNN needs k >= 1".into());
+    }
+    if !(t.is_finite() && t > 0.0) {
+        return bad(format!("kNN temperature {t} must be a finite number > 0"));
+    }
+    check_features("bank", bank, bank_labels, dim, classes)?;
+    check_features("test", test, test_labels, dim, classes)?;
     let nb = bank_labels.len();
     let nt = test_labels.len();
     if nb == 0 || nt == 0 {
-        return 0.0;
+        return bad("kNN needs at least one bank and one test feature".into());
     }
     let k = k.min(nb);
     let correct: usize = test
@@ -101,7 +111,24 @@ pub fn knn_top1(
             hits
         })
         .sum();
-    correct as f64 / nt as f64
+    Ok(correct as f64 / nt as f64)
+}
+
+/// Rows of `dim` features, one per label, every label below `classes`.
+fn check_features(name: &str, x: &[f32], labels: &[u32], dim: usize, classes: usize) -> Result<()> {
+    if dim == 0 || x.len() != labels.len() * dim {
+        return Err(Error::InvalidConfig(format!(
+            "{name}: {} feature values for {} labels of dimension {dim}",
+            x.len(),
+            labels.len()
+        )));
+    }
+    if let Some(l) = labels.iter().find(|&&l| l as usize >= classes) {
+        return Err(Error::InvalidConfig(format!(
+            "{name}: label {l} is not below the {classes} classes"
+        )));
+    }
+    Ok(())
 }
 
 /// Options of the linear probe.
@@ -140,7 +167,27 @@ pub fn linear_probe(
     classes: usize,
     cfg: ProbeConfig,
     mut progress: impl FnMut(usize, f64),
-) -> f64 {
+) -> Result<f64> {
+    let bad = |m: String| Err(Error::InvalidConfig(m));
+    if cfg.epochs == 0 || cfg.batch == 0 {
+        return bad("the linear probe needs epochs >= 1 and a batch >= 1".into());
+    }
+    if !(cfg.lr.is_finite() && cfg.lr > 0.0) {
+        return bad(format!(
+            "probe learning rate {} must be a finite number > 0",
+            cfg.lr
+        ));
+    }
+    if !(cfg.momentum.is_finite() && (0.0..1.0).contains(&cfg.momentum))
+        || !(cfg.weight_decay.is_finite() && cfg.weight_decay >= 0.0)
+    {
+        return bad("probe momentum must be in [0, 1) and weight decay finite and >= 0".into());
+    }
+    check_features("train", train, train_labels, dim, classes)?;
+    check_features("test", test, test_labels, dim, classes)?;
+    if train_labels.is_empty() || test_labels.is_empty() {
+        return bad("the linear probe needs training and test features".into());
+    }
     let n = train_labels.len();
     let mut mean = vec![0f64; dim];
     let mut var = vec![0f64; dim];
@@ -244,9 +291,6 @@ pub fn linear_probe(
         progress(epoch, loss_sum / n as f64);
     }
     let nt = test_labels.len();
-    if nt == 0 {
-        return 0.0;
-    }
     let z = logits(&xte, &w, &b, nt);
     let hits = z
         .chunks_exact(classes)
@@ -259,5 +303,5 @@ pub fn linear_probe(
                 == Some(y as usize)
         })
         .count();
-    hits as f64 / nt as f64
+    Ok(hits as f64 / nt as f64)
 }

@@ -389,7 +389,7 @@ impl Knn {
         let mut f = |x: &Tensor| engine.features(model, x);
         let fb = features_with(&self.bank, aug, 256, true, &mut f)?;
         let ft = features_with(&self.test, aug, 256, true, &mut f)?;
-        Ok(knn_top1(
+        knn_top1(
             &fb,
             &self.bank.labels,
             &ft,
@@ -398,7 +398,7 @@ impl Knn {
             self.classes,
             self.k,
             self.t,
-        ))
+        )
     }
 }
 
