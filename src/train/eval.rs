@@ -178,9 +178,9 @@ pub fn linear_probe(
             cfg.lr
         ));
     }
-    if !(cfg.momentum.is_finite() && (0.0..1.0).contains(&cfg.momentum))
-        || !(cfg.weight_decay.is_finite() && cfg.weight_decay >= 0.0)
-    {
+    let momentum_ok = cfg.momentum.is_finite() && (0.0..1.0).contains(&cfg.momentum);
+    let decay_ok = cfg.weight_decay.is_finite() && cfg.weight_decay >= 0.0;
+    if !(momentum_ok && decay_ok) {
         return bad("probe momentum must be in [0, 1) and weight decay finite and >= 0".into());
     }
     check_features("train", train, train_labels, dim, classes)?;
