@@ -127,6 +127,9 @@ fn training_on_the_sample_beats_random_init_in_knn() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// An edit of one tensor in a checkpoint: its shape, type and bytes.
+type Change = dyn Fn(&mut Vec<usize>, &mut safetensors::Dtype, &mut Vec<u8>);
+
 #[test]
 fn checkpoint_names_follow_torchvision_and_bad_files_are_errors() {
     let dir = tmpdir("names");
@@ -176,10 +179,7 @@ fn checkpoint_names_follow_torchvision_and_bad_files_are_errors() {
     // NaN. Each is refused, naming the tensor.
     let original = dir.join("checkpoint.safetensors");
     let mcfg: ModelConfig = serde_json::from_value(l.state["model"].clone()).unwrap();
-    let cases: [(
-        &str,
-        &dyn Fn(&mut Vec<usize>, &mut safetensors::Dtype, &mut Vec<u8>),
-    ); 3] = [
+    let cases: [(&str, &Change); 3] = [
         ("shape", &|shape, _, _| shape.reverse()),
         ("type", &|_, dtype, _| *dtype = safetensors::Dtype::I32),
         ("NaN", &|_, _, bytes| {
