@@ -62,6 +62,9 @@ pub enum Error {
         lr_weights: f32,
         lr_biases: f32,
     },
+    /// A buffer could not be allocated on the host.
+    #[error("out of memory while {during} ({bytes} bytes); use a smaller N or D, or the Gram path for large D")]
+    OutOfHostMemory { during: String, bytes: usize },
     /// The device ran out of memory.
     #[error("out of device memory while {during} (needs about {bytes} bytes); use a smaller N or D, or free device memory")]
     OutOfDeviceMemory { during: String, bytes: usize },

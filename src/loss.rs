@@ -75,9 +75,12 @@ impl Default for LossConfig {
 impl LossConfig {
     /// Checks that λ is finite and ≥ 0 and that eps is finite and > 0.
     pub fn validate(&self) -> Result<()> {
-        if !(self.lambda.is_finite() && self.lambda >= 0.0) {
+        // Above this the off-diagonal gradient 2λ·Cᵢⱼ, scaled through the standardization's
+        // 1/√eps, no longer fits an f32 for every input a run can produce.
+        const MAX_LAMBDA: f32 = 1e6;
+        if !(self.lambda.is_finite() && (0.0..=MAX_LAMBDA).contains(&self.lambda)) {
             return Err(Error::InvalidConfig(format!(
-                "lambda = {} must be finite and >= 0",
+                "lambda = {} must be finite, >= 0 and at most {MAX_LAMBDA:e}",
                 self.lambda
             )));
         }
@@ -136,17 +139,40 @@ struct CpuWorkspace {
 }
 
 impl CpuWorkspace {
-    fn fit(&mut self, n: usize, d: usize, path: Path) {
+    /// Sizes every buffer for (N, D, path). Growth is fallible: a D×D matrix the machine cannot
+    /// hold is an [`Error::OutOfHostMemory`], not an abort.
+    fn fit(&mut self, n: usize, d: usize, path: Path) -> Result<()> {
+        fn grow(v: &mut Vec<f32>, len: usize, what: &str) -> Result<()> {
+            let bytes = len.saturating_mul(std::mem::size_of::<f32>());
+            // With overcommit an allocation can succeed and the process die when it is touched:
+            // what the machine cannot give now is refused up front.
+            let more = bytes.saturating_sub(v.capacity() * std::mem::size_of::<f32>());
+            if crate::io::available_memory().is_some_and(|free| more as u64 > free) {
+                return Err(Error::OutOfHostMemory {
+                    during: format!("allocating the loss's {what}"),
+                    bytes,
+                });
+            }
+            if len > v.len() {
+                v.try_reserve_exact(len - v.len())
+                    .map_err(|_| Error::OutOfHostMemory {
+                        during: format!("allocating the loss's {what}"),
+                        bytes: len.saturating_mul(std::mem::size_of::<f32>()),
+                    })?;
+            }
+            v.resize(len, 0.0);
+            Ok(())
+        }
         for v in [
             &mut self.zhat_a,
             &mut self.zhat_b,
             &mut self.dhat_a,
             &mut self.dhat_b,
         ] {
-            v.resize(n * d, 0.0);
+            grow(v, n * d, "N×D buffers")?;
         }
         for v in [&mut self.stats_a, &mut self.stats_b] {
-            v.resize(cpu::STATS_PER_COLUMN * d, 0.0);
+            grow(v, cpu::STATS_PER_COLUMN * d, "column statistics")?;
         }
         // Only the chosen path's matrices are held.
         let (c, g) = if path == Path::Gram {
@@ -154,10 +180,19 @@ impl CpuWorkspace {
         } else {
             (d * d, 0)
         };
-        for (v, len) in [(&mut self.c, c), (&mut self.ga, g), (&mut self.gb, g)] {
-            v.resize(len, 0.0);
+        for (v, len, what) in [
+            (
+                &mut self.c,
+                c,
+                "D×D matrix C (the Gram path needs only N×N)",
+            ),
+            (&mut self.ga, g, "N×N Gram matrix"),
+            (&mut self.gb, g, "N×N Gram matrix"),
+        ] {
+            grow(v, len, what)?;
             v.shrink_to(len);
         }
+        Ok(())
     }
 }
 
@@ -245,7 +280,7 @@ impl BarlowTwinsLoss {
         let path = self.config.path.resolve(dims);
         let mut guard = lock(&self.cpu);
         let w = &mut *guard;
-        w.fit(n, d, path);
+        w.fit(n, d, path)?;
         let eps = self.config.eps;
         let lambda = self.config.lambda;
         cpu::standardize_forward(za, dims, eps, &mut w.zhat_a, &mut w.stats_a)?;

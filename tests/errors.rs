@@ -184,3 +184,31 @@ fn public_building_blocks_reject_slices_of_the_wrong_length() {
         assert!((diag[i] - c[i * 4 + i]).abs() < 1e-6, "C[{i}{i}]");
     }
 }
+
+#[test]
+fn a_matrix_the_host_cannot_hold_is_an_error_not_an_abort() {
+    // The direct path's D×D for D = 2^20 is 4 TiB.
+    let d = 1 << 20;
+    let z = vec![0.5f32; 2 * d];
+    let direct = BarlowTwinsLoss::new(LossConfig {
+        path: barlow::Path::Direct,
+        ..Default::default()
+    })
+    .unwrap();
+    let e = direct.forward_cpu(&z, &z, Dims::new(2, d)).unwrap_err();
+    assert!(matches!(e, Error::OutOfHostMemory { .. }), "{e}");
+    // The object still works after.
+    let small = vec![0.25f32, 0.5, 1.0, 2.0, -1.0, 3.0];
+    direct.forward_cpu(&small, &small, Dims::new(3, 2)).unwrap();
+}
+
+#[test]
+fn a_lambda_that_would_overflow_the_gradients_is_refused() {
+    for lambda in [1e30, f32::INFINITY, -1.0] {
+        let r = BarlowTwinsLoss::new(LossConfig {
+            lambda,
+            ..Default::default()
+        });
+        assert!(matches!(r, Err(Error::InvalidConfig(_))), "{lambda}");
+    }
+}
