@@ -1,6 +1,6 @@
 //! The Barlow Twins model: a ResNet backbone, the projector, and the library's fused loss.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::nn::resnet::{Projector, ResNet, ResNetConfig};
 use crate::nn::{Backend, Buffer, Param, Tensor, Visit};
 use crate::rng::Rng;
@@ -15,6 +15,52 @@ pub struct ModelConfig {
     pub lambda: f32,
 }
 
+impl ModelConfig {
+    /// Sizes a model can be built with, checked before anything is allocated for them (they may
+    /// come from a checkpoint's metadata): 1 or 3 input channels, a width of 1 to 1024, 1 to 8
+    /// projector layers of 1 to 65,536 units, and parameters (with gradients and momentum) that
+    /// fit in the memory the machine has.
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidConfig(m));
+        let b = &self.backbone;
+        if !matches!(b.in_channels, 1 | 3) {
+            return bad(format!(
+                "{} input channels (1 or 3 are supported)",
+                b.in_channels
+            ));
+        }
+        if !(1..=1024).contains(&b.width) {
+            return bad(format!("width {} (1 to 1024)", b.width));
+        }
+        if self.projector.is_empty()
+            || self.projector.len() > 8
+            || self.projector.iter().any(|&p| !(1..=1 << 16).contains(&p))
+        {
+            return bad(format!(
+                "projector {:?} (1 to 8 layers of 1 to 65536 units)",
+                self.projector
+            ));
+        }
+        // ResNet-50 at width 64 holds about 23.5 M weights, and they grow with width².
+        let w = b.width as f64 / 64.0;
+        let mut params = 23.5e6 * w * w;
+        let mut prev = b.features() as f64;
+        for &p in &self.projector {
+            params += prev * p as f64;
+            prev = p as f64;
+        }
+        // Values, gradients, momentum and a working copy, in f32.
+        let bytes = params * 16.0;
+        if crate::io::available_memory().is_some_and(|free| bytes > free as f64) {
+            return Err(Error::OutOfHostMemory {
+                during: format!("building a model of about {:.0} M parameters", params / 1e6),
+                bytes: bytes as usize,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Backbone + projector, trained by the Barlow Twins loss on two views.
 pub struct BarlowTwins {
     pub config: ModelConfig,
@@ -25,6 +71,7 @@ pub struct BarlowTwins {
 
 impl BarlowTwins {
     pub fn new(config: ModelConfig, rng: &mut Rng) -> Result<Self> {
+        config.check()?;
         let backbone = ResNet::new(config.backbone, rng);
         let mut sizes = vec![config.backbone.features()];
         sizes.extend_from_slice(&config.projector);
