@@ -498,3 +498,17 @@ fn ctrl_c_stops_the_cli_with_exit_status_130() {
     assert!(!out.join(".barlow.lock").exists());
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+#[test]
+fn a_step_far_beyond_the_memory_is_refused_before_it_starts() {
+    let out = tmpdir("huge-crop");
+    let cfg = TrainConfig {
+        crop: Some(4096),
+        batch_size: 512,
+        ..tiny()
+    };
+    let e = run::train(&cfg, &out, None, &mut Quiet).unwrap_err();
+    assert!(matches!(e, Error::OutOfHostMemory { .. }), "{e}");
+    assert!(e.to_string().contains("crop"), "{e}");
+    assert!(!out.exists(), "a refused run left a folder");
+}

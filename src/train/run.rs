@@ -420,6 +420,29 @@ fn state_json(
     })
 }
 
+/// Refuses a CPU step whose activations cannot fit, from a lower bound: both views' inputs and
+/// at least four stem-resolution tensors of `width` channels each, in f32. A real step needs
+/// several times this, so nothing that could run is refused.
+fn check_step_memory(m: &ModelConfig, batch: usize, c_in: usize, crop: usize) -> Result<()> {
+    let side = if m.backbone.stem == Stem::Small {
+        crop
+    } else {
+        crop.div_ceil(2)
+    } as f64;
+    let per_view = (c_in + 4 * m.backbone.width) as f64 * side * side;
+    let bytes = 2.0 * batch as f64 * per_view * 4.0;
+    match crate::io::available_memory() {
+        Some(free) if bytes > free as f64 => Err(Error::OutOfHostMemory {
+            during: format!(
+                "holding one step's activations at batch {batch} and crop {crop} (lower the \
+                 batch size or the crop)"
+            ),
+            bytes: bytes as usize,
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn same_folder(a: Option<&Path>, b: &Path) -> bool {
     let a = a
         .filter(|p| !p.as_os_str().is_empty())
@@ -608,6 +631,9 @@ pub fn train(
         (c_in, aug.size, aug.size),
         &mut |m| progress.message(m),
     )?;
+    if matches!(engine, Engine::Cpu) {
+        check_step_memory(&mcfg, cfg.batch_size, c_in, aug.size)?;
+    }
     let _claim = RunFolder::claim(out, continuing)?;
     if loaded.is_some() {
         let done = step / steps_per_epoch.max(1);
