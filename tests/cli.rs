@@ -52,3 +52,38 @@ fn bad_options_are_rejected_at_parse_time_naming_the_option() {
         assert!(!out_dir.exists(), "{args:?} created the output folder");
     }
 }
+
+#[test]
+fn evaluating_a_model_on_images_of_other_channels_is_an_error_naming_both() {
+    let dir = std::env::temp_dir().join(format!("barlow-cli-eval-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = dir.join("run");
+    // A gray model: the built-in sample is Fashion-MNIST.
+    let out = Command::new(env!("CARGO_BIN_EXE_barlow"))
+        .args(["train", "--max-train", "128", "--batch-size", "64", "--epochs", "1"])
+        .args(["--width", "4", "--projector", "16,16", "--knn-every", "0", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for split in ["train", "test"] {
+        for class in ["a", "b"] {
+            let d = dir.join("rgb").join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            image::RgbImage::from_fn(28, 28, |x, y| image::Rgb([x as u8, y as u8, 7]))
+                .save(d.join("0.png"))
+                .unwrap();
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_barlow"))
+        .args(["eval", "knn", "--device", "cpu", "--checkpoint"])
+        .arg(run.join("checkpoint.safetensors"))
+        .arg("--data")
+        .arg(dir.join("rgb"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("gray") && err.contains("RGB"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

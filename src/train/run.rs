@@ -453,6 +453,10 @@ fn same_folder(a: Option<&Path>, b: &Path) -> bool {
     }
 }
 
+/// Environment variable that makes the data thread fail at a given batch (tests only).
+#[doc(hidden)]
+pub const INJECT_DATA_FAILURE: &str = "BARLOW_INJECT_DATA_FAILURE";
+
 /// The files a run writes; a folder holding any of them belongs to a run.
 const RUN_FILES: [&str; 3] = ["checkpoint.safetensors", "metrics.jsonl", "curves.png"];
 const LOCK: &str = ".barlow.lock";
@@ -680,6 +684,10 @@ pub fn train(
     let first_step = step;
     progress.start(total, step);
     let start_epoch = step / steps_per_epoch.max(1);
+    // For tests of the error path: the data thread panics at this batch of every epoch.
+    let inject_data_failure = std::env::var(INJECT_DATA_FAILURE)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
     for epoch in start_epoch..cfg.epochs {
         let order = epoch_order(splits.train.len(), cfg.seed, epoch as u64);
         let skip = step - epoch * steps_per_epoch;
@@ -691,7 +699,10 @@ pub fn train(
             let aug_ref = &aug;
             let seed = cfg.seed;
             let feeder = scope.spawn(move || {
-                for idx in batches {
+                for (b, idx) in batches.into_iter().enumerate() {
+                    if inject_data_failure == Some(b) {
+                        panic!("injected data-thread failure at batch {b}");
+                    }
                     if tx
                         .send(two_views(train_set, idx, aug_ref, seed, epoch as u64))
                         .is_err()
