@@ -9,16 +9,8 @@
 
 #include "cuda_scalars.h"
 
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
 #define __shared__ static
 
-struct Dim3 {
-  unsigned x = 1, y = 1, z = 1;
-};
 inline thread_local Dim3 threadIdx, blockIdx;
 inline Dim3 blockDim, gridDim;
 inline thread_local std::barrier<>* emu_barrier = nullptr;

@@ -1,11 +1,23 @@
-// Scalar types and conversions CUDA's headers give device code, for the kernels compiled as host
-// C++ (tests/emulated and the virtual device): bit-exact software bf16, f16 through _Float16.
+// What CUDA's headers give device code, for the kernels compiled as host C++ (tests/emulated and
+// the virtual device): the function qualifiers as no-ops, the index type, and the scalar types
+// and conversions (bit-exact software bf16, f16 through _Float16). How threads run, and so
+// `__shared__`, `threadIdx` and `__syncthreads`, is each emulation's own.
 #pragma once
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #include <algorithm>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+
+struct Dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
 
 using std::max;
 using std::min;

@@ -4,16 +4,7 @@
 #pragma once
 #include "cuda_scalars.h"
 
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __launch_bounds__(...)
 #define __shared__ static thread_local
-
-struct Dim3 {
-  unsigned x = 1, y = 1, z = 1;
-};
 
 namespace vgpu_dev {
 extern thread_local constinit Dim3 thread_idx, block_idx, block_dim, grid_dim;
