@@ -60,12 +60,32 @@ fn evaluating_a_model_on_images_of_other_channels_is_an_error_naming_both() {
     let run = dir.join("run");
     // A gray model: the built-in sample is Fashion-MNIST.
     let out = Command::new(env!("CARGO_BIN_EXE_barlow"))
-        .args(["train", "--max-train", "128", "--batch-size", "64", "--epochs", "1"])
-        .args(["--width", "4", "--projector", "16,16", "--knn-every", "0", "--out"])
+        .args([
+            "train",
+            "--max-train",
+            "128",
+            "--batch-size",
+            "64",
+            "--epochs",
+            "1",
+        ])
+        .args([
+            "--width",
+            "4",
+            "--projector",
+            "16,16",
+            "--knn-every",
+            "0",
+            "--out",
+        ])
         .arg(&run)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for split in ["train", "test"] {
         for class in ["a", "b"] {
             let d = dir.join("rgb").join(split).join(class);
