@@ -21,6 +21,9 @@ echo
 if [ "$skipped" -gt 0 ]; then
   echo "Skipped (they checked nothing):"
   grep '^SKIP: ' "$log" | sed 's/^/  /'
+  if grep -q '^SKIP: .*CUDA' "$log"; then
+    echo "(without a GPU, bash scripts/test-vgpu.sh runs the GPU tests on the virtual CUDA device)"
+  fi
 fi
 echo "$((passed - skipped)) passed, $failed failed, $skipped skipped"
 exit "$status"
