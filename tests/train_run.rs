@@ -512,3 +512,20 @@ fn a_step_far_beyond_the_memory_is_refused_before_it_starts() {
     assert!(e.to_string().contains("crop"), "{e}");
     assert!(!out.exists(), "a refused run left a folder");
 }
+
+#[test]
+fn a_data_thread_failure_ends_the_run_with_an_error() {
+    let out = tmpdir("data-thread");
+    let cfg = TrainConfig {
+        epochs: 1,
+        inject_data_failure: Some(3),
+        ..tiny()
+    };
+    let o = out.clone();
+    match within(300, move || run::train(&cfg, &o, None, &mut Quiet)) {
+        Err(e @ Error::Dataset { .. }) => assert!(e.to_string().contains("data thread"), "{e}"),
+        other => panic!("expected a data-thread error, got {other:?}"),
+    }
+    assert!(!out.join(".barlow.lock").exists());
+    let _ = std::fs::remove_dir_all(&out);
+}

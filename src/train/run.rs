@@ -58,6 +58,10 @@ pub struct TrainConfig {
     /// Element type of activations on the GPU (not saved, like the device).
     #[serde(skip)]
     pub precision: Precision,
+    /// For tests of the error paths: the data thread fails at this batch of every epoch.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub inject_data_failure: Option<usize>,
 }
 
 /// Where training runs.
@@ -108,6 +112,7 @@ impl Default for TrainConfig {
             seed: 0,
             device: DeviceChoice::Cpu,
             precision: Precision::Bf16,
+            inject_data_failure: None,
         }
     }
 }
@@ -453,10 +458,6 @@ fn same_folder(a: Option<&Path>, b: &Path) -> bool {
     }
 }
 
-/// Environment variable that makes the data thread fail at a given batch (tests only).
-#[doc(hidden)]
-pub const INJECT_DATA_FAILURE: &str = "BARLOW_INJECT_DATA_FAILURE";
-
 /// The files a run writes; a folder holding any of them belongs to a run.
 const RUN_FILES: [&str; 3] = ["checkpoint.safetensors", "metrics.jsonl", "curves.png"];
 const LOCK: &str = ".barlow.lock";
@@ -684,10 +685,7 @@ pub fn train(
     let first_step = step;
     progress.start(total, step);
     let start_epoch = step / steps_per_epoch.max(1);
-    // For tests of the error path: the data thread panics at this batch of every epoch.
-    let inject_data_failure = std::env::var(INJECT_DATA_FAILURE)
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok());
+    let inject_data_failure = cfg.inject_data_failure;
     for epoch in start_epoch..cfg.epochs {
         let order = epoch_order(splits.train.len(), cfg.seed, epoch as u64);
         let skip = step - epoch * steps_per_epoch;
