@@ -345,57 +345,60 @@ fn install_interrupt_handler() {
     }
 }
 
-/// A count of at least 1 (parsed by clap, so an error names the option).
-fn positive(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(v) => Ok(v),
-        Err(e) => Err(e.to_string()),
+/// Parses a value and keeps it only when `ok` accepts it; clap adds the option's name to the
+/// message.
+fn checked<T>(s: &str, ok: impl Fn(&T) -> bool, need: &str) -> Result<T, String>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let v: T = s.parse().map_err(|e: T::Err| e.to_string())?;
+    if ok(&v) {
+        Ok(v)
+    } else {
+        Err(need.into())
     }
+}
+
+/// A count of at least 1.
+fn positive(s: &str) -> Result<usize, String> {
+    checked(s, |&v| v >= 1, "must be at least 1")
 }
 
 /// A batch size: the loss standardizes over the batch, so at least 2.
 fn batch(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(v) if v < 2 => {
-            Err("must be at least 2 (Barlow Twins standardizes over the batch)".into())
-        }
-        Ok(v) => Ok(v),
-        Err(e) => Err(e.to_string()),
-    }
+    checked(
+        s,
+        |&v| v >= 2,
+        "must be at least 2 (Barlow Twins standardizes over the batch)",
+    )
 }
 
 /// A crop size in pixels: at least 1 and no larger than any image worth training on.
 fn crop(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(v) if (1..=4096).contains(&v) => Ok(v),
-        Ok(_) => Err("must be between 1 and 4096 pixels".into()),
-        Err(e) => Err(e.to_string()),
-    }
+    checked(
+        s,
+        |v| (1..=4096).contains(v),
+        "must be between 1 and 4096 pixels",
+    )
 }
 
 /// A finite number >= 0.
 fn non_negative(s: &str) -> Result<f32, String> {
-    let v: f32 = s
-        .parse()
-        .map_err(|e: std::num::ParseFloatError| e.to_string())?;
-    if v.is_finite() && v >= 0.0 {
-        Ok(v)
-    } else {
-        Err("must be a finite number >= 0".into())
-    }
+    checked(
+        s,
+        |v: &f32| v.is_finite() && *v >= 0.0,
+        "must be a finite number >= 0",
+    )
 }
 
 /// A finite number > 0.
 fn finite_positive(s: &str) -> Result<f32, String> {
-    let v: f32 = s
-        .parse()
-        .map_err(|e: std::num::ParseFloatError| e.to_string())?;
-    if v.is_finite() && v > 0.0 {
-        Ok(v)
-    } else {
-        Err("must be a finite number > 0".into())
-    }
+    checked(
+        s,
+        |v: &f32| v.is_finite() && *v > 0.0,
+        "must be a finite number > 0",
+    )
 }
 
 fn info() {

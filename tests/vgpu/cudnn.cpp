@@ -501,59 +501,50 @@ API cudnnStatus_t cudnnSetConvolutionMathType(ConvD d, cudnnMathType_t math) {
 
 // Find would time the algorithms on the device; here it reports the heuristics' ranking and runs
 // nothing, so it orders nothing either. It still wants the handle's context current, as a real
-// run would.
+// run would (`find` names the call then); Get only a live handle.
+template <class A, size_t N>
+cudnnStatus_t ranked(cudnnHandle_t h, const char* find, TensorD x, FilterD w, ConvD cv, TensorD y,
+                     const Algo (&algos)[N], int requested, int* returned, AlgoPerf<A>* perf) {
+  std::lock_guard<std::recursive_mutex> l(vgpu::lock());
+  Geom g{};
+  cudnnStatus_t st = find ? enter(h, find) : is(h, kHandle) ? OK : BAD;
+  if (st == OK) st = geometry(x, w, cv, y, g);
+  return rank(st, g, algos, requested, returned, perf);
+}
 API cudnnStatus_t cudnnFindConvolutionForwardAlgorithm(cudnnHandle_t h, TensorD x, FilterD w,
                                                        ConvD cv, TensorD y, int requested,
                                                        int* returned,
                                                        cudnnConvolutionFwdAlgoPerf_t* perf) {
-  std::lock_guard<std::recursive_mutex> l(vgpu::lock());
-  Geom g{};
-  cudnnStatus_t st = enter(h, "cudnnFindConvolutionForwardAlgorithm");
-  if (st == OK) st = geometry(x, w, cv, y, g);
-  return rank(st, g, kFwdAlgos, requested, returned, perf);
+  return ranked(h, "cudnnFindConvolutionForwardAlgorithm", x, w, cv, y, kFwdAlgos, requested,
+                returned, perf);
 }
 API cudnnStatus_t cudnnGetConvolutionForwardAlgorithm_v7(cudnnHandle_t h, TensorD x, FilterD w,
                                                          ConvD cv, TensorD y, int requested,
                                                          int* returned,
                                                          cudnnConvolutionFwdAlgoPerf_t* perf) {
-  std::lock_guard<std::recursive_mutex> l(vgpu::lock());
-  Geom g{};
-  cudnnStatus_t st = is(h, kHandle) ? geometry(x, w, cv, y, g) : BAD;
-  return rank(st, g, kFwdAlgos, requested, returned, perf);
+  return ranked(h, nullptr, x, w, cv, y, kFwdAlgos, requested, returned, perf);
 }
 API cudnnStatus_t cudnnFindConvolutionBackwardDataAlgorithm(
     cudnnHandle_t h, FilterD w, TensorD dy, ConvD cv, TensorD dx, int requested, int* returned,
     cudnnConvolutionBwdDataAlgoPerf_t* perf) {
-  std::lock_guard<std::recursive_mutex> l(vgpu::lock());
-  Geom g{};
-  cudnnStatus_t st = enter(h, "cudnnFindConvolutionBackwardDataAlgorithm");
-  if (st == OK) st = geometry(dx, w, cv, dy, g);
-  return rank(st, g, kDataAlgos, requested, returned, perf);
+  return ranked(h, "cudnnFindConvolutionBackwardDataAlgorithm", dx, w, cv, dy, kDataAlgos,
+                requested, returned, perf);
 }
 API cudnnStatus_t cudnnGetConvolutionBackwardDataAlgorithm_v7(
     cudnnHandle_t h, FilterD w, TensorD dy, ConvD cv, TensorD dx, int requested, int* returned,
     cudnnConvolutionBwdDataAlgoPerf_t* perf) {
-  std::lock_guard<std::recursive_mutex> l(vgpu::lock());
-  Geom g{};
-  cudnnStatus_t st = is(h, kHandle) ? geometry(dx, w, cv, dy, g) : BAD;
-  return rank(st, g, kDataAlgos, requested, returned, perf);
+  return ranked(h, nullptr, dx, w, cv, dy, kDataAlgos, requested, returned, perf);
 }
 API cudnnStatus_t cudnnFindConvolutionBackwardFilterAlgorithm(
     cudnnHandle_t h, TensorD x, TensorD dy, ConvD cv, FilterD dw, int requested, int* returned,
     cudnnConvolutionBwdFilterAlgoPerf_t* perf) {
-  std::lock_guard<std::recursive_mutex> l(vgpu::lock());
-  Geom g{};
-  cudnnStatus_t st = enter(h, "cudnnFindConvolutionBackwardFilterAlgorithm");
-  if (st == OK) st = geometry(x, dw, cv, dy, g);
-  return rank(st, g, kFilterAlgos, requested, returned, perf);
+  return ranked(h, "cudnnFindConvolutionBackwardFilterAlgorithm", x, dw, cv, dy, kFilterAlgos,
+                requested, returned, perf);
 }
 API cudnnStatus_t cudnnGetConvolutionBackwardFilterAlgorithm_v7(
     cudnnHandle_t h, TensorD x, TensorD dy, ConvD cv, FilterD dw, int requested, int* returned,
     cudnnConvolutionBwdFilterAlgoPerf_t* perf) {
-  std::lock_guard<std::recursive_mutex> l(vgpu::lock());
-  Geom g{};
-  cudnnStatus_t st = is(h, kHandle) ? geometry(x, dw, cv, dy, g) : BAD;
-  return rank(st, g, kFilterAlgos, requested, returned, perf);
+  return ranked(h, nullptr, x, dw, cv, dy, kFilterAlgos, requested, returned, perf);
 }
 
 API cudnnStatus_t cudnnGetConvolutionForwardWorkspaceSize(cudnnHandle_t h, TensorD x, FilterD w,

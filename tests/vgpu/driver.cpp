@@ -345,7 +345,6 @@ Epoch begin_op(Stream* s) {
 }
 
 void host_join(const Clock& c) { st().host.join(c); }
-const Clock& host_clock() { return st().host; }
 
 Allocation* find(const void* p) {
   Allocation* a = containing(st().live, uintptr_t(p));

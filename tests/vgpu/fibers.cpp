@@ -82,7 +82,7 @@ void fiber_main() {
   fail("host", "a finished fiber was resumed");
 }
 
-void reserve(unsigned n) {
+void reserve() {
   if (w.stacks) return;
   // One stack per possible thread, each with a guard page below it; pages are touched lazily.
   size_t total = size_t(kMaxThreadsPerBlock) * kStack;
@@ -92,7 +92,6 @@ void reserve(unsigned n) {
   for (size_t i = 0; i < size_t(kMaxThreadsPerBlock); ++i) mprotect(w.stacks + i * kStack, kPage, PROT_NONE);
   w.fibers.resize(kMaxThreadsPerBlock);
   w.done.resize(kMaxThreadsPerBlock);
-  (void)n;
 }
 
 Dim3 index_of(unsigned t) {
@@ -136,7 +135,7 @@ void resume(unsigned t) {
 void run_block(Dim3 block_index, void (*body)(const void*), const void* arg) {
   const Dim3& b = vgpu_dev::block_dim;
   const unsigned n = b.x * b.y * b.z;
-  reserve(n);
+  reserve();
   vgpu_dev::block_idx = block_index;
   w.body = body;
   w.arg = arg;

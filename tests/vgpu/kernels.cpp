@@ -148,7 +148,6 @@ const Kernel* find_kernel(const char* name) {
   return nullptr;
 }
 
-const char* kernel_name(const Kernel* k) { return k->name; }
 
 int launch(const Kernel* k, const LaunchShape& shape, Stream* s, void** params) {
   return k->launch(shape, s, params, mutation().swap == k);

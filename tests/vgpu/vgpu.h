@@ -79,7 +79,6 @@ Stream* stream(void* handle, Context* ctx);
 Epoch begin_op(Stream* s);
 // The host waits for `c` (synchronize calls).
 void host_join(const Clock& c);
-const Clock& host_clock();
 
 // Checks an access of [p, p + bytes) by the current operation on `s` and records it. `what`
 // names the operation and operand in a report. Returns the allocation.
@@ -103,7 +102,6 @@ void parallel(size_t n, F&& f) {
 // The kernel registry (kernels.cpp): `launch` runs one, by the name the module gave it.
 struct Kernel;
 const Kernel* find_kernel(const char* name);
-const char* kernel_name(const Kernel* k);
 struct LaunchShape {
   unsigned grid[3], block[3];
   unsigned shared;
