@@ -1,15 +1,25 @@
-//! Compiles every `kernels/*.cu` into one fatbin with nvcc and exposes it to the crate.
+//! Compiles the kernels of each enabled feature into its own fatbin with nvcc, and lists every
+//! kernel each module defines (read from the sources, token-pasting macros included).
 //!
-//! Without nvcc the crate still builds (CPU only): the `barlow_kernels` cfg stays unset and every
-//! CUDA entry point returns `Error::NoKernels`. `BARLOW_REQUIRE_KERNELS=1` turns that into a build
-//! failure, for CI and release builds that must ship the kernels.
+//! Modules: `kernels/loss/` (feature `cuda`), `kernels/bench/` (feature `bench`), `kernels/train/`
+//! (feature `train`). Without nvcc the crate still builds (CPU only): the `barlow_kernels` cfg stays
+//! unset and every CUDA entry point returns `Error::NoKernels`. `BARLOW_REQUIRE_KERNELS=1` turns
+//! that into a build failure, for CI and release builds that must ship the kernels.
 
 use std::env;
+use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const DEFAULT_ARCHS: &[u32] = &[80, 86, 89, 90];
+
+/// (folder under `kernels/`, constant name, feature that enables it).
+const MODULES: &[(&str, &str, &str)] = &[
+    ("loss", "LOSS", "CUDA"),
+    ("bench", "BENCH", "BENCH"),
+    ("train", "TRAIN", "TRAIN"),
+];
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(barlow_kernels)");
@@ -24,51 +34,131 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
     println!("cargo:rerun-if-changed=kernels");
-
-    let require = env::var("BARLOW_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
-    match build_fatbin() {
-        Ok(path) => {
-            println!("cargo:rustc-cfg=barlow_kernels");
-            println!("cargo:rustc-env=BARLOW_FATBIN={}", path.display());
-        }
-        Err(reason) if require => {
-            panic!("BARLOW_REQUIRE_KERNELS=1 but the CUDA kernels could not be built: {reason}")
-        }
-        Err(reason) => {
-            println!(
-                "cargo:warning=barlow: building without CUDA kernels ({reason}); \
-                 install nvcc (scripts/install-nvcc.sh) and rebuild"
-            );
-        }
+    if env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    if let Err(e) = run() {
+        panic!("{e}");
     }
 }
 
-fn build_fatbin() -> Result<PathBuf, String> {
+fn run() -> Result<(), String> {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").map_err(|e| e.to_string())?);
     let out = PathBuf::from(env::var("OUT_DIR").map_err(|e| e.to_string())?);
     let kernels_dir = manifest.join("kernels");
+    let require = env::var("BARLOW_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
 
-    let mut sources: Vec<PathBuf> = fs::read_dir(&kernels_dir)
-        .map_err(|e| format!("cannot read {}: {e}", kernels_dir.display()))?
+    let enabled: Vec<_> = MODULES
+        .iter()
+        .filter(|(_, _, feature)| env::var_os(format!("CARGO_FEATURE_{feature}")).is_some())
+        .collect();
+    let mut sources = Vec::new();
+    for (folder, _, _) in &enabled {
+        let s = cu_files(&kernels_dir.join(folder))?;
+        for p in &s {
+            println!("cargo:rerun-if-changed={}", p.display());
+        }
+        sources.push(s);
+    }
+    for entry in fs::read_dir(&kernels_dir).map_err(|e| e.to_string())? {
+        let p = entry.map_err(|e| e.to_string())?.path();
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
+
+    // nvcc runs once per module, the modules in parallel.
+    let nvcc = find_nvcc();
+    let built: Vec<Result<PathBuf, String>> = match (&nvcc, archs()) {
+        (Some(nvcc), Ok(archs)) => std::thread::scope(|scope| {
+            let handles: Vec<_> = enabled
+                .iter()
+                .zip(&sources)
+                .map(|((folder, _, _), files)| {
+                    let (nvcc, archs, dir, out) = (nvcc, &archs, &kernels_dir, &out);
+                    scope.spawn(move || build_fatbin(nvcc, archs, dir, out, folder, files))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err("nvcc thread panicked".into()))
+                })
+                .collect()
+        }),
+        (None, _) => vec![Err(
+            "nvcc not found (looked at $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, /usr/local/cuda/bin, \
+             PATH, .cuda/ from scripts/install-nvcc.sh)"
+                .into(),
+        )],
+        (_, Err(e)) => vec![Err(e)],
+    };
+    let failure = built.iter().find_map(|r| r.as_ref().err()).cloned();
+    match &failure {
+        None => println!("cargo:rustc-cfg=barlow_kernels"),
+        Some(reason) if require => {
+            return Err(format!(
+                "BARLOW_REQUIRE_KERNELS=1 but the CUDA kernels could not be built: {reason}"
+            ))
+        }
+        Some(reason) => println!(
+            "cargo:warning=barlow: building without CUDA kernels ({reason}); \
+             install nvcc (scripts/install-nvcc.sh) and rebuild"
+        ),
+    }
+
+    let mut text = String::from("// generated by build.rs from kernels/*/*.cu\n");
+    for (i, ((folder, constant, _), files)) in enabled.iter().zip(&sources).enumerate() {
+        let mut names = Vec::new();
+        for f in files {
+            let src = fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+            names.extend(kernel_names(&src).map_err(|e| format!("{}: {e}", f.display()))?);
+        }
+        names.sort();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!(
+                "kernel `{}` is defined twice in kernels/{folder}",
+                w[0]
+            ));
+        }
+        let image = match (&failure, built.get(i)) {
+            (None, Some(Ok(path))) => {
+                format!("Some(include_bytes!({:?}))", path.display().to_string())
+            }
+            _ => "None".to_string(),
+        };
+        let _ = writeln!(
+            text,
+            "/// The kernels of `kernels/{folder}/`.\npub const {constant}: Module = Module {{\n    \
+             name: {folder:?},\n    image: {image},\n    kernels: &{names:?},\n}};"
+        );
+    }
+    let listing = out.join("kernels.rs");
+    fs::write(&listing, text).map_err(|e| format!("cannot write {}: {e}", listing.display()))
+}
+
+fn cu_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| matches!(p.extension().and_then(|x| x.to_str()), Some("cu" | "cuh")))
         .collect();
-    sources.sort();
-    for s in &sources {
-        println!("cargo:rerun-if-changed={}", s.display());
-    }
+    files.sort();
+    Ok(files)
+}
 
-    let nvcc = find_nvcc().ok_or(
-        "nvcc not found (looked at $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, /usr/local/cuda/bin, \
-         PATH, .cuda/ from scripts/install-nvcc.sh)",
-    )?;
-    let archs = archs()?;
-
-    // One translation unit that includes every .cu: nvcc writes one fatbin per input, and all
-    // kernels are `extern "C"`, so a single unit keeps one module to load.
-    let unit = out.join("barlow_kernels.cu");
+fn build_fatbin(
+    nvcc: &Path,
+    archs: &[u32],
+    kernels_dir: &Path,
+    out: &Path,
+    folder: &str,
+    files: &[PathBuf],
+) -> Result<PathBuf, String> {
+    // One translation unit per module: nvcc writes one fatbin per input, and all kernels are
+    // `extern "C"`, so a single unit keeps one image to load.
+    let unit = out.join(format!("barlow_{folder}.cu"));
     let mut text = String::from("// generated by build.rs\n");
-    for s in sources
+    for s in files
         .iter()
         .filter(|p| p.extension().is_some_and(|x| x == "cu"))
     {
@@ -76,18 +166,18 @@ fn build_fatbin() -> Result<PathBuf, String> {
     }
     fs::write(&unit, text).map_err(|e| format!("cannot write {}: {e}", unit.display()))?;
 
-    let fatbin = out.join("barlow_kernels.fatbin");
-    let mut cmd = Command::new(&nvcc);
+    let fatbin = out.join(format!("barlow_{folder}.fatbin"));
+    let mut cmd = Command::new(nvcc);
     cmd.arg("--fatbin")
         .arg("-O3")
         .arg("-std=c++17")
         // Uncompressed, so kernel names stay visible and loading needs no decompression.
         .arg("-no-compress")
         .arg("-I")
-        .arg(&kernels_dir)
+        .arg(kernels_dir)
         .arg("-o")
         .arg(&fatbin);
-    for a in &archs {
+    for a in archs {
         cmd.arg("-gencode")
             .arg(format!("arch=compute_{a},code=sm_{a}"));
     }
@@ -101,13 +191,125 @@ fn build_fatbin() -> Result<PathBuf, String> {
         .map_err(|e| format!("cannot run {}: {e}", nvcc.display()))?;
     if !output.status.success() {
         return Err(format!(
-            "nvcc failed ({}):\n{}{}",
+            "nvcc failed on kernels/{folder} ({}):\n{}{}",
             output.status,
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)
         ));
     }
     Ok(fatbin)
+}
+
+fn ident(t: &str) -> String {
+    t.chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect()
+}
+
+/// A macro's arguments: `MACRO(a, b, T)` → ["a", "b", "T"].
+fn args(t: &str) -> Vec<String> {
+    t.split(')')
+        .next()
+        .unwrap_or("")
+        .split(',')
+        .map(|a| a.trim().to_string())
+        .collect()
+}
+
+/// The kernel names after each `__global__ void [__launch_bounds__(…)]` in `text`, with what
+/// follows each name (to spot `PREFIX##PARAM` pasting).
+fn kernels(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for rest in text.split("__global__ void").skip(1) {
+        let mut t = rest.trim_start();
+        if let Some(after) = t.strip_prefix("__launch_bounds__(") {
+            let mut depth = 1;
+            let end = after
+                .char_indices()
+                .find(|&(_, c)| {
+                    depth += match c {
+                        '(' => 1,
+                        ')' => -1,
+                        _ => 0,
+                    };
+                    depth == 0
+                })
+                .map(|(i, _)| i)
+                .ok_or("unbalanced __launch_bounds__(")?;
+            t = after[end + 1..].trim_start();
+        }
+        let name = ident(t);
+        let tail = t[name.len()..].to_string();
+        out.push((name, tail));
+    }
+    Ok(out)
+}
+
+/// Every `extern "C"` kernel a source defines: those written out, and those a macro defines, named
+/// by one of its arguments (`NAME`) or pasted from a prefix and an argument (`prefix_##SUF`).
+fn kernel_names(text: &str) -> Result<Vec<String>, String> {
+    // (macro, [(prefix, index of the argument that completes the name)])
+    let mut macros: Vec<(String, Vec<(String, usize)>)> = Vec::new();
+    let mut plain = String::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        let Some(def) = line.trim_start().strip_prefix("#define ") else {
+            plain.push_str(line);
+            plain.push('\n');
+            continue;
+        };
+        // Join the continued lines without their backslashes.
+        let strip = |l: &str| format!("{} ", l.trim_end().trim_end_matches('\\'));
+        let mut body = strip(line);
+        let mut last = line;
+        while last.trim_end().ends_with('\\') {
+            match lines.next() {
+                Some(l) => {
+                    body.push_str(&strip(l));
+                    last = l;
+                }
+                None => break,
+            }
+        }
+        let name = ident(def);
+        let params = args(def[name.len()..].trim_start_matches('('));
+        let mut names = Vec::new();
+        for (k, tail) in kernels(&body)? {
+            if let Some(pasted) = tail.strip_prefix("##") {
+                let param = ident(pasted);
+                let i = params
+                    .iter()
+                    .position(|p| *p == param)
+                    .ok_or(format!("macro {name} pastes `{param}`, not a parameter"))?;
+                names.push((k, i));
+            } else if let Some(i) = params.iter().position(|p| *p == k) {
+                names.push((String::new(), i));
+            } else {
+                return Err(format!(
+                    "kernel {k} in macro {name} is not named by a parameter"
+                ));
+            }
+        }
+        if !names.is_empty() {
+            macros.push((name, names));
+        }
+    }
+    let mut found: Vec<String> = kernels(&plain)?.into_iter().map(|(n, _)| n).collect();
+    for line in plain.lines().map(str::trim_start) {
+        for (m, names) in &macros {
+            if let Some(rest) = line
+                .strip_prefix(m.as_str())
+                .and_then(|r| r.strip_prefix('('))
+            {
+                let a = args(rest);
+                for (prefix, i) in names {
+                    let arg = a.get(*i).ok_or(format!("{m}( has too few arguments"))?;
+                    found.push(format!("{prefix}{arg}"));
+                }
+            }
+        }
+    }
+    Ok(found)
 }
 
 fn archs() -> Result<Vec<u32>, String> {

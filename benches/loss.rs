@@ -14,7 +14,7 @@ use barlow::cuda::cudarc::driver::{CudaSlice, CudaStream};
 use barlow::cuda::naive::NaiveLoss;
 use barlow::cuda::ops::CudaOps;
 use barlow::rng::Rng;
-use barlow::{BarlowTwinsLoss, Dims, LossConfig, Math, Path};
+use barlow::{BarlowTwinsLoss, Dims, LossConfig, LossPath, Math};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +44,7 @@ fn cpu(c: &mut Criterion) {
         let zb = rng.correlated(&za, 0.5);
         let (mut a, mut b) = (vec![0f32; n * d], vec![0f32; n * d]);
         g.throughput(Throughput::Elements((6 * n * d * d) as u64));
-        for (name, path) in [("direct", Path::Direct), ("gram", Path::Gram)] {
+        for (name, path) in [("direct", LossPath::Direct), ("gram", LossPath::Gram)] {
             let loss = BarlowTwinsLoss::new(LossConfig {
                 path,
                 ..Default::default()

@@ -18,14 +18,14 @@ mkdir -p "$out/gen"
 # through token-pasting macros included).
 src=$out/gen/kernel_sources.inc
 : >"$src.tmp"
-for f in "$root"/kernels/*.cu; do echo "#include \"$f\"" >>"$src.tmp"; done
+for f in "$root"/kernels/*/*.cu; do echo "#include \"$f\"" >>"$src.tmp"; done
 mv "$src.tmp" "$src"
 flags=(-std=c++20 -DBARLOW_HOST_EMULATION -I "$root/tests/vgpu" -I "$root/tests/emulated"
        -I "$root/kernels" -I "$out/gen" -I "$inc")
 "$cxx" "${flags[@]}" -E -P -x c++ "$src" | tr -s '\n\t' '  ' \
   | grep -oE 'extern "C" +void +[A-Za-z_][A-Za-z_0-9]* *\(' \
   | sed -E 's/.*void +([A-Za-z_0-9]+).*/VGPU_KERNEL(\1)/' | sort -u >"$out/gen/kernel_table.inc"
-[[ -s $out/gen/kernel_table.inc ]] || { echo "build-vgpu: no kernels found in kernels/*.cu" >&2; exit 1; }
+[[ -s $out/gen/kernel_table.inc ]] || { echo "build-vgpu: no kernels found in kernels/*/*.cu" >&2; exit 1; }
 
 lib=$out/libvgpu.so
 sources=()
@@ -33,7 +33,7 @@ for s in "$root"/tests/vgpu/*.cpp; do
   [[ $s == */selftest.cpp ]] || sources+=("$s")  # a program linked against the library, not part of it
 done
 newest=$(ls -t "${sources[@]}" "$root"/tests/vgpu/*.h "$root"/tests/emulated/cuda_scalars.h \
-         "$root"/kernels/* "${BASH_SOURCE[0]}" | head -n 1)
+         "$root"/kernels/*.cuh "$root"/kernels/*/* "${BASH_SOURCE[0]}" | head -n 1)
 if [[ ! -f $lib || $newest -nt $lib ]]; then
   objs=() pids=()
   for s in "${sources[@]}"; do

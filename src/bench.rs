@@ -7,7 +7,7 @@ use crate::cuda::ops::CudaOps;
 use crate::cuda::{device_label, drv, memory};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
-use crate::{BarlowTwinsLoss, Dims, LossConfig, Math, Path};
+use crate::{BarlowTwinsLoss, Dims, LossConfig, LossPath, Math};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,8 +33,11 @@ pub fn loss_work(dims: Dims, in_bytes: usize) -> Work {
 /// Summary of repeated timings.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
+    /// Median of the timed calls, milliseconds.
     pub median_ms: f64,
+    /// Fastest timed call, milliseconds.
     pub min_ms: f64,
+    /// Number of timed calls.
     pub runs: usize,
 }
 
@@ -114,11 +117,15 @@ pub struct Row {
     pub path: String,
     /// `f32`, `tf32` or `bf16`.
     pub math: String,
+    /// Batch size N.
     pub n: usize,
+    /// Feature dimension D.
     pub d: usize,
     /// `ok`, `oom` or an error message.
     pub status: String,
+    /// Median time per call, milliseconds (absent when the row did not run).
     pub median_ms: Option<f64>,
+    /// Fastest call, milliseconds.
     pub min_ms: Option<f64>,
     /// Peak device memory (pool high-water mark, inputs and gradients included).
     pub peak_bytes: Option<u64>,
@@ -163,20 +170,20 @@ pub fn math_name(m: Math) -> &'static str {
 }
 
 /// The row name of the fused loss by `path`: `barlow` (auto), `barlow-direct`, `barlow-gram`.
-pub fn path_row(path: Path) -> &'static str {
+pub fn path_row(path: LossPath) -> &'static str {
     match path {
-        Path::Auto => "barlow",
-        Path::Direct => "barlow-direct",
-        Path::Gram => "barlow-gram",
+        LossPath::Auto => "barlow",
+        LossPath::Direct => "barlow-direct",
+        LossPath::Gram => "barlow-gram",
     }
 }
 
 /// Parses `auto`, `direct` or `gram`.
-pub fn parse_path(s: &str) -> Result<Path> {
+pub fn parse_path(s: &str) -> Result<LossPath> {
     match s {
-        "auto" => Ok(Path::Auto),
-        "direct" => Ok(Path::Direct),
-        "gram" => Ok(Path::Gram),
+        "auto" => Ok(LossPath::Auto),
+        "direct" => Ok(LossPath::Direct),
+        "gram" => Ok(LossPath::Gram),
         other => Err(Error::InvalidConfig(format!(
             "unknown path `{other}` (use auto, direct or gram)"
         ))),
@@ -198,12 +205,14 @@ pub fn parse_math(s: &str) -> Result<Math> {
 /// How many warm-up and timed calls each measurement makes.
 #[derive(Debug, Clone, Copy)]
 pub struct Repeats {
+    /// Untimed calls first (module loading, workspace allocation, clocks).
     pub warmup: usize,
+    /// Timed calls.
     pub timed: usize,
 }
 
 /// Measures the CPU path for one shape (f32; the CPU ignores `Math`).
-pub fn bench_cpu(dims: Dims, reps: Repeats, seed: u64, path: Path) -> Row {
+pub fn bench_cpu(dims: Dims, reps: Repeats, seed: u64, path: LossPath) -> Row {
     let row = Row::new("cpu", path_row(path), Math::F32, dims);
     let run = || -> Result<(Timing, Option<u64>)> {
         let mut rng = Rng::new(seed);
@@ -257,7 +266,7 @@ pub fn bench_gpu(
     math: Math,
     reps: Repeats,
     seed: u64,
-    paths: &[Path],
+    paths: &[LossPath],
     baselines: bool,
 ) -> Vec<Row> {
     let mut rng = Rng::new(seed);
@@ -282,7 +291,7 @@ fn bench_fused(
     dims: Dims,
     math: Math,
     reps: Repeats,
-    path: Path,
+    path: LossPath,
     za: &[f32],
     zb: &[f32],
 ) -> Row {
@@ -414,7 +423,7 @@ pub fn render_table(rows: &[Row]) -> String {
         let mut work = loss_work(dims, in_bytes);
         // The Gram path does other work: 8·N²·D flops, and N² instead of D² for the matrices.
         let b_is_gram = match (auto, direct) {
-            (Some(_), _) => Path::Auto.resolve(dims) == Path::Gram,
+            (Some(_), _) => LossPath::Auto.resolve(dims) == LossPath::Gram,
             (None, Some(_)) => false,
             (None, None) => gram.is_some(),
         };

@@ -8,48 +8,69 @@ pub enum Error {
     /// An input's length does not match the N×D shape the caller declared.
     #[error("shape mismatch: `{name}` holds {len} elements, but N×D = {n}×{d} = {expected}")]
     ShapeMismatch {
+        /// Which input.
         name: &'static str,
+        /// Its length in elements.
         len: usize,
+        /// Declared batch size N.
         n: usize,
+        /// Declared feature dimension D.
         d: usize,
+        /// N×D.
         expected: usize,
     },
     /// Standardizing over the batch needs at least two rows.
     #[error("batch size N = {n} is too small: standardization over the batch needs N >= 2")]
-    BatchTooSmall { n: usize },
+    BatchTooSmall {
+        /// The batch size given.
+        n: usize,
+    },
     /// The feature dimension is zero.
     #[error("feature dimension D is 0: the projector output must have at least one column")]
     EmptyFeatures,
     /// N×D (or D×D) does not fit the index types the kernels and cuBLAS use.
     #[error("size too large: {what}")]
-    TooLarge { what: String },
-    /// An output buffer cannot hold N×D elements.
-    #[error(
-        "buffer `{name}` is too small: it holds {len} elements, but N×D = {needed} are needed"
-    )]
+    TooLarge {
+        /// Which size, with its value.
+        what: String,
+    },
+    /// An output buffer is smaller than the shape needs.
+    #[error("buffer `{name}` is too small: it holds {len} elements, but {needed} are needed")]
     BufferTooSmall {
+        /// Which buffer.
         name: &'static str,
+        /// Its length in elements.
         len: usize,
+        /// Elements needed.
         needed: usize,
     },
     /// A device buffer belongs to a different CUDA context (device) than the stream.
     #[error(
         "buffer `{name}` lives on another CUDA device/context than the stream it was passed with"
     )]
-    WrongContext { name: &'static str },
+    WrongContext {
+        /// Which buffer.
+        name: &'static str,
+    },
     /// A configuration value (of the loss, the trainer or a command) is out of range; the
     /// message names it.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
     /// The inputs hold NaN or infinity, so the loss is not a number.
     #[error("non-finite inputs: the loss came out as {total} (NaN or infinity in Za or Zb)")]
-    NonFinite { total: f64 },
+    NonFinite {
+        /// The loss that came out (NaN or ±infinity).
+        total: f64,
+    },
     /// The run was asked to stop (Ctrl-C in the CLI).
     #[error(
         "interrupted after step {step}; the checkpoint of the last finished epoch is kept \
          (continue with --resume)"
     )]
-    Interrupted { step: usize },
+    Interrupted {
+        /// The last step that finished.
+        step: usize,
+    },
     /// Training diverged: the loss stopped being a finite number.
     #[error(
         "training diverged at step {step}: the loss became {loss}; lower the base learning rates \
@@ -57,17 +78,31 @@ pub enum Error {
          (--warmup-epochs); the checkpoint of the last finished epoch is kept"
     )]
     Diverged {
+        /// The step whose loss was not finite.
         step: usize,
+        /// That loss.
         loss: f64,
+        /// The base learning rate of the weights.
         lr_weights: f32,
+        /// The base learning rate of biases and norm parameters.
         lr_biases: f32,
     },
     /// A buffer could not be allocated on the host.
     #[error("out of memory while {during} ({bytes} bytes); use a smaller N or D, or the Gram path for large D")]
-    OutOfHostMemory { during: String, bytes: usize },
+    OutOfHostMemory {
+        /// What was being allocated.
+        during: String,
+        /// Bytes asked for.
+        bytes: usize,
+    },
     /// The device ran out of memory.
     #[error("out of device memory while {during} (needs about {bytes} bytes); use a smaller N or D, or free device memory")]
-    OutOfDeviceMemory { during: String, bytes: usize },
+    OutOfDeviceMemory {
+        /// What was being allocated.
+        during: String,
+        /// Bytes asked for (0 when unknown).
+        bytes: usize,
+    },
     /// The crate was compiled without nvcc, so no CUDA kernels are embedded.
     #[error("built without CUDA kernels: install nvcc (scripts/install-nvcc.sh) and rebuild")]
     NoKernels,
@@ -85,26 +120,53 @@ pub enum Error {
     NoDevice(String),
     /// A dataset is missing, empty or malformed.
     #[error("dataset {path}: {reason}")]
-    Dataset { path: String, reason: String },
+    Dataset {
+        /// The dataset path or name.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: String,
         #[source]
+        /// The operating system's error.
         source: std::io::Error,
     },
     /// A checkpoint cannot be used.
     #[error("checkpoint {path}: {reason}")]
-    Checkpoint { path: String, reason: String },
+    Checkpoint {
+        /// The checkpoint file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Any other CUDA driver failure, with the call that failed.
     #[error("CUDA error in {during}: {message}")]
-    Cuda { during: String, message: String },
+    Cuda {
+        /// The operation that failed.
+        during: String,
+        /// The driver's error.
+        message: String,
+    },
     /// Any other cuDNN failure, with the call that failed.
     #[error("cuDNN error in {during}: {message}")]
-    Cudnn { during: String, message: String },
+    Cudnn {
+        /// The operation that failed.
+        during: String,
+        /// cuDNN's error.
+        message: String,
+    },
     /// Any other cuBLAS failure, with the call that failed.
     #[error("cuBLAS error in {during}: {message}")]
-    Cublas { during: String, message: String },
+    Cublas {
+        /// The operation that failed.
+        during: String,
+        /// cuBLAS's error.
+        message: String,
+    },
 }
 
 /// Shorthand for `Result<T, barlow::Error>`.

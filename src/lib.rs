@@ -4,30 +4,61 @@
 //! off-diagonal reduction, and the whole backward pass) as fused CUDA kernels plus cuBLAS, with a
 //! CPU twin of every kernel and a float64 reference that the tests hold both to.
 //!
-//! * [`BarlowTwinsLoss`] — the loss and its gradients, on host slices or CUDA device buffers.
+//! * [`BarlowTwinsLoss`] — the loss and its gradients, on host slices or (feature `cuda`) CUDA
+//!   device buffers, waiting for the result or writing it to device memory.
 //! * [`cpu`] — the CPU kernels and the [`cpu::reference`] implementation.
-//! * [`cuda`] — the embedded kernels, [`cuda::ops::CudaOps`] (one safe method per kernel and GEMM),
-//!   and [`cuda::naive::NaiveLoss`], the op-by-op baseline used by the benchmarks.
+//! * `cuda` (feature `cuda`) — the embedded kernels, `cuda::ops::CudaOps` (one safe method per
+//!   kernel and GEMM); `cuda::naive::NaiveLoss` (feature `bench`) is the op-by-op baseline.
+//! * `candle` (feature `candle`) — the loss as a candle custom op with gradients.
+//! * `nn`, `train` (feature `train`) — the ResNet model and its CPU and CUDA training engines.
 //!
-//! CUDA is loaded at run time: a binary built with the kernels runs on machines without a GPU, and
-//! every CUDA entry point then returns an [`Error`] saying what is missing.
+//! ## Features
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | *(none)* | the CPU loss, its f64 reference, configuration and errors |
+//! | `cuda` | the CUDA loss and its kernels (cudarc; the application picks cudarc's linking mode and CUDA version) |
+//! | `bench` | the op-by-op baseline loss and the benchmark harness |
+//! | `train` | the model, both training engines, data, checkpoints, evaluation |
+//! | `cli` (default) | the `barlow` command |
+//! | `candle`, `candle-cuda` | the candle custom op, on CPU / CUDA tensors |
+//!
+//! The loss alone: `barlow = { version = "0.1", default-features = false, features = ["cuda"] }`.
+//! CUDA is loaded at run time unless the application links it: a binary built with the kernels
+//! runs on machines without a GPU, and every CUDA entry point then returns an [`Error`] saying what
+//! is missing.
+#![warn(missing_docs)]
 
+#[cfg(feature = "bench")]
 pub mod bench;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod cpu;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 mod error;
 pub mod io;
 mod loss;
+#[cfg(feature = "train")]
 pub mod nn;
 pub mod rng;
 mod shape;
+#[cfg(feature = "train")]
 pub mod train;
 
 pub use error::{Error, Result};
-pub use loss::{BarlowTwinsLoss, LossConfig, LossValue, Math, Path};
+pub use loss::{BarlowTwinsLoss, LossConfig, LossPath, LossValue, Math};
 pub use shape::Dims;
 
 /// Whether this build embeds the CUDA kernels (it was compiled with nvcc available).
 pub fn built_with_kernels() -> bool {
-    cuda::fatbin::FATBIN.is_some()
+    #[cfg(feature = "cuda")]
+    return cuda::fatbin::built();
+    #[cfg(not(feature = "cuda"))]
+    false
 }
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(all(doctest, feature = "cli"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -1,11 +1,15 @@
 //! The public loss: configuration, value, and [`BarlowTwinsLoss`] with its CPU and CUDA entry points.
 
 use crate::cpu;
+#[cfg(feature = "cuda")]
 use crate::cuda::{self, fused, Element};
 use crate::error::{Error, Result};
 use crate::shape::{check_input, check_output, Dims};
+#[cfg(feature = "cuda")]
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
-use std::sync::{Arc, Mutex, MutexGuard};
+#[cfg(feature = "cuda")]
+use std::sync::Arc;
+use std::sync::{Mutex, MutexGuard};
 
 /// Precision of the cross-correlation GEMMs. Accumulation is f32 in every mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -21,7 +25,7 @@ pub enum Math {
 
 /// How the cross-correlation's terms are computed. Both are exact; they differ in cost and memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Path {
+pub enum LossPath {
     /// Gram when it is cheaper (4N < 3D) or when C would not fit (D² > 2³⁰ elements), else Direct.
     #[default]
     Auto,
@@ -31,16 +35,16 @@ pub enum Path {
     Gram,
 }
 
-impl Path {
+impl LossPath {
     /// The concrete path for a shape (`Direct` or `Gram`).
-    pub fn resolve(self, dims: Dims) -> Path {
+    pub fn resolve(self, dims: Dims) -> LossPath {
         match self {
-            Path::Auto => {
+            LossPath::Auto => {
                 let (n, d) = (dims.n as f64, dims.d as f64);
                 if 4.0 * n < 3.0 * d || d * d > (1u64 << 30) as f64 {
-                    Path::Gram
+                    LossPath::Gram
                 } else {
-                    Path::Direct
+                    LossPath::Direct
                 }
             }
             p => p,
@@ -58,7 +62,7 @@ pub struct LossConfig {
     /// GEMM precision on the GPU. The CPU path always computes in f32.
     pub math: Math,
     /// Direct (D×D) or Gram (N×N) computation, or chosen per shape.
-    pub path: Path,
+    pub path: LossPath,
 }
 
 impl Default for LossConfig {
@@ -67,7 +71,7 @@ impl Default for LossConfig {
             lambda: 0.0051,
             eps: 1e-5,
             math: Math::F32,
-            path: Path::Auto,
+            path: LossPath::Auto,
         }
     }
 }
@@ -104,7 +108,7 @@ pub struct LossValue {
     /// Redundancy-reduction term λ·Σᵢ≠ⱼ Cᵢⱼ² (already weighted by λ).
     pub off_diag: f64,
     /// The path that computed it (`Direct` or `Gram`).
-    pub path: Path,
+    pub path: LossPath,
 }
 
 impl LossValue {
@@ -114,12 +118,12 @@ impl LossValue {
             total: on_diag + off_diag,
             on_diag,
             off_diag,
-            path: Path::Direct,
+            path: LossPath::Direct,
         }
     }
 
     /// The same value, marked as computed by `path`.
-    pub fn via(self, path: Path) -> Self {
+    pub fn via(self, path: LossPath) -> Self {
         Self { path, ..self }
     }
 }
@@ -141,7 +145,7 @@ struct CpuWorkspace {
 impl CpuWorkspace {
     /// Sizes every buffer for (N, D, path). Growth is fallible: a D×D matrix the machine cannot
     /// hold is an [`Error::OutOfHostMemory`], not an abort.
-    fn fit(&mut self, n: usize, d: usize, path: Path) -> Result<()> {
+    fn fit(&mut self, n: usize, d: usize, path: LossPath) -> Result<()> {
         fn grow(v: &mut Vec<f32>, len: usize, what: &str) -> Result<()> {
             let bytes = len.saturating_mul(std::mem::size_of::<f32>());
             // With overcommit an allocation can succeed and the process die when it is touched:
@@ -175,7 +179,7 @@ impl CpuWorkspace {
             grow(v, cpu::STATS_PER_COLUMN * d, "column statistics")?;
         }
         // Only the chosen path's matrices are held.
-        let (c, g) = if path == Path::Gram {
+        let (c, g) = if path == LossPath::Gram {
             (0, n * n)
         } else {
             (d * d, 0)
@@ -220,6 +224,7 @@ impl CpuWorkspace {
 pub struct BarlowTwinsLoss {
     config: LossConfig,
     cpu: Mutex<CpuWorkspace>,
+    #[cfg(feature = "cuda")]
     gpu: Mutex<Option<fused::Workspace>>,
 }
 
@@ -236,6 +241,7 @@ impl BarlowTwinsLoss {
         Ok(Self {
             config,
             cpu: Mutex::default(),
+            #[cfg(feature = "cuda")]
             gpu: Mutex::default(),
         })
     }
@@ -285,14 +291,14 @@ impl BarlowTwinsLoss {
         let lambda = self.config.lambda;
         cpu::standardize_forward(za, dims, eps, &mut w.zhat_a, &mut w.stats_a)?;
         cpu::standardize_forward(zb, dims, eps, &mut w.zhat_b, &mut w.stats_b)?;
-        let value = if path == Path::Gram {
+        let value = if path == LossPath::Gram {
             let grads = grads
                 .is_some()
                 .then_some((&mut w.dhat_a[..], &mut w.dhat_b[..]));
             cpu::gram::loss(
                 &w.zhat_a, &w.zhat_b, dims, lambda, &mut w.ga, &mut w.gb, grads,
             )?
-            .via(Path::Gram)
+            .via(LossPath::Gram)
         } else {
             cpu::cross_correlation(&w.zhat_a, &w.zhat_b, dims, &mut w.c)?;
             let v = cpu::loss_reduce(&mut w.c, d, lambda, grads.is_some())?;
@@ -319,7 +325,8 @@ impl BarlowTwinsLoss {
     }
 
     /// The loss of device inputs (f32, bf16 or f16; N×D row-major) on `stream`. Waits for the
-    /// stream to read the three scalars back.
+    /// stream to read the three scalars back; a non-finite loss is [`Error::NonFinite`].
+    #[cfg(feature = "cuda")]
     pub fn forward<T: Element>(
         &self,
         stream: &Arc<CudaStream>,
@@ -327,17 +334,15 @@ impl BarlowTwinsLoss {
         zb: &impl DevicePtr<T>,
         dims: Dims,
     ) -> Result<LossValue> {
-        cuda::check_available()?;
-        fused::check_inputs(stream, za, zb, dims)?;
-        let path = self.config.path.resolve(dims);
-        let mut slot = lock(&self.gpu);
-        let ws = fused::Workspace::ensure(&mut slot, stream, dims, self.config.math, path)?;
-        fused::run::<T, cudarc::driver::CudaSlice<T>>(ws, &self.config, stream, za, zb, dims, None)
+        let mut slot = self.queue::<T, cudarc::driver::CudaSlice<T>>(stream, za, zb, dims, None)?;
+        Self::workspace(&mut slot)?.read()
     }
 
     /// The loss of device inputs with dL/dZa and dL/dZb (same element type as the inputs) written
     /// into the first N×D elements of `dza` and `dzb`. All work is queued on `stream`, which is
-    /// waited on once, to read the loss.
+    /// waited on once, to read the loss; a non-finite loss is [`Error::NonFinite`].
+    /// [`BarlowTwinsLoss::forward_backward_on_device`] is the same without the wait.
+    #[cfg(feature = "cuda")]
     pub fn forward_backward<T: Element, Dz: DevicePtrMut<T>>(
         &self,
         stream: &Arc<CudaStream>,
@@ -347,16 +352,88 @@ impl BarlowTwinsLoss {
         dza: &mut Dz,
         dzb: &mut Dz,
     ) -> Result<LossValue> {
+        let mut slot = self.queue(stream, za, zb, dims, Some((dza, dzb)))?;
+        Self::workspace(&mut slot)?.read()
+    }
+
+    /// Queues the loss and its gradients on `stream` and returns without waiting: the loss goes
+    /// to `out`, device memory the caller owns, which receives the first `min(out.len(), 4)` of
+    /// [total, on-diagonal term, off-diagonal term, non-finite flag] as f32 (indices
+    /// [`cuda::LOSS_TOTAL`], ..., [`cuda::LOSS_NON_FINITE`]); a one-element `out` is a device
+    /// scalar for a framework's loss tensor. Non-finite inputs are not an error here (that would
+    /// need the host to look): they set the flag, and the loss and gradients are then NaN.
+    ///
+    /// Nothing waits on the host and, once the workspace exists for this shape (after one call),
+    /// nothing allocates, so the call can be captured in a CUDA graph. Calls on one object are
+    /// ordered by the streams they are queued on: a later call on another stream must be ordered
+    /// after this one by the caller (cudarc's event tracking does it when enabled).
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward_on_device<T: Element, Dz: DevicePtrMut<T>>(
+        &self,
+        stream: &Arc<CudaStream>,
+        za: &impl DevicePtr<T>,
+        zb: &impl DevicePtr<T>,
+        dims: Dims,
+        dza: &mut Dz,
+        dzb: &mut Dz,
+        out: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        cuda::check_loss_output(out, stream)?;
+        let mut slot = self.queue(stream, za, zb, dims, Some((dza, dzb)))?;
+        Self::workspace(&mut slot)?.publish(out)
+    }
+
+    /// [`BarlowTwinsLoss::forward_backward_on_device`] without the gradients.
+    #[cfg(feature = "cuda")]
+    pub fn forward_on_device<T: Element>(
+        &self,
+        stream: &Arc<CudaStream>,
+        za: &impl DevicePtr<T>,
+        zb: &impl DevicePtr<T>,
+        dims: Dims,
+        out: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        cuda::check_loss_output(out, stream)?;
+        let mut slot = self.queue::<T, cudarc::driver::CudaSlice<T>>(stream, za, zb, dims, None)?;
+        Self::workspace(&mut slot)?.publish(out)
+    }
+
+    /// Checks everything, then queues the loss (and gradients) on `stream`; returns the locked
+    /// workspace holding the result.
+    #[cfg(feature = "cuda")]
+    fn queue<T: Element, Dz: DevicePtrMut<T>>(
+        &self,
+        stream: &Arc<CudaStream>,
+        za: &impl DevicePtr<T>,
+        zb: &impl DevicePtr<T>,
+        dims: Dims,
+        grads: Option<(&mut Dz, &mut Dz)>,
+    ) -> Result<MutexGuard<'_, Option<fused::Workspace>>> {
         cuda::check_available()?;
         fused::check_inputs(stream, za, zb, dims)?;
-        fused::check_grads(stream, dza, dzb, dims)?;
+        if let Some((dza, dzb)) = &grads {
+            fused::check_grads(stream, *dza, *dzb, dims)?;
+        }
         let path = self.config.path.resolve(dims);
         let mut slot = lock(&self.gpu);
         let ws = fused::Workspace::ensure(&mut slot, stream, dims, self.config.math, path)?;
-        fused::run(ws, &self.config, stream, za, zb, dims, Some((dza, dzb)))
+        fused::run(ws, &self.config, stream, za, zb, dims, grads)?;
+        Ok(slot)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn workspace<'a>(
+        slot: &'a mut MutexGuard<'_, Option<fused::Workspace>>,
+    ) -> Result<&'a mut fused::Workspace> {
+        slot.as_mut().ok_or_else(|| Error::Cuda {
+            during: "the fused loss".into(),
+            message: "workspace missing after a queued call".into(),
+        })
     }
 
     /// Device bytes the CUDA path holds for this shape (its workspace; cuBLAS's own comes on top).
+    #[cfg(feature = "cuda")]
     pub fn device_workspace_bytes(&self, dims: Dims) -> usize {
         fused::workspace_bytes(dims, self.config.math, self.config.path)
     }

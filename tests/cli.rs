@@ -1,5 +1,6 @@
 //! The command line rejects bad options while parsing them: exit status 2 and a message naming
 //! the option, before anything is loaded or created — never a panic (101), an abort or a hang.
+#![cfg(feature = "cli")]
 
 use std::process::Command;
 

@@ -4,7 +4,7 @@
 mod common;
 
 use barlow::cpu::{self, reference};
-use barlow::{BarlowTwinsLoss, Dims, LossConfig, Path};
+use barlow::{BarlowTwinsLoss, Dims, LossConfig, LossPath};
 use common::*;
 
 const LAMBDA: f64 = 0.0051;
@@ -63,12 +63,12 @@ fn reference_on_known_input() {
 /// The fast CPU path, direct and Gram, against the reference on every shape the issue names.
 #[test]
 fn cpu_forward_backward_matches_reference() {
-    for path in [Path::Direct, Path::Gram] {
+    for path in [LossPath::Direct, LossPath::Gram] {
         cpu_matches_reference(path);
     }
 }
 
-fn cpu_matches_reference(path: Path) {
+fn cpu_matches_reference(path: LossPath) {
     let mut rng = Rng::new(2);
     let l = BarlowTwinsLoss::new(LossConfig {
         path,
@@ -263,20 +263,39 @@ fn gradient_buffers_longer_than_needed_keep_their_tail() {
 
 #[test]
 fn auto_path_picks_the_cheaper_computation() {
-    assert_eq!(Path::Auto.resolve(Dims::new(256, 8192)), Path::Gram);
-    assert_eq!(Path::Auto.resolve(Dims::new(2048, 8192)), Path::Gram);
-    assert_eq!(Path::Auto.resolve(Dims::new(4096, 1024)), Path::Direct);
-    assert_eq!(Path::Auto.resolve(Dims::new(256, 256)), Path::Direct);
+    assert_eq!(LossPath::Auto.resolve(Dims::new(256, 8192)), LossPath::Gram);
+    assert_eq!(
+        LossPath::Auto.resolve(Dims::new(2048, 8192)),
+        LossPath::Gram
+    );
+    assert_eq!(
+        LossPath::Auto.resolve(Dims::new(4096, 1024)),
+        LossPath::Direct
+    );
+    assert_eq!(
+        LossPath::Auto.resolve(Dims::new(256, 256)),
+        LossPath::Direct
+    );
     // C would need 2³² elements: Gram whatever the batch.
-    assert_eq!(Path::Auto.resolve(Dims::new(100_000, 65_536)), Path::Gram);
-    assert_eq!(Path::Direct.resolve(Dims::new(2, 1 << 20)), Path::Direct);
+    assert_eq!(
+        LossPath::Auto.resolve(Dims::new(100_000, 65_536)),
+        LossPath::Gram
+    );
+    assert_eq!(
+        LossPath::Direct.resolve(Dims::new(2, 1 << 20)),
+        LossPath::Direct
+    );
     let l = loss();
     let mut rng = Rng::new(9);
     let za = rng.matrix(16, 64);
     let v = l
         .forward_cpu(&za, &rng.correlated(&za, 0.5), Dims::new(16, 64))
         .unwrap();
-    assert_eq!(v.path, Path::Gram, "the value says which path computed it");
+    assert_eq!(
+        v.path,
+        LossPath::Gram,
+        "the value says which path computed it"
+    );
 }
 
 /// Near convergence (Zb ≈ Za, C ≈ I) the Gram path's off-diagonal sum is a small difference of
@@ -299,7 +318,7 @@ fn gram_and_direct_paths_hold_accuracy_near_convergence() {
             .collect();
         let dims = Dims::new(n, d);
         let r = reference::forward_backward(&to_f64(&za), &to_f64(&zb), dims, LAMBDA, EPS).unwrap();
-        for path in [Path::Direct, Path::Gram] {
+        for path in [LossPath::Direct, LossPath::Gram] {
             let l = BarlowTwinsLoss::new(LossConfig {
                 path,
                 ..Default::default()

@@ -1,5 +1,6 @@
 //! Dataset readers (built-in sample, IDX, CIFAR-10 binary, ImageFolder with corrupt files) and
 //! the augmentations' geometry.
+#![cfg(feature = "cli")]
 
 mod common;
 

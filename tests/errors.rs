@@ -110,6 +110,7 @@ fn non_finite_input_is_an_error_not_a_nan_loss() {
 }
 
 #[test]
+#[cfg(feature = "cuda")]
 fn cuda_entry_points_say_what_is_missing() {
     // On a machine without a GPU the exact reason depends on the build; with a GPU, nothing is.
     match barlow::cuda::check_available() {
@@ -191,7 +192,7 @@ fn a_matrix_the_host_cannot_hold_is_an_error_not_an_abort() {
     let d = 1 << 20;
     let z = vec![0.5f32; 2 * d];
     let direct = BarlowTwinsLoss::new(LossConfig {
-        path: barlow::Path::Direct,
+        path: barlow::LossPath::Direct,
         ..Default::default()
     })
     .unwrap();

@@ -1,154 +1,110 @@
-//! The embedded fatbin holds every kernel the Rust side launches, for every target architecture.
+//! The embedded fatbins hold every kernel their module defines, for every target architecture, and
+//! the module lists that build.rs generates from the sources match what the preprocessor sees.
+#![cfg(feature = "cuda")]
 
-use barlow::cuda::fatbin::{FATBIN, KERNEL_NAMES};
+use barlow::cuda::fatbin::MODULES;
+use std::path::Path;
+use std::process::Command;
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
 #[test]
-fn fatbin_holds_every_launched_kernel() {
-    let Some(fatbin) = FATBIN else {
-        println!("SKIP: fatbin_holds_every_launched_kernel: built without CUDA kernels");
-        return;
-    };
-    for name in KERNEL_NAMES {
-        // ELF symbol tables store names NUL-terminated; a prefix of a longer name does not match.
-        let mut sym = name.as_bytes().to_vec();
-        sym.push(0);
+fn fatbin_holds_every_listed_kernel() {
+    for m in MODULES {
+        let Some(fatbin) = m.image else {
+            println!("SKIP: fatbin_holds_every_listed_kernel: built without CUDA kernels");
+            return;
+        };
+        assert!(!m.kernels.is_empty(), "module {} lists no kernels", m.name);
+        for name in m.kernels {
+            // ELF symbol tables store names NUL-terminated; a prefix of a longer name does not
+            // match.
+            let mut sym = name.as_bytes().to_vec();
+            sym.push(0);
+            assert!(
+                contains(fatbin, &sym),
+                "kernel `{name}` is missing from the `{}` fatbin",
+                m.name
+            );
+        }
+        // PTX for the newest target, so newer GPUs can JIT the kernels.
         assert!(
-            contains(fatbin, &sym),
-            "kernel `{name}` is missing from the fatbin"
+            contains(fatbin, b".target sm_"),
+            "no PTX in the {} fatbin",
+            m.name
         );
     }
-    // PTX for the newest target, so newer GPUs can JIT the kernels.
-    assert!(contains(fatbin, b".target sm_"), "no PTX in the fatbin");
+}
+
+/// The kernels the C preprocessor finds in `kernels/<folder>/*.cu` (macros expanded), compiled as
+/// host code the way the emulators do: an extraction independent of build.rs's source reading.
+fn preprocessed_kernels(cxx: &str, folder: &str) -> Vec<String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join("kernels").join(folder);
+    let mut unit = String::new();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    files.sort();
+    for f in files {
+        unit.push_str(&format!("#include \"{}\"\n", f.display()));
+    }
+    let src = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("kernels_{folder}.cpp"));
+    std::fs::write(&src, unit).unwrap();
+    let out = Command::new(cxx)
+        .args(["-std=c++20", "-E", "-P", "-DBARLOW_HOST_EMULATION"])
+        .arg("-I")
+        .arg(root.join("kernels"))
+        .arg("-I")
+        .arg(root.join("tests/emulated"))
+        .arg(&src)
+        .output()
+        .expect("running the preprocessor");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).replace(['\n', '\t'], " ");
+    let mut names: Vec<String> = text
+        .split("extern \"C\"")
+        .skip(1)
+        .filter_map(|rest| {
+            let rest = rest.trim_start().strip_prefix("void")?.trim_start();
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            rest[name.len()..]
+                .trim_start()
+                .starts_with('(')
+                .then_some(name)
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 #[test]
-fn every_kernel_in_the_sources_is_listed() {
-    // The opposite direction: a kernel added to kernels/*.cu must be added to KERNEL_NAMES, so
-    // that loading checks it and this test covers it.
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels");
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        println!("SKIP: every_kernel_in_the_sources_is_listed: sources not at {dir}");
+fn generated_kernel_lists_match_the_preprocessed_sources() {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    if Command::new(&cxx).arg("--version").output().is_err() {
+        println!("SKIP: generated_kernel_lists_match_the_preprocessed_sources: no C++ compiler");
         return;
-    };
-    let mut found = Vec::new();
-    let ident = |t: &str| -> String {
-        t.chars()
-            .take_while(|c| c.is_alphanumeric() || *c == '_')
-            .collect()
-    };
-    // The kernel names after each `__global__ void [__launch_bounds__(…)]` in `text`, with
-    // what follows each name (to spot `PREFIX##PARAM` pasting).
-    let kernels = |text: &str| -> Vec<(String, String)> {
-        let mut out = Vec::new();
-        for rest in text.split("__global__ void").skip(1) {
-            let mut t = rest.trim_start();
-            if let Some(after) = t.strip_prefix("__launch_bounds__(") {
-                let mut depth = 1;
-                let end = after
-                    .char_indices()
-                    .find(|&(_, c)| {
-                        depth += match c {
-                            '(' => 1,
-                            ')' => -1,
-                            _ => 0,
-                        };
-                        depth == 0
-                    })
-                    .map(|(i, _)| i)
-                    .unwrap();
-                t = after[end + 1..].trim_start();
-            }
-            let name = ident(t);
-            let tail = t[name.len()..].to_string();
-            out.push((name, tail));
-        }
-        out
-    };
-    // A macro's arguments: `MACRO(a, b, T)` → ["a", "b", "T"].
-    let args = |t: &str| -> Vec<String> {
-        t.split(')')
-            .next()
-            .unwrap_or("")
-            .split(',')
-            .map(|a| a.trim().to_string())
-            .collect()
-    };
-    for entry in entries {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "cu") {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).unwrap();
-        // Macros that define kernels, as (macro, [(prefix, index of the argument that completes
-        // the name)]): a kernel named by a parameter is that argument; `PREFIX##PARAM` is the
-        // prefix followed by it.
-        let mut macros: Vec<(String, Vec<(String, usize)>)> = Vec::new();
-        let mut plain = String::new();
-        let mut lines = text.lines();
-        while let Some(line) = lines.next() {
-            let Some(def) = line.trim_start().strip_prefix("#define ") else {
-                plain.push_str(line);
-                plain.push('\n');
-                continue;
-            };
-            // Join the continued lines without their backslashes.
-            let strip = |l: &str| format!("{} ", l.trim_end().trim_end_matches('\\'));
-            let mut body = strip(line);
-            let mut last = line;
-            while last.trim_end().ends_with('\\') {
-                match lines.next() {
-                    Some(l) => {
-                        body.push_str(&strip(l));
-                        last = l;
-                    }
-                    None => break,
-                }
-            }
-            let name = ident(def);
-            let params = args(def[name.len()..].trim_start_matches('('));
-            let mut names = Vec::new();
-            for (k, tail) in kernels(&body) {
-                if let Some(pasted) = tail.strip_prefix("##") {
-                    let param = ident(pasted);
-                    let i = params.iter().position(|p| *p == param).unwrap();
-                    names.push((k, i));
-                } else if let Some(i) = params.iter().position(|p| *p == k) {
-                    names.push((String::new(), i));
-                } else {
-                    panic!(
-                        "{}: kernel {k} in macro {name} is not named by a parameter",
-                        path.display()
-                    );
-                }
-            }
-            if !names.is_empty() {
-                macros.push((name, names));
-            }
-        }
-        for (name, _) in kernels(&plain) {
-            found.push(name);
-        }
-        for line in plain.lines().map(str::trim_start) {
-            for (m, names) in &macros {
-                if let Some(rest) = line
-                    .strip_prefix(m.as_str())
-                    .and_then(|r| r.strip_prefix('('))
-                {
-                    let a = args(rest);
-                    for (prefix, i) in names {
-                        found.push(format!("{prefix}{}", a[*i]));
-                    }
-                }
-            }
-        }
     }
-    found.sort();
-    found.dedup();
-    let mut listed: Vec<String> = KERNEL_NAMES.iter().map(|s| s.to_string()).collect();
-    listed.sort();
-    assert_eq!(found, listed, "kernels in kernels/*.cu vs KERNEL_NAMES");
+    for m in MODULES {
+        let mut listed: Vec<String> = m.kernels.iter().map(|s| s.to_string()).collect();
+        listed.sort();
+        assert_eq!(
+            preprocessed_kernels(&cxx, m.name),
+            listed,
+            "kernels/{}/*.cu vs the generated list",
+            m.name
+        );
+    }
 }

@@ -6,6 +6,7 @@
 //! replay. An abort or a hang would take the whole binary down, so they fail it too.
 //!
 //! `BARLOW_FUZZ_ITERS` sets the mutants per target (default 2000).
+#![cfg(feature = "train")]
 
 use barlow::rng::Rng;
 use barlow::train::{checkpoint, data, BarlowTwins, Lars, LarsConfig, ModelConfig};

@@ -1,6 +1,7 @@
 //! GPU parity: every CUDA kernel, each GEMM mode, the whole fused loss and the naive baseline
 //! against the float64 reference, on random inputs of odd shapes with outputs poisoned (NaN)
 //! first. Without a GPU each test prints `SKIP: <reason>` and returns.
+#![cfg(feature = "bench")]
 
 mod common;
 
@@ -9,7 +10,7 @@ use barlow::cuda::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRep
 use barlow::cuda::naive::NaiveLoss;
 use barlow::cuda::ops::CudaOps;
 use barlow::cuda::{Element, HatElement};
-use barlow::{BarlowTwinsLoss, Dims, Error, LossConfig, Math, Path};
+use barlow::{BarlowTwinsLoss, Dims, Error, LossConfig, LossPath, Math};
 use common::*;
 use half::{bf16, f16};
 use std::sync::Arc;
@@ -108,9 +109,9 @@ fn check_standardize<T: Host, O: Host + HatElement>(
         ops.standardize_forward(math, &z, Dims::new(n, d), EPS as f32, &mut zhat, &mut stats)
             .unwrap();
         let what = format!(
-            "standardize {}→{} {math:?} N={n} D={d}",
-            T::SUFFIX,
-            O::SUFFIX
+            "standardize {:?}→{:?} {math:?} N={n} D={d}",
+            T::DTYPE,
+            O::DTYPE
         );
         let t = if O::UNIT > 0.0 { O::UNIT } else { tol(math) };
         let zh = down(s, &zhat);
@@ -190,7 +191,7 @@ fn check_standardize_backward<T: Host>(s: &Arc<CudaStream>, ops: &CudaOps, seed:
         let t = if T::UNIT > 0.0 { T::UNIT } else { 1e-5 };
         let scale = grad_scale(&r.rstd, &to_f64(&g));
         assert_close_grad(
-            &format!("standardize_bwd {} N={n} D={d}", T::SUFFIX),
+            &format!("standardize_bwd {:?} N={n} D={d}", T::DTYPE),
             &down(s, &dz),
             &rdz,
             scale,
@@ -367,12 +368,12 @@ fn fused_reduction_matches_reference() {
 
 /// The whole fused loss for inputs of type T under `math`, by both paths.
 fn check_fused<T: Host>(s: &Arc<CudaStream>, math: Math, seed: u64) {
-    for path in [Path::Direct, Path::Gram] {
+    for path in [LossPath::Direct, LossPath::Gram] {
         check_fused_path::<T>(s, math, path, seed);
     }
 }
 
-fn check_fused_path<T: Host>(s: &Arc<CudaStream>, math: Math, path: Path, seed: u64) {
+fn check_fused_path<T: Host>(s: &Arc<CudaStream>, math: Math, path: LossPath, seed: u64) {
     let loss = BarlowTwinsLoss::new(LossConfig {
         math,
         path,
@@ -393,7 +394,7 @@ fn check_fused_path<T: Host>(s: &Arc<CudaStream>, math: Math, path: Path, seed: 
         let v = loss
             .forward_backward(s, &ad, &bd, dims, &mut dza, &mut dzb)
             .unwrap();
-        let what = format!("fused {} {math:?} {path:?} N={n} D={d}", T::SUFFIX);
+        let what = format!("fused {:?} {math:?} {path:?} N={n} D={d}", T::DTYPE);
         assert_eq!(v.path, path, "{what}: the value names another path");
         let t = tol(math).max(T::UNIT);
         assert_loss_close(&what, v, &r, LAMBDA, tol(math));
@@ -506,7 +507,7 @@ fn fused_loss_is_deterministic() {
     let mut rng = Rng::new(70);
     for (math, path) in [Math::F32, Math::Tf32, Math::Bf16]
         .into_iter()
-        .flat_map(|m| [(m, Path::Direct), (m, Path::Gram)])
+        .flat_map(|m| [(m, LossPath::Direct), (m, LossPath::Gram)])
     {
         let loss = BarlowTwinsLoss::new(LossConfig {
             math,
@@ -544,12 +545,12 @@ fn workspace_is_reused_across_shapes() {
     let Some(s) = gpu("workspace_is_reused_across_shapes") else {
         return;
     };
-    for path in [Path::Direct, Path::Gram] {
+    for path in [LossPath::Direct, LossPath::Gram] {
         workspace_reuse(&s, path);
     }
 }
 
-fn workspace_reuse(s: &Arc<CudaStream>, path: Path) {
+fn workspace_reuse(s: &Arc<CudaStream>, path: LossPath) {
     let s = s.clone();
     let loss = BarlowTwinsLoss::new(LossConfig {
         path,
@@ -623,8 +624,8 @@ fn gpu_errors_are_typed() {
     let big = 1 << 20;
     let long = up(&s, &vec![0.5f32; 2 * big]);
     for (path, dims) in [
-        (Path::Direct, Dims::new(2, big)),
-        (Path::Gram, Dims::new(big, 2)),
+        (LossPath::Direct, Dims::new(2, big)),
+        (LossPath::Gram, Dims::new(big, 2)),
     ] {
         let forced = BarlowTwinsLoss::new(LossConfig {
             path,
@@ -683,7 +684,7 @@ fn gram_path_holds_accuracy_near_convergence() {
         let r = reference::forward_backward(&to_f64(&za), &to_f64(&zb), dims, LAMBDA, EPS).unwrap();
         let (ad, bd) = (up(&s, &za), up(&s, &zb));
         for math in [Math::F32, Math::Tf32, Math::Bf16] {
-            for path in [Path::Direct, Path::Gram] {
+            for path in [LossPath::Direct, LossPath::Gram] {
                 let loss = BarlowTwinsLoss::new(LossConfig {
                     math,
                     path,
@@ -706,5 +707,88 @@ fn gram_path_holds_accuracy_near_convergence() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn on_device_loss_matches_the_waiting_call_and_flags_non_finite_inputs() {
+    let Some(s) = gpu("on_device_loss_matches_the_waiting_call_and_flags_non_finite_inputs") else {
+        return;
+    };
+    let mut rng = Rng::new(80);
+    for path in [LossPath::Direct, LossPath::Gram] {
+        let loss = BarlowTwinsLoss::new(LossConfig {
+            path,
+            ..Default::default()
+        })
+        .unwrap();
+        let (n, d) = (37, 21);
+        let dims = Dims::new(n, d);
+        let za = rng.matrix(n, d);
+        let zb = rng.correlated(&za, 0.5);
+        let a64 = to_f64(&za);
+        let b64 = to_f64(&zb);
+        let r = reference::forward_backward(&a64, &b64, dims, LAMBDA, EPS).unwrap();
+        let (ad, bd) = (up(&s, &za), up(&s, &zb));
+        let what = format!("on-device {path:?}");
+
+        // Every slot, and the gradients, without a wait in the call.
+        let mut out = poisoned::<f32>(&s, barlow::cuda::DEVICE_LOSS_SLOTS);
+        let mut dza = poisoned::<f32>(&s, n * d);
+        let mut dzb = poisoned::<f32>(&s, n * d);
+        loss.forward_backward_on_device(&s, &ad, &bd, dims, &mut dza, &mut dzb, &mut out)
+            .unwrap();
+        let got = down(&s, &out);
+        assert_close_scalar(&format!("{what} total"), f64::from(got[0]), r.total, 1e-5);
+        assert_close_scalar(&format!("{what} on"), f64::from(got[1]), r.on_diag, 1e-5);
+        assert_close_scalar(&format!("{what} off"), f64::from(got[2]), r.off_diag, 1e-5);
+        assert_eq!(got[3], 0.0, "{what}: finite inputs flagged");
+        let sa = grad_scale(&r.a.rstd, &r.grad_za_hat);
+        let sb = grad_scale(&r.b.rstd, &r.grad_zb_hat);
+        assert_close_grad(
+            &format!("{what} dza"),
+            &down(&s, &dza),
+            &r.grad_za,
+            sa,
+            1e-5,
+        );
+        assert_close_grad(
+            &format!("{what} dzb"),
+            &down(&s, &dzb),
+            &r.grad_zb,
+            sb,
+            1e-5,
+        );
+        // The waiting call gives the same numbers (it reads the same f64 sums).
+        let v = loss.forward(&s, &ad, &bd, dims).unwrap();
+        assert_eq!(got[0], v.total as f32, "{what}: differs from forward");
+
+        // A one-element output is a device scalar; the slot after it is left alone.
+        let mut scalar = poisoned::<f32>(&s, 2);
+        let mut view = scalar.slice_mut(..1);
+        loss.forward_on_device(&s, &ad, &bd, dims, &mut view)
+            .unwrap();
+        let got = down(&s, &scalar);
+        assert_eq!(got[0], v.total as f32, "{what}: scalar output");
+        assert!(got[1].is_nan(), "{what}: wrote past a one-element output");
+
+        // Non-finite inputs: no error from the call, the flag set on the device.
+        let mut bad = za.clone();
+        bad[5] = f32::NAN;
+        let bad = up(&s, &bad);
+        let mut out = poisoned::<f32>(&s, barlow::cuda::DEVICE_LOSS_SLOTS);
+        loss.forward_on_device(&s, &bad, &bd, dims, &mut out)
+            .unwrap();
+        let got = down(&s, &out);
+        assert_eq!(got[3], 1.0, "{what}: NaN input not flagged");
+        assert!(!got[0].is_finite(), "{what}: NaN input gave a finite loss");
+
+        // Bad outputs are typed errors before anything is queued.
+        let mut empty = s.alloc_zeros::<f32>(1).unwrap();
+        let mut none = empty.slice_mut(..0);
+        assert!(matches!(
+            loss.forward_on_device(&s, &ad, &bd, dims, &mut none),
+            Err(Error::BufferTooSmall { .. })
+        ));
     }
 }

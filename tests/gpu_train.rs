@@ -3,6 +3,7 @@
 //! layers on random inputs of odd shapes with outputs poisoned (NaN) first, in f32 (within 1e-4)
 //! and bf16 (within 2e-2); a whole training step against the CPU model; and a short CIFAR-10 run.
 //! Without a GPU (or without cuDNN) each test prints `SKIP: <reason>` and returns.
+#![cfg(feature = "cli")]
 
 mod common;
 
@@ -37,11 +38,11 @@ fn gpu_nn(test: &str) -> Option<Arc<CudaStream>> {
 /// The math the trainer runs each element type with: FMA only for f32 (its checking mode), tensor
 /// cores for bf16.
 fn fma_only<A: Act>() -> bool {
-    A::SUFFIX == "f32"
+    A::DTYPE == barlow::cuda::Dtype::F32
 }
 
 fn tol<A: Act>() -> f64 {
-    if A::SUFFIX == "f32" {
+    if A::DTYPE == barlow::cuda::Dtype::F32 {
         1e-4
     } else {
         2e-2
@@ -102,7 +103,7 @@ fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
 }
 
 fn conv_case<A: Act>(s: &Arc<CudaStream>, spec: ConvSpec, n: usize, seed: u64) {
-    let what = format!("{} conv {spec:?} n={n}", A::SUFFIX);
+    let what = format!("{:?} conv {spec:?} n={n}", A::DTYPE);
     let mut rng = Rng::new(seed);
     let (ho, wo) = (spec.ho(), spec.wo());
     let x = round::<A>(&randn(&mut rng, n * spec.in_c * spec.h * spec.w));
@@ -208,8 +209,8 @@ fn norm_case<A: Act>(
     seed: u64,
 ) {
     let what = format!(
-        "{} norm {n}x{c}x{h}x{w} residual={residual} relu={relu}",
-        A::SUFFIX
+        "{:?} norm {n}x{c}x{h}x{w} residual={residual} relu={relu}",
+        A::DTYPE
     );
     let mut rng = Rng::new(seed);
     let len = n * c * h * w;
@@ -392,7 +393,7 @@ fn batch_norm_with_residual_and_relu_matches_the_cpu_layer() {
 
 /// The projector's norm: the standardization kernel's affine variant against the CPU layer.
 fn dense_norm_case<A: Act>(s: &Arc<CudaStream>, (n, c): (usize, usize), relu: bool, seed: u64) {
-    let what = format!("{} projector norm {n}x{c} relu={relu}", A::SUFFIX);
+    let what = format!("{:?} projector norm {n}x{c} relu={relu}", A::DTYPE);
     let mut rng = Rng::new(seed);
     // A large offset: the loss's kernel keeps the mean as an f32 pair, so it stays exact.
     let x = round::<A>(
@@ -524,7 +525,7 @@ fn projector_norm_on_the_standardization_kernel_matches_the_cpu_layer() {
 }
 
 fn pool_case<A: Act>(s: &Arc<CudaStream>, (n, c, h, w): (usize, usize, usize, usize), seed: u64) {
-    let what = format!("{} pools {n}x{c}x{h}x{w}", A::SUFFIX);
+    let what = format!("{:?} pools {n}x{c}x{h}x{w}", A::DTYPE);
     let mut rng = Rng::new(seed);
     let d = (n, c, h, w);
     let x = round::<A>(&randn(&mut rng, n * c * h * w));
@@ -617,7 +618,7 @@ fn pooling_matches_the_cpu_layers() {
 }
 
 fn linear_case<A: Act>(s: &Arc<CudaStream>, (n, inp, out): (usize, usize, usize), seed: u64) {
-    let what = format!("{} linear {n}x{inp}->{out}", A::SUFFIX);
+    let what = format!("{:?} linear {n}x{inp}->{out}", A::DTYPE);
     let mut rng = Rng::new(seed);
     let x = round::<A>(&randn(&mut rng, n * inp));
     let w = round::<A>(&randn(&mut rng, out * inp));

@@ -1,5 +1,6 @@
 //! Every layer's backward pass against central finite differences of `L = Σ y ⊙ r` for a random r,
 //! for the input and for sampled parameter entries; blocks, backbones and the projector too.
+#![cfg(feature = "train")]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Whole training runs on the built-in sample: files written, learning happens, a resumed run is
 //! bit-identical to an uninterrupted one, checkpoints round-trip, bad settings are errors.
+#![cfg(feature = "train")]
 
 use barlow::nn::Visit;
 use barlow::train::run::{self, Quiet, TrainConfig};

@@ -1,5 +1,6 @@
 //! LARS and its schedule against hand-computed updates, and a whole Barlow Twins step's
 //! gradients against finite differences of the loss.
+#![cfg(feature = "train")]
 
 mod common;
 

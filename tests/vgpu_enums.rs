@@ -2,6 +2,7 @@
 //! mirrors the enum values it uses in `tests/vgpu/cublas_enums.h` and `tests/vgpu/cudnn_enums.h`.
 //! This checks every mirrored value against the bindings barlow itself calls through, in both
 //! directions, so a change of either side is caught here rather than as a wrong status code.
+#![cfg(feature = "train")]
 
 use barlow::cuda::cudarc::{cublas, cudnn};
 use std::collections::BTreeMap;

@@ -7,15 +7,20 @@ use crate::shape::{check_input, Dims};
 /// Output of [`standardize`]: Ẑ (N×D), column means and reciprocal standard deviations (D).
 #[derive(Debug, Clone)]
 pub struct Standardized {
+    /// Ẑ = (Z − mean)·rstd, N×D.
     pub zhat: Vec<f64>,
+    /// Column means, D.
     pub mean: Vec<f64>,
+    /// 1/√(biased variance + eps) per column, D.
     pub rstd: Vec<f64>,
 }
 
 /// Everything the loss computes, kept for comparison with the fast paths.
 #[derive(Debug, Clone)]
 pub struct Reference {
+    /// The first view, standardized.
     pub a: Standardized,
+    /// The second view, standardized.
     pub b: Standardized,
     /// C = ẐaᵀẐb / N, D×D.
     pub c: Vec<f64>,
@@ -27,11 +32,13 @@ pub struct Reference {
     pub total: f64,
     /// dL/dC, D×D.
     pub grad_c: Vec<f64>,
-    /// dL/dẐa, dL/dẐb, N×D.
+    /// dL/dẐa, N×D.
     pub grad_za_hat: Vec<f64>,
+    /// dL/dẐb, N×D.
     pub grad_zb_hat: Vec<f64>,
-    /// dL/dZa, dL/dZb, N×D.
+    /// dL/dZa, N×D.
     pub grad_za: Vec<f64>,
+    /// dL/dZb, N×D.
     pub grad_zb: Vec<f64>,
 }
 

@@ -21,8 +21,7 @@ const WORKSPACE_CAP: usize = 1 << 30;
 
 /// Checks that libcudnn can be loaded.
 pub fn check_cudnn() -> Result<()> {
-    // SAFETY: only tries to dlopen libcudnn by its usual names; no symbol is called.
-    if unsafe { sys::is_culib_present() } {
+    if super::library_present(&["cudnn"]) {
         Ok(())
     } else {
         Err(Error::NoCudnn)

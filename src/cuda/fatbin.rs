@@ -1,76 +1,30 @@
-//! The kernels, compiled by `build.rs` into one fatbin (machine code for each target architecture
-//! plus PTX for newer ones) and embedded in the binary.
+//! The kernels, compiled by `build.rs` into one fatbin per module (machine code for each target
+//! architecture plus PTX for newer ones) and embedded in the binary. A module is loaded into a
+//! context the first time one of its kernels is needed.
 
-/// The embedded fatbin, or `None` when the crate was built without nvcc.
-#[cfg(barlow_kernels)]
-pub const FATBIN: Option<&[u8]> = Some(include_bytes!(env!("BARLOW_FATBIN")));
-/// The embedded fatbin, or `None` when the crate was built without nvcc.
-#[cfg(not(barlow_kernels))]
-pub const FATBIN: Option<&[u8]> = None;
+/// One module of kernels: its fatbin and the names of every kernel its sources define.
+#[derive(Debug, Clone, Copy)]
+pub struct Module {
+    /// The folder under `kernels/` it is built from.
+    pub name: &'static str,
+    /// The fatbin, or `None` when the crate was built without nvcc.
+    pub image: Option<&'static [u8]>,
+    /// Every kernel the module defines (generated from the sources by `build.rs`).
+    pub kernels: &'static [&'static str],
+}
 
-/// Every kernel the Rust side launches, by name. Loading checks each one once per context.
-pub const KERNEL_NAMES: &[&str] = &[
-    "standardize_fwd_f32_f32",
-    "standardize_fwd_bf16_f32",
-    "standardize_fwd_f16_f32",
-    "standardize_fwd_f32_bf16",
-    "standardize_fwd_bf16_bf16",
-    "standardize_fwd_f16_bf16",
-    "standardize_bwd_f32",
-    "standardize_bwd_bf16",
-    "standardize_bwd_f16",
-    "standardize_affine_fwd_f32",
-    "standardize_affine_fwd_bf16",
-    "standardize_affine_bwd_f32",
-    "standardize_affine_bwd_bf16",
-    "loss_reduce_partial_f32",
-    "loss_reduce_partial_bf16",
-    "loss_reduce_final",
-    "gram_diag_f32",
-    "gram_diag_bf16",
-    "gram_dot_partial",
-    "gram_final",
-    "gram_grad_init_f32",
-    "gram_grad_init_bf16",
-    "naive_col_mean",
-    "naive_col_var",
-    "naive_normalize",
-    "naive_col_sum",
-    "naive_mul",
-    "naive_affine",
-    "naive_square",
-    "naive_diag_copy",
-    "naive_off_diag_copy",
-    "naive_off_diag_scatter",
-    "naive_diag_scatter",
-    "naive_sum_partial",
-    "naive_sum_final",
-    "naive_bn_bwd",
-    "naive_cast_bf16",
-    "bn_stats_partial_f32",
-    "bn_stats_final_f32",
-    "bn_apply_f32",
-    "bn_bwd_partial_f32",
-    "bn_bwd_apply_f32",
-    "maxpool_fwd_f32",
-    "maxpool_bwd_f32",
-    "avgpool_fwd_f32",
-    "avgpool_bwd_f32",
-    "bn_stats_partial_bf16",
-    "bn_stats_final_bf16",
-    "bn_apply_bf16",
-    "bn_bwd_partial_bf16",
-    "bn_bwd_apply_bf16",
-    "maxpool_fwd_bf16",
-    "maxpool_bwd_bf16",
-    "avgpool_fwd_bf16",
-    "avgpool_bwd_bf16",
-    "bn_eval_stats",
-    "bn_bwd_final",
-    "lars_partial",
-    "lars_trust",
-    "lars_update",
-    "cast_f32_bf16",
-    "accumulate_bf16_f32",
-    "accumulate_f32_f32",
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+/// Every module this build has (its features enabled).
+pub const MODULES: &[Module] = &[
+    LOSS,
+    #[cfg(feature = "bench")]
+    BENCH,
+    #[cfg(feature = "train")]
+    TRAIN,
 ];
+
+/// Whether the kernels were compiled in.
+pub fn built() -> bool {
+    MODULES.iter().all(|m| m.image.is_some())
+}

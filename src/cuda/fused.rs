@@ -10,7 +10,7 @@ use super::{alloc, check_context, Element};
 use crate::cpu::STATS_PER_COLUMN;
 use crate::error::{Error, Result};
 use crate::shape::{check_input, check_output, Dims};
-use crate::{LossConfig, LossValue, Math, Path};
+use crate::{LossConfig, LossPath, LossValue, Math};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 use std::sync::Arc;
@@ -41,7 +41,7 @@ pub(crate) struct Workspace {
     ops: CudaOps,
     ctx: usize,
     math: Math,
-    path: Path,
+    path: LossPath,
     cap_n: usize,
     cap_d: usize,
     hat: Hat,
@@ -54,7 +54,7 @@ pub(crate) struct Workspace {
 
 /// Device bytes the fused loss holds for a shape, precision and path (workspace plus scratch;
 /// cuBLAS's own workspace comes on top). Saturating: a size too large to exist stays huge.
-pub fn workspace_bytes(dims: Dims, math: Math, path: Path) -> usize {
+pub fn workspace_bytes(dims: Dims, math: Math, path: LossPath) -> usize {
     let (n, d) = (dims.n, dims.d);
     let bf = math == Math::Bf16;
     let hat = if bf { 2 } else { 4 };
@@ -66,7 +66,7 @@ pub fn workspace_bytes(dims: Dims, math: Math, path: Path) -> usize {
         .saturating_add((2 * STATS_PER_COLUMN * 4).saturating_mul(d))
         .saturating_add(CudaOps::scratch_bytes());
     let mats = match path.resolve(dims) {
-        Path::Gram => n
+        LossPath::Gram => n
             .saturating_mul(n)
             .saturating_mul(2 * (4 + half_copy))
             .saturating_add(12 * d),
@@ -76,7 +76,7 @@ pub fn workspace_bytes(dims: Dims, math: Math, path: Path) -> usize {
 }
 
 impl Workspace {
-    fn new(stream: &Arc<CudaStream>, dims: Dims, math: Math, path: Path) -> Result<Self> {
+    fn new(stream: &Arc<CudaStream>, dims: Dims, math: Math, path: LossPath) -> Result<Self> {
         let (n, d) = (dims.n, dims.d);
         let nd = n * d;
         let what = "allocating the loss workspace";
@@ -95,7 +95,7 @@ impl Workspace {
                 Hat::F32(alloc(stream, nd, what)?, alloc(stream, nd, what)?)
             };
             let mats = match path {
-                Path::Gram => Mats::Gram {
+                LossPath::Gram => Mats::Gram {
                     ga: alloc(stream, n * n, what)?,
                     gb: alloc(stream, n * n, what)?,
                     g16: if bf {
@@ -131,14 +131,14 @@ impl Workspace {
         build().map_err(oom)
     }
 
-    fn fits(&self, stream: &CudaStream, dims: Dims, math: Math, path: Path) -> bool {
+    fn fits(&self, stream: &CudaStream, dims: Dims, math: Math, path: LossPath) -> bool {
         // Buffers are used as prefixes: N×D and N×N or D×D must fit their allocations.
         self.ctx == stream.context().cu_ctx() as usize
             && self.math == math
             && self.path == path
             && dims.n * dims.d <= self.cap_n * self.cap_d
             && dims.d <= self.cap_d
-            && (path != Path::Gram || dims.n <= self.cap_n)
+            && (path != LossPath::Gram || dims.n <= self.cap_n)
     }
 
     /// Returns the workspace in `slot`, (re)allocated if it does not fit this call.
@@ -147,7 +147,7 @@ impl Workspace {
         stream: &Arc<CudaStream>,
         dims: Dims,
         math: Math,
-        path: Path,
+        path: LossPath,
     ) -> Result<&'a mut Workspace> {
         if !slot
             .as_ref()
@@ -187,7 +187,9 @@ pub(crate) fn check_inputs<T: Element>(
     Ok(())
 }
 
-/// Forward pass by `path` (resolved); with `grads`, also writes dL/dZa and dL/dZb.
+/// Queues the forward pass by `path` (resolved); with `grads`, also dL/dZa and dL/dZb. The loss
+/// lands in the workspace's scratch: read it with [`Workspace::read`] (waits) or copy it to the
+/// device with [`Workspace::publish`] (does not).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run<T: Element, Dz: DevicePtrMut<T>>(
     ws: &mut Workspace,
@@ -197,7 +199,7 @@ pub(crate) fn run<T: Element, Dz: DevicePtrMut<T>>(
     zb: &impl DevicePtr<T>,
     dims: Dims,
     grads: Option<(&mut Dz, &mut Dz)>,
-) -> Result<LossValue> {
+) -> Result<()> {
     let (n, d) = (dims.n, dims.d);
     let (eps, lambda, math) = (config.eps, config.lambda, config.math);
     let Workspace {
@@ -208,10 +210,9 @@ pub(crate) fn run<T: Element, Dz: DevicePtrMut<T>>(
         mats,
         dhat_a,
         dhat_b,
-        path,
         ..
     } = ws;
-    let path = *path;
+
     let (nd, dd) = (n * d, d * d);
     let write_grad = grads.is_some();
     ops.set_stream(stream)?;
@@ -268,11 +269,24 @@ pub(crate) fn run<T: Element, Dz: DevicePtrMut<T>>(
         ops.standardize_backward(&da, za, stats_a, dims, dza)?;
         ops.standardize_backward(&db, zb, stats_b, dims, dzb)?;
     }
-    let value = ops.read_loss()?.via(path);
-    if !value.total.is_finite() {
-        return Err(Error::NonFinite { total: value.total });
+    Ok(())
+}
+
+impl Workspace {
+    /// Waits for the stream and returns the loss of the last [`run`]; a non-finite loss is
+    /// [`Error::NonFinite`].
+    pub(crate) fn read(&self) -> Result<LossValue> {
+        let value = self.ops.read_loss()?.via(self.path);
+        if !value.total.is_finite() {
+            return Err(Error::NonFinite { total: value.total });
+        }
+        Ok(value)
     }
-    Ok(value)
+
+    /// Copies the loss of the last [`run`] into `dst` on the stream, without waiting.
+    pub(crate) fn publish(&self, dst: &mut impl DevicePtrMut<f32>) -> Result<()> {
+        self.ops.publish_loss(dst)
+    }
 }
 
 /// The Gram path's buffers, borrowed from the workspace.

@@ -1,17 +1,23 @@
 //! CUDA backend: the embedded kernels, thin safe wrappers over their launches and cuBLAS, and the
 //! fused loss built from them.
 //!
-//! CUDA is loaded at run time (cudarc's dynamic loading), so a binary built with kernels still runs
-//! on a machine without a GPU: every entry point first probes for the driver and returns
-//! [`Error::NoCudaDriver`] instead of letting the loader panic.
+//! The application picks how CUDA is found (cudarc's `dynamic-loading`, `dynamic-linking` or
+//! `static-linking`; without a choice, loading at run time). When loaded at run time, a binary
+//! built with kernels still runs on a machine without a GPU: every entry point first probes for
+//! the library it needs and returns [`Error::NoCudaDriver`] (or [`Error::NoCublas`], ...) instead of
+//! letting the loader panic. The probes look for the same file names cudarc's loader does, so they
+//! hold in every linking mode (a linked library is already in the process).
 
 pub(crate) mod blas;
+#[cfg(feature = "train")]
 pub mod cudnn;
 pub mod fatbin;
 pub(crate) mod fused;
 pub mod memory;
 pub(crate) mod module;
+#[cfg(feature = "bench")]
 pub mod naive;
+#[cfg(feature = "train")]
 pub mod nn;
 pub mod ops;
 
@@ -21,31 +27,75 @@ use crate::error::{Error, Result};
 use cudarc::driver::{CudaContext, CudaStream, DeviceRepr, DeviceSlice, DriverError};
 use std::sync::Arc;
 
+/// Slots of the device loss output that [`crate::BarlowTwinsLoss::forward_backward_on_device`]
+/// fills (as many as the buffer holds, at least one): [`LOSS_TOTAL`], [`LOSS_ON_DIAG`],
+/// [`LOSS_OFF_DIAG`], [`LOSS_NON_FINITE`].
+pub const DEVICE_LOSS_SLOTS: usize = 4;
+/// Index of the loss in the device output.
+pub const LOSS_TOTAL: usize = 0;
+/// Index of the on-diagonal (invariance) term Σᵢ (1 − Cᵢᵢ)².
+pub const LOSS_ON_DIAG: usize = 1;
+/// Index of the off-diagonal term λ·Σᵢ≠ⱼ Cᵢⱼ².
+pub const LOSS_OFF_DIAG: usize = 2;
+/// Index of the non-finite flag: 1.0 when the loss is NaN or infinite (non-finite inputs; the
+/// gradients are then not numbers either), else 0.0.
+pub const LOSS_NON_FINITE: usize = 3;
+
+impl From<DriverError> for Error {
+    fn from(e: DriverError) -> Self {
+        drv("a CUDA driver call")(e)
+    }
+}
+
+impl From<cudarc::cublas::result::CublasError> for Error {
+    fn from(e: cudarc::cublas::result::CublasError) -> Self {
+        Error::Cublas {
+            during: "a cuBLAS call".into(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The element types the kernels are instantiated for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    /// `f32`.
+    F32,
+    /// `half::bf16`.
+    Bf16,
+    /// `half::f16`.
+    F16,
+}
+
 /// Element types the kernels read: f32, bf16 and f16.
 pub trait Element: DeviceRepr + Copy + Send + Sync + 'static + sealed::Sealed {
-    /// Suffix of the kernel instantiation for this type.
-    const SUFFIX: &'static str;
+    /// Which one it is, to pick the kernel instantiation.
+    const DTYPE: Dtype;
 }
 impl Element for f32 {
-    const SUFFIX: &'static str = "f32";
+    const DTYPE: Dtype = Dtype::F32;
 }
 impl Element for half::bf16 {
-    const SUFFIX: &'static str = "bf16";
+    const DTYPE: Dtype = Dtype::Bf16;
 }
 impl Element for half::f16 {
-    const SUFFIX: &'static str = "f16";
+    const DTYPE: Dtype = Dtype::F16;
 }
 
 /// Element types of activations and gradients in the trainer: f32 (checking) or bf16 (speed),
 /// always with f32 accumulation.
+#[cfg(feature = "train")]
 pub trait Act: Element + cudarc::driver::ValidAsZeroBits {
     /// cuDNN's name for the type.
     const CUDNN: cudarc::cudnn::sys::cudnnDataType_t;
     /// cuBLAS's name for the type.
     const CUBLAS: cudarc::cublas::sys::cudaDataType;
+    /// Converts from f32 (rounding to nearest).
     fn from_f32(v: f32) -> Self;
+    /// Converts to f32 (exact).
     fn to_f32(self) -> f32;
 }
+#[cfg(feature = "train")]
 impl Act for f32 {
     const CUDNN: cudarc::cudnn::sys::cudnnDataType_t =
         cudarc::cudnn::sys::cudnnDataType_t::CUDNN_DATA_FLOAT;
@@ -57,6 +107,7 @@ impl Act for f32 {
         self
     }
 }
+#[cfg(feature = "train")]
 impl Act for half::bf16 {
     const CUDNN: cudarc::cudnn::sys::cudnnDataType_t =
         cudarc::cudnn::sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16;
@@ -70,10 +121,26 @@ impl Act for half::bf16 {
     }
 }
 
+/// The element types Ẑ may be stored in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HatDtype {
+    /// f32, for the f32 and TF32 GEMMs.
+    F32,
+    /// bf16, for the bf16 GEMMs.
+    Bf16,
+}
+
 /// Element types Ẑ may be stored in: f32, or bf16 for the bf16 GEMM.
-pub trait HatElement: Element {}
-impl HatElement for f32 {}
-impl HatElement for half::bf16 {}
+pub trait HatElement: Element {
+    /// Which one it is.
+    const HAT: HatDtype;
+}
+impl HatElement for f32 {
+    const HAT: HatDtype = HatDtype::F32;
+}
+impl HatElement for half::bf16 {
+    const HAT: HatDtype = HatDtype::Bf16;
+}
 
 mod sealed {
     pub trait Sealed {}
@@ -84,7 +151,7 @@ mod sealed {
 
 /// Checks that the kernels were compiled in and that libcuda can be loaded.
 pub fn check_available() -> Result<()> {
-    availability(fatbin::FATBIN.is_some(), driver_present)
+    availability(fatbin::built(), driver_present)
 }
 
 /// The order of the checks: a build without kernels is reported before a missing driver, since
@@ -99,9 +166,19 @@ fn availability(kernels: bool, driver: impl FnOnce() -> bool) -> Result<()> {
     Ok(())
 }
 
+/// Whether one of the file names cudarc would try for `libs` can be opened.
+pub(crate) fn library_present(libs: &[&str]) -> bool {
+    libs.iter()
+        .flat_map(|l| cudarc::get_lib_name_candidates(l))
+        .any(|name| {
+            // SAFETY: opening a CUDA library runs only its initializers, which have no
+            // preconditions; the handle is closed at once and no symbol is looked up.
+            unsafe { libloading::Library::new(name) }.is_ok()
+        })
+}
+
 fn driver_present() -> bool {
-    // SAFETY: only tries to dlopen libcuda by its usual names; no symbol is called.
-    unsafe { cudarc::driver::sys::is_culib_present() }
+    library_present(&["cuda", "nvcuda"])
 }
 
 fn check_driver() -> Result<()> {
@@ -109,8 +186,7 @@ fn check_driver() -> Result<()> {
 }
 
 pub(crate) fn check_cublas() -> Result<()> {
-    // SAFETY: only tries to dlopen libcublas by its usual names; no symbol is called.
-    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+    if !library_present(&["cublas"]) {
         return Err(Error::NoCublas);
     }
     Ok(())
@@ -199,6 +275,18 @@ pub(crate) fn check_context<T>(
         return Err(Error::WrongContext { name });
     }
     Ok(())
+}
+
+/// A device loss output holds at least one f32, in the stream's context.
+pub(crate) fn check_loss_output(out: &impl DeviceSlice<f32>, stream: &CudaStream) -> Result<()> {
+    if out.len() == 0 {
+        return Err(Error::BufferTooSmall {
+            name: "loss output",
+            len: 0,
+            needed: 1,
+        });
+    }
+    check_context("loss output", out, stream)
 }
 
 /// Sizes passed to kernels and cuBLAS as 32-bit ints must fit.

@@ -1,14 +1,16 @@
-//! Loads the embedded fatbin once per CUDA context and hands out its kernels by name.
+//! Loads a kernel module once per CUDA context, on first use, and hands out its kernels by name.
 
-use super::{drv, fatbin};
+use super::drv;
+use super::fatbin::Module;
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaContext, CudaFunction};
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// The kernels of one context.
+/// The kernels of one module in one context.
 pub(crate) struct Kernels {
+    module: &'static str,
     functions: HashMap<&'static str, CudaFunction>,
 }
 
@@ -16,37 +18,41 @@ impl Kernels {
     pub(crate) fn get(&self, name: &'static str) -> Result<&CudaFunction> {
         self.functions.get(name).ok_or_else(|| Error::Cuda {
             during: "looking up a kernel".into(),
-            message: format!("kernel `{name}` is not in the fatbin's kernel list"),
+            message: format!("kernel `{name}` is not in the `{}` module", self.module),
         })
     }
 }
 
-/// Contexts are identified by their raw handle; the cache keeps each module loaded for the life of
-/// the process, so repeated calls never reload it.
-type Cache = Mutex<HashMap<usize, Arc<Kernels>>>;
+/// Modules are keyed by their context's raw handle and their name; each stays loaded for the life
+/// of the process, so repeated calls never reload it.
+type Cache = Mutex<HashMap<(usize, &'static str), Arc<Kernels>>>;
 
-pub(crate) fn kernels(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
+pub(crate) fn kernels(ctx: &Arc<CudaContext>, module: &Module) -> Result<Arc<Kernels>> {
     static CACHE: OnceLock<Cache> = OnceLock::new();
-    let key = ctx.cu_ctx() as usize;
+    let key = (ctx.cu_ctx() as usize, module.name);
     let cache = CACHE.get_or_init(Default::default);
     let mut map = cache.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(k) = map.get(&key) {
         return Ok(k.clone());
     }
-    let image = fatbin::FATBIN.ok_or(Error::NoKernels)?;
-    let module = ctx
+    let image = module.image.ok_or(Error::NoKernels)?;
+    let loaded = ctx
         .load_module(Ptx::from_binary(image.to_vec()))
-        .map_err(drv(
-            "loading the kernel fatbin (does the driver support this GPU?)",
-        ))?;
+        .map_err(drv(format!(
+            "loading the `{}` kernels (does the driver support this GPU?)",
+            module.name
+        )))?;
     let mut functions = HashMap::new();
-    for &name in fatbin::KERNEL_NAMES {
-        let f = module
+    for &name in module.kernels {
+        let f = loaded
             .load_function(name)
             .map_err(drv(format!("loading kernel `{name}` from the fatbin")))?;
         functions.insert(name, f);
     }
-    let k = Arc::new(Kernels { functions });
+    let k = Arc::new(Kernels {
+        module: module.name,
+        functions,
+    });
     map.insert(key, k.clone());
     Ok(k)
 }

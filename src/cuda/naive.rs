@@ -1,8 +1,10 @@
-//! The naive CUDA baseline: the reference PyTorch loss ported op by op (see `kernels/naive.cu`).
+//! The naive CUDA baseline: the reference PyTorch loss ported op by op (see `kernels/bench/naive.cu`).
 //! Every intermediate is a fresh device buffer (freed in stream order when it goes out of scope)
 //! and every step its own launch, as eager execution runs it. It exists to be measured against, and tested against the fused path.
 
 use super::blas::Operand;
+use super::fatbin::BENCH;
+use super::module::{kernels, Kernels};
 use super::ops::CudaOps;
 use super::{alloc, check_available, drv};
 use crate::error::{Error, Result};
@@ -18,6 +20,7 @@ const SUM_BLOCKS: usize = 1024;
 pub struct NaiveLoss {
     config: LossConfig,
     ops: CudaOps,
+    kernels: Arc<Kernels>,
 }
 
 fn grid(len: usize) -> LaunchConfig {
@@ -33,7 +36,7 @@ fn grid(len: usize) -> LaunchConfig {
 macro_rules! launch {
     ($self:expr, $name:literal, $cfg:expr, $($arg:expr),+) => {{
         let s = $self.ops.stream().clone();
-        let f = $self.ops.kernel($name)?;
+        let f = $self.kernels.get($name)?;
         let mut b = s.launch_builder(f);
         $( b.arg(&$arg); )+
         // SAFETY: the arguments follow the kernel's signature in naive.cu, and every buffer was
@@ -55,6 +58,7 @@ impl NaiveLoss {
         Ok(Self {
             config,
             ops: CudaOps::new(stream)?,
+            kernels: kernels(stream.context(), &BENCH)?,
         })
     }
 

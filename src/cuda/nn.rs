@@ -7,6 +7,7 @@
 //! waiting. The CPU twins are the layers of [`crate::nn`] (NCHW); the tests compare the two.
 
 use super::blas::{Blas, Operand};
+use super::fatbin::TRAIN;
 use super::module::{kernels, Kernels};
 use super::{alloc, check_available, check_context, drv, Act};
 use crate::error::{Error, Result};
@@ -34,7 +35,10 @@ pub const LARS_CHUNK: usize = 1 << 16;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum NormMode {
     /// Batch statistics; the running statistics move by `momentum`.
-    Train { momentum: f32 },
+    Train {
+        /// Weight of the batch in the running statistics (0.1 in PyTorch).
+        momentum: f32,
+    },
     /// The running statistics.
     Eval,
 }
@@ -103,7 +107,7 @@ fn need<T>(name: &'static str, buf: &impl DeviceSlice<T>, len: usize) -> Result<
 }
 
 fn pick<A: Act>(f32_name: &'static str, bf16_name: &'static str) -> &'static str {
-    if A::SUFFIX == "f32" {
+    if A::DTYPE == crate::cuda::Dtype::F32 {
         f32_name
     } else {
         bf16_name
@@ -125,17 +129,20 @@ pub struct NnOps {
 }
 
 impl NnOps {
+    /// Loads the trainer's kernels into the stream's context and binds a cuBLAS handle to the
+    /// stream; fails when CUDA or the kernels are unavailable.
     pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
         check_available()?;
         Ok(Self {
             stream: stream.clone(),
-            kernels: kernels(stream.context())?,
+            kernels: kernels(stream.context(), &TRAIN)?,
             blas: Blas::new(stream)?,
             partial: None,
             coef: None,
         })
     }
 
+    /// The stream every operation is queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
@@ -685,7 +692,7 @@ impl NnOps {
     }
 
     fn gemm_types<A: Act>(fma_only: bool) -> cublasComputeType_t {
-        if A::SUFFIX == "f32" && !fma_only {
+        if A::DTYPE == crate::cuda::Dtype::F32 && !fma_only {
             cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
         } else {
             cublasComputeType_t::CUBLAS_COMPUTE_32F
@@ -899,10 +906,15 @@ pub struct LarsTables {
 /// LARS hyper-parameters of one step.
 #[derive(Debug, Clone, Copy)]
 pub struct LarsStep {
+    /// Weight decay added to the gradient of weights (not of one-dimensional parameters).
     pub weight_decay: f32,
+    /// Trust coefficient η.
     pub eta: f32,
+    /// Momentum coefficient m.
     pub momentum: f32,
+    /// Learning rate of weights at this step.
     pub lr_weights: f32,
+    /// Learning rate of one-dimensional parameters (biases, norm weights) at this step.
     pub lr_biases: f32,
 }
 
@@ -1032,7 +1044,7 @@ impl LarsTables {
         // SAFETY: one thread per tensor; its chunks index the partial array of 2·chunks floats.
         unsafe { b.launch(grid(self.tensors)) }.map_err(drv("launching lars_trust"))?;
         let (pwork, _g11) = work.device_ptr_mut(&s);
-        let (pbf, pf) = if A::SUFFIX == "f32" {
+        let (pbf, pf) = if A::DTYPE == crate::cuda::Dtype::F32 {
             (0u64, pwork)
         } else {
             (pwork, 0u64)

@@ -5,8 +5,11 @@
 //! functions are the CPU twins of these methods.
 
 use super::blas::{Blas, Operand};
+use super::fatbin::LOSS;
 use super::module::{kernels, Kernels};
-use super::{alloc, check_available, check_context, check_i32, drv, Element, HatElement};
+use super::{
+    alloc, check_available, check_context, check_i32, drv, Dtype, Element, HatDtype, HatElement,
+};
 use crate::cpu::STATS_PER_COLUMN;
 use crate::error::{Error, Result};
 use crate::shape::{check_input, check_output, Dims};
@@ -45,7 +48,7 @@ impl CudaOps {
     /// Loads the kernels for the stream's context (once per context) and creates a cuBLAS handle.
     pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
         check_available()?;
-        let kernels = kernels(stream.context())?;
+        let kernels = kernels(stream.context(), &LOSS)?;
         let blas = Blas::new(stream)?;
         Ok(Self {
             stream: stream.clone(),
@@ -75,10 +78,6 @@ impl CudaOps {
     /// The stream all work is queued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
-    }
-
-    pub(crate) fn kernel(&self, name: &'static str) -> Result<&cudarc::driver::CudaFunction> {
-        self.kernels.get(name)
     }
 
     pub(crate) fn blas(&mut self) -> Result<&Blas> {
@@ -121,13 +120,13 @@ impl CudaOps {
         check_context("z", z, s)?;
         check_context("zhat", zhat, s)?;
         check_context("stats", stats, s)?;
-        let name = match (T::SUFFIX, O::SUFFIX) {
-            ("f32", "f32") => "standardize_fwd_f32_f32",
-            ("bf16", "f32") => "standardize_fwd_bf16_f32",
-            ("f16", "f32") => "standardize_fwd_f16_f32",
-            ("f32", "bf16") => "standardize_fwd_f32_bf16",
-            ("bf16", "bf16") => "standardize_fwd_bf16_bf16",
-            _ => "standardize_fwd_f16_bf16",
+        let name = match (T::DTYPE, O::HAT) {
+            (Dtype::F32, HatDtype::F32) => "standardize_fwd_f32_f32",
+            (Dtype::Bf16, HatDtype::F32) => "standardize_fwd_bf16_f32",
+            (Dtype::F16, HatDtype::F32) => "standardize_fwd_f16_f32",
+            (Dtype::F32, HatDtype::Bf16) => "standardize_fwd_f32_bf16",
+            (Dtype::Bf16, HatDtype::Bf16) => "standardize_fwd_bf16_bf16",
+            (Dtype::F16, HatDtype::Bf16) => "standardize_fwd_f16_bf16",
         };
         let f = self.kernels.get(name)?;
         let (pz, _gz) = z.device_ptr(s);
@@ -172,10 +171,10 @@ impl CudaOps {
         check_context("z", z, s)?;
         check_context("stats", stats, s)?;
         check_context("dz", dz, s)?;
-        let name = match T::SUFFIX {
-            "f32" => "standardize_bwd_f32",
-            "bf16" => "standardize_bwd_bf16",
-            _ => "standardize_bwd_f16",
+        let name = match T::DTYPE {
+            Dtype::F32 => "standardize_bwd_f32",
+            Dtype::Bf16 => "standardize_bwd_bf16",
+            Dtype::F16 => "standardize_bwd_f16",
         };
         let f = self.kernels.get(name)?;
         let (pg, _gg) = g.device_ptr(s);
@@ -541,7 +540,7 @@ impl CudaOps {
         // Mutable: in TF32 mode the reduction rounds them in place for the gradient GEMMs.
         let (pga, _gga) = ga.device_ptr_mut(&s);
         let (pgb, _ggb) = gb.device_ptr_mut(&s);
-        let bf16 = O::SUFFIX == "bf16";
+        let bf16 = O::HAT == HatDtype::Bf16;
         let kernels = self.kernels.clone();
         let scratch = self.gram.as_mut().ok_or_else(|| Error::Cuda {
             during: "the Gram path".into(),
@@ -683,6 +682,29 @@ impl CudaOps {
         Ok(())
     }
 
+    /// Writes the loss of the last reduction into `dst` on the stream, without waiting: the first
+    /// `min(len, 4)` of [total, on-diagonal term, off-diagonal term, non-finite flag] (see
+    /// [`crate::cuda::DEVICE_LOSS_SLOTS`]), as f32.
+    pub fn publish_loss(&self, dst: &mut impl DevicePtrMut<f32>) -> Result<()> {
+        let s = &self.stream;
+        super::check_loss_output(dst, s)?;
+        let slots = dst.len().min(super::DEVICE_LOSS_SLOTS) as i64;
+        let f = self.kernels.get("loss_publish")?;
+        let (po, _go) = self.out.device_ptr(s);
+        let (pd, _gd) = dst.device_ptr_mut(s);
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = s.launch_builder(f);
+        b.arg(&po).arg(&pd).arg(&slots);
+        // SAFETY: (const double*, float*, int64): `out` holds 3 doubles written by the last
+        // reduction on this stream, `dst` at least `slots` floats in this context.
+        unsafe { b.launch(cfg) }.map_err(drv("launching loss_publish"))?;
+        Ok(())
+    }
+
     /// Waits for the stream and returns the loss of the last reduction.
     pub fn read_loss(&self) -> Result<LossValue> {
         let mut host = [0f64; 3];
@@ -733,11 +755,15 @@ fn check_eps(eps: f32) -> Result<()> {
 
 /// Ẑ's element type must be what the math mode multiplies: bf16 for `Math::Bf16`, else f32.
 fn check_math<O: HatElement>(math: Math) -> Result<()> {
-    let want = if math == Math::Bf16 { "bf16" } else { "f32" };
-    if O::SUFFIX != want {
+    let want = if math == Math::Bf16 {
+        HatDtype::Bf16
+    } else {
+        HatDtype::F32
+    };
+    if O::HAT != want {
         return Err(Error::InvalidConfig(format!(
-            "math {math:?} multiplies {want} matrices, but Ẑ is {}",
-            O::SUFFIX
+            "math {math:?} multiplies {want:?} matrices, but Ẑ is {:?}",
+            O::HAT
         )));
     }
     Ok(())

@@ -10,13 +10,19 @@ use rayon::prelude::*;
 /// Geometry of a 2-D convolution (square kernel, no bias, groups = 1, NCHW).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConvSpec {
+    /// Input channels.
     pub in_c: usize,
+    /// Output channels.
     pub out_c: usize,
+    /// Kernel side, in pixels.
     pub k: usize,
+    /// Step between output positions, in input pixels.
     pub stride: usize,
+    /// Zero padding on each side, in pixels.
     pub pad: usize,
     /// Input height and width.
     pub h: usize,
+    /// Input width, in pixels.
     pub w: usize,
 }
 

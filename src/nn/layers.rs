@@ -11,8 +11,11 @@ use rayon::prelude::*;
 /// 2-D convolution without bias (as every ResNet convolution), square kernel.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
+    /// Kernel, shape [out_c, in_c, k, k].
     pub weight: Param,
+    /// Step between output positions, in input pixels.
     pub stride: usize,
+    /// Zero padding on each side, in pixels.
     pub pad: usize,
     cache: Vec<(Tensor, ConvSpec)>,
 }
@@ -58,6 +61,7 @@ impl Conv2d {
         }
     }
 
+    /// [N, in_c, H, W] → [N, out_c, Ho, Wo]; a training forward caches the input for the backward.
     pub fn forward(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
         let spec = self.spec(x);
         let n = x.batch();
@@ -94,12 +98,19 @@ impl Conv2d {
 /// statistics in evaluation; running variance unbiased, momentum 0.1, as PyTorch.
 #[derive(Debug, Clone)]
 pub struct BatchNorm {
+    /// Per-channel scale γ.
     pub weight: Param,
+    /// Per-channel shift β.
     pub bias: Param,
+    /// Per-channel mean used in evaluation.
     pub running_mean: Buffer,
+    /// Per-channel (unbiased) variance used in evaluation.
     pub running_var: Buffer,
+    /// Training forwards so far, kept as PyTorch keeps it.
     pub num_batches_tracked: Buffer,
+    /// Added to the variance before the square root (1e-5).
     pub eps: f32,
+    /// Weight of each new batch in the running statistics (0.1).
     pub momentum: f32,
     cache: Vec<(Tensor, Vec<f32>)>,
 }
@@ -128,6 +139,8 @@ impl BatchNorm {
         (x.shape[0], x.shape[1], x.shape[2..].iter().product())
     }
 
+    /// Normalizes with the batch's statistics when `train` (updating the running ones and caching
+    /// for the backward), else with the running statistics.
     pub fn forward(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
         let (n, c, hw) = Self::dims(x);
         assert_eq!(
@@ -221,6 +234,7 @@ impl BatchNorm {
         self.backward(be, &masked)
     }
 
+    /// Accumulates dL/dγ and dL/dβ; returns dL/dx.
     pub fn backward(&mut self, be: &dyn Backend, dy: &Tensor) -> Tensor {
         let (xhat, rstd) = self
             .cache
@@ -258,7 +272,9 @@ impl BatchNorm {
 /// Fully connected layer, `y = x·Wᵀ (+ b)`, x of shape [N, in].
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// Shape [out, in].
     pub weight: Param,
+    /// One value per output (shape `[out]`), when the layer has one.
     pub bias: Option<Param>,
     cache: Vec<Tensor>,
 }
@@ -283,10 +299,12 @@ impl Linear {
         }
     }
 
+    /// Output width.
     pub fn out_features(&self) -> usize {
         self.weight.shape[0]
     }
 
+    /// [N, in] → [N, out]; a training forward caches the input for the backward.
     pub fn forward(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
         let n = x.batch();
         let out = self.out_features();
@@ -311,6 +329,7 @@ impl Linear {
         y
     }
 
+    /// Accumulates dL/dW (and dL/db); returns dL/dx when `need_dx`.
     pub fn backward(&mut self, be: &dyn Backend, dy: &Tensor, need_dx: bool) -> Option<Tensor> {
         let x = self
             .cache
@@ -346,6 +365,7 @@ pub struct Relu {
 }
 
 impl Relu {
+    /// Clamps negatives to zero in place; a training forward caches the output.
     pub fn forward(&mut self, mut x: Tensor, train: bool) -> Tensor {
         x.data.par_iter_mut().for_each(|v| *v = v.max(0.0));
         if train {
@@ -354,6 +374,7 @@ impl Relu {
         x
     }
 
+    /// Zeroes the gradient where the output was not positive.
     pub fn backward(&mut self, mut dy: Tensor) -> Tensor {
         let y = self
             .cache
@@ -382,10 +403,12 @@ impl MaxPool {
     const S: usize = 2;
     const P: usize = 1;
 
+    /// Output side for an input side of `h` pixels.
     pub fn out_size(h: usize) -> usize {
         (h + 2 * Self::P - Self::K) / Self::S + 1
     }
 
+    /// [N, C, H, W] → [N, C, Ho, Wo]; a training forward caches where each maximum came from.
     pub fn forward(&mut self, x: &Tensor, train: bool) -> Tensor {
         let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
         let (ho, wo) = (Self::out_size(h), Self::out_size(w));
@@ -428,6 +451,7 @@ impl MaxPool {
         y
     }
 
+    /// Routes each output gradient to the input position that held the maximum.
     pub fn backward(&mut self, dy: &Tensor) -> Tensor {
         let (shape, arg) = self
             .cache

@@ -15,7 +15,9 @@ pub use layers::{BatchNorm, Conv2d, Linear, MaxPool, Relu};
 /// A dense f32 tensor, row-major over `shape` (NCHW for images, NC for features).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
+    /// Dimensions, outermost first.
     pub shape: Vec<usize>,
+    /// The elements, row-major.
     pub data: Vec<f32>,
 }
 
@@ -66,9 +68,13 @@ impl Tensor {
 /// A trainable tensor with its gradient and the name it is saved under (torchvision's names).
 #[derive(Debug, Clone)]
 pub struct Param {
+    /// Name in checkpoints, e.g. `layer1.0.conv1.weight`.
     pub name: String,
+    /// Dimensions, as PyTorch stores the tensor.
     pub shape: Vec<usize>,
+    /// Current values, row-major.
     pub value: Vec<f32>,
+    /// Gradient accumulated by backward passes, same layout as `value`.
     pub grad: Vec<f32>,
 }
 
@@ -98,8 +104,11 @@ impl Param {
 /// A non-trainable tensor that is saved with the model (BatchNorm running statistics).
 #[derive(Debug, Clone)]
 pub struct Buffer {
+    /// Name in checkpoints, e.g. `bn1.running_mean`.
     pub name: String,
+    /// Dimensions (empty for a scalar such as `num_batches_tracked`).
     pub shape: Vec<usize>,
+    /// The values, row-major.
     pub value: Vec<f32>,
 }
 

@@ -27,7 +27,9 @@ pub enum Stem {
 /// A backbone's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ResNetConfig {
+    /// Depth and block type.
     pub arch: Arch,
+    /// The first layers: ImageNet (large images) or small (28×28, 32×32).
     pub stem: Stem,
     /// Image channels (3 for RGB, 1 for grayscale).
     pub in_channels: usize,
@@ -187,6 +189,7 @@ impl Block {
 /// A ResNet backbone without its classifier (`fc` is the identity, as in Barlow Twins).
 #[derive(Debug, Clone)]
 pub struct ResNet {
+    /// The shape it was built with.
     pub config: ResNetConfig,
     conv1: Conv2d,
     bn1: BatchNorm,
@@ -196,6 +199,7 @@ pub struct ResNet {
 }
 
 impl ResNet {
+    /// A freshly initialized backbone with torchvision's parameter names.
     pub fn new(config: ResNetConfig, rng: &mut Rng) -> Self {
         let w = config.width;
         let (conv1, maxpool) = match config.stem {
@@ -318,6 +322,7 @@ impl Projector {
         Self { linears, bns }
     }
 
+    /// Features [N, F] → projections [N, out]; a training forward caches for the backward.
     pub fn forward(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
         let mut h = x.clone();
         for i in 0..self.linears.len() {
@@ -329,6 +334,7 @@ impl Projector {
         h
     }
 
+    /// Backward from dL/dprojections; parameter gradients accumulate. Returns dL/dfeatures.
     pub fn backward(&mut self, be: &dyn Backend, dz: &Tensor) -> Tensor {
         let mut g = dz.clone();
         for i in (0..self.linears.len()).rev() {

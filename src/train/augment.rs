@@ -20,6 +20,7 @@ pub struct AugmentConfig {
     pub blur_kernel: usize,
     /// Per-channel normalization.
     pub mean: Vec<f32>,
+    /// Per-channel standard deviation (pixels in [0, 1]) that centred pixels are divided by.
     pub std: Vec<f32>,
 }
 
@@ -50,7 +51,9 @@ impl AugmentConfig {
 /// Probabilities that differ between the two views.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ViewKind {
+    /// Probability of the Gaussian blur.
     pub blur_p: f32,
+    /// Probability of solarization.
     pub solarize_p: f32,
 }
 
@@ -68,9 +71,13 @@ pub const VIEW_B: ViewKind = ViewKind {
 /// A crop rectangle: top, left, height, width.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Crop {
+    /// First row, in pixels of the source image.
     pub top: usize,
+    /// First column, in pixels of the source image.
     pub left: usize,
+    /// Height, in pixels of the source image.
     pub h: usize,
+    /// Width, in pixels of the source image.
     pub w: usize,
 }
 

@@ -19,18 +19,29 @@ use std::time::Instant;
 /// What to time.
 #[derive(Debug, Clone)]
 pub struct TrainBench {
+    /// Backbone architecture.
     pub arch: Arch,
+    /// The backbone's first layers.
     pub stem: Stem,
+    /// Side of the square random images, in pixels.
     pub image: usize,
+    /// Images per step (each gives two views).
     pub batch: usize,
+    /// Channels of the backbone's first stage (64 in torchvision); later stages double it.
     pub width: usize,
+    /// Projector layer widths after the backbone's features.
     pub projector: Vec<usize>,
+    /// Element type of activations on a GPU (the CPU runs f32).
     pub precision: Precision,
+    /// Where the steps run.
     pub device: DeviceChoice,
+    /// Untimed steps run first.
     pub warmup: usize,
+    /// Timed steps.
     pub steps: usize,
     /// Steps run with per-phase timing after the timed ones (0: no breakdown).
     pub profile_steps: usize,
+    /// Seed of the model's initialization and of the random images.
     pub seed: u64,
 }
 
@@ -67,32 +78,47 @@ impl TrainBench {
 /// One measured configuration (the JSON line both benchmarks write).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TrainRow {
+    /// Which implementation ran: `barlow`, or a PyTorch variant such as `pytorch-eager`.
     #[serde(rename = "impl")]
     pub implementation: String,
+    /// `resnet18` or `resnet50`.
     pub arch: String,
+    /// `small` or `imagenet`.
     pub stem: String,
+    /// Side of the square images, in pixels.
     pub image: usize,
+    /// Images per step (each gives two views).
     pub batch: usize,
+    /// Channels of the backbone's first stage.
     #[serde(default)]
     pub width: usize,
+    /// Projector layer widths.
     #[serde(default)]
     pub projector: Vec<usize>,
+    /// Element type that actually ran: `bf16` or `f32` (always `f32` on the CPU).
     pub precision: String,
+    /// Median milliseconds per step.
     #[serde(default)]
     pub step_ms_median: Option<f64>,
+    /// Mean milliseconds per step.
     #[serde(default)]
     pub step_ms_mean: Option<f64>,
+    /// Images per second at the median step time.
     #[serde(default)]
     pub images_per_s: Option<f64>,
+    /// Views per second: twice the images.
     #[serde(default)]
     pub views_per_s: Option<f64>,
     /// Milliseconds per step by phase.
     #[serde(default)]
     pub breakdown_ms: Option<BTreeMap<String, f64>>,
+    /// High-water mark of the device memory pool over the timed steps, in bytes (GPU only).
     #[serde(default)]
     pub peak_mem_bytes: Option<u64>,
+    /// Loss of the last timed step, when finite.
     #[serde(default)]
     pub loss: Option<f64>,
+    /// Device name, or `cpu (N threads)`.
     #[serde(default)]
     pub device: String,
     /// Why the configuration could not run, when it could not.

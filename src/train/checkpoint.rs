@@ -87,6 +87,7 @@ pub fn save(
 
 /// A checkpoint read into memory.
 pub struct Loaded {
+    /// The file it was read from, for error messages.
     pub path: String,
     tensors: HashMap<String, (Vec<usize>, Dtype, Vec<f32>)>,
     /// The run state saved with it.

@@ -84,16 +84,24 @@ struct Node {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
+    /// cuDNN convolutions, forward and backward.
     Conv,
+    /// Batch norm with its fused residual add and ReLU, forward and backward.
     Norm,
+    /// Max-pool and global average pool, forward and backward.
     Pool,
+    /// The projector's linear layers (cuBLAS), forward and backward.
     Linear,
+    /// The fused Barlow Twins loss and its gradient.
     Loss,
+    /// Zeroing the gradients and the LARS update.
     Optimizer,
+    /// Copying a staged batch to the device, on the upload stream.
     Upload,
 }
 
 impl Phase {
+    /// Every phase, in the order [`DeviceTrainer::timings`] reports them.
     pub const ALL: [Phase; 7] = [
         Phase::Conv,
         Phase::Norm,
@@ -103,6 +111,7 @@ impl Phase {
         Phase::Optimizer,
         Phase::Upload,
     ];
+    /// A lower-case label for tables and logs.
     pub fn name(self) -> &'static str {
         match self {
             Phase::Conv => "convolutions",
@@ -470,7 +479,9 @@ pub struct DeviceTrainer<A: Act> {
 /// Elements and bytes of the device state, for error messages and the bench.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Footprint {
+    /// Parameter elements (f32 master values).
     pub parameters: usize,
+    /// Bytes of activation buffers at the planned batch: both views' activations and one gradient.
     pub activation_bytes: usize,
 }
 
@@ -540,7 +551,8 @@ impl<A: Act> DeviceTrainer<A> {
             )));
         }
         let ops = NnOps::new(stream)?;
-        let convs = Convolutions::<A>::new(stream, fma_only && A::SUFFIX == "f32")?;
+        let convs =
+            Convolutions::<A>::new(stream, fma_only && A::DTYPE == crate::cuda::Dtype::F32)?;
         let copy = stream
             .context()
             .new_stream()
@@ -549,7 +561,7 @@ impl<A: Act> DeviceTrainer<A> {
         // launch; the trainer orders its only cross-stream traffic (the staged inputs) with its own
         // events, and pinned buffers carry theirs regardless.
         unsafe { stream.context().disable_event_tracking() };
-        let math = if A::SUFFIX == "f32" {
+        let math = if A::DTYPE == crate::cuda::Dtype::F32 {
             Math::F32
         } else {
             Math::Bf16

@@ -18,9 +18,13 @@ pub const DEFAULT_IMAGE_MEMORY: usize = 8 << 30;
 /// One 8-bit image, height × width × channels, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Image {
+    /// Height, in pixels.
     pub h: usize,
+    /// Width, in pixels.
     pub w: usize,
+    /// Channels per pixel (1 for grayscale, 3 for RGB).
     pub c: usize,
+    /// The pixels, `h × w × c` bytes.
     pub data: Vec<u8>,
 }
 
@@ -45,7 +49,9 @@ pub struct Dataset {
     /// Where it came from, for messages.
     pub source: String,
     store: Store,
+    /// Class index of each image, in image order.
     pub labels: Vec<u32>,
+    /// Class names, indexed by label.
     pub classes: Vec<String>,
     /// Files that could not be read or decoded, and were left out.
     pub skipped: usize,
@@ -68,10 +74,12 @@ impl Dataset {
         }
     }
 
+    /// Number of images.
     pub fn len(&self) -> usize {
         self.labels.len()
     }
 
+    /// True when the dataset holds no images.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
@@ -232,7 +240,9 @@ impl Dataset {
 /// A train and a test split.
 #[derive(Debug, Clone)]
 pub struct Splits {
+    /// Images to train on.
     pub train: Dataset,
+    /// Held-out images for evaluation.
     pub test: Dataset,
 }
 

@@ -134,11 +134,17 @@ fn check_features(name: &str, x: &[f32], labels: &[u32], dim: usize, classes: us
 /// Options of the linear probe.
 #[derive(Debug, Clone, Copy)]
 pub struct ProbeConfig {
+    /// Passes over the training features.
     pub epochs: usize,
+    /// Features per SGD step.
     pub batch: usize,
+    /// Initial learning rate, decayed towards 0 by a cosine over all steps.
     pub lr: f32,
+    /// SGD momentum, in [0, 1).
     pub momentum: f32,
+    /// L2 penalty on the classifier's weights (not its biases).
     pub weight_decay: f32,
+    /// Seed of the shuffling.
     pub seed: u64,
 }
 

@@ -9,9 +9,11 @@ use crate::nn::{Param, Visit};
 /// LARS hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LarsConfig {
+    /// Momentum coefficient m of the update's running sum.
     pub momentum: f32,
     /// Trust coefficient η.
     pub eta: f32,
+    /// Weight decay added to the gradient of weights (not of one-dimensional parameters).
     pub weight_decay: f32,
 }
 
@@ -28,6 +30,7 @@ impl Default for LarsConfig {
 /// The optimizer state: one momentum buffer per parameter, in visiting order.
 #[derive(Debug, Clone)]
 pub struct Lars {
+    /// The hyper-parameters.
     pub config: LarsConfig,
     /// Momentum buffers, named like their parameters.
     pub momentum: Vec<(String, Vec<f32>)>,
@@ -41,6 +44,7 @@ fn norm(x: &[f32]) -> f64 {
 }
 
 impl Lars {
+    /// An optimizer with no momentum yet; buffers are created at the first step.
     pub fn new(config: LarsConfig) -> Self {
         Self {
             config,
@@ -84,10 +88,15 @@ impl Lars {
 /// The peak is `base × batch / 256`, separately for weights and for biases.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Schedule {
+    /// Peak weight learning rate per 256 images of batch.
     pub base_lr_weights: f32,
+    /// Peak bias learning rate (one-dimensional parameters) per 256 images of batch.
     pub base_lr_biases: f32,
+    /// Images per batch; the peak rates scale with it.
     pub batch_size: usize,
+    /// Steps of linear warm-up from 0.
     pub warmup_steps: usize,
+    /// Steps of the whole run; the cosine decay ends here.
     pub total_steps: usize,
 }
 

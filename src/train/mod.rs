@@ -9,7 +9,6 @@ pub mod data;
 pub mod eval;
 pub mod lars;
 pub mod model;
-pub mod plot;
 pub mod run;
 
 pub use lars::{Lars, LarsConfig, Schedule};

@@ -9,9 +9,11 @@ use crate::{BarlowTwinsLoss, Dims, LossConfig, LossValue};
 /// Backbone and projector shapes, and the loss's λ.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelConfig {
+    /// The ResNet backbone's shape.
     pub backbone: ResNetConfig,
     /// Projector widths after the backbone's features (paper: 8192, 8192, 8192).
     pub projector: Vec<usize>,
+    /// Weight λ of the loss's off-diagonal (redundancy-reduction) term; the paper uses 0.0051.
     pub lambda: f32,
 }
 
@@ -63,13 +65,17 @@ impl ModelConfig {
 
 /// Backbone + projector, trained by the Barlow Twins loss on two views.
 pub struct BarlowTwins {
+    /// The shapes it was built with.
     pub config: ModelConfig,
+    /// The ResNet, whose features are what the model is trained for.
     pub backbone: ResNet,
+    /// The MLP from backbone features to the embeddings the loss compares.
     pub projector: Projector,
     loss: BarlowTwinsLoss,
 }
 
 impl BarlowTwins {
+    /// A freshly initialized model; fails when `config` does not pass [`ModelConfig::check`].
     pub fn new(config: ModelConfig, rng: &mut Rng) -> Result<Self> {
         config.check()?;
         let backbone = ResNet::new(config.backbone, rng);

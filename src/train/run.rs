@@ -10,7 +10,6 @@ use super::checkpoint;
 use super::cuda::DeviceTrainer;
 use super::data::{self, Dataset, Splits};
 use super::eval::{features_with, knn_top1};
-use super::plot::{save_png, Panel};
 use super::{BarlowTwins, Lars, LarsConfig, ModelConfig, Schedule};
 use crate::error::{Error, Result};
 use crate::nn::resnet::{Arch, ResNetConfig, Stem};
@@ -27,18 +26,28 @@ use std::time::Instant;
 pub struct TrainConfig {
     /// `builtin`, `fashion-mnist`, or a dataset folder (see [`data::open`]).
     pub data: String,
+    /// Backbone architecture.
     pub arch: Arch,
     /// `None`: small for images up to 64 pixels, ImageNet otherwise.
     pub stem: Option<Stem>,
+    /// Channels of the backbone's first stage (64 in torchvision); later stages double it.
     pub width: usize,
+    /// Projector layer widths after the backbone's features (paper: 8192, 8192, 8192).
     pub projector: Vec<usize>,
+    /// Weight λ of the loss's off-diagonal (redundancy-reduction) term; the paper uses 0.0051.
     pub lambda: f32,
+    /// Images per batch (each gives two views).
     pub batch_size: usize,
+    /// Passes over the training images; a resumed run may raise it to extend the run.
     pub epochs: usize,
     /// `None`: 10, or a tenth of the run when it is shorter than 100 epochs.
     pub warmup_epochs: Option<usize>,
+    /// Base learning rate of weights, scaled by batch / 256 at the peak of the [`Schedule`].
     pub lr_weights: f32,
+    /// Base learning rate of biases and norm weights (one-dimensional parameters), scaled the same
+    /// way.
     pub lr_biases: f32,
+    /// LARS weight decay, applied to weights only (not to one-dimensional parameters).
     pub weight_decay: f32,
     /// Crop size; `None`: the dataset's image size (224 for large images).
     pub crop: Option<usize>,
@@ -47,10 +56,15 @@ pub struct TrainConfig {
     /// kNN monitor: every this many epochs (0: only before and after), k, temperature, and at
     /// most this many bank and test images.
     pub knn_every: usize,
+    /// kNN monitor: number of nearest bank images that vote.
     pub knn_k: usize,
+    /// kNN monitor: temperature of the votes, each weighted by exp(similarity / t).
     pub knn_t: f32,
+    /// kNN monitor: at most this many training images in the bank.
     pub knn_bank: usize,
+    /// kNN monitor: at most this many test images classified.
     pub knn_test: usize,
+    /// Seed of the model's initialization, the data order and the augmentations.
     pub seed: u64,
     /// Where the step runs (not saved: a run may resume on another machine).
     #[serde(skip)]
@@ -70,6 +84,7 @@ pub enum DeviceChoice {
     /// The first CUDA device when one works (kernels built in, driver, cuBLAS and cuDNN found),
     /// else the CPU.
     Auto,
+    /// The CPU, with all its threads.
     #[default]
     Cpu,
     /// The first CUDA device, or an error saying what is missing.
@@ -119,8 +134,11 @@ impl Default for TrainConfig {
 
 /// The step's machinery: the CPU layers, or a device-resident copy of the model.
 pub enum Engine {
+    /// The CPU layers, updating the host model in place.
     Cpu,
+    /// A device-resident model with bf16 activations and f32 master weights.
     CudaBf16(Box<DeviceTrainer<half::bf16>>),
+    /// A device-resident model in f32 throughout.
     CudaF32(Box<DeviceTrainer<f32>>),
 }
 
@@ -270,26 +288,36 @@ impl Engine {
 /// What a run reports at its end.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Summary {
+    /// The run folder written to.
     pub out_dir: PathBuf,
+    /// kNN top-1 accuracy (0 to 1) at random initialization; NaN for a resumed run.
     pub knn_initial: f64,
+    /// kNN top-1 accuracy (0 to 1) after the last epoch (the initial one if none was measured).
     pub knn_final: f64,
+    /// Loss of the last step; NaN when no step ran.
     pub final_loss: f64,
+    /// Steps taken in total, counting those before a resume.
     pub steps: usize,
+    /// Training images per second over the steps of this invocation.
     pub images_per_second: f64,
 }
 
 /// Files of a run folder.
 pub struct RunFiles {
+    /// The folder holding the run's files.
     pub dir: PathBuf,
 }
 
 impl RunFiles {
+    /// The checkpoint, rewritten after every epoch.
     pub fn checkpoint(&self) -> PathBuf {
         self.dir.join("checkpoint.safetensors")
     }
+    /// The JSON-lines metrics: one line per step and per kNN evaluation.
     pub fn metrics(&self) -> PathBuf {
         self.dir.join("metrics.jsonl")
     }
+    /// The plot of the training curves (PNG).
     pub fn plot(&self) -> PathBuf {
         self.dir.join("curves.png")
     }
@@ -344,9 +372,14 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
 
 /// Hooks for progress output; the CLI draws a bar, tests stay quiet.
 pub trait Progress {
+    /// Called once before the first step, with the run's total steps and the step it starts at.
     fn start(&mut self, _total_steps: usize, _first_step: usize) {}
+    /// Called after every step with its number, its loss and the images per second so far this
+    /// epoch.
     fn step(&mut self, _step: usize, _loss: f64, _images_per_second: f64) {}
+    /// A line of information for the user.
     fn message(&mut self, _text: &str) {}
+    /// Called once when the last step is done.
     fn finish(&mut self) {}
     /// Asked after every step: `true` ends the run there with [`Error::Interrupted`], the
     /// checkpoint of the last finished epoch kept (the CLI answers Ctrl-C this way).
@@ -369,6 +402,7 @@ pub struct Knn {
 }
 
 impl Knn {
+    /// Picks the bank and test images for the monitor from the splits, as `cfg` limits them.
     pub fn new(s: &Splits, cfg: &TrainConfig) -> Self {
         let classes = s
             .train
@@ -384,6 +418,7 @@ impl Knn {
         }
     }
 
+    /// Top-1 accuracy (0 to 1) of the engine's current backbone on the test images.
     pub fn top1(
         &self,
         engine: &mut Engine,
@@ -782,7 +817,6 @@ pub fn train(
     progress.finish();
     let secs = started.elapsed().as_secs_f64();
     let images_per_second = ((step - first_step) * cfg.batch_size) as f64 / secs.max(1e-9);
-    plot_metrics(&files)?;
     Ok(Summary {
         out_dir: files.dir.clone(),
         knn_initial,
@@ -818,47 +852,6 @@ fn validate(cfg: &TrainConfig) -> Result<()> {
         return bad("kNN needs k >= 1 and a temperature > 0".into());
     }
     Ok(())
-}
-
-/// Draws loss and kNN curves from the run's metrics into its PNG.
-pub fn plot_metrics(files: &RunFiles) -> Result<()> {
-    let text = std::fs::read_to_string(files.metrics()).unwrap_or_default();
-    let mut loss = Vec::new();
-    let mut knn = Vec::new();
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        match v["event"].as_str() {
-            Some("step") => loss.push((
-                v["step"].as_f64().unwrap_or(0.0),
-                v["loss"].as_f64().unwrap_or(f64::NAN),
-            )),
-            Some("knn") => knn.push((
-                v["epoch"].as_f64().unwrap_or(0.0),
-                100.0 * v["top1"].as_f64().unwrap_or(f64::NAN),
-            )),
-            _ => {}
-        }
-    }
-    save_png(
-        &files.plot(),
-        &[
-            Panel {
-                title: "Barlow Twins loss",
-                x_label: "step",
-                points: &loss,
-                color: [31, 119, 180],
-            },
-            Panel {
-                title: "kNN top-1 (%)",
-                x_label: "epoch",
-                points: &knn,
-                color: [214, 39, 40],
-            },
-        ],
-    )
-    .map_err(|e| Error::io(files.plot(), e))
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests: a seeded generator, error measures, GPU discovery.
 #![allow(dead_code, unused_imports)]
 
+#[cfg(feature = "cuda")]
 use barlow::cuda::cudarc::driver::CudaStream;
+#[cfg(feature = "cuda")]
 use std::sync::Arc;
 
 pub use barlow::rng::Rng;
@@ -63,18 +65,8 @@ pub fn assert_close_grad(what: &str, a: &[f32], r: &[f64], scale: f64, tol: f64)
     );
 }
 
-/// Checks the loss and both terms against the reference. Each error is relative to the larger of
-/// the value and its sensitivity to relative rounding of C, S = Σ |∂L/∂Cᵢⱼ · Cᵢⱼ|: near C ≈ I
-/// (and always at N = 2, where every |Cᵢⱼ| ≈ 1) the on-diagonal term (1 − Cᵢᵢ)² is far smaller than
-/// what rounding C to f32 alone moves it by, and plain relative error would measure f32, not the code.
-#[track_caller]
-pub fn assert_loss_close(
-    what: &str,
-    v: barlow::LossValue,
-    r: &barlow::cpu::reference::Reference,
-    lambda: f64,
-    tol: f64,
-) {
+/// The on- and off-diagonal terms' sensitivity to relative rounding of C, S = Σ |∂L/∂Cᵢⱼ · Cᵢⱼ|.
+pub fn loss_sensitivity(r: &barlow::cpu::reference::Reference, lambda: f64) -> (f64, f64) {
     let d = r.a.mean.len();
     let mut s_on = 0f64;
     let mut s_off = 0f64;
@@ -88,6 +80,22 @@ pub fn assert_loss_close(
             }
         }
     }
+    (s_on, s_off)
+}
+
+/// Checks the loss and both terms against the reference. Each error is relative to the larger of
+/// the value and its sensitivity to relative rounding of C, S = Σ |∂L/∂Cᵢⱼ · Cᵢⱼ|: near C ≈ I
+/// (and always at N = 2, where every |Cᵢⱼ| ≈ 1) the on-diagonal term (1 − Cᵢᵢ)² is far smaller than
+/// what rounding C to f32 alone moves it by, and plain relative error would measure f32, not the code.
+#[track_caller]
+pub fn assert_loss_close(
+    what: &str,
+    v: barlow::LossValue,
+    r: &barlow::cpu::reference::Reference,
+    lambda: f64,
+    tol: f64,
+) {
+    let (s_on, s_off) = loss_sensitivity(r, lambda);
     for (name, a, b, s) in [
         ("total", v.total, r.total, s_on + s_off),
         ("on_diag", v.on_diag, r.on_diag, s_on),
@@ -116,6 +124,7 @@ pub fn assert_close_scalar(what: &str, a: f64, r: f64, tol: f64) {
 
 /// The GPU stream for GPU tests, or `None` after printing `SKIP: <reason>`. With
 /// `BARLOW_REQUIRE_GPU=1` (set by the GPU bundle's run.sh) a missing GPU fails the test instead.
+#[cfg(feature = "cuda")]
 pub fn gpu(test: &str) -> Option<Arc<CudaStream>> {
     let reason = if !barlow::built_with_kernels() {
         "built without CUDA kernels".to_string()

@@ -7,14 +7,15 @@
 // With BARLOW_EMU_REDUCED defined, every kernel still runs, on fewer and smaller shapes (see
 // main): the sanitizer runs (scripts/sanitize-emulated.sh) pay for each emulated thread, and the
 // thread count, not the data, sets their time.
-#include "standardize.cu"
-#include "loss_reduce.cu"
-#include "gram.cu"
-#include "batchnorm.cu"
-#include "pool.cu"
-#include "lars.cu"
-#include "convert.cu"
-#include "naive.cu"
+#include "loss/standardize.cu"
+#include "loss/loss_reduce.cu"
+#include "loss/gram.cu"
+#include "train/projector_norm.cu"
+#include "train/batchnorm.cu"
+#include "train/pool.cu"
+#include "train/lars.cu"
+#include "train/convert.cu"
+#include "bench/naive.cu"
 
 #include <stdio.h>
 
@@ -141,7 +142,7 @@ static void rows_launch(int64_t rows, int64_t c, std::function<void()> body) {
   emu_launch({blocks}, {bx, by}, body);
 }
 
-// ---- batch norm (kernels/batchnorm.cu) ---------------------------------------------------------
+// ---- batch norm (kernels/train/batchnorm.cu) ---------------------------------------------------------
 
 #define BN_KERNELS(T, SUF)                                                                       \
   struct BnKernels_##SUF {                                                                       \
@@ -270,7 +271,7 @@ void test_batch_norm(int64_t m, int64_t c, int64_t rows, bool residual, bool rel
   check(tag + " eval forward", err(back(ye), yref), tol<T>());
 }
 
-// ---- standardization (kernels/standardize.cu) --------------------------------------------------
+// ---- standardization (kernels/loss/standardize.cu) --------------------------------------------------
 
 template <typename T>
 void test_standardize_affine(int64_t n, int64_t d, bool relu, uint64_t seed) {
@@ -378,7 +379,7 @@ void test_standardize_loss(int64_t n, int64_t d, uint64_t seed) {
   check(tag + " backward", err(dz, dzr), 1e-5);
 }
 
-// ---- the loss reduction (kernels/loss_reduce.cu) -----------------------------------------------
+// ---- the loss reduction (kernels/loss/loss_reduce.cu) -----------------------------------------------
 
 void test_loss_reduce(int64_t d, int vec, uint64_t seed) {
   Rng rng{seed};
@@ -420,7 +421,7 @@ void test_loss_reduce(int64_t d, int vec, uint64_t seed) {
   check(tag + " dL/dC bf16", err(back(g16), grad), 1e-2);
 }
 
-// ---- the Gram path (kernels/gram.cu) -------------------------------------------------------------
+// ---- the Gram path (kernels/loss/gram.cu) -------------------------------------------------------------
 
 void test_gram(int64_t n, int64_t d, uint64_t seed) {
   Rng rng{seed};
@@ -477,7 +478,7 @@ void test_gram(int64_t n, int64_t d, uint64_t seed) {
   check(tag + " gradient init", err(init, initr), 1e-6);
 }
 
-// ---- pooling (kernels/pool.cu) ---------------------------------------------------------------------
+// ---- pooling (kernels/train/pool.cu) ---------------------------------------------------------------------
 
 template <typename T>
 void test_pools(int64_t n, int64_t h, int64_t w, int64_t c, uint64_t seed) {
@@ -554,7 +555,7 @@ void test_pools(int64_t n, int64_t h, int64_t w, int64_t c, uint64_t seed) {
   check(tag + " avg backward", err(back(dat), davg), tol<T>());
 }
 
-// ---- LARS (kernels/lars.cu) ----------------------------------------------------------------------
+// ---- LARS (kernels/train/lars.cu) ----------------------------------------------------------------------
 
 void test_lars(int steps) {
   Rng rng{42};
@@ -638,7 +639,7 @@ void test_lars(int steps) {
   }
 }
 
-// ---- conversions (kernels/convert.cu) --------------------------------------------------------------
+// ---- conversions (kernels/train/convert.cu) --------------------------------------------------------------
 
 void test_convert() {
   Rng rng{7};
@@ -660,7 +661,7 @@ void test_convert() {
   check("accumulate f32 into f32", err(acc2, want2), 1e-6);
 }
 
-// ---- the naive baseline (kernels/naive.cu): the reference loss op by op ----------------------
+// ---- the naive baseline (kernels/bench/naive.cu): the reference loss op by op ----------------------
 
 void test_naive(int64_t n, int64_t d, uint64_t seed) {
   Rng rng{seed};

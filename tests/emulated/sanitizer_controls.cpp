@@ -19,7 +19,7 @@ inline void emu_control_sync() {
 #define __syncthreads emu_control_sync
 #endif
 
-#include "naive.cu"
+#include "bench/naive.cu"
 
 #include <stdio.h>
 

@@ -1,5 +1,5 @@
 // Fused batch standardization (BatchNorm1d without affine, training mode) and its backward pass,
-// plus the affine (and ReLU) variant the trainer's projector uses.
+// with the affine (and ReLU) variant the trainer's projector uses: the device code both share.
 // With `tf32` set, Ẑ is written rounded to TF32 for the TF32 GEMMs that read it.
 //
 // Z is N×D row-major. A block owns COLS adjacent columns; its ROWS row-groups each run Welford over
@@ -9,6 +9,7 @@
 // the mean is kept as an unevaluated f32 pair (hi + lo), so x − mean = (x − hi) − lo stays exact
 // where a rounded f32 mean would lose log2(|mean|/std) bits. `stats` holds 3·D floats per view:
 // [mean_hi | mean_lo | rstd]; the backward pass reads the same layout.
+#pragma once
 #include "common.cuh"
 
 namespace barlow {
@@ -166,41 +167,3 @@ __device__ void standardize_bwd(const G* __restrict__ dy, const T* __restrict__ 
 }
 
 }  // namespace barlow
-
-#define BARLOW_STD_FWD(NAME, IN, OUT)                                                        \
-  extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS) NAME(            \
-      const IN* z, OUT* zhat, float* stats, int64_t n, int64_t d, float eps, int tf32) {      \
-    barlow::standardize_fwd<IN, OUT>(z, zhat, stats, n, d, eps, tf32);                       \
-  }
-BARLOW_STD_FWD(standardize_fwd_f32_f32, float, float)
-BARLOW_STD_FWD(standardize_fwd_bf16_f32, __nv_bfloat16, float)
-BARLOW_STD_FWD(standardize_fwd_f16_f32, __half, float)
-BARLOW_STD_FWD(standardize_fwd_f32_bf16, float, __nv_bfloat16)
-BARLOW_STD_FWD(standardize_fwd_bf16_bf16, __nv_bfloat16, __nv_bfloat16)
-BARLOW_STD_FWD(standardize_fwd_f16_bf16, __half, __nv_bfloat16)
-
-#define BARLOW_STD_BWD(NAME, T)                                                              \
-  extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS) NAME(            \
-      const float* g, const T* z, const float* stats, T* dz, int64_t n, int64_t d) {         \
-    barlow::standardize_bwd<float, T>(g, (const T*)nullptr, z, stats, nullptr, dz, nullptr,  \
-                                      nullptr, n, d);                                        \
-  }
-BARLOW_STD_BWD(standardize_bwd_f32, float)
-BARLOW_STD_BWD(standardize_bwd_bf16, __nv_bfloat16)
-BARLOW_STD_BWD(standardize_bwd_f16, __half)
-
-#define BARLOW_STD_AFFINE(NAME_FWD, NAME_BWD, T)                                              \
-  extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS) NAME_FWD(        \
-      const T* z, T* y, float* stats, int64_t n, int64_t d, float eps, const float* gamma,    \
-      const float* beta, int relu, float momentum, float* running_mean, float* running_var) { \
-    barlow::standardize_fwd<T, T>(                                                           \
-        z, y, stats, n, d, eps, 0,                                                           \
-        barlow::Affine{gamma, beta, relu, momentum, running_mean, running_var});             \
-  }                                                                                          \
-  extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS) NAME_BWD(        \
-      const T* dy, const T* y, const T* z, const float* stats, const float* gamma, T* dz,     \
-      float* dgamma, float* dbeta, int64_t n, int64_t d) {                                    \
-    barlow::standardize_bwd<T, T>(dy, y, z, stats, gamma, dz, dgamma, dbeta, n, d);          \
-  }
-BARLOW_STD_AFFINE(standardize_affine_fwd_f32, standardize_affine_bwd_f32, float)
-BARLOW_STD_AFFINE(standardize_affine_fwd_bf16, standardize_affine_bwd_bf16, __nv_bfloat16)

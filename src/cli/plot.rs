@@ -2,6 +2,8 @@
 //! one series per panel.
 
 use ab_glyph::{Font, FontRef, PxScale, ScaleFont};
+use barlow::train::run::RunFiles;
+use barlow::Error;
 use std::path::Path;
 
 const FONT: &[u8] = include_bytes!("../../data/DejaVuSans.ttf");
@@ -174,7 +176,48 @@ pub fn save_png(path: &Path, panels: &[Panel<'_>]) -> std::io::Result<()> {
             image::ExtendedColorType::Rgb8,
         )
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    crate::io::write_atomic(path, &png)
+    barlow::io::write_atomic(path, &png)
 }
 
 use image::ImageEncoder;
+
+/// Draws loss and kNN curves from the run's metrics into its PNG.
+pub(crate) fn plot_metrics(files: &RunFiles) -> barlow::Result<()> {
+    let text = std::fs::read_to_string(files.metrics()).unwrap_or_default();
+    let mut loss = Vec::new();
+    let mut knn = Vec::new();
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        match v["event"].as_str() {
+            Some("step") => loss.push((
+                v["step"].as_f64().unwrap_or(0.0),
+                v["loss"].as_f64().unwrap_or(f64::NAN),
+            )),
+            Some("knn") => knn.push((
+                v["epoch"].as_f64().unwrap_or(0.0),
+                100.0 * v["top1"].as_f64().unwrap_or(f64::NAN),
+            )),
+            _ => {}
+        }
+    }
+    save_png(
+        &files.plot(),
+        &[
+            Panel {
+                title: "Barlow Twins loss",
+                x_label: "step",
+                points: &loss,
+                color: [31, 119, 180],
+            },
+            Panel {
+                title: "kNN top-1 (%)",
+                x_label: "epoch",
+                points: &knn,
+                color: [214, 39, 40],
+            },
+        ],
+    )
+    .map_err(|e| Error::io(files.plot(), e))
+}

@@ -116,3 +116,15 @@ extern "C" __global__ void __launch_bounds__(barlow::REDUCE_THREADS)
     out[2] = on + lambda * off;
   }
 }
+
+// Copies the loss of the last reduction into caller-owned device memory, so nothing waits on the
+// host: dst[0] = total, dst[1] = on-diagonal term, dst[2] = off-diagonal term, dst[3] = 1 when
+// the total is not finite (NaN or infinity in the inputs), else 0. Writes the first `slots`
+// (1 to 4) of them. One thread.
+extern "C" __global__ void loss_publish(const double* out, float* dst, int64_t slots) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  const double total = out[2];
+  const float v[4] = {(float)total, (float)out[0], (float)out[1],
+                      isfinite(total) ? 0.0f : 1.0f};
+  for (int64_t i = 0; i < slots && i < 4; ++i) dst[i] = v[i];
+}
