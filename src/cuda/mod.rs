@@ -166,15 +166,32 @@ fn availability(kernels: bool, driver: impl FnOnce() -> bool) -> Result<()> {
     Ok(())
 }
 
-/// Whether one of the file names cudarc would try for `libs` can be opened.
+/// File names of library `lib` as cudarc's loader tries them: unversioned, `.so.1`, and the
+/// CUDA majors 9 to 13 (and their Windows forms). Written out here because cudarc exposes its list
+/// only in its dynamic-loading mode.
+fn library_names(lib: &str) -> Vec<String> {
+    use std::env::consts::{DLL_PREFIX, DLL_SUFFIX};
+    let mut names = vec![
+        format!("{DLL_PREFIX}{lib}{DLL_SUFFIX}"),
+        format!("{DLL_PREFIX}{lib}64{DLL_SUFFIX}"),
+        format!("{DLL_PREFIX}{lib}{DLL_SUFFIX}.1"),
+    ];
+    for major in 9..=13 {
+        names.push(format!("{DLL_PREFIX}{lib}{DLL_SUFFIX}.{major}"));
+        names.push(format!("{DLL_PREFIX}{lib}64_{major}{DLL_SUFFIX}"));
+        names.push(format!("{DLL_PREFIX}{lib}64_{major}0_0{DLL_SUFFIX}"));
+    }
+    names
+}
+
+/// Whether one of the file names cudarc would try for `libs` can be opened. In the linking modes
+/// the library is already in the process, so this holds there as well.
 pub(crate) fn library_present(libs: &[&str]) -> bool {
-    libs.iter()
-        .flat_map(|l| cudarc::get_lib_name_candidates(l))
-        .any(|name| {
-            // SAFETY: opening a CUDA library runs only its initializers, which have no
-            // preconditions; the handle is closed at once and no symbol is looked up.
-            unsafe { libloading::Library::new(name) }.is_ok()
-        })
+    libs.iter().flat_map(|l| library_names(l)).any(|name| {
+        // SAFETY: opening a CUDA library runs only its initializers, which have no
+        // preconditions; the handle is closed at once and no symbol is looked up.
+        unsafe { libloading::Library::new(name) }.is_ok()
+    })
 }
 
 fn driver_present() -> bool {
