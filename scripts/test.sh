@@ -11,7 +11,8 @@ fi
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --release "$@" -- --nocapture 2>&1 | tee "$log"
+# The candle op is part of the suite (its tests and the README's candle snippet).
+cargo test --release --features candle "$@" -- --nocapture 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 
 passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')

@@ -1,7 +1,7 @@
 //! The exact loss without the D×D matrix: through the batch Gram matrices Ga = ẐaẐaᵀ and
 //! Gb = ẐbẐbᵀ (N×N).
 //!
-//! * Σᵢⱼ Cᵢⱼ² = ⟨Ga, Gb⟩_F / N², and Cᵢᵢ = (1/N) Σₙ Ẑa[n,i]·Ẑb[n,i], so
+//! * Σᵢⱼ Cᵢⱼ² = ⟨Ga, Gb⟩_F / N², and Cᵢᵢ = (1/N) Σₙ Ẑa\[n,i\]·Ẑb\[n,i\], so
 //!   off-diagonal = λ (Σᵢⱼ Cᵢⱼ² − Σᵢ Cᵢᵢ²) and on-diagonal = Σᵢ (1 − Cᵢᵢ)².
 //! * dL/dẐa = (2λ/N²)·Gb·Ẑa + Ẑb ⊙ kᵢ and dL/dẐb = (2λ/N²)·Ga·Ẑb + Ẑa ⊙ kᵢ, with the column
 //!   factor kᵢ = (2(Cᵢᵢ − 1) − 2λCᵢᵢ)/N.
@@ -16,7 +16,7 @@ use crate::shape::{check_input, check_output, Dims};
 use crate::LossValue;
 use rayon::prelude::*;
 
-/// Column dot products Cᵢᵢ = (1/N) Σₙ a[n,i]·b[n,i], accumulated in f64.
+/// Column dot products Cᵢᵢ = (1/N) Σₙ a\[n,i\]·b\[n,i\], accumulated in f64.
 pub fn diagonal(za_hat: &[f32], zb_hat: &[f32], dims: Dims) -> Result<Vec<f64>> {
     let (n, d) = dims.checked()?;
     check_input("za_hat", za_hat.len(), dims)?;

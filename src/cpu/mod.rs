@@ -1,5 +1,5 @@
 //! The CPU twin of every CUDA kernel, in f32 with f64 accumulation where sums are long, parallel
-//! over rayon's pool. [`reference`] holds the plain float64 version the tests trust.
+//! over rayon's pool. [`reference`](mod@reference) holds the plain float64 version the tests trust.
 //!
 //! All matrices are row-major; Z is N×D, C is D×D.
 

@@ -80,6 +80,7 @@ impl CudaOps {
         &self.stream
     }
 
+    #[cfg(any(feature = "train", feature = "bench"))]
     pub(crate) fn blas(&mut self) -> Result<&Blas> {
         let s = self.stream.clone();
         self.blas.bind(&s)?;
