@@ -21,7 +21,8 @@
 //! | `bench` | the op-by-op baseline loss and the benchmark harness |
 //! | `train` | the model, both training engines, data, checkpoints, evaluation |
 //! | `cli` (default) | the `barlow` command |
-//! | `candle`, `candle-cuda` | the candle custom op, on CPU / CUDA tensors |
+//! | `candle` | the candle custom op, on CPU tensors |
+//! | `candle-cuda` | the same on candle's CUDA tensors (not yet built or run) |
 //!
 //! The loss alone: `barlow = { version = "0.1", default-features = false, features = ["cuda"] }`.
 //! CUDA is loaded at run time unless the application links it: a binary built with the kernels
