@@ -111,8 +111,3 @@ extern "C" __global__ void naive_bn_bwd(const float* g, const float* zhat, const
   const float rstd = 1.f / sqrtf(var[c] + eps);
   dz[i] = rstd * (g[i] - s1[c] / (float)n - zhat[i] * s2[c] / (float)n);
 }
-
-extern "C" __global__ void naive_cast_bf16(const float* x, __nv_bfloat16* y, int64_t len) {
-  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < len) y[i] = __float2bfloat16_rn(x[i]);
-}

@@ -106,3 +106,9 @@ extern "C" __global__ void gram_grad_init_bf16(const __nv_bfloat16* other, const
                                                float* out, int64_t n, int64_t d) {
   barlow::gram_grad_init<__nv_bfloat16>(other, coef, out, n, d);
 }
+
+// f32 → bf16, for the Gram path's bf16 copies (the naive baseline uses it too).
+extern "C" __global__ void naive_cast_bf16(const float* x, __nv_bfloat16* y, int64_t len) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < len) y[i] = __float2bfloat16_rn(x[i]);
+}

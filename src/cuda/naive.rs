@@ -21,6 +21,8 @@ pub struct NaiveLoss {
     config: LossConfig,
     ops: CudaOps,
     kernels: Arc<Kernels>,
+    /// The loss module, for the f32 → bf16 cast the Gram path shares.
+    loss: Arc<Kernels>,
 }
 
 fn grid(len: usize) -> LaunchConfig {
@@ -34,9 +36,12 @@ fn grid(len: usize) -> LaunchConfig {
 /// Launches `name` over `len` threads with the given arguments (each an lvalue of a device pointer
 /// as u64, an i64 or an f32 matching the kernel's signature in `naive.cu`).
 macro_rules! launch {
-    ($self:expr, $name:literal, $cfg:expr, $($arg:expr),+) => {{
+    ($self:expr, $name:literal, $cfg:expr, $($arg:expr),+) => {
+        launch!($self, kernels, $name, $cfg, $($arg),+)
+    };
+    ($self:expr, $module:ident, $name:literal, $cfg:expr, $($arg:expr),+) => {{
         let s = $self.ops.stream().clone();
-        let f = $self.kernels.get($name)?;
+        let f = $self.$module.get($name)?;
         let mut b = s.launch_builder(f);
         $( b.arg(&$arg); )+
         // SAFETY: the arguments follow the kernel's signature in naive.cu, and every buffer was
@@ -59,6 +64,7 @@ impl NaiveLoss {
             config,
             ops: CudaOps::new(stream)?,
             kernels: kernels(stream.context(), &BENCH)?,
+            loss: kernels(stream.context(), &super::fatbin::LOSS)?,
         })
     }
 
@@ -147,8 +153,8 @@ impl NaiveLoss {
             let mut b16 = alloc::<half::bf16>(&s, b_len, "allocating a naive-path buffer")?;
             let (pa, pb) = (self.ptr_mut(&mut a16), self.ptr_mut(&mut b16));
             let (al, bl) = (a_len as i64, b_len as i64);
-            launch!(self, "naive_cast_bf16", grid(a_len), a.ptr, pa, al);
-            launch!(self, "naive_cast_bf16", grid(b_len), b.ptr, pb, bl);
+            launch!(self, loss, "naive_cast_bf16", grid(a_len), a.ptr, pa, al);
+            launch!(self, loss, "naive_cast_bf16", grid(b_len), b.ptr, pb, bl);
             let blas = self.ops.blas()?;
             // SAFETY: a16/b16 hold a_len/b_len bf16 values cast from operands of those lengths,
             // which the caller sized for these m, n, k and leading dimensions; c is a fresh buffer.
