@@ -1,5 +1,5 @@
-//! The fused loss as a candle operation with gradients (feature `candle`; CUDA tensors with
-//! feature `candle-cuda`).
+//! The fused loss as a candle operation with gradients, on CPU tensors (feature `candle`). CUDA
+//! tensors are not taken yet: candle reports the op has no CUDA implementation.
 //!
 //! [`BarlowTwinsOp::loss`] takes the two views' projector outputs (N×D tensors) and returns the
 //! loss as a 0-d f32 tensor that backpropagates into both: candle's autograd calls the op's
@@ -117,27 +117,6 @@ impl CustomOp2 for Forward {
         Ok((CpuStorage::F32(vec![v.total as f32]), Shape::from(())))
     }
 
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let dims = dims_of(l1, l2)?;
-        let (za, zb) = (cuda::view(s1, l1, "za")?, cuda::view(s2, l2, "zb")?);
-        let stream = s1.device.cuda_stream();
-        let mut out = s1.device.alloc_zeros::<f32>(1)?;
-        self.0
-            .loss
-            .forward_on_device(&stream, &za, &zb, dims, &mut out)?;
-        Ok((
-            candle_core::CudaStorage::wrap_cuda_slice(out, s1.device.clone()),
-            Shape::from(()),
-        ))
-    }
-
     fn bwd(
         &self,
         za: &Tensor,
@@ -172,57 +151,5 @@ impl CustomOp2 for Gradients {
         let (dza, dzb) = both.split_at_mut(nd);
         self.0.loss.forward_backward_cpu(za, zb, dims, dza, dzb)?;
         Ok((CpuStorage::F32(both), Shape::from((2, dims.n, dims.d))))
-    }
-
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let dims = dims_of(l1, l2)?;
-        let (za, zb) = (cuda::view(s1, l1, "za")?, cuda::view(s2, l2, "zb")?);
-        let stream = s1.device.cuda_stream();
-        let nd = dims.n * dims.d;
-        let mut both = s1.device.alloc_zeros::<f32>(2 * nd)?;
-        let mut out = s1.device.alloc_zeros::<f32>(1)?;
-        {
-            let (mut dza, mut dzb) = both.split_at_mut(nd);
-            self.0.loss.forward_backward_on_device(
-                &stream, &za, &zb, dims, &mut dza, &mut dzb, &mut out,
-            )?;
-        }
-        Ok((
-            candle_core::CudaStorage::wrap_cuda_slice(both, s1.device.clone()),
-            Shape::from((2, dims.n, dims.d)),
-        ))
-    }
-}
-
-#[cfg(feature = "candle-cuda")]
-mod cuda {
-    use candle_core::{CudaStorage, Layout};
-    use cudarc::driver::CudaView;
-
-    /// The f32 elements of a contiguous CUDA tensor, as a view of candle's own buffer.
-    pub(super) fn view<'a>(
-        s: &'a CudaStorage,
-        l: &Layout,
-        name: &str,
-    ) -> candle_core::Result<CudaView<'a, f32>> {
-        let slice = s.as_cuda_slice::<f32>().map_err(|_| {
-            candle_core::Error::Msg(format!(
-                "barlow twins loss: `{name}` is {:?}; the candle op takes f32",
-                s.dtype()
-            ))
-        })?;
-        match l.contiguous_offsets() {
-            Some((start, end)) => Ok(slice.slice(start..end)),
-            None => Err(candle_core::Error::Msg(format!(
-                "barlow twins loss: `{name}` is not contiguous (call .contiguous() first)"
-            ))),
-        }
     }
 }

@@ -9,7 +9,7 @@
 //! * [`cpu`] — the CPU kernels and the [`cpu::reference`] implementation.
 //! * `cuda` (feature `cuda`) — the embedded kernels, `cuda::ops::CudaOps` (one safe method per
 //!   kernel and GEMM); `cuda::naive::NaiveLoss` (feature `bench`) is the op-by-op baseline.
-//! * `candle` (feature `candle`) — the loss as a candle custom op with gradients.
+//! * `candle` (feature `candle`) — the loss as a candle custom op with gradients (CPU tensors).
 //! * `nn`, `train` (feature `train`) — the ResNet model and its CPU and CUDA training engines.
 //!
 //! ## Features
@@ -22,7 +22,6 @@
 //! | `train` | the model, both training engines, data, checkpoints, evaluation |
 //! | `cli` (default) | the `barlow` command |
 //! | `candle` | the candle custom op, on CPU tensors |
-//! | `candle-cuda` | the same on candle's CUDA tensors (not yet built or run) |
 //!
 //! The loss alone: `barlow = { version = "0.1", default-features = false, features = ["cuda"] }`.
 //! CUDA is loaded at run time unless the application links it: a binary built with the kernels

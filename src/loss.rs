@@ -334,8 +334,7 @@ impl BarlowTwinsLoss {
         zb: &impl DevicePtr<T>,
         dims: Dims,
     ) -> Result<LossValue> {
-        let mut slot = self.queue::<T, cudarc::driver::CudaSlice<T>>(stream, za, zb, dims, None)?;
-        Self::workspace(&mut slot)?.read()
+        self.queue::<T, cudarc::driver::CudaSlice<T>, _>(stream, za, zb, dims, None, |ws| ws.read())
     }
 
     /// The loss of device inputs with dL/dZa and dL/dZb (same element type as the inputs) written
@@ -352,8 +351,7 @@ impl BarlowTwinsLoss {
         dza: &mut Dz,
         dzb: &mut Dz,
     ) -> Result<LossValue> {
-        let mut slot = self.queue(stream, za, zb, dims, Some((dza, dzb)))?;
-        Self::workspace(&mut slot)?.read()
+        self.queue(stream, za, zb, dims, Some((dza, dzb)), |ws| ws.read())
     }
 
     /// Queues the loss and its gradients on `stream` and returns without waiting: the loss goes
@@ -380,8 +378,7 @@ impl BarlowTwinsLoss {
         out: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
         cuda::check_loss_output(out, stream)?;
-        let mut slot = self.queue(stream, za, zb, dims, Some((dza, dzb)))?;
-        Self::workspace(&mut slot)?.publish(out)
+        self.queue(stream, za, zb, dims, Some((dza, dzb)), |ws| ws.publish(out))
     }
 
     /// [`BarlowTwinsLoss::forward_backward_on_device`] without the gradients.
@@ -395,21 +392,23 @@ impl BarlowTwinsLoss {
         out: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
         cuda::check_loss_output(out, stream)?;
-        let mut slot = self.queue::<T, cudarc::driver::CudaSlice<T>>(stream, za, zb, dims, None)?;
-        Self::workspace(&mut slot)?.publish(out)
+        self.queue::<T, cudarc::driver::CudaSlice<T>, _>(stream, za, zb, dims, None, |ws| {
+            ws.publish(out)
+        })
     }
 
-    /// Checks everything, then queues the loss (and gradients) on `stream`; returns the locked
-    /// workspace holding the result.
+    /// Checks everything, queues the loss (and gradients) on `stream`, then hands the workspace
+    /// holding the result to `finish` (which reads it back or copies it on the device).
     #[cfg(feature = "cuda")]
-    fn queue<T: Element, Dz: DevicePtrMut<T>>(
+    fn queue<T: Element, Dz: DevicePtrMut<T>, R>(
         &self,
         stream: &Arc<CudaStream>,
         za: &impl DevicePtr<T>,
         zb: &impl DevicePtr<T>,
         dims: Dims,
         grads: Option<(&mut Dz, &mut Dz)>,
-    ) -> Result<MutexGuard<'_, Option<fused::Workspace>>> {
+        finish: impl FnOnce(&fused::Workspace) -> Result<R>,
+    ) -> Result<R> {
         cuda::check_available()?;
         fused::check_inputs(stream, za, zb, dims)?;
         if let Some((dza, dzb)) = &grads {
@@ -419,17 +418,7 @@ impl BarlowTwinsLoss {
         let mut slot = lock(&self.gpu);
         let ws = fused::Workspace::ensure(&mut slot, stream, dims, self.config.math, path)?;
         fused::run(ws, &self.config, stream, za, zb, dims, grads)?;
-        Ok(slot)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn workspace<'a>(
-        slot: &'a mut MutexGuard<'_, Option<fused::Workspace>>,
-    ) -> Result<&'a mut fused::Workspace> {
-        slot.as_mut().ok_or_else(|| Error::Cuda {
-            during: "the fused loss".into(),
-            message: "workspace missing after a queued call".into(),
-        })
+        finish(ws)
     }
 
     /// Device bytes the CUDA path holds for this shape (its workspace; cuBLAS's own comes on top).

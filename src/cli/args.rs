@@ -29,6 +29,24 @@ pub(crate) enum Device {
     Cuda,
 }
 
+impl From<ArchArg> for barlow::nn::resnet::Arch {
+    fn from(a: ArchArg) -> Self {
+        match a {
+            ArchArg::Resnet18 => Self::Resnet18,
+            ArchArg::Resnet50 => Self::Resnet50,
+        }
+    }
+}
+
+impl From<StemArg> for barlow::nn::resnet::Stem {
+    fn from(s: StemArg) -> Self {
+        match s {
+            StemArg::Small => Self::Small,
+            StemArg::Imagenet => Self::Imagenet,
+        }
+    }
+}
+
 impl From<Device> for barlow::train::run::DeviceChoice {
     fn from(d: Device) -> Self {
         match d {

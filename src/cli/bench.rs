@@ -122,7 +122,6 @@ pub(crate) fn write_json_lines<T: serde::Serialize>(
 }
 
 pub(crate) fn bench_train(a: BenchTrainArgs) -> Result<(), String> {
-    use barlow::nn::resnet::{Arch, Stem};
     use barlow::train::bench::{self as tb, TrainBench};
     let mut rows = Vec::new();
     for p in &a.preset {
@@ -131,16 +130,10 @@ pub(crate) fn bench_train(a: BenchTrainArgs) -> Result<(), String> {
             PresetArg::Small => TrainBench::small(),
         };
         if let Some(x) = a.arch {
-            b.arch = match x {
-                ArchArg::Resnet18 => Arch::Resnet18,
-                ArchArg::Resnet50 => Arch::Resnet50,
-            };
+            b.arch = x.into();
         }
         if let Some(x) = a.stem {
-            b.stem = match x {
-                StemArg::Small => Stem::Small,
-                StemArg::Imagenet => Stem::Imagenet,
-            };
+            b.stem = x.into();
         }
         b.image = a.image.unwrap_or(b.image);
         b.batch = a.batch.unwrap_or(b.batch);

@@ -97,19 +97,12 @@ pub(crate) fn timestamp() -> String {
 }
 
 pub(crate) fn train(a: TrainArgs) -> Result<(), String> {
-    use barlow::nn::resnet::{Arch, Stem};
     let cfg = barlow::train::run::TrainConfig {
         device: a.device.into(),
         precision: a.precision.into(),
         data: a.data,
-        arch: match a.arch {
-            ArchArg::Resnet18 => Arch::Resnet18,
-            ArchArg::Resnet50 => Arch::Resnet50,
-        },
-        stem: a.stem.map(|s| match s {
-            StemArg::Small => Stem::Small,
-            StemArg::Imagenet => Stem::Imagenet,
-        }),
+        arch: a.arch.into(),
+        stem: a.stem.map(Into::into),
         width: a.width,
         projector: a.projector,
         lambda: a.lambda,
