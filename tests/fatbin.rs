@@ -18,7 +18,8 @@ fn fatbin_holds_every_listed_kernel() {
             return;
         };
         assert!(!m.kernels.is_empty(), "module {} lists no kernels", m.name);
-        for name in m.kernels {
+        for k in m.kernels {
+            let name = k.name;
             // ELF symbol tables store names NUL-terminated; a prefix of a longer name does not
             // match.
             let mut sym = name.as_bytes().to_vec();
@@ -38,9 +39,32 @@ fn fatbin_holds_every_listed_kernel() {
     }
 }
 
+/// A parameter list's C types with the names and `__restrict__` dropped: `(const float* __restrict__
+/// x, int64_t n)` → ["const float*", "int64_t"].
+fn param_types(list: &str) -> Vec<String> {
+    let list = list.trim();
+    if list.is_empty() {
+        return Vec::new();
+    }
+    list.split(',')
+        .map(|p| {
+            let spaced = p.replace('*', " * ");
+            let mut words: Vec<&str> = spaced
+                .split_whitespace()
+                .filter(|w| !w.starts_with("__restrict"))
+                .collect();
+            words.pop(); // the parameter's name
+            let stars = words.iter().filter(|w| **w == "*").count();
+            let base: Vec<&str> = words.into_iter().filter(|w| *w != "*").collect();
+            format!("{}{}", base.join(" "), "*".repeat(stars))
+        })
+        .collect()
+}
+
 /// The kernels the C preprocessor finds in `kernels/<folder>/*.cu` (macros expanded), compiled as
-/// host code the way the emulators do: an extraction independent of build.rs's source reading.
-fn preprocessed_kernels(cxx: &str, folder: &str) -> Vec<String> {
+/// host code the way the emulators do, with their parameter types: an extraction independent of
+/// build.rs's source reading.
+fn preprocessed_kernels(cxx: &str, folder: &str) -> Vec<(String, Vec<String>)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join("kernels").join(folder);
     let mut unit = String::new();
@@ -70,7 +94,7 @@ fn preprocessed_kernels(cxx: &str, folder: &str) -> Vec<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8_lossy(&out.stdout).replace(['\n', '\t'], " ");
-    let mut names: Vec<String> = text
+    let mut names: Vec<(String, Vec<String>)> = text
         .split("extern \"C\"")
         .skip(1)
         .filter_map(|rest| {
@@ -79,10 +103,9 @@ fn preprocessed_kernels(cxx: &str, folder: &str) -> Vec<String> {
                 .chars()
                 .take_while(|c| c.is_alphanumeric() || *c == '_')
                 .collect();
-            rest[name.len()..]
-                .trim_start()
-                .starts_with('(')
-                .then_some(name)
+            let list = rest[name.len()..].trim_start().strip_prefix('(')?;
+            let list = &list[..list.find(')')?];
+            Some((name, param_types(list)))
         })
         .collect();
     names.sort();
@@ -91,14 +114,21 @@ fn preprocessed_kernels(cxx: &str, folder: &str) -> Vec<String> {
 }
 
 #[test]
-fn generated_kernel_lists_match_the_preprocessed_sources() {
+fn generated_signatures_match_the_preprocessed_sources() {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     if Command::new(&cxx).arg("--version").output().is_err() {
-        println!("SKIP: generated_kernel_lists_match_the_preprocessed_sources: no C++ compiler");
+        println!("SKIP: generated_signatures_match_the_preprocessed_sources: no C++ compiler");
         return;
     }
     for m in MODULES {
-        let mut listed: Vec<String> = m.kernels.iter().map(|s| s.to_string()).collect();
+        let mut listed: Vec<(String, Vec<String>)> = m
+            .kernels
+            .iter()
+            .map(|k| {
+                let params = k.params.iter().map(|p| p.to_string()).collect();
+                (k.name.to_string(), params)
+            })
+            .collect();
         listed.sort();
         assert_eq!(
             preprocessed_kernels(&cxx, m.name),

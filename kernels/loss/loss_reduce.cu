@@ -87,10 +87,11 @@ __device__ void loss_reduce_partial(const float* c, G* grad, float* __restrict__
 
 }  // namespace barlow
 
+// dL/dC, when wanted, overwrites C in place (the f32 backward GEMMs read it from there).
 extern "C" __global__ void __launch_bounds__(barlow::REDUCE_THREADS)
-    loss_reduce_partial_f32(float* c, float* grad, float* partials, int64_t d, float lambda,
+    loss_reduce_partial_f32(float* c, int write_grad, float* partials, int64_t d, float lambda,
                             int vec, int tf32) {
-  barlow::loss_reduce_partial<float>(c, grad, partials, d, lambda, vec, tf32);
+  barlow::loss_reduce_partial<float>(c, write_grad ? c : nullptr, partials, d, lambda, vec, tf32);
 }
 
 extern "C" __global__ void __launch_bounds__(barlow::REDUCE_THREADS)

@@ -55,11 +55,12 @@ extern "C" __global__ void lars_trust(const float* partial, const int* first_chu
   trust[t] = (pn > 0.0 && un > 0.0) ? (float)((double)eta * pn / un) : 1.f;
 }
 
-extern "C" __global__ void __launch_bounds__(barlow::LARS_THREADS)
-    lars_update(float* w, const float* g, float* mom, const int64_t* chunk_start,
-                const int* chunk_len, const int* chunk_tensor, const int* tensor_vector,
-                const float* trust, float wd, float lr_weights, float lr_biases, float momentum,
-                __nv_bfloat16* work_bf16, float* work_f32) {
+namespace barlow {
+template <typename T>
+__device__ void lars_update(float* w, const float* g, float* mom, const int64_t* chunk_start,
+                            const int* chunk_len, const int* chunk_tensor,
+                            const int* tensor_vector, const float* trust, float wd,
+                            float lr_weights, float lr_biases, float momentum, T* work) {
   const int64_t k = blockIdx.x;
   const int64_t s = chunk_start[k];
   const int len = chunk_len[k];
@@ -75,7 +76,18 @@ extern "C" __global__ void __launch_bounds__(barlow::LARS_THREADS)
     mom[j] = m;
     const float nw = w[j] - lr * m;
     w[j] = nw;
-    if (work_bf16) work_bf16[j] = __float2bfloat16_rn(nw);
-    if (work_f32) work_f32[j] = nw;
+    work[j] = from_f32<T>(nw);
   }
 }
+}  // namespace barlow
+
+#define BARLOW_LARS_UPDATE(SUF, T)                                                               \
+  extern "C" __global__ void __launch_bounds__(barlow::LARS_THREADS) lars_update_##SUF(          \
+      float* w, const float* g, float* mom, const int64_t* chunk_start, const int* chunk_len,    \
+      const int* chunk_tensor, const int* tensor_vector, const float* trust, float wd,           \
+      float lr_weights, float lr_biases, float momentum, T* work) {                              \
+    barlow::lars_update<T>(w, g, mom, chunk_start, chunk_len, chunk_tensor, tensor_vector,       \
+                           trust, wd, lr_weights, lr_biases, momentum, work);                    \
+  }
+BARLOW_LARS_UPDATE(f32, float)
+BARLOW_LARS_UPDATE(bf16, __nv_bfloat16)

@@ -13,6 +13,7 @@ pub(crate) mod blas;
 pub mod cudnn;
 pub mod fatbin;
 pub(crate) mod fused;
+pub(crate) mod launch;
 pub mod memory;
 pub(crate) mod module;
 #[cfg(feature = "bench")]
@@ -68,7 +69,9 @@ pub enum Dtype {
 }
 
 /// Element types the kernels read: f32, bf16 and f16.
-pub trait Element: DeviceRepr + Copy + Send + Sync + 'static + sealed::Sealed {
+pub trait Element:
+    DeviceRepr + Copy + Send + Sync + 'static + sealed::Sealed + launch::CType
+{
     /// Which one it is, to pick the kernel instantiation.
     const DTYPE: Dtype;
 }

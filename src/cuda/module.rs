@@ -43,7 +43,7 @@ pub(crate) fn kernels(ctx: &Arc<CudaContext>, module: &Module) -> Result<Arc<Ker
             module.name
         )))?;
     let mut functions = HashMap::new();
-    for &name in module.kernels {
+    for &super::fatbin::Kernel { name, .. } in module.kernels {
         let f = loaded
             .load_function(name)
             .map_err(drv(format!("loading kernel `{name}` from the fatbin")))?;

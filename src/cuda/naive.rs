@@ -5,13 +5,56 @@
 use super::blas::Operand;
 use super::fatbin::BENCH;
 use super::module::{kernels, Kernels};
-use super::ops::CudaOps;
+use super::ops::{kernel as loss_kernel, CudaOps};
 use super::{alloc, check_available, drv};
 use crate::error::{Error, Result};
 use crate::shape::Dims;
 use crate::{LossConfig, LossValue, Math};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig};
 use std::sync::Arc;
+
+/// The baseline's kernels, as `naive.cu` declares them.
+mod kernel {
+    use super::super::launch::kernels;
+    use super::BENCH;
+
+    kernels! {
+        module: BENCH;
+        /// Column means.
+        fn naive_col_mean(z: &f32, mean: &mut f32, n: i64, d: i64) = "naive_col_mean";
+        /// Biased column variances about `mean`.
+        fn naive_col_var(z: &f32, mean: &f32, var: &mut f32, n: i64, d: i64) = "naive_col_var";
+        /// `(z − mean) / sqrt(var + eps)`.
+        fn naive_normalize(
+            z: &f32, mean: &f32, var: &f32, zhat: &mut f32, n: i64, d: i64, eps: f32,
+        ) = "naive_normalize";
+        /// Column sums.
+        fn naive_col_sum(x: &f32, out: &mut f32, n: i64, d: i64) = "naive_col_sum";
+        /// Elementwise product.
+        fn naive_mul(a: &f32, b: &f32, out: &mut f32, len: i64) = "naive_mul";
+        /// `a·x + b`.
+        fn naive_affine(x: &f32, out: &mut f32, len: i64, a: f32, b: f32) = "naive_affine";
+        /// `x²`.
+        fn naive_square(x: &f32, out: &mut f32, len: i64) = "naive_square";
+        /// C's diagonal.
+        fn naive_diag_copy(c: &f32, diag: &mut f32, d: i64) = "naive_diag_copy";
+        /// C's off-diagonal elements, row by row.
+        fn naive_off_diag_copy(c: &f32, off: &mut f32, d: i64) = "naive_off_diag_copy";
+        /// Back into the off-diagonal positions.
+        fn naive_off_diag_scatter(off: &f32, gc: &mut f32, d: i64) = "naive_off_diag_scatter";
+        /// Back onto the diagonal.
+        fn naive_diag_scatter(diag: &f32, gc: &mut f32, d: i64) = "naive_diag_scatter";
+        /// Per-block partial sums.
+        fn naive_sum_partial(x: &f32, partials: &mut f32, len: i64) = "naive_sum_partial";
+        /// The partial sums' total, one block.
+        fn naive_sum_final(partials: &f32, out: &mut f32, blocks: i64) = "naive_sum_final";
+        /// BatchNorm1d's backward from the two column sums.
+        fn naive_bn_bwd(
+            g: &f32, zhat: &f32, var: &f32, s1: &f32, s2: &f32, dz: &mut f32, n: i64, d: i64,
+            eps: f32,
+        ) = "naive_bn_bwd";
+    }
+}
 
 const THREADS: u32 = 256;
 const SUM_BLOCKS: usize = 1024;
@@ -33,21 +76,21 @@ fn grid(len: usize) -> LaunchConfig {
     }
 }
 
-/// Launches `name` over `len` threads with the given arguments (each an lvalue of a device pointer
-/// as u64, an i64 or an f32 matching the kernel's signature in `naive.cu`).
+/// Launches a baseline kernel: `launch!(self, kernel, cfg, args…)`.
 macro_rules! launch {
-    ($self:expr, $name:literal, $cfg:expr, $($arg:expr),+) => {
-        launch!($self, kernels, $name, $cfg, $($arg),+)
+    ($self:expr, $f:ident, $cfg:expr, $($arg:expr),+ $(,)?) => {
+        // SAFETY: every buffer here is allocated by this baseline with the length its kernel's
+        // grid covers (the comment at each call says which), or is the caller's N×D input or
+        // gradient, checked by `forward_backward`.
+        unsafe { kernel::$f(&$self.kernels, $self.ops.stream(), $cfg, $($arg),+) }?
     };
-    ($self:expr, $module:ident, $name:literal, $cfg:expr, $($arg:expr),+) => {{
-        let s = $self.ops.stream().clone();
-        let f = $self.$module.get($name)?;
-        let mut b = s.launch_builder(f);
-        $( b.arg(&$arg); )+
-        // SAFETY: the arguments follow the kernel's signature in naive.cu, and every buffer was
-        // allocated here (or checked by `forward_backward`) with the length the kernel indexes.
-        unsafe { b.launch($cfg) }.map_err(drv(concat!("launching ", $name)))?;
-    }};
+}
+
+/// An f32 GEMM operand: a buffer, its leading dimension and whether it is transposed.
+struct Arg<'a> {
+    buf: &'a CudaSlice<f32>,
+    ld: usize,
+    trans: bool,
 }
 
 struct View {
@@ -57,7 +100,7 @@ struct View {
 
 impl NaiveLoss {
     /// Creates the baseline for `stream`.
-    pub fn new(stream: &Arc<CudaStream>, config: LossConfig) -> Result<Self> {
+    pub fn new(stream: &Arc<cudarc::driver::CudaStream>, config: LossConfig) -> Result<Self> {
         config.validate()?;
         check_available()?;
         Ok(Self {
@@ -68,96 +111,86 @@ impl NaiveLoss {
         })
     }
 
-    /// The address of one of this baseline's own buffers, which only its stream ever touches (so
-    /// dropping the event guard at once orders nothing wrongly).
-    fn ptr<T>(&self, b: &impl DevicePtr<T>) -> u64 {
-        let (p, _g) = b.device_ptr(self.ops.stream());
-        p
-    }
-
-    fn ptr_mut<T>(&self, b: &mut impl DevicePtrMut<T>) -> u64 {
-        let (p, _g) = b.device_ptr_mut(self.ops.stream());
-        p
-    }
-
     fn buf(&self, len: usize) -> Result<CudaSlice<f32>> {
         alloc(self.ops.stream(), len, "allocating a naive-path buffer")
     }
 
-    fn standardize(&self, z: u64, n: usize, d: usize) -> Result<View> {
+    /// BatchNorm1d without affine, in three kernels: mean, variance, normalize (z is N×D).
+    fn standardize(&self, z: &impl DevicePtr<f32>, n: usize, d: usize) -> Result<View> {
         let (n64, d64, eps) = (n as i64, d as i64, self.config.eps);
         let mut mean = self.buf(d)?;
         let mut var = self.buf(d)?;
         let mut zhat = self.buf(n * d)?;
-        let (pm, pv, ph) = (
-            self.ptr_mut(&mut mean),
-            self.ptr_mut(&mut var),
-            self.ptr_mut(&mut zhat),
-        );
-        launch!(self, "naive_col_mean", grid(d), z, pm, n64, d64);
-        launch!(self, "naive_col_var", grid(d), z, pm, pv, n64, d64);
-        launch!(
-            self,
-            "naive_normalize",
-            grid(n * d),
-            z,
-            pm,
-            pv,
-            ph,
-            n64,
-            d64,
-            eps
-        );
+        // D columns; Ẑ N×D.
+        launch!(self, naive_col_mean, grid(d), z, &mut mean, n64, d64);
+        launch!(self, naive_col_var, grid(d), z, &mean, &mut var, n64, d64);
+        #[rustfmt::skip]
+        launch!(self, naive_normalize, grid(n * d), z, &mean, &var, &mut zhat, n64, d64, eps);
         Ok(View { var, zhat })
     }
 
     /// Sum of `len` floats into a fresh device scalar (read back only at the end, as a framework
     /// keeps its loss on the device).
-    fn sum(&self, x: u64, len: usize) -> Result<CudaSlice<f32>> {
+    fn sum(&self, x: &CudaSlice<f32>, len: usize) -> Result<CudaSlice<f32>> {
         let mut partials = self.buf(SUM_BLOCKS)?;
         let mut out = self.buf(1)?;
-        let (pp, po) = (self.ptr_mut(&mut partials), self.ptr_mut(&mut out));
         let (len64, blocks64) = (len as i64, SUM_BLOCKS as i64);
         let cfg = LaunchConfig {
             grid_dim: (SUM_BLOCKS as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(self, "naive_sum_partial", cfg, x, pp, len64);
+        // x holds len floats, the partials SUM_BLOCKS (a grid-stride loop over len).
+        launch!(self, naive_sum_partial, cfg, x, &mut partials, len64);
         let one = LaunchConfig {
             grid_dim: (1, 1, 1),
             ..cfg
         };
-        launch!(self, "naive_sum_final", one, pp, po, blocks64);
+        launch!(self, naive_sum_final, one, &partials, &mut out, blocks64);
         Ok(out)
     }
 
-    /// `C (row-major) = scale · op(x)·op(y)` in the mode's precision; bf16 casts first, as autocast.
-    #[allow(clippy::too_many_arguments)]
+    /// `C (row-major) = scale · op(a)·op(b)` into a fresh buffer of `m·n` floats, in the mode's
+    /// precision; bf16 casts both operands first, as autocast does.
     fn gemm(
         &mut self,
-        m: usize,
-        n: usize,
-        k: usize,
+        (m, n, k): (usize, usize, usize),
         scale: f32,
-        a: Operand,
-        b: Operand,
-        a_len: usize,
-        b_len: usize,
-        c: u64,
-    ) -> Result<()> {
+        a: Arg,
+        b: Arg,
+    ) -> Result<CudaSlice<f32>> {
         let math = self.config.math;
+        let mut c = self.buf(m * n)?;
+        let s = self.ops.stream().clone();
         if math == Math::Bf16 {
-            let s = self.ops.stream().clone();
+            let (a_len, b_len) = (a.buf.len(), b.buf.len());
             let mut a16 = alloc::<half::bf16>(&s, a_len, "allocating a naive-path buffer")?;
             let mut b16 = alloc::<half::bf16>(&s, b_len, "allocating a naive-path buffer")?;
-            let (pa, pb) = (self.ptr_mut(&mut a16), self.ptr_mut(&mut b16));
-            let (al, bl) = (a_len as i64, b_len as i64);
-            launch!(self, loss, "naive_cast_bf16", grid(a_len), a.ptr, pa, al);
-            launch!(self, loss, "naive_cast_bf16", grid(b_len), b.ptr, pb, bl);
+            // SAFETY: each copy holds as many elements as its source.
+            unsafe {
+                loss_kernel::naive_cast_bf16(
+                    &self.loss,
+                    &s,
+                    grid(a_len),
+                    a.buf,
+                    &mut a16,
+                    a_len as i64,
+                )?;
+                loss_kernel::naive_cast_bf16(
+                    &self.loss,
+                    &s,
+                    grid(b_len),
+                    b.buf,
+                    &mut b16,
+                    b_len as i64,
+                )?;
+            }
             let blas = self.ops.blas()?;
-            // SAFETY: a16/b16 hold a_len/b_len bf16 values cast from operands of those lengths,
-            // which the caller sized for these m, n, k and leading dimensions; c is a fresh buffer.
+            let (pa, _ga) = a16.device_ptr(&s);
+            let (pb, _gb) = b16.device_ptr(&s);
+            let (pc, _gc) = c.device_ptr_mut(&s);
+            // SAFETY: the copies hold the operands the caller sized for these m, n, k and leading
+            // dimensions; c holds m·n floats and is a fresh buffer.
             unsafe {
                 blas.gemm(
                     math,
@@ -165,19 +198,73 @@ impl NaiveLoss {
                     n,
                     k,
                     scale,
-                    Operand { ptr: pa, ..a },
-                    Operand { ptr: pb, ..b },
+                    Operand {
+                        ptr: pa,
+                        ld: a.ld,
+                        trans: a.trans,
+                    },
+                    Operand {
+                        ptr: pb,
+                        ld: b.ld,
+                        trans: b.trans,
+                    },
                     0.0,
-                    c,
+                    pc,
                     m,
-                )
+                )?;
             }
         } else {
             let blas = self.ops.blas()?;
-            // SAFETY: the caller passes f32 device buffers sized for these m, n, k and leading
-            // dimensions, and a distinct output.
-            unsafe { blas.gemm(math, m, n, k, scale, a, b, 0.0, c, m) }
+            let (pa, _ga) = a.buf.device_ptr(&s);
+            let (pb, _gb) = b.buf.device_ptr(&s);
+            let (pc, _gc) = c.device_ptr_mut(&s);
+            // SAFETY: the operands are f32 buffers the caller sized for these m, n, k and leading
+            // dimensions; c holds m·n floats and is a fresh buffer.
+            unsafe {
+                blas.gemm(
+                    math,
+                    m,
+                    n,
+                    k,
+                    scale,
+                    Operand {
+                        ptr: pa,
+                        ld: a.ld,
+                        trans: a.trans,
+                    },
+                    Operand {
+                        ptr: pb,
+                        ld: b.ld,
+                        trans: b.trans,
+                    },
+                    0.0,
+                    pc,
+                    m,
+                )?;
+            }
         }
+        Ok(c)
+    }
+
+    /// BatchNorm1d's backward for one side: dL/dẑ `g` (N×D) into `dz`.
+    fn standardize_backward(
+        &self,
+        g: &CudaSlice<f32>,
+        view: &View,
+        dz: &mut impl DevicePtrMut<f32>,
+        (n, d): (usize, usize),
+    ) -> Result<()> {
+        let (n64, d64, nd64, eps) = (n as i64, d as i64, (n * d) as i64, self.config.eps);
+        let mut s1 = self.buf(d)?;
+        let mut s2 = self.buf(d)?;
+        let mut prod = self.buf(n * d)?;
+        // D column sums; N×D products; dz N×D.
+        launch!(self, naive_col_sum, grid(d), g, &mut s1, n64, d64);
+        launch!(self, naive_mul, grid(n * d), g, &view.zhat, &mut prod, nd64);
+        launch!(self, naive_col_sum, grid(d), &prod, &mut s2, n64, d64);
+        #[rustfmt::skip]
+        launch!(self, naive_bn_bwd, grid(n * d), g, &view.zhat, &view.var, &s1, &s2, dz, n64, d64, eps);
+        Ok(())
     }
 
     /// Forward and backward, op by op. Inputs are f32, N×D, row-major.
@@ -193,192 +280,133 @@ impl NaiveLoss {
         super::fused::check_inputs(&stream, za, zb, dims)?;
         super::fused::check_grads(&stream, dza, dzb, dims)?;
         let (n, d) = (dims.n, dims.d);
-        let (nd, dd) = (n * d, d * d);
-        let (n64, d64, eps) = (n as i64, d as i64, self.config.eps);
+        let dd = d * d;
+        let d64 = d as i64;
         let lambda = self.config.lambda;
-        // The caller's buffers may be used on other streams: their guards record the events that
-        // order such use, so they live until every launch that touches them has been queued.
-        let (pza, _za_done) = za.device_ptr(&stream);
-        let (pzb, _zb_done) = zb.device_ptr(&stream);
-        let (pdza, _dza_done) = dza.device_ptr_mut(&stream);
-        let (pdzb, _dzb_done) = dzb.device_ptr_mut(&stream);
 
         // Forward: bn(z1), bn(z2), c = bn(z1).T @ bn(z2) / N.
-        let a = self.standardize(pza, n, d)?;
-        let b = self.standardize(pzb, n, d)?;
-        let (pha, phb) = (self.ptr(&a.zhat), self.ptr(&b.zhat));
-        let mut c = self.buf(dd)?;
-        let pc = self.ptr_mut(&mut c);
-        self.gemm(
-            d,
-            d,
-            n,
+        let a = self.standardize(za, n, d)?;
+        let b = self.standardize(zb, n, d)?;
+        // Row-major C is column-major Cᵀ = Ẑbᵀ·Ẑa.
+        let c = self.gemm(
+            (d, d, n),
             1.0 / n as f32,
-            Operand {
-                ptr: phb,
+            Arg {
+                buf: &b.zhat,
                 ld: d,
                 trans: false,
             },
-            Operand {
-                ptr: pha,
+            Arg {
+                buf: &a.zhat,
                 ld: d,
                 trans: true,
             },
-            nd,
-            nd,
-            pc,
         )?;
 
-        // on_diag = diagonal(c).add(-1).pow(2).sum()
+        // on_diag = diagonal(c).add(-1).pow(2).sum()   (D floats each)
         let mut diag = self.buf(d)?;
         let mut shifted = self.buf(d)?;
         let mut on_sq = self.buf(d)?;
-        let (pdiag, pshift, ponsq) = (
-            self.ptr_mut(&mut diag),
-            self.ptr_mut(&mut shifted),
-            self.ptr_mut(&mut on_sq),
-        );
-        let (one, minus_one) = (1f32, -1f32);
-        launch!(self, "naive_diag_copy", grid(d), pc, pdiag, d64);
+        launch!(self, naive_diag_copy, grid(d), &c, &mut diag, d64);
         launch!(
             self,
-            "naive_affine",
+            naive_affine,
             grid(d),
-            pdiag,
-            pshift,
+            &diag,
+            &mut shifted,
             d64,
-            one,
-            minus_one
+            1.0f32,
+            -1.0f32
         );
-        launch!(self, "naive_square", grid(d), pshift, ponsq, d64);
-        let on = self.sum(ponsq, d)?;
+        launch!(self, naive_square, grid(d), &shifted, &mut on_sq, d64);
+        let on = self.sum(&on_sq, d)?;
 
-        // off_diag = off_diagonal(c).pow(2).sum()
+        // off_diag = off_diagonal(c).pow(2).sum()   (D·(D−1) floats each)
         let off_len = d * (d - 1);
         let off_len64 = off_len as i64;
         let mut off_vals = self.buf(off_len)?;
         let mut off_sq = self.buf(off_len)?;
-        let (poff, poffsq) = (self.ptr_mut(&mut off_vals), self.ptr_mut(&mut off_sq));
-        launch!(self, "naive_off_diag_copy", grid(off_len), pc, poff, d64);
-        launch!(self, "naive_square", grid(off_len), poff, poffsq, off_len64);
+        launch!(
+            self,
+            naive_off_diag_copy,
+            grid(off_len),
+            &c,
+            &mut off_vals,
+            d64
+        );
+        launch!(
+            self,
+            naive_square,
+            grid(off_len),
+            &off_vals,
+            &mut off_sq,
+            off_len64
+        );
         let off = if off_len > 0 {
-            Some(self.sum(poffsq, off_len)?)
+            Some(self.sum(&off_sq, off_len)?)
         } else {
             None
         };
 
-        // Backward: dL/dC assembled from the two terms' gradients.
+        // Backward: dL/dC (D×D) assembled from the two terms' gradients.
         let mut gc = stream
             .alloc_zeros::<f32>(dd)
             .map_err(drv("allocating a naive-path buffer"))?;
-        let pgc = self.ptr_mut(&mut gc);
         let mut g_off = self.buf(off_len)?;
-        let pgoff = self.ptr_mut(&mut g_off);
-        let (two_lambda, zero, two, minus_two) = (2.0 * lambda, 0f32, 2f32, -2f32);
+        #[rustfmt::skip]
+        launch!(self, naive_affine, grid(off_len), &off_vals, &mut g_off, off_len64, 2.0 * lambda, 0.0f32);
         launch!(
             self,
-            "naive_affine",
+            naive_off_diag_scatter,
             grid(off_len),
-            poff,
-            pgoff,
-            off_len64,
-            two_lambda,
-            zero
-        );
-        launch!(
-            self,
-            "naive_off_diag_scatter",
-            grid(off_len),
-            pgoff,
-            pgc,
+            &g_off,
+            &mut gc,
             d64
         );
         let mut g_diag = self.buf(d)?;
-        let pgdiag = self.ptr_mut(&mut g_diag);
         launch!(
             self,
-            "naive_affine",
+            naive_affine,
             grid(d),
-            pdiag,
-            pgdiag,
+            &diag,
+            &mut g_diag,
             d64,
-            two,
-            minus_two
+            2.0f32,
+            -2.0f32
         );
-        launch!(self, "naive_diag_scatter", grid(d), pgdiag, pgc, d64);
+        launch!(self, naive_diag_scatter, grid(d), &g_diag, &mut gc, d64);
 
-        let mut gha = self.buf(nd)?;
-        let mut ghb = self.buf(nd)?;
-        let (pgha, pghb) = (self.ptr_mut(&mut gha), self.ptr_mut(&mut ghb));
         let inv_n = 1.0 / n as f32;
-        self.gemm(
-            d,
-            n,
-            d,
+        let gha = self.gemm(
+            (d, n, d),
             inv_n,
-            Operand {
-                ptr: pgc,
+            Arg {
+                buf: &gc,
                 ld: d,
                 trans: true,
             },
-            Operand {
-                ptr: phb,
+            Arg {
+                buf: &b.zhat,
                 ld: d,
                 trans: false,
             },
-            dd,
-            nd,
-            pgha,
         )?;
-        self.gemm(
-            d,
-            n,
-            d,
+        let ghb = self.gemm(
+            (d, n, d),
             inv_n,
-            Operand {
-                ptr: pgc,
+            Arg {
+                buf: &gc,
                 ld: d,
                 trans: false,
             },
-            Operand {
-                ptr: pha,
+            Arg {
+                buf: &a.zhat,
                 ld: d,
                 trans: false,
             },
-            dd,
-            nd,
-            pghb,
         )?;
-
-        for (g, view, dz) in [(pgha, &a, pdza), (pghb, &b, pdzb)] {
-            let mut s1 = self.buf(d)?;
-            let mut s2 = self.buf(d)?;
-            let mut prod = self.buf(nd)?;
-            let (ps1, ps2, pprod) = (
-                self.ptr_mut(&mut s1),
-                self.ptr_mut(&mut s2),
-                self.ptr_mut(&mut prod),
-            );
-            let (pzh, pvar) = (self.ptr(&view.zhat), self.ptr(&view.var));
-            let nd64 = nd as i64;
-            launch!(self, "naive_col_sum", grid(d), g, ps1, n64, d64);
-            launch!(self, "naive_mul", grid(nd), g, pzh, pprod, nd64);
-            launch!(self, "naive_col_sum", grid(d), pprod, ps2, n64, d64);
-            launch!(
-                self,
-                "naive_bn_bwd",
-                grid(nd),
-                g,
-                pzh,
-                pvar,
-                ps1,
-                ps2,
-                dz,
-                n64,
-                d64,
-                eps
-            );
-        }
+        self.standardize_backward(&gha, &a, dza, (n, d))?;
+        self.standardize_backward(&ghb, &b, dzb, (n, d))?;
         let read = |x: &CudaSlice<f32>| -> Result<f64> {
             let v = stream
                 .clone_dtoh(x)

@@ -14,10 +14,111 @@ use crate::error::{Error, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cudaDataType};
 use cudarc::driver::{
     CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceSlice,
-    LaunchConfig, PushKernelArg,
+    LaunchConfig,
 };
 use half::bf16;
 use std::sync::Arc;
+
+/// The trainer's kernels, as their sources declare them.
+mod kernel {
+    use super::super::launch::kernels;
+    use super::super::{Act, Dtype};
+    use super::TRAIN;
+    use half::bf16;
+
+    /// The instantiation for an activation type (f32 or bf16; activations are never f16).
+    const fn act(t: Dtype, f32_name: &'static str, bf16_name: &'static str) -> &'static str {
+        match t {
+            Dtype::F32 => f32_name,
+            Dtype::Bf16 => bf16_name,
+            Dtype::F16 => panic!("the trainer's kernels have no f16 instantiation"),
+        }
+    }
+
+    kernels! {
+        module: TRAIN;
+        /// Per-chunk column sums for the batch statistics (batchnorm.cu).
+        fn bn_stats_partial<A: Act>(x: &A, partial: &mut f32, m: i64, c: i64, rpc: i64)
+            = act(A::DTYPE, "bn_stats_partial_f32", "bn_stats_partial_bf16");
+        /// Mean and rstd from the partial sums; moves the running statistics.
+        fn bn_stats_final<A: Act>(
+            x: &A, partial: &f32, chunks: i64, m: i64, c: i64, eps: f32, momentum: f32,
+            update_running: i32, mean: &mut f32, rstd: &mut f32, running_mean: &mut f32,
+            running_var: &mut f32,
+        ) = act(A::DTYPE, "bn_stats_final_f32", "bn_stats_final_bf16");
+        /// Mean and rstd from the running statistics.
+        fn bn_eval_stats(
+            running_mean: &f32, running_var: &f32, c: i64, eps: f32, mean: &mut f32,
+            rstd: &mut f32,
+        ) = "bn_eval_stats";
+        /// `y = act(x̂·γ + β (+ residual))`.
+        fn bn_apply<A: Act>(
+            x: &A, mean: &f32, rstd: &f32, gamma: &f32, beta: &f32, residual: Option<&A>,
+            y: &mut A, m: i64, c: i64, relu: i32,
+        ) = act(A::DTYPE, "bn_apply_f32", "bn_apply_bf16");
+        /// Per-chunk sums of the backward.
+        fn bn_bwd_partial<A: Act>(
+            dy: &A, y: Option<&A>, x: &A, mean: &f32, rstd: &f32, partial: &mut f32, m: i64,
+            c: i64, rpc: i64,
+        ) = act(A::DTYPE, "bn_bwd_partial_f32", "bn_bwd_partial_bf16");
+        /// dγ, dβ and the per-channel coefficients of dx.
+        fn bn_bwd_final(
+            partial: &f32, chunks: i64, m: i64, c: i64, dgamma: &mut f32, dbeta: &mut f32,
+            coef: &mut f32,
+        ) = "bn_bwd_final";
+        /// dx, and the residual's gradient (written or added).
+        fn bn_bwd_apply<A: Act>(
+            dy: &A, y: Option<&A>, x: &A, mean: &f32, rstd: &f32, gamma: &f32, coef: &f32,
+            dx: &mut A, dres: Option<&mut A>, accum_res: i32, m: i64, c: i64,
+        ) = act(A::DTYPE, "bn_bwd_apply_f32", "bn_bwd_apply_bf16");
+        /// The projector's affine standardization (projector_norm.cu).
+        fn standardize_affine_fwd<A: Act>(
+            z: &A, y: &mut A, stats: &mut f32, n: i64, d: i64, eps: f32, gamma: &f32,
+            beta: &f32, relu: i32, momentum: f32, running_mean: &mut f32,
+            running_var: &mut f32,
+        ) = act(A::DTYPE, "standardize_affine_fwd_f32", "standardize_affine_fwd_bf16");
+        /// Its backward in one launch.
+        fn standardize_affine_bwd<A: Act>(
+            dy: &A, y: Option<&A>, z: &A, stats: &f32, gamma: &f32, dz: &mut A,
+            dgamma: &mut f32, dbeta: &mut f32, n: i64, d: i64,
+        ) = act(A::DTYPE, "standardize_affine_bwd_f32", "standardize_affine_bwd_bf16");
+        /// 3×3 stride-2 max-pool with the winning positions (pool.cu).
+        fn maxpool_fwd<A: Act>(
+            x: &A, y: &mut A, arg: &mut u8, n: i64, h: i64, w: i64, c: i64, ho: i64, wo: i64,
+        ) = act(A::DTYPE, "maxpool_fwd_f32", "maxpool_fwd_bf16");
+        /// Its backward.
+        fn maxpool_bwd<A: Act>(
+            dy: &A, arg: &u8, dx: &mut A, n: i64, h: i64, w: i64, c: i64, ho: i64, wo: i64,
+        ) = act(A::DTYPE, "maxpool_bwd_f32", "maxpool_bwd_bf16");
+        /// Global average pool.
+        fn avgpool_fwd<A: Act>(x: &A, y: &mut A, n: i64, hw: i64, c: i64)
+            = act(A::DTYPE, "avgpool_fwd_f32", "avgpool_fwd_bf16");
+        /// Its backward.
+        fn avgpool_bwd<A: Act>(dy: &A, dx: &mut A, n: i64, hw: i64, c: i64)
+            = act(A::DTYPE, "avgpool_bwd_f32", "avgpool_bwd_bf16");
+        /// f32 → bf16 (convert.cu).
+        fn cast_f32_bf16(src: &f32, dst: &mut bf16, n: i64) = "cast_f32_bf16";
+        /// `dst += src` into f32.
+        fn accumulate<A: Act>(src: &A, dst: &mut f32, n: i64)
+            = act(A::DTYPE, "accumulate_f32_f32", "accumulate_bf16_f32");
+        /// LARS stage 1: per-chunk Σw², Σd² (lars.cu).
+        fn lars_partial(
+            w: &f32, g: &f32, chunk_start: &i64, chunk_len: &i32, chunk_tensor: &i32,
+            tensor_vector: &i32, wd: f32, partial: &mut f32,
+        ) = "lars_partial";
+        /// LARS stage 2: the trust ratio per tensor.
+        fn lars_trust(
+            partial: &f32, first_chunk: &i32, n_chunks: &i32, tensor_vector: &i32, tensors: i64,
+            eta: f32, trust: &mut f32,
+        ) = "lars_trust";
+        /// LARS stage 3: the update and the working copy.
+        fn lars_update<A: Act>(
+            w: &mut f32, g: &f32, mom: &mut f32, chunk_start: &i64, chunk_len: &i32,
+            chunk_tensor: &i32, tensor_vector: &i32, trust: &f32, wd: f32, lr_weights: f32,
+            lr_biases: f32, momentum: f32, work: &mut A,
+        ) = act(A::DTYPE, "lars_update_f32", "lars_update_bf16");
+    }
+}
 
 /// Threads of the elementwise kernels' blocks.
 const THREADS: u32 = 256;
@@ -106,14 +207,6 @@ fn need<T>(name: &'static str, buf: &impl DeviceSlice<T>, len: usize) -> Result<
     Ok(())
 }
 
-fn pick<A: Act>(f32_name: &'static str, bf16_name: &'static str) -> &'static str {
-    if A::DTYPE == crate::cuda::Dtype::F32 {
-        f32_name
-    } else {
-        bf16_name
-    }
-}
-
 /// Per-layer batch-norm statistics kept from the forward for the backward: [mean | rstd] (2·C
 /// floats) from the batch-norm kernels, [mean_hi | mean_lo | rstd] (3·C) from the
 /// standardization kernels.
@@ -152,12 +245,20 @@ impl NnOps {
     }
 
     /// Reduction scratch of at least `len` floats (grown, never shrunk).
-    fn scratch(slot: &mut Option<CudaSlice<f32>>, s: &Arc<CudaStream>, len: usize) -> Result<()> {
-        if slot.as_ref().map_or(0, |p| p.len()) < len {
+    fn scratch<'a>(
+        slot: &'a mut Option<CudaSlice<f32>>,
+        s: &Arc<CudaStream>,
+        len: usize,
+    ) -> Result<&'a mut CudaSlice<f32>> {
+        if slot.as_ref().is_none_or(|p| p.len() < len) {
+            // The old buffer goes first, so the two never take memory at once.
             *slot = None;
             *slot = Some(alloc(s, len, "allocating batch-norm scratch")?);
         }
-        Ok(())
+        slot.as_mut().ok_or_else(|| Error::Cuda {
+            during: "batch norm".into(),
+            message: "scratch missing after allocation".into(),
+        })
     }
 
     /// Batch norm over the M rows of x (M×C): `y = act(x̂·γ + β (+ residual))` with ReLU when
@@ -201,12 +302,9 @@ impl NnOps {
         self.ctx("stats", stats)?;
         let s = self.stream.clone();
         let (m64, c64) = (m as i64, c as i64);
-        let (px, _g0) = x.device_ptr(&s);
-        let (pgb, _g1) = gb.device_ptr(&s);
-        let (prun, _g2) = running.device_ptr_mut(&s);
-        let (pst, _g3) = stats.device_ptr_mut(&s);
-        let (pmean, prstd) = (pst, pst + 4 * c as u64);
-        let (prm, prv) = (prun, prun + 4 * c as u64);
+        let (mut mean, mut rstd) = stats.split_at_mut(c);
+        let (gamma, beta) = gb.split_at(c);
+        let (mut running_mean, mut running_var) = running.split_at_mut(c);
         let small = LaunchConfig {
             grid_dim: (c.div_ceil(THREADS as usize) as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
@@ -215,83 +313,84 @@ impl NnOps {
         match mode {
             NormMode::Train { momentum } => {
                 let (rows, chunks) = norm_chunks(m, c);
-                Self::scratch(&mut self.partial, &s, 3 * chunks * c)?;
-                let (ppart, _g4) = self
-                    .partial
-                    .as_mut()
-                    .expect("allocated above")
-                    .device_ptr_mut(&s);
-                let name = pick::<A>("bn_stats_partial_f32", "bn_stats_partial_bf16");
-                let rows64 = rows as i64;
-                let mut b = s.launch_builder(self.kernels.get(name)?);
-                b.arg(&px).arg(&ppart).arg(&m64).arg(&c64).arg(&rows64);
+                let partial = Self::scratch(&mut self.partial, &s, 3 * chunks * c)?;
                 let cfg = LaunchConfig {
                     grid_dim: (c.div_ceil(COLS) as u32, chunks as u32, 1),
                     block_dim: (COLS as u32, ROWS, 1),
                     shared_mem_bytes: 0,
                 };
-                // SAFETY: (const T*, float*, i64, i64, i64) as the kernel declares; x holds M×C
-                // elements, the scratch 3·chunks·C floats, and the grid has `chunks` rows of
-                // `rows` rows each, covering exactly 0..M.
-                unsafe { b.launch(cfg) }.map_err(drv(format!("launching {name}")))?;
-                let name = pick::<A>("bn_stats_final_f32", "bn_stats_final_bf16");
-                let (chunks64, upd) = (chunks as i64, 1i32);
-                let mut b = s.launch_builder(self.kernels.get(name)?);
-                b.arg(&px)
-                    .arg(&ppart)
-                    .arg(&chunks64)
-                    .arg(&m64)
-                    .arg(&c64)
-                    .arg(&eps)
-                    .arg(&momentum)
-                    .arg(&upd)
-                    .arg(&pmean)
-                    .arg(&prstd)
-                    .arg(&prm)
-                    .arg(&prv);
-                // SAFETY: argument list as declared; stats and running hold 2·C floats each,
-                // split into two C-float halves; one thread per channel.
-                unsafe { b.launch(small) }.map_err(drv(format!("launching {name}")))?;
+                // SAFETY: x holds M×C elements, the scratch 3·chunks·C floats, and the grid has
+                // `chunks` rows of `rows` rows each, covering exactly 0..M.
+                unsafe {
+                    kernel::bn_stats_partial::<A>(
+                        &self.kernels,
+                        &s,
+                        cfg,
+                        x,
+                        partial,
+                        m64,
+                        c64,
+                        rows as i64,
+                    )?;
+                }
+                // SAFETY: the partial sums just written; mean, rstd and the running statistics
+                // are C-float halves of their 2·C buffers; one thread per channel.
+                unsafe {
+                    kernel::bn_stats_final::<A>(
+                        &self.kernels,
+                        &s,
+                        small,
+                        x,
+                        partial,
+                        chunks as i64,
+                        m64,
+                        c64,
+                        eps,
+                        momentum,
+                        1,
+                        &mut mean,
+                        &mut rstd,
+                        &mut running_mean,
+                        &mut running_var,
+                    )?;
+                }
             }
             NormMode::Eval => {
-                let name = "bn_eval_stats";
-                let mut b = s.launch_builder(self.kernels.get(name)?);
-                b.arg(&prm)
-                    .arg(&prv)
-                    .arg(&c64)
-                    .arg(&eps)
-                    .arg(&pmean)
-                    .arg(&prstd);
-                // SAFETY: (const float*, const float*, i64, float, float*, float*); all hold C.
-                unsafe { b.launch(small) }.map_err(drv(format!("launching {name}")))?;
+                // SAFETY: every argument holds C floats; one thread per channel.
+                unsafe {
+                    kernel::bn_eval_stats(
+                        &self.kernels,
+                        &s,
+                        small,
+                        &running_mean,
+                        &running_var,
+                        c64,
+                        eps,
+                        &mut mean,
+                        &mut rstd,
+                    )?;
+                }
             }
         }
-        let (pres, _g5) = match residual {
-            Some(r) => {
-                let (p, g) = r.device_ptr(&s);
-                (p, Some(g))
-            }
-            None => (0u64, None),
-        };
-        let (py, _g6) = y.device_ptr_mut(&s);
-        let (pg, pb) = (pgb, pgb + 4 * c as u64);
-        let relu = i32::from(relu);
-        let name = pick::<A>("bn_apply_f32", "bn_apply_bf16");
-        let mut b = s.launch_builder(self.kernels.get(name)?);
-        b.arg(&px)
-            .arg(&pmean)
-            .arg(&prstd)
-            .arg(&pg)
-            .arg(&pb)
-            .arg(&pres)
-            .arg(&py)
-            .arg(&m64)
-            .arg(&c64)
-            .arg(&relu);
-        // SAFETY: argument list as declared; x, y and the residual (or null) hold M×C elements,
-        // the per-channel arrays C floats; the row and channel loops stay below M and C.
-        unsafe { b.launch(rows_grid(m, c)) }.map_err(drv(format!("launching {name}")))?;
-        Ok(())
+        // SAFETY: x, y and the residual (if any) hold M×C elements, the per-channel arrays C
+        // floats; y is a distinct mutable borrow; the row and channel loops stay below M and C.
+        unsafe {
+            kernel::bn_apply::<A>(
+                &self.kernels,
+                &s,
+                rows_grid(m, c),
+                x,
+                &mean,
+                &rstd,
+                &gamma,
+                &beta,
+                residual,
+                y,
+                m64,
+                c64,
+                i32::from(relu),
+            )
+        }
     }
 
     /// Backward of [`NnOps::batch_norm_forward`] in training mode: `dgb` ([dγ | dβ]) is
@@ -338,98 +437,80 @@ impl NnOps {
         let s = self.stream.clone();
         let (m64, c64) = (m as i64, c as i64);
         let (rows, chunks) = norm_chunks(m, c);
-        Self::scratch(&mut self.partial, &s, 2 * chunks * c)?;
-        Self::scratch(&mut self.coef, &s, 2 * c)?;
-        let (pdy, _g0) = dy.device_ptr(&s);
-        let (py, _g1) = match y {
-            Some(y) => {
-                let (p, g) = y.device_ptr(&s);
-                (p, Some(g))
-            }
-            None => (0u64, None),
-        };
-        let (px, _g2) = x.device_ptr(&s);
-        let (pst, _g3) = stats.device_ptr(&s);
-        let (pmean, prstd) = (pst, pst + 4 * c as u64);
-        let (ppart, _g4) = self
-            .partial
-            .as_mut()
-            .expect("allocated above")
-            .device_ptr_mut(&s);
-        let name = pick::<A>("bn_bwd_partial_f32", "bn_bwd_partial_bf16");
-        let rows64 = rows as i64;
-        let mut b = s.launch_builder(self.kernels.get(name)?);
-        b.arg(&pdy)
-            .arg(&py)
-            .arg(&px)
-            .arg(&pmean)
-            .arg(&prstd)
-            .arg(&ppart)
-            .arg(&m64)
-            .arg(&c64)
-            .arg(&rows64);
+        let partial = Self::scratch(&mut self.partial, &s, 2 * chunks * c)?;
+        let coef = Self::scratch(&mut self.coef, &s, 2 * c)?;
+        let (mean, rstd) = stats.split_at(c);
+        let (gamma, _) = gb.split_at(c);
+        let (mut dgamma, mut dbeta) = dgb.split_at_mut(c);
         let cfg = LaunchConfig {
             grid_dim: (c.div_ceil(COLS) as u32, chunks as u32, 1),
             block_dim: (COLS as u32, ROWS, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: argument list as declared; dy, y (or null), x hold M×C; the scratch holds
+        // SAFETY: dy, y (if any) and x hold M×C elements, mean and rstd C floats, the scratch
         // 2·chunks·C floats; chunks × rows covers 0..M.
-        unsafe { b.launch(cfg) }.map_err(drv(format!("launching {name}")))?;
-
-        let (pdgb, _g5) = dgb.device_ptr_mut(&s);
-        let (pdg, pdb) = (pdgb, pdgb + 4 * c as u64);
-        let (pcoef, _g6) = self
-            .coef
-            .as_mut()
-            .expect("allocated above")
-            .device_ptr_mut(&s);
-        let chunks64 = chunks as i64;
-        let name = "bn_bwd_final";
-        let mut b = s.launch_builder(self.kernels.get(name)?);
-        b.arg(&ppart)
-            .arg(&chunks64)
-            .arg(&m64)
-            .arg(&c64)
-            .arg(&pdg)
-            .arg(&pdb)
-            .arg(&pcoef);
+        unsafe {
+            kernel::bn_bwd_partial::<A>(
+                &self.kernels,
+                &s,
+                cfg,
+                dy,
+                y,
+                x,
+                &mean,
+                &rstd,
+                partial,
+                m64,
+                c64,
+                rows as i64,
+            )?;
+        }
         let small = LaunchConfig {
             grid_dim: (c.div_ceil(THREADS as usize) as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: (const float*, i64, i64, i64, float*, float*, float*); dγ and dβ are the two
-        // C-float halves of dgb, coef holds 2·C floats; one thread per channel.
-        unsafe { b.launch(small) }.map_err(drv(format!("launching {name}")))?;
-
-        let (pgb, _g7) = gb.device_ptr(&s);
-        let (pdx, _g8) = dx.device_ptr_mut(&s);
-        let (pdres, accum, _g9) = match dres {
-            Some((r, acc)) => {
-                let (p, g) = r.device_ptr_mut(&s);
-                (p, i32::from(acc), Some(g))
-            }
-            None => (0u64, 0i32, None),
+        // SAFETY: dγ and dβ are the two C-float halves of dgb, coef holds 2·C floats; one thread
+        // per channel.
+        unsafe {
+            kernel::bn_bwd_final(
+                &self.kernels,
+                &s,
+                small,
+                partial,
+                chunks as i64,
+                m64,
+                c64,
+                &mut dgamma,
+                &mut dbeta,
+                coef,
+            )?;
+        }
+        let (dres, accum) = match dres {
+            Some((r, acc)) => (Some(r), i32::from(acc)),
+            None => (None, 0),
         };
-        let name = pick::<A>("bn_bwd_apply_f32", "bn_bwd_apply_bf16");
-        let mut b = s.launch_builder(self.kernels.get(name)?);
-        b.arg(&pdy)
-            .arg(&py)
-            .arg(&px)
-            .arg(&pmean)
-            .arg(&prstd)
-            .arg(&pgb)
-            .arg(&pcoef)
-            .arg(&pdx)
-            .arg(&pdres)
-            .arg(&accum)
-            .arg(&m64)
-            .arg(&c64);
-        // SAFETY: argument list as declared; every M×C buffer was checked, dres is null or M×C
-        // and distinct from dx and dy (separate borrows).
-        unsafe { b.launch(rows_grid(m, c)) }.map_err(drv(format!("launching {name}")))?;
-        Ok(())
+        // SAFETY: every M×C buffer was checked; dx and dres are distinct mutable borrows from
+        // each other and from dy, y and x.
+        unsafe {
+            kernel::bn_bwd_apply::<A>(
+                &self.kernels,
+                &s,
+                rows_grid(m, c),
+                dy,
+                y,
+                x,
+                &mean,
+                &rstd,
+                &gamma,
+                coef,
+                dx,
+                dres,
+                accum,
+                m64,
+                c64,
+            )
+        }
     }
 
     /// The projector's batch norm in training mode: the loss's fused column standardization
@@ -468,34 +549,29 @@ impl NnOps {
         self.ctx("gamma/beta", gb)?;
         self.ctx("running statistics", running)?;
         self.ctx("stats", stats)?;
-        let s = &self.stream;
-        let (px, _g0) = x.device_ptr(s);
-        let (py, _g1) = y.device_ptr_mut(s);
-        let (pst, _g2) = stats.device_ptr_mut(s);
-        let (pgb, _g3) = gb.device_ptr(s);
-        let (prun, _g4) = running.device_ptr_mut(s);
-        let (pg, pb) = (pgb, pgb + 4 * c as u64);
-        let (prm, prv) = (prun, prun + 4 * c as u64);
-        let (n64, c64, relu) = (n as i64, c as i64, i32::from(relu));
-        let name = pick::<A>("standardize_affine_fwd_f32", "standardize_affine_fwd_bf16");
-        let mut b = s.launch_builder(self.kernels.get(name)?);
-        b.arg(&px)
-            .arg(&py)
-            .arg(&pst)
-            .arg(&n64)
-            .arg(&c64)
-            .arg(&eps)
-            .arg(&pg)
-            .arg(&pb)
-            .arg(&relu)
-            .arg(&momentum)
-            .arg(&prm)
-            .arg(&prv);
-        // SAFETY: (const T*, T*, float*, i64, i64, float, const float*, const float*, int, float,
-        // float*, float*) as declared; x and y hold N×C, stats 3·C, γ/β and mean/var are the C-float
+        let (gamma, beta) = gb.split_at(c);
+        let (mut running_mean, mut running_var) = running.split_at_mut(c);
+        // SAFETY: x and y hold N×C elements, stats 3·C floats, γ/β and mean/var are the C-float
         // halves of their 2·C views; the kernel touches columns < C and rows < N only.
-        unsafe { b.launch(std_grid(c)) }.map_err(drv(format!("launching {name}")))?;
-        Ok(())
+        unsafe {
+            kernel::standardize_affine_fwd::<A>(
+                &self.kernels,
+                &self.stream,
+                std_grid(c),
+                x,
+                y,
+                stats,
+                n as i64,
+                c as i64,
+                eps,
+                &gamma,
+                &beta,
+                i32::from(relu),
+                momentum,
+                &mut running_mean,
+                &mut running_var,
+            )
+        }
     }
 
     /// Backward of [`NnOps::standardize_affine_forward`] in one launch: `dgb` ([dγ | dβ])
@@ -533,39 +609,27 @@ impl NnOps {
             need("y", y, n * c)?;
             self.ctx("y", y)?;
         }
-        let s = &self.stream;
-        let (pdy, _g0) = dy.device_ptr(s);
-        let (py, _g1) = match y {
-            Some(y) => {
-                let (p, g) = y.device_ptr(s);
-                (p, Some(g))
-            }
-            None => (0u64, None),
-        };
-        let (px, _g2) = x.device_ptr(s);
-        let (pst, _g3) = stats.device_ptr(s);
-        let (pgb, _g4) = gb.device_ptr(s);
-        let (pdgb, _g5) = dgb.device_ptr_mut(s);
-        let (pdx, _g6) = dx.device_ptr_mut(s);
-        let (pdg, pdb) = (pdgb, pdgb + 4 * c as u64);
-        let (n64, c64) = (n as i64, c as i64);
-        let name = pick::<A>("standardize_affine_bwd_f32", "standardize_affine_bwd_bf16");
-        let mut b = s.launch_builder(self.kernels.get(name)?);
-        b.arg(&pdy)
-            .arg(&py)
-            .arg(&px)
-            .arg(&pst)
-            .arg(&pgb)
-            .arg(&pdx)
-            .arg(&pdg)
-            .arg(&pdb)
-            .arg(&n64)
-            .arg(&c64);
-        // SAFETY: (const T*, const T*, const T*, const float*, const float*, T*, float*, float*,
-        // i64, i64) as declared; every N×C buffer and the 3·C stats were checked, dγ and dβ are
-        // the halves of dgb; dx is a separate mutable borrow from dy, y and x.
-        unsafe { b.launch(std_grid(c)) }.map_err(drv(format!("launching {name}")))?;
-        Ok(())
+        let (gamma, _) = gb.split_at(c);
+        let (mut dgamma, mut dbeta) = dgb.split_at_mut(c);
+        // SAFETY: every N×C buffer and the 3·C stats were checked, dγ and dβ are the halves of
+        // dgb; dx is a separate mutable borrow from dy, y and x.
+        unsafe {
+            kernel::standardize_affine_bwd::<A>(
+                &self.kernels,
+                &self.stream,
+                std_grid(c),
+                dy,
+                y,
+                x,
+                stats,
+                &gamma,
+                dx,
+                &mut dgamma,
+                &mut dbeta,
+                n as i64,
+                c as i64,
+            )
+        }
     }
 
     /// The 3×3 stride-2 padding-1 max-pool: x [n, h, w, c] → y [n, ho, wo, c], with the winning
@@ -585,21 +649,24 @@ impl NnOps {
         self.ctx("x", x)?;
         self.ctx("y", y)?;
         self.ctx("arg", arg)?;
-        let s = &self.stream;
-        let (px, _g0) = x.device_ptr(s);
-        let (py, _g1) = y.device_ptr_mut(s);
-        let (pa, _g2) = arg.device_ptr_mut(s);
-        let dims = [n, h, w, c, ho, wo].map(|v| v as i64);
-        let name = pick::<A>("maxpool_fwd_f32", "maxpool_fwd_bf16");
-        let mut b = s.launch_builder(self.kernels.get(name)?);
-        b.arg(&px).arg(&py).arg(&pa);
-        for d in &dims {
-            b.arg(d);
+        let [n, h, w, c, ho, wo] = [n, h, w, c, ho, wo].map(|v| v as i64);
+        // SAFETY: sizes checked above, and the row count below 2³¹.
+        unsafe {
+            kernel::maxpool_fwd::<A>(
+                &self.kernels,
+                &self.stream,
+                rows_grid((n * ho * wo) as usize, c as usize),
+                x,
+                y,
+                arg,
+                n,
+                h,
+                w,
+                c,
+                ho,
+                wo,
+            )
         }
-        // SAFETY: (const T*, T*, uint8*, six i64) as declared; sizes checked above, and the
-        // row count below 2³¹.
-        unsafe { b.launch(rows_grid(n * ho * wo, c)) }.map_err(drv(format!("launching {name}")))?;
-        Ok(())
     }
 
     /// Backward of [`NnOps::max_pool_forward`]: writes dx.
@@ -618,21 +685,24 @@ impl NnOps {
         self.ctx("dy", dy)?;
         self.ctx("arg", arg)?;
         self.ctx("dx", dx)?;
-        let s = &self.stream;
-        let (pdy, _g0) = dy.device_ptr(s);
-        let (pa, _g1) = arg.device_ptr(s);
-        let (pdx, _g2) = dx.device_ptr_mut(s);
-        let dims = [n, h, w, c, ho, wo].map(|v| v as i64);
-        let name = pick::<A>("maxpool_bwd_f32", "maxpool_bwd_bf16");
-        let mut b = s.launch_builder(self.kernels.get(name)?);
-        b.arg(&pdy).arg(&pa).arg(&pdx);
-        for d in &dims {
-            b.arg(d);
+        let [n, h, w, c, ho, wo] = [n, h, w, c, ho, wo].map(|v| v as i64);
+        // SAFETY: sizes checked above, and the row count below 2³¹.
+        unsafe {
+            kernel::maxpool_bwd::<A>(
+                &self.kernels,
+                &self.stream,
+                rows_grid((n * h * w) as usize, c as usize),
+                dy,
+                arg,
+                dx,
+                n,
+                h,
+                w,
+                c,
+                ho,
+                wo,
+            )
         }
-        // SAFETY: (const T*, const uint8*, T*, six i64) as declared; sizes checked above, and
-        // the row count below 2³¹.
-        unsafe { b.launch(rows_grid(n * h * w, c)) }.map_err(drv(format!("launching {name}")))?;
-        Ok(())
     }
 
     /// Global average pool: x [n, hw, c] → y [n, c].
@@ -646,20 +716,19 @@ impl NnOps {
         need("y", y, n * c)?;
         self.ctx("x", x)?;
         self.ctx("y", y)?;
-        let s = &self.stream;
-        let (px, _g0) = x.device_ptr(s);
-        let (py, _g1) = y.device_ptr_mut(s);
-        let dims = [n, hw, c].map(|v| v as i64);
-        let name = pick::<A>("avgpool_fwd_f32", "avgpool_fwd_bf16");
-        let mut b = s.launch_builder(self.kernels.get(name)?);
-        b.arg(&px)
-            .arg(&py)
-            .arg(&dims[0])
-            .arg(&dims[1])
-            .arg(&dims[2]);
-        // SAFETY: (const T*, T*, i64, i64, i64) as declared; sizes checked above.
-        unsafe { b.launch(grid(n * c)) }.map_err(drv(format!("launching {name}")))?;
-        Ok(())
+        // SAFETY: sizes checked above.
+        unsafe {
+            kernel::avgpool_fwd::<A>(
+                &self.kernels,
+                &self.stream,
+                grid(n * c),
+                x,
+                y,
+                n as i64,
+                hw as i64,
+                c as i64,
+            )
+        }
     }
 
     /// Backward of [`NnOps::avg_pool_forward`]: writes dx.
@@ -674,21 +743,19 @@ impl NnOps {
         need("dx", dx, n * hw * c)?;
         self.ctx("dy", dy)?;
         self.ctx("dx", dx)?;
-        let s = &self.stream;
-        let (pdy, _g0) = dy.device_ptr(s);
-        let (pdx, _g1) = dx.device_ptr_mut(s);
-        let dims = [n, hw, c].map(|v| v as i64);
-        let name = pick::<A>("avgpool_bwd_f32", "avgpool_bwd_bf16");
-        let mut b = s.launch_builder(self.kernels.get(name)?);
-        b.arg(&pdy)
-            .arg(&pdx)
-            .arg(&dims[0])
-            .arg(&dims[1])
-            .arg(&dims[2]);
-        // SAFETY: (const T*, T*, i64, i64, i64) as declared; sizes checked above, and the row
-        // count below 2³¹.
-        unsafe { b.launch(rows_grid(n * hw, c)) }.map_err(drv(format!("launching {name}")))?;
-        Ok(())
+        // SAFETY: sizes checked above, and the row count below 2³¹.
+        unsafe {
+            kernel::avgpool_bwd::<A>(
+                &self.kernels,
+                &self.stream,
+                rows_grid(n * hw, c),
+                dy,
+                dx,
+                n as i64,
+                hw as i64,
+                c as i64,
+            )
+        }
     }
 
     fn gemm_types<A: Act>(fma_only: bool) -> cublasComputeType_t {
@@ -842,16 +909,9 @@ impl NnOps {
         need("dst", dst, src.len())?;
         self.ctx("src", src)?;
         self.ctx("dst", dst)?;
-        let s = &self.stream;
-        let (ps, _g0) = src.device_ptr(s);
-        let (pd, _g1) = dst.device_ptr_mut(s);
-        let n = src.len() as i64;
-        let name = "cast_f32_bf16";
-        let mut b = s.launch_builder(self.kernels.get(name)?);
-        b.arg(&ps).arg(&pd).arg(&n);
-        // SAFETY: (const float*, bf16*, i64); dst holds at least src.len() elements.
-        unsafe { b.launch(grid(src.len())) }.map_err(drv(format!("launching {name}")))?;
-        Ok(())
+        let n = src.len();
+        // SAFETY: dst holds at least src.len() elements (checked above).
+        unsafe { kernel::cast_f32_bf16(&self.kernels, &self.stream, grid(n), src, dst, n as i64) }
     }
 
     /// `dst += src`: a weight gradient of one view into the f32 master gradient.
@@ -863,16 +923,9 @@ impl NnOps {
         need("dst", dst, src.len())?;
         self.ctx("src", src)?;
         self.ctx("dst", dst)?;
-        let s = &self.stream;
-        let (ps, _g0) = src.device_ptr(s);
-        let (pd, _g1) = dst.device_ptr_mut(s);
-        let n = src.len() as i64;
-        let name = pick::<A>("accumulate_f32_f32", "accumulate_bf16_f32");
-        let mut b = s.launch_builder(self.kernels.get(name)?);
-        b.arg(&ps).arg(&pd).arg(&n);
-        // SAFETY: (const T*, float*, i64); dst holds at least src.len() elements.
-        unsafe { b.launch(grid(src.len())) }.map_err(drv(format!("launching {name}")))?;
-        Ok(())
+        let n = src.len();
+        // SAFETY: dst holds at least src.len() elements (checked above).
+        unsafe { kernel::accumulate::<A>(&self.kernels, &self.stream, grid(n), src, dst, n as i64) }
     }
 
     pub(crate) fn kernels(&self) -> &Kernels {
@@ -1004,70 +1057,65 @@ impl LarsTables {
             return Ok(());
         }
         let k = ops.kernels();
-        let (pw, _g0) = w.device_ptr_mut(&s);
-        let (pg, _g1) = g.device_ptr(&s);
-        let (pm, _g2) = mom.device_ptr_mut(&s);
-        let (cs, _g3) = self.chunk_start.device_ptr(&s);
-        let (cl, _g4) = self.chunk_len.device_ptr(&s);
-        let (ct, _g5) = self.chunk_tensor.device_ptr(&s);
-        let (tv, _g6) = self.tensor_vector.device_ptr(&s);
-        let (fc, _g7) = self.first_chunk.device_ptr(&s);
-        let (nc, _g8) = self.n_chunks.device_ptr(&s);
-        let (pp, _g9) = self.partial.device_ptr_mut(&s);
-        let (pt, _g10) = self.trust.device_ptr_mut(&s);
         let per_chunk = LaunchConfig {
             grid_dim: (self.chunks as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = s.launch_builder(k.get("lars_partial")?);
-        b.arg(&pw)
-            .arg(&pg)
-            .arg(&cs)
-            .arg(&cl)
-            .arg(&ct)
-            .arg(&tv)
-            .arg(&hp.weight_decay)
-            .arg(&pp);
-        // SAFETY: argument list as the kernel declares; every chunk lies inside 0..total
-        // (checked in `new`) and the arrays hold `total` floats; one block per chunk.
-        unsafe { b.launch(per_chunk) }.map_err(drv("launching lars_partial"))?;
-        let tensors = self.tensors as i64;
-        let mut b = s.launch_builder(k.get("lars_trust")?);
-        b.arg(&pp)
-            .arg(&fc)
-            .arg(&nc)
-            .arg(&tv)
-            .arg(&tensors)
-            .arg(&hp.eta)
-            .arg(&pt);
-        // SAFETY: one thread per tensor; its chunks index the partial array of 2·chunks floats.
-        unsafe { b.launch(grid(self.tensors)) }.map_err(drv("launching lars_trust"))?;
-        let (pwork, _g11) = work.device_ptr_mut(&s);
-        let (pbf, pf) = if A::DTYPE == crate::cuda::Dtype::F32 {
-            (0u64, pwork)
-        } else {
-            (pwork, 0u64)
-        };
-        let mut b = s.launch_builder(k.get("lars_update")?);
-        b.arg(&pw)
-            .arg(&pg)
-            .arg(&pm)
-            .arg(&cs)
-            .arg(&cl)
-            .arg(&ct)
-            .arg(&tv)
-            .arg(&pt)
-            .arg(&hp.weight_decay)
-            .arg(&hp.lr_weights)
-            .arg(&hp.lr_biases)
-            .arg(&hp.momentum)
-            .arg(&pbf)
-            .arg(&pf);
-        // SAFETY: as lars_partial; momentum and the working copy (bf16 or f32 slot, the other
-        // null) hold `total` elements.
-        unsafe { b.launch(per_chunk) }.map_err(drv("launching lars_update"))?;
-        Ok(())
+        // SAFETY: every chunk lies inside 0..total (checked in `new`) and w, g hold `total`
+        // floats; the partial array 2·chunks floats; one block per chunk.
+        unsafe {
+            kernel::lars_partial(
+                k,
+                &s,
+                per_chunk,
+                w,
+                g,
+                &self.chunk_start,
+                &self.chunk_len,
+                &self.chunk_tensor,
+                &self.tensor_vector,
+                hp.weight_decay,
+                &mut self.partial,
+            )?;
+        }
+        // SAFETY: one thread per tensor; its chunks index the partial array of 2·chunks floats,
+        // and trust holds one float per tensor.
+        unsafe {
+            kernel::lars_trust(
+                k,
+                &s,
+                grid(self.tensors),
+                &self.partial,
+                &self.first_chunk,
+                &self.n_chunks,
+                &self.tensor_vector,
+                self.tensors as i64,
+                hp.eta,
+                &mut self.trust,
+            )?;
+        }
+        // SAFETY: as lars_partial; momentum and the working copy hold `total` elements.
+        unsafe {
+            kernel::lars_update::<A>(
+                k,
+                &s,
+                per_chunk,
+                w,
+                g,
+                mom,
+                &self.chunk_start,
+                &self.chunk_len,
+                &self.chunk_tensor,
+                &self.tensor_vector,
+                &self.trust,
+                hp.weight_decay,
+                hp.lr_weights,
+                hp.lr_biases,
+                hp.momentum,
+                work,
+            )
+        }
     }
 }
 

@@ -7,15 +7,89 @@
 use super::blas::{Blas, Operand};
 use super::fatbin::LOSS;
 use super::module::{kernels, Kernels};
-use super::{
-    alloc, check_available, check_context, check_i32, drv, Dtype, Element, HatDtype, HatElement,
-};
+use super::{alloc, check_available, check_context, check_i32, drv, Element, HatDtype, HatElement};
 use crate::cpu::STATS_PER_COLUMN;
 use crate::error::{Error, Result};
 use crate::shape::{check_input, check_output, Dims};
 use crate::{LossValue, Math};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig};
 use std::sync::Arc;
+
+/// The loss module's kernels, as their sources declare them.
+pub(crate) mod kernel {
+    use super::super::launch::kernels;
+    use super::super::{Dtype, Element, HatDtype, HatElement};
+    use super::LOSS;
+    use half::bf16;
+
+    const fn std_fwd(t: Dtype, o: HatDtype) -> &'static str {
+        match (t, o) {
+            (Dtype::F32, HatDtype::F32) => "standardize_fwd_f32_f32",
+            (Dtype::Bf16, HatDtype::F32) => "standardize_fwd_bf16_f32",
+            (Dtype::F16, HatDtype::F32) => "standardize_fwd_f16_f32",
+            (Dtype::F32, HatDtype::Bf16) => "standardize_fwd_f32_bf16",
+            (Dtype::Bf16, HatDtype::Bf16) => "standardize_fwd_bf16_bf16",
+            (Dtype::F16, HatDtype::Bf16) => "standardize_fwd_f16_bf16",
+        }
+    }
+
+    const fn std_bwd(t: Dtype) -> &'static str {
+        match t {
+            Dtype::F32 => "standardize_bwd_f32",
+            Dtype::Bf16 => "standardize_bwd_bf16",
+            Dtype::F16 => "standardize_bwd_f16",
+        }
+    }
+
+    const fn hat(o: HatDtype, f32_name: &'static str, bf16_name: &'static str) -> &'static str {
+        match o {
+            HatDtype::F32 => f32_name,
+            HatDtype::Bf16 => bf16_name,
+        }
+    }
+
+    kernels! {
+        module: LOSS;
+        /// Welford column statistics and Ẑ in one pass (standardize.cu).
+        fn standardize_fwd<T: Element, O: HatElement>(
+            z: &T, zhat: &mut O, stats: &mut f32, n: i64, d: i64, eps: f32, tf32: i32,
+        ) = std_fwd(T::DTYPE, O::HAT);
+        /// Backward through the standardization (standardize.cu).
+        fn standardize_bwd<T: Element>(
+            g: &f32, z: &T, stats: &f32, dz: &mut T, n: i64, d: i64,
+        ) = std_bwd(T::DTYPE);
+        /// Stage 1 of the fused reduction, dL/dC written over C when `write_grad`.
+        fn loss_reduce_partial_f32(
+            c: &mut f32, write_grad: i32, partials: &mut f32, d: i64, lambda: f32, vec: i32,
+            tf32: i32,
+        ) = "loss_reduce_partial_f32";
+        /// Stage 1 of the fused reduction, dL/dC written as bf16 beside C.
+        fn loss_reduce_partial_bf16(
+            c: &f32, grad: &mut bf16, partials: &mut f32, d: i64, lambda: f32, vec: i32,
+        ) = "loss_reduce_partial_bf16";
+        /// Stage 2: both terms and the total in f64, one block.
+        fn loss_reduce_final(partials: &f32, blocks: i64, lambda: f64, out: &mut f64)
+            = "loss_reduce_final";
+        /// Copies the last loss into caller-owned memory.
+        fn loss_publish(out: &f64, dst: &mut f32, slots: i64) = "loss_publish";
+        /// Cᵢᵢ column by column, in f64 (gram.cu).
+        fn gram_diag<T: HatElement>(a: &T, b: &T, cii: &mut f64, n: i64, d: i64)
+            = hat(T::HAT, "gram_diag_f32", "gram_diag_bf16");
+        /// ⟨Ga, Gb⟩ partial sums; rounds both to TF32 in place when `tf32`.
+        fn gram_dot_partial(ga: &mut f32, gb: &mut f32, partials: &mut f64, len: i64, tf32: i32)
+            = "gram_dot_partial";
+        /// Both terms from ⟨Ga, Gb⟩ and Cᵢᵢ, and the per-column coefficients kᵢ.
+        fn gram_final(
+            partials: &f64, blocks: i64, cii: &f64, n: i64, d: i64, lambda: f64,
+            out: &mut f64, coef: &mut f32,
+        ) = "gram_final";
+        /// `out = kᵢ·other`, the first term of the Gram path's gradient.
+        fn gram_grad_init<T: HatElement>(other: &T, coef: &f32, out: &mut f32, n: i64, d: i64)
+            = hat(T::HAT, "gram_grad_init_f32", "gram_grad_init_bf16");
+        /// f32 → bf16, rounding to nearest.
+        fn naive_cast_bf16(x: &f32, y: &mut bf16, len: i64) = "naive_cast_bf16";
+    }
+}
 
 /// Threads per block of the reduction kernels (matches `REDUCE_THREADS` in `loss_reduce.cu`).
 const REDUCE_THREADS: u32 = 256;
@@ -117,38 +191,23 @@ impl CudaOps {
         check_output("stats", stats.len(), STATS_PER_COLUMN * d)?;
         check_eps(eps)?;
         check_math::<O>(math)?;
-        let s = &self.stream;
-        check_context("z", z, s)?;
-        check_context("zhat", zhat, s)?;
-        check_context("stats", stats, s)?;
-        let name = match (T::DTYPE, O::HAT) {
-            (Dtype::F32, HatDtype::F32) => "standardize_fwd_f32_f32",
-            (Dtype::Bf16, HatDtype::F32) => "standardize_fwd_bf16_f32",
-            (Dtype::F16, HatDtype::F32) => "standardize_fwd_f16_f32",
-            (Dtype::F32, HatDtype::Bf16) => "standardize_fwd_f32_bf16",
-            (Dtype::Bf16, HatDtype::Bf16) => "standardize_fwd_bf16_bf16",
-            (Dtype::F16, HatDtype::Bf16) => "standardize_fwd_f16_bf16",
-        };
-        let f = self.kernels.get(name)?;
-        let (pz, _gz) = z.device_ptr(s);
-        let (ph, _gh) = zhat.device_ptr_mut(s);
-        let (pst, _gst) = stats.device_ptr_mut(s);
-        let (n64, d64) = (n as i64, d as i64);
         let tf32 = i32::from(math == Math::Tf32);
-        let cfg = std_launch(d)?;
-        let mut b = s.launch_builder(f);
-        b.arg(&pz)
-            .arg(&ph)
-            .arg(&pst)
-            .arg(&n64)
-            .arg(&d64)
-            .arg(&eps)
-            .arg(&tf32);
-        // SAFETY: the argument list matches the kernel's signature (const In*, Out*, float*,
-        // int64, int64, float, int); every buffer was checked to hold N×D (or 3·D) elements of the
-        // right type in this stream's context, and the kernel only touches rows < n, cols < d.
-        unsafe { b.launch(cfg) }.map_err(drv(format!("launching {name}")))?;
-        Ok(())
+        // SAFETY: z and zhat hold N×D elements and stats 3·D floats (checked above); the kernel
+        // touches rows < n and columns < d only.
+        unsafe {
+            kernel::standardize_fwd::<T, O>(
+                &self.kernels,
+                &self.stream,
+                std_launch(d)?,
+                z,
+                zhat,
+                stats,
+                n as i64,
+                d as i64,
+                eps,
+                tf32,
+            )
+        }
     }
 
     /// Backward through the standardization:
@@ -167,29 +226,21 @@ impl CudaOps {
         check_input("z", z.len(), dims)?;
         check_output("stats", stats.len(), STATS_PER_COLUMN * d)?;
         check_output("dz", dz.len(), n * d)?;
-        let s = &self.stream;
-        check_context("g", g, s)?;
-        check_context("z", z, s)?;
-        check_context("stats", stats, s)?;
-        check_context("dz", dz, s)?;
-        let name = match T::DTYPE {
-            Dtype::F32 => "standardize_bwd_f32",
-            Dtype::Bf16 => "standardize_bwd_bf16",
-            Dtype::F16 => "standardize_bwd_f16",
-        };
-        let f = self.kernels.get(name)?;
-        let (pg, _gg) = g.device_ptr(s);
-        let (pz, _gz) = z.device_ptr(s);
-        let (pst, _gst) = stats.device_ptr(s);
-        let (pd, _gd) = dz.device_ptr_mut(s);
-        let (n64, d64) = (n as i64, d as i64);
-        let cfg = std_launch(d)?;
-        let mut b = s.launch_builder(f);
-        b.arg(&pg).arg(&pz).arg(&pst).arg(&pd).arg(&n64).arg(&d64);
-        // SAFETY: arguments match (const float*, const T*, const float*, T*, int64, int64);
-        // sizes and contexts were checked above.
-        unsafe { b.launch(cfg) }.map_err(drv(format!("launching {name}")))?;
-        Ok(())
+        // SAFETY: g, z and dz hold N×D elements and stats 3·D floats (checked above); dz is a
+        // distinct mutable borrow.
+        unsafe {
+            kernel::standardize_bwd::<T>(
+                &self.kernels,
+                &self.stream,
+                std_launch(d)?,
+                g,
+                z,
+                stats,
+                dz,
+                n as i64,
+                d as i64,
+            )
+        }
     }
 
     /// `C = Ẑaᵀ·Ẑb / N` through cuBLAS; Ẑ is f32 under [`Math::F32`] and [`Math::Tf32`], bf16
@@ -336,12 +387,26 @@ impl CudaOps {
     ) -> Result<()> {
         let dd = check_dd(d)?;
         check_output("c", c.len(), dd)?;
-        check_context("c", c, &self.stream.clone())?;
-        let s = self.stream.clone();
-        let (pc, _gc) = c.device_ptr_mut(&s);
-        let grad = if write_grad { pc } else { 0 };
-        let tf32 = Some(i32::from(math == Math::Tf32));
-        self.reduce("loss_reduce_partial_f32", pc, grad, d, lambda, tf32)
+        check_lambda(lambda)?;
+        let vec = d % 4 == 0 && aligned16_mut(c, &self.stream);
+        let cfg = reduce_launch(d, vec);
+        // SAFETY: c holds D×D floats (checked above); the partials hold 2·MAX_REDUCE_BLOCKS ≥
+        // 2·blocks floats; vec is set only when d % 4 == 0 and C is 16-byte aligned.
+        unsafe {
+            kernel::loss_reduce_partial_f32(
+                &self.kernels,
+                &self.stream,
+                cfg,
+                c,
+                i32::from(write_grad),
+                &mut self.partials,
+                d as i64,
+                lambda,
+                i32::from(vec),
+                i32::from(math == Math::Tf32),
+            )?;
+        }
+        self.reduce_final(cfg, lambda)
     }
 
     /// The fused reduction over C with dL/dC written as bf16 into `grad` (for the bf16 backward
@@ -356,77 +421,47 @@ impl CudaOps {
         let dd = check_dd(d)?;
         check_output("c", c.len(), dd)?;
         check_output("grad", grad.len(), dd)?;
-        let s = self.stream.clone();
-        check_context("c", c, &s)?;
-        check_context("grad", grad, &s)?;
-        let (pc, _gc) = c.device_ptr(&s);
-        let (pg, _gg) = grad.device_ptr_mut(&s);
-        self.reduce("loss_reduce_partial_bf16", pc, pg, d, lambda, None)
+        check_lambda(lambda)?;
+        let s = &self.stream;
+        let vec = d % 4 == 0 && aligned16(c, s) && aligned16_mut(grad, s);
+        let cfg = reduce_launch(d, vec);
+        // SAFETY: c and grad hold D×D elements (checked above), grad a distinct mutable borrow;
+        // the partials hold 2·MAX_REDUCE_BLOCKS ≥ 2·blocks floats; vec is set only when d % 4 ==
+        // 0 and both are 16-byte aligned.
+        unsafe {
+            kernel::loss_reduce_partial_bf16(
+                &self.kernels,
+                s,
+                cfg,
+                c,
+                grad,
+                &mut self.partials,
+                d as i64,
+                lambda,
+                i32::from(vec),
+            )?;
+        }
+        self.reduce_final(cfg, lambda)
     }
 
-    /// `tf32` is the f32 kernel's rounding flag; the bf16 kernel takes none.
-    fn reduce(
-        &mut self,
-        name: &'static str,
-        c: u64,
-        grad: u64,
-        d: usize,
-        lambda: f32,
-        tf32: Option<i32>,
-    ) -> Result<()> {
-        if !lambda.is_finite() {
-            return Err(Error::InvalidConfig(format!(
-                "lambda = {lambda} is not finite"
-            )));
-        }
-        let s = self.stream.clone();
-        // float4 loads need d % 4 == 0 and 16-byte aligned pointers (a view may start anywhere).
-        let vec = d % 4 == 0 && c % 16 == 0 && grad % 16 == 0;
-        let vec_flag = i32::from(vec);
-        let items = if vec { d * d / 4 } else { d * d };
-        let per_block = REDUCE_THREADS as usize * REDUCE_ITEMS_PER_THREAD;
-        let blocks = items.div_ceil(per_block).clamp(1, MAX_REDUCE_BLOCKS);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (REDUCE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let d64 = d as i64;
-        let f = self.kernels.get(name)?;
-        {
-            let (pp, _gp) = self.partials.device_ptr_mut(&s);
-            let mut b = s.launch_builder(f);
-            b.arg(&c)
-                .arg(&grad)
-                .arg(&pp)
-                .arg(&d64)
-                .arg(&lambda)
-                .arg(&vec_flag);
-            if let Some(t) = &tf32 {
-                b.arg(t);
-            }
-            // SAFETY: (const float* c, G* grad, float* partials, int64 d, float lambda, int vec
-            // [, int tf32 for the f32 kernel]); c holds D×D floats (checked by the caller), grad
-            // is null or D×D elements of G, partials holds 2·MAX_REDUCE_BLOCKS ≥ 2·blocks floats,
-            // and vec is set only for 16-byte aligned pointers with d % 4 == 0.
-            unsafe { b.launch(cfg) }.map_err(drv(format!("launching {name}")))?;
-        }
-        let fin = self.kernels.get("loss_reduce_final")?;
-        let (pp, _gp) = self.partials.device_ptr(&s);
-        let (po, _go) = self.out.device_ptr_mut(&s);
-        let nblocks = blocks as i64;
-        let lambda64 = f64::from(lambda);
-        let mut b = s.launch_builder(fin);
-        b.arg(&pp).arg(&nblocks).arg(&lambda64).arg(&po);
-        let cfg = LaunchConfig {
+    /// Stage 2 of the reduction, over the partial sums stage 1 left for the grid `stage1`.
+    fn reduce_final(&mut self, stage1: LaunchConfig, lambda: f32) -> Result<()> {
+        let one = LaunchConfig {
             grid_dim: (1, 1, 1),
-            block_dim: (REDUCE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            ..stage1
         };
-        // SAFETY: (const float* partials, int64 blocks, double lambda, double* out); partials holds
-        // the 2·blocks values stage 1 wrote, out holds 3 doubles.
-        unsafe { b.launch(cfg) }.map_err(drv("launching loss_reduce_final"))?;
-        Ok(())
+        // SAFETY: the partials hold the 2·blocks values stage 1 wrote, out 3 doubles.
+        unsafe {
+            kernel::loss_reduce_final(
+                &self.kernels,
+                &self.stream,
+                one,
+                &self.partials,
+                i64::from(stage1.grid_dim.0),
+                f64::from(lambda),
+                &mut self.out,
+            )
+        }
     }
 
     /// `g = ẑ·ẑᵀ` (N×N, f32) through cuBLAS, for the Gram path.
@@ -498,8 +533,8 @@ impl CudaOps {
         math: Math,
         za_hat: &impl DevicePtr<O>,
         zb_hat: &impl DevicePtr<O>,
-        ga: &mut impl DevicePtrMut<f32>,
-        gb: &mut impl DevicePtrMut<f32>,
+        ga: &mut (impl DevicePtr<f32> + DevicePtrMut<f32>),
+        gb: &mut (impl DevicePtr<f32> + DevicePtrMut<f32>),
         dims: Dims,
         lambda: f32,
         grads: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
@@ -517,166 +552,116 @@ impl CudaOps {
             )));
         }
         let s = self.stream.clone();
-        for (name, ok) in [
-            (
-                "za_hat",
-                za_hat.stream().context().cu_ctx() == s.context().cu_ctx(),
-            ),
-            (
-                "zb_hat",
-                zb_hat.stream().context().cu_ctx() == s.context().cu_ctx(),
-            ),
-            ("ga", ga.stream().context().cu_ctx() == s.context().cu_ctx()),
-            ("gb", gb.stream().context().cu_ctx() == s.context().cu_ctx()),
-        ] {
-            if !ok {
-                return Err(Error::WrongContext { name });
-            }
-        }
+        check_context("za_hat", za_hat, &s)?;
+        check_context("zb_hat", zb_hat, &s)?;
+        check_context("ga", ga, &s)?;
+        check_context("gb", gb, &s)?;
         self.gram_scratch(d)?;
         self.blas.bind(&s)?;
         let (n64, d64, nn64) = (n as i64, d as i64, (n * n) as i64);
-        let (pa, _ga_) = za_hat.device_ptr(&s);
-        let (pb, _gb_) = zb_hat.device_ptr(&s);
-        // Mutable: in TF32 mode the reduction rounds them in place for the gradient GEMMs.
-        let (pga, _gga) = ga.device_ptr_mut(&s);
-        let (pgb, _ggb) = gb.device_ptr_mut(&s);
-        let bf16 = O::HAT == HatDtype::Bf16;
         let kernels = self.kernels.clone();
-        let scratch = self.gram.as_mut().ok_or_else(|| Error::Cuda {
+        let GramScratch {
+            partials,
+            cii,
+            coef,
+        } = self.gram.as_mut().ok_or_else(|| Error::Cuda {
             during: "the Gram path".into(),
             message: "scratch missing after allocation".into(),
         })?;
-        let (pcii, _gcii) = scratch.cii.device_ptr_mut(&s);
-        let (pcoef, _gcoef) = scratch.coef.device_ptr_mut(&s);
-        let (pparts, _gparts) = scratch.partials.device_ptr_mut(&s);
-        let (pout, _gout) = self.out.device_ptr_mut(&s);
 
-        // Cᵢᵢ, column by column.
-        let diag = kernels.get(if bf16 {
-            "gram_diag_bf16"
-        } else {
-            "gram_diag_f32"
-        })?;
-        let mut b = s.launch_builder(diag);
-        b.arg(&pa).arg(&pb).arg(&pcii).arg(&n64).arg(&d64);
-        // SAFETY: (const T* a, const T* b, double* cii, int64 n, int64 d): a, b hold N×D elements
-        // of T, cii holds at least D doubles (gram_scratch).
-        unsafe { b.launch(std_launch(d)?) }.map_err(drv("launching gram_diag"))?;
+        // SAFETY: Ẑa, Ẑb hold N×D elements (checked above), Cᵢᵢ at least D doubles
+        // (gram_scratch); one block column per 32 columns.
+        unsafe {
+            kernel::gram_diag::<O>(&kernels, &s, std_launch(d)?, za_hat, zb_hat, cii, n64, d64)?;
+        }
 
         // ⟨Ga, Gb⟩ in f64 partials, then the final one-block reduction.
         let per_block = REDUCE_THREADS as usize * REDUCE_ITEMS_PER_THREAD;
         let blocks = (n * n).div_ceil(per_block).clamp(1, MAX_REDUCE_BLOCKS);
-        let dot = kernels.get("gram_dot_partial")?;
         let tf32 = i32::from(math == Math::Tf32 && grads.is_some());
-        let mut b = s.launch_builder(dot);
-        b.arg(&pga).arg(&pgb).arg(&pparts).arg(&nn64).arg(&tf32);
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (REDUCE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: (float* ga, float* gb, double* partials, int64 len, int tf32): ga, gb hold N²
-        // floats, partials MAX_REDUCE_BLOCKS ≥ blocks doubles.
-        unsafe { b.launch(cfg) }.map_err(drv("launching gram_dot_partial"))?;
-        let fin = kernels.get("gram_final")?;
-        let (nblocks, lambda64) = (blocks as i64, f64::from(lambda));
-        let mut b = s.launch_builder(fin);
-        b.arg(&pparts)
-            .arg(&nblocks)
-            .arg(&pcii)
-            .arg(&n64)
-            .arg(&d64)
-            .arg(&lambda64)
-            .arg(&pout)
-            .arg(&pcoef);
+        // SAFETY: Ga, Gb hold N² floats (checked above) and are distinct mutable borrows; the
+        // partials hold MAX_REDUCE_BLOCKS ≥ blocks doubles.
+        unsafe { kernel::gram_dot_partial(&kernels, &s, cfg, ga, gb, partials, nn64, tf32)? };
         let one = LaunchConfig {
             grid_dim: (1, 1, 1),
             ..cfg
         };
-        // SAFETY: (const double* partials, int64 blocks, const double* cii, int64 n, int64 d,
-        // double lambda, double* out, float* coef): sizes as above, out holds 3 doubles, coef D.
-        unsafe { b.launch(one) }.map_err(drv("launching gram_final"))?;
+        // SAFETY: the partials hold the `blocks` sums just written, Cᵢᵢ D doubles, out 3 doubles,
+        // coef D floats.
+        unsafe {
+            kernel::gram_final(
+                &kernels,
+                &s,
+                one,
+                partials,
+                blocks as i64,
+                cii,
+                n64,
+                d64,
+                f64::from(lambda),
+                &mut self.out,
+                coef,
+            )?;
+        }
 
         let Some((da, db)) = grads else { return Ok(()) };
         check_output("dza_hat", da.len(), n * d)?;
         check_output("dzb_hat", db.len(), n * d)?;
         check_context("dza_hat", &*da, &s)?;
         check_context("dzb_hat", &*db, &s)?;
-        let init = kernels.get(if bf16 {
-            "gram_grad_init_bf16"
-        } else {
-            "gram_grad_init_f32"
-        })?;
         let scale = (2.0 * f64::from(lambda) / (n as f64 * n as f64)) as f32;
         // The bf16 GEMMs read the Gram matrices in bf16.
-        let (pga_g, pgb_g) = match (math, g16) {
+        let g16 = match (math, g16) {
             (Math::Bf16, Some((a16, b16))) => {
                 check_output("ga16", a16.len(), n * n)?;
                 check_output("gb16", b16.len(), n * n)?;
-                check_context("ga16", &*a16, &s)?;
-                check_context("gb16", &*b16, &s)?;
-                let cast = kernels.get("naive_cast_bf16")?;
                 let blocks = u32::try_from((n * n).div_ceil(256)).map_err(|_| Error::TooLarge {
                     what: format!("N×N = {} elements for the bf16 Gram copies", n * n),
                 })?;
-                let cast_cfg = LaunchConfig {
+                let cast = LaunchConfig {
                     grid_dim: (blocks, 1, 1),
                     block_dim: (256, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                let (p16a, _g16a) = a16.device_ptr_mut(&s);
-                let (p16b, _g16b) = b16.device_ptr_mut(&s);
-                for (src, dst) in [(pga, p16a), (pgb, p16b)] {
-                    let mut b = s.launch_builder(cast);
-                    b.arg(&src).arg(&dst).arg(&nn64);
-                    // SAFETY: (const float*, bf16*, int64 len): both hold N² elements.
-                    unsafe { b.launch(cast_cfg) }.map_err(drv("launching naive_cast_bf16"))?;
-                }
-                (p16a, p16b)
+                // SAFETY: Ga and its bf16 copy hold N² elements each (checked above).
+                unsafe { kernel::naive_cast_bf16(&kernels, &s, cast, ga, a16, nn64)? };
+                // SAFETY: as above, for Gb.
+                unsafe { kernel::naive_cast_bf16(&kernels, &s, cast, gb, b16, nn64)? };
+                Some((a16, b16))
             }
             (Math::Bf16, None) => {
                 return Err(Error::InvalidConfig(
                     "bf16 Gram gradients need bf16 Gram buffers".into(),
                 ))
             }
-            _ => (pga, pgb),
+            _ => None,
+        };
+        let init = LaunchConfig {
+            grid_dim: ((n * d).div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
         };
         // dẐa = kᵢ·Ẑb + s·Gb·Ẑa ;  dẐb = kᵢ·Ẑa + s·Ga·Ẑb.
-        for (out, other, own, g) in [(da, pb, pa, pgb_g), (db, pa, pb, pga_g)] {
-            let (po, _go) = out.device_ptr_mut(&s);
-            let mut b = s.launch_builder(init);
-            b.arg(&other).arg(&pcoef).arg(&po).arg(&n64).arg(&d64);
-            let cfg = LaunchConfig {
-                grid_dim: ((n * d).div_ceil(256) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
+        let (dims, blas) = ((n, d), &self.blas);
+        for side in [0, 1] {
+            let (pg, _gg) = match (&g16, side) {
+                (Some((_, b16)), 0) => b16.device_ptr(&s),
+                (Some((a16, _)), _) => a16.device_ptr(&s),
+                (None, 0) => gb.device_ptr(&s),
+                (None, _) => ga.device_ptr(&s),
             };
-            // SAFETY: (const T* other, const float* coef, float* out, int64 n, int64 d): other and
-            // out hold N×D elements, coef D floats.
-            unsafe { b.launch(cfg) }.map_err(drv("launching gram_grad_init"))?;
-            // Column-major: outᵀ (D×N) += s · ownᵀ (D×N) · G (N×N, symmetric).
-            // SAFETY: own holds N×D elements, G N×N, out N×D floats, all live in this context.
-            unsafe {
-                self.blas.gemm(
-                    math,
-                    d,
-                    n,
-                    n,
-                    scale,
-                    Operand {
-                        ptr: own,
-                        ld: d,
-                        trans: false,
-                    },
-                    Operand {
-                        ptr: g,
-                        ld: n,
-                        trans: false,
-                    },
-                    1.0,
-                    po,
-                    d,
+            if side == 0 {
+                gram_grad_term(
+                    blas, &kernels, &s, math, dims, scale, init, coef, da, zb_hat, za_hat, pg,
+                )?;
+            } else {
+                gram_grad_term(
+                    blas, &kernels, &s, math, dims, scale, init, coef, db, za_hat, zb_hat, pg,
                 )?;
             }
         }
@@ -690,20 +675,14 @@ impl CudaOps {
         let s = &self.stream;
         super::check_loss_output(dst, s)?;
         let slots = dst.len().min(super::DEVICE_LOSS_SLOTS) as i64;
-        let f = self.kernels.get("loss_publish")?;
-        let (po, _go) = self.out.device_ptr(s);
-        let (pd, _gd) = dst.device_ptr_mut(s);
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (1, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = s.launch_builder(f);
-        b.arg(&po).arg(&pd).arg(&slots);
-        // SAFETY: (const double*, float*, int64): `out` holds 3 doubles written by the last
-        // reduction on this stream, `dst` at least `slots` floats in this context.
-        unsafe { b.launch(cfg) }.map_err(drv("launching loss_publish"))?;
-        Ok(())
+        // SAFETY: `out` holds 3 doubles written by the last reduction on this stream, `dst` at
+        // least `slots` floats.
+        unsafe { kernel::loss_publish(&self.kernels, s, cfg, &self.out, dst, slots) }
     }
 
     /// Waits for the stream and returns the loss of the last reduction.
@@ -733,6 +712,87 @@ fn std_launch(d: usize) -> Result<LaunchConfig> {
         block_dim: (STD_COLS, STD_ROWS, 1),
         shared_mem_bytes: 0,
     })
+}
+
+/// One side of the Gram path's gradient: `out = kᵢ·other + scale·own·G`, G the N×N Gram matrix
+/// of the other side at `g` (held by the caller for the call).
+#[allow(clippy::too_many_arguments)]
+fn gram_grad_term<O: HatElement>(
+    blas: &Blas,
+    kernels: &Kernels,
+    s: &Arc<CudaStream>,
+    math: Math,
+    (n, d): (usize, usize),
+    scale: f32,
+    init: LaunchConfig,
+    coef: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+    other: &impl DevicePtr<O>,
+    own: &impl DevicePtr<O>,
+    g: u64,
+) -> Result<()> {
+    // SAFETY: `other` and `out` hold N×D elements and coef D floats (checked by `gram_loss`).
+    unsafe { kernel::gram_grad_init::<O>(kernels, s, init, other, coef, out, n as i64, d as i64)? };
+    let (po, _go) = out.device_ptr_mut(s);
+    let (pown, _gown) = own.device_ptr(s);
+    // Column-major: outᵀ (D×N) += scale · ownᵀ (D×N) · G (N×N, symmetric).
+    // SAFETY: own holds N×D elements, G N×N (of the type `math` implies), out N×D floats, all in
+    // this context; out is a distinct mutable borrow.
+    unsafe {
+        blas.gemm(
+            math,
+            d,
+            n,
+            n,
+            scale,
+            Operand {
+                ptr: pown,
+                ld: d,
+                trans: false,
+            },
+            Operand {
+                ptr: g,
+                ld: n,
+                trans: false,
+            },
+            1.0,
+            po,
+            d,
+        )
+    }
+}
+
+/// Stage 1's grid: sized by D alone, so the partial sums (and the loss) are the same run to run.
+fn reduce_launch(d: usize, vec: bool) -> LaunchConfig {
+    let items = if vec { d * d / 4 } else { d * d };
+    let per_block = REDUCE_THREADS as usize * REDUCE_ITEMS_PER_THREAD;
+    let blocks = items.div_ceil(per_block).clamp(1, MAX_REDUCE_BLOCKS);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (REDUCE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Whether a buffer starts on a 16-byte boundary (float4 loads need it; a view may start
+/// anywhere).
+fn aligned16<T>(buf: &impl DevicePtr<T>, stream: &CudaStream) -> bool {
+    let (p, _guard) = buf.device_ptr(stream);
+    p % 16 == 0
+}
+
+fn aligned16_mut<T>(buf: &mut impl DevicePtrMut<T>, stream: &CudaStream) -> bool {
+    let (p, _guard) = buf.device_ptr_mut(stream);
+    p % 16 == 0
+}
+
+fn check_lambda(lambda: f32) -> Result<()> {
+    if !lambda.is_finite() {
+        return Err(Error::InvalidConfig(format!(
+            "lambda = {lambda} is not finite"
+        )));
+    }
+    Ok(())
 }
 
 fn check_dd(d: usize) -> Result<usize> {

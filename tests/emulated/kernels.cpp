@@ -391,7 +391,7 @@ void test_loss_reduce(int64_t d, int vec, uint64_t seed) {
   std::vector<float> partials(2 * blocks, NAN);
   std::vector<double> out(3, NAN);
   emu_launch({blocks}, {256}, [&] {
-    loss_reduce_partial_f32(cin.data(), cin.data(), partials.data(), d, lambda, vec, 0);
+    loss_reduce_partial_f32(cin.data(), 1, partials.data(), d, lambda, vec, 0);
   });
   emu_launch({1}, {256}, [&] { loss_reduce_final(partials.data(), blocks, lambda, out.data()); });
   std::vector<float> c16 = c;
@@ -603,8 +603,8 @@ void test_lars(int steps) {
                  trust.data());
     });
     emu_launch({chunks}, {256}, [&] {
-      lars_update(w.data(), g.data(), mom.data(), cs.data(), cl.data(), ct.data(), tv.data(),
-                  trust.data(), wd, lw, lb, m, nullptr, work.data());
+      lars_update_f32(w.data(), g.data(), mom.data(), cs.data(), cl.data(), ct.data(), tv.data(),
+                      trust.data(), wd, lw, lb, m, work.data());
     });
     for (size_t t = 0; t < tensors.size(); ++t) {
       const bool vec = tensors[t].vector;
