@@ -362,9 +362,13 @@ impl BarlowTwinsLoss {
     /// need the host to look): they set the flag, and the loss and gradients are then NaN.
     ///
     /// Nothing waits on the host and, once the workspace exists for this shape (after one call),
-    /// nothing allocates, so the call can be captured in a CUDA graph. Calls on one object are
-    /// ordered by the streams they are queued on: a later call on another stream must be ordered
-    /// after this one by the caller (cudarc's event tracking does it when enabled).
+    /// nothing allocates, so the call can be captured in a CUDA graph: make one call first, then
+    /// capture on a stream other than the context's default (legacy) stream, with cudarc's event
+    /// tracking disabled on the context before the buffers are made (otherwise every access
+    /// waits on an event recorded before the capture, which a capture may not do). Each launch of
+    /// the graph computes the loss of whatever the input buffers then hold. Calls on one object
+    /// are ordered by the streams they are queued on: a later call on another stream must be
+    /// ordered after this one by the caller (cudarc's event tracking does it when enabled).
     #[cfg(feature = "cuda")]
     #[allow(clippy::too_many_arguments)]
     pub fn forward_backward_on_device<T: Element, Dz: DevicePtrMut<T>>(

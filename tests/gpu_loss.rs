@@ -792,3 +792,84 @@ fn on_device_loss_matches_the_waiting_call_and_flags_non_finite_inputs() {
         ));
     }
 }
+
+/// The non-blocking call captured into a CUDA graph: capture queues nothing that runs, nothing in
+/// it waits on the host or allocates, and each launch of the graph computes the loss and gradients
+/// of whatever the input buffers then hold. On the virtual device the capture rules are checked
+/// call by call (a synchronize, an allocation or a wait on an outside event during the capture is
+/// reported).
+#[test]
+fn on_device_loss_is_capturable_in_a_cuda_graph() {
+    use barlow::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let Some(null) = gpu("on_device_loss_is_capturable_in_a_cuda_graph") else {
+        return;
+    };
+    // cudarc's event tracking would make the capture wait on events recorded before it (invalid
+    // in a capture); one stream needs none.
+    // SAFETY: every buffer below is used on this one stream only.
+    unsafe { null.context().disable_event_tracking() };
+    // The legacy null stream cannot be captured.
+    let s = null.context().new_stream().unwrap();
+    let mut rng = Rng::new(81);
+    for path in [LossPath::Direct, LossPath::Gram] {
+        let loss = BarlowTwinsLoss::new(LossConfig {
+            path,
+            ..Default::default()
+        })
+        .unwrap();
+        let (n, d) = (29, 18);
+        let dims = Dims::new(n, d);
+        let what = format!("graph {path:?}");
+        let mut ad = poisoned::<f32>(&s, n * d);
+        let mut bd = poisoned::<f32>(&s, n * d);
+        let mut dza = poisoned::<f32>(&s, n * d);
+        let mut dzb = poisoned::<f32>(&s, n * d);
+        let mut out = poisoned::<f32>(&s, barlow::cuda::DEVICE_LOSS_SLOTS);
+        // A first call outside the capture sizes the workspace.
+        let za = rng.matrix(n, d);
+        s.memcpy_htod(&za, &mut ad).unwrap();
+        s.memcpy_htod(&rng.correlated(&za, 0.4), &mut bd).unwrap();
+        loss.forward_backward_on_device(&s, &ad, &bd, dims, &mut dza, &mut dzb, &mut out)
+            .unwrap();
+        s.synchronize().unwrap();
+        let nan = vec![f32::NAN; n * d];
+        s.memcpy_htod(&nan, &mut dza).unwrap();
+        s.memcpy_htod(&nan[..barlow::cuda::DEVICE_LOSS_SLOTS], &mut out)
+            .unwrap();
+        s.synchronize().unwrap();
+
+        s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL)
+            .unwrap();
+        let queued =
+            loss.forward_backward_on_device(&s, &ad, &bd, dims, &mut dza, &mut dzb, &mut out);
+        let graph = s.end_capture(CUgraphInstantiate_flags(0));
+        queued.unwrap();
+        let graph = graph.unwrap().expect("an empty capture");
+        assert!(
+            down(&s, &out).iter().all(|v| v.is_nan()),
+            "{what}: the captured work ran at capture"
+        );
+
+        for round in 0..2 {
+            let za = rng.matrix(n, d);
+            let zb = rng.correlated(&za, 0.3 + 0.3 * round as f64);
+            s.memcpy_htod(&za, &mut ad).unwrap();
+            s.memcpy_htod(&zb, &mut bd).unwrap();
+            s.memcpy_htod(&nan, &mut dza).unwrap();
+            s.memcpy_htod(&nan, &mut dzb).unwrap();
+            graph.launch().unwrap();
+            let r =
+                reference::forward_backward(&to_f64(&za), &to_f64(&zb), dims, LAMBDA, EPS).unwrap();
+            let got = down(&s, &out);
+            let w = format!("{what} launch {round}");
+            assert_close_scalar(&format!("{w} total"), f64::from(got[0]), r.total, 1e-5);
+            assert_close_scalar(&format!("{w} on"), f64::from(got[1]), r.on_diag, 1e-5);
+            assert_close_scalar(&format!("{w} off"), f64::from(got[2]), r.off_diag, 1e-5);
+            assert_eq!(got[3], 0.0, "{w}: finite inputs flagged");
+            let sa = grad_scale(&r.a.rstd, &r.grad_za_hat);
+            let sb = grad_scale(&r.b.rstd, &r.grad_zb_hat);
+            assert_close_grad(&format!("{w} dza"), &down(&s, &dza), &r.grad_za, sa, 1e-5);
+            assert_close_grad(&format!("{w} dzb"), &down(&s, &dzb), &r.grad_zb, sb, 1e-5);
+        }
+    }
+}

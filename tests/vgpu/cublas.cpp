@@ -455,31 +455,36 @@ EXPORT cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t tran
   vgpu::Context* ctx = vgpu::current();
   if (ctx != handle->ctx) return CUBLAS_STATUS_EXECUTION_FAILED;  // a launch in the wrong context
   vgpu::Stream* s = vgpu::stream(handle->stream, ctx);
-  vgpu::begin_op(s);
-
-  const size_t es = ea == Elem::BF16 ? 2 : 4, ec = Ctype == CUDA_R_16BF ? 2 : 4;
+  // Host-mode scalars are read at the call, so a captured GEMM keeps their values.
   const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
-  // The stored matrices' extents: `rows` × `cols` with leading dimension `ld`.
-  auto span = [](size_t rows, size_t cols, size_t ld, size_t elem) {
-    return rows && cols ? (ld * (cols - 1) + rows) * elem : 0;
-  };
-  size_t sa = span(ta ? k : m, ta ? m : k, lda, es), sb = span(tb ? n : k, tb ? k : n, ldb, es);
-  if (sa) vgpu::access(s, A, sa, vgpu::Access::Read, "cublasGemmEx A");
-  if (sb) vgpu::access(s, B, sb, vgpu::Access::Read, "cublasGemmEx B");
-  size_t sc = span(m, n, ldc, ec);
-  if (be != 0.0f) vgpu::access(s, C, sc, vgpu::Access::Read, "cublasGemmEx C");
-  vgpu::access(s, C, sc, vgpu::Access::Write, "cublasGemmEx C");
+  auto run = [=](vgpu::Stream* s) -> int {
+    vgpu::begin_op(s);
 
-  const bool cbf16 = Ctype == CUDA_R_16BF;
-  Out o{C, size_t(ldc), size_t(m), size_t(n), al, be};
-  if (k == 0) {  // C = beta · C; alpha is not used
-    o.alpha = 0.0f;
-    auto scale = cbf16 ? (be != 0.0f ? store<true, true> : store<true, false>)
-                       : (be != 0.0f ? store<false, true> : store<false, false>);
-    for (size_t j = 0; j < o.n; ++j)
-      for (size_t i = 0; i < o.m; ++i) scale(o, i, j, 0.0f);
-  } else {
-    gemm(ea, A, size_t(lda), ta, B, size_t(ldb), tb, o, cbf16, size_t(k));
-  }
+    const size_t es = ea == Elem::BF16 ? 2 : 4, ec = Ctype == CUDA_R_16BF ? 2 : 4;
+    // The stored matrices' extents: `rows` × `cols` with leading dimension `ld`.
+    auto span = [](size_t rows, size_t cols, size_t ld, size_t elem) {
+      return rows && cols ? (ld * (cols - 1) + rows) * elem : 0;
+    };
+    size_t sa = span(ta ? k : m, ta ? m : k, lda, es), sb = span(tb ? n : k, tb ? k : n, ldb, es);
+    if (sa) vgpu::access(s, A, sa, vgpu::Access::Read, "cublasGemmEx A");
+    if (sb) vgpu::access(s, B, sb, vgpu::Access::Read, "cublasGemmEx B");
+    size_t sc = span(m, n, ldc, ec);
+    if (be != 0.0f) vgpu::access(s, C, sc, vgpu::Access::Read, "cublasGemmEx C");
+    vgpu::access(s, C, sc, vgpu::Access::Write, "cublasGemmEx C");
+
+    const bool cbf16 = Ctype == CUDA_R_16BF;
+    Out o{C, size_t(ldc), size_t(m), size_t(n), al, be};
+    if (k == 0) {  // C = beta · C; alpha is not used
+      o.alpha = 0.0f;
+      auto scale = cbf16 ? (be != 0.0f ? store<true, true> : store<true, false>)
+                         : (be != 0.0f ? store<false, true> : store<false, false>);
+      for (size_t j = 0; j < o.n; ++j)
+        for (size_t i = 0; i < o.m; ++i) scale(o, i, j, 0.0f);
+    } else {
+      gemm(ea, A, size_t(lda), ta, B, size_t(ldb), tb, o, cbf16, size_t(k));
+    }
+    return 0;
+  };
+  if (!vgpu::captured(s, run)) run(s);
   return CUBLAS_STATUS_SUCCESS;
 }

@@ -249,6 +249,7 @@ cudnnStatus_t begin(cudnnHandle_t h, const Geom& g, const Algo (&t)[N], int coun
       overlap(ws, nws, b, nb) || overlap(ws, nws, out, nout))
     return BAD;
   vgpu::Stream* s = vgpu::stream(h->stream, h->ctx);
+  vgpu::no_capture(s, "a cuDNN call (not modelled under capture by the virtual device)");
   vgpu::begin_op(s);
   vgpu::access(s, a, na, vgpu::Access::Read, what[0]);
   vgpu::access(s, b, nb, vgpu::Access::Read, what[1]);

@@ -65,6 +65,16 @@ struct State {
   std::deque<Allocation*> quarantine;
   size_t quarantined = 0;
   std::vector<Context*> contexts;
+  // Captures in progress, by id (ids are never reused, so a stale one finds nothing).
+  struct Capture {
+    Context* ctx;
+    Stream* stream;
+    CUstreamCaptureMode mode;
+    std::thread::id thread;
+    std::vector<Op> ops;
+  };
+  std::map<uint64_t, Capture> captures;
+  uint64_t next_capture = 1;
 };
 
 State& st() {
@@ -332,6 +342,17 @@ Stream* stream(void* handle, Context* ctx) {
 }
 
 Epoch begin_op(Stream* s) {
+  // Every enqueue on a capturing stream must go through `captured`; one that runs is a call the
+  // device does not model under capture.
+  if (s->capture)
+    fail("stream capture", "an operation on %s ran while it captures: this call is not modelled "
+         "under capture by the virtual device", s->name().c_str());
+  // A blocking stream's capture forbids the legacy stream, which would be ordered with it.
+  if (s->legacy)
+    for (Stream* o : s->ctx->streams)
+      if (o->capture && o->blocking)
+        fail("stream capture", "the null stream used while %s (a blocking stream) captures",
+             o->name().c_str());
   s->clock.join(st().host);
   // The legacy null stream waits for, and is waited for by, every blocking stream.
   if (s->legacy) {
@@ -345,6 +366,29 @@ Epoch begin_op(Stream* s) {
 }
 
 void host_join(const Clock& c) { st().host.join(c); }
+
+bool captured(Stream* s, Op op) {
+  if (!s->capture) return false;
+  st().captures.at(s->capture).ops.push_back(std::move(op));
+  return true;
+}
+
+void no_capture(Stream* s, const char* what) {
+  if (s) {
+    if (s->capture)
+      fail("stream capture", "%s on %s while it captures (invalid during capture)", what,
+           s->name().c_str());
+    return;
+  }
+  // CU_STREAM_CAPTURE_MODE_GLOBAL prohibits potentially unsafe calls in every thread, THREAD_LOCAL
+  // in the capturing thread; RELAXED prohibits none.
+  for (auto& [id, c] : st().captures) {
+    if (c.mode == CU_STREAM_CAPTURE_MODE_GLOBAL ||
+        (c.mode == CU_STREAM_CAPTURE_MODE_THREAD_LOCAL && c.thread == std::this_thread::get_id()))
+      fail("stream capture", "%s while %s captures (a potentially unsafe call, prohibited by the "
+           "capture's mode)", what, c.stream->name().c_str());
+  }
+}
 
 Allocation* find(const void* p) {
   Allocation* a = containing(st().live, uintptr_t(p));
@@ -419,13 +463,20 @@ using namespace vgpu;
   if (ctx->destroyed) return CUDA_ERROR_CONTEXT_IS_DESTROYED
 
 template <class T>
-static CUresult fill(Stream* s, CUdeviceptr dst, T v, size_t n, const char* what) {
+static CUresult fill_now(Stream* s, CUdeviceptr dst, T v, size_t n, const char* what) {
   begin_op(s);
   Allocation* a = access(s, reinterpret_cast<void*>(dst), n * sizeof(T), Access::Write, what);
   T* p = reinterpret_cast<T*>(dst);
   for (size_t i = 0; i < n; ++i) p[i] = v;
   check_slack(a, what);
   return CUDA_SUCCESS;
+}
+
+template <class T>
+static CUresult fill(Stream* s, CUdeviceptr dst, T v, size_t n, const char* what) {
+  if (captured(s, [=](Stream* on) { return int(fill_now(on, dst, v, n, what)); }))
+    return CUDA_SUCCESS;
+  return fill_now(s, dst, v, n, what);
 }
 
 struct Module {
@@ -522,6 +573,10 @@ CUresult cuGetErrorString(CUresult e, const char** s) {
     case CUDA_ERROR_NOT_SUPPORTED: *s = "operation not supported"; break;
     case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: *s = "too many resources requested for launch"; break;
     case CUDA_ERROR_NOT_READY: *s = "device not ready"; break;
+    case CUDA_ERROR_ILLEGAL_STATE: *s = "the operation cannot be performed in the present state"; break;
+    case CUDA_ERROR_LAUNCH_FAILED: *s = "unspecified launch failure"; break;
+    case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: *s = "operation not permitted when stream is capturing"; break;
+    case CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD: *s = "attempt to terminate a thread-local capture sequence from another thread"; break;
     default: *s = "unknown error"; return CUDA_ERROR_INVALID_VALUE;
   }
   return CUDA_SUCCESS;
@@ -537,6 +592,8 @@ CUresult cuGetErrorName(CUresult e, const char** s) {
     NAME(CUDA_ERROR_INVALID_CONTEXT) NAME(CUDA_ERROR_CONTEXT_IS_DESTROYED)
     NAME(CUDA_ERROR_INVALID_IMAGE) NAME(CUDA_ERROR_NOT_FOUND) NAME(CUDA_ERROR_INVALID_HANDLE)
     NAME(CUDA_ERROR_NOT_SUPPORTED) NAME(CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES) NAME(CUDA_ERROR_NOT_READY)
+    NAME(CUDA_ERROR_ILLEGAL_STATE) NAME(CUDA_ERROR_LAUNCH_FAILED)
+    NAME(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED) NAME(CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD)
 #undef NAME
     default: *s = "CUDA_ERROR_UNKNOWN"; return CUDA_ERROR_INVALID_VALUE;
   }
@@ -723,6 +780,7 @@ CUresult cuCtxGetDevice(CUdevice* d) {
 CUresult cuCtxSynchronize() {
   GUARD;
   NEED_CTX;
+  for (Stream* s : ctx->streams) no_capture(s, "cuCtxSynchronize");
   for (Stream* s : ctx->streams) host_join(s->clock);
   return CUDA_SUCCESS;
 }
@@ -768,6 +826,7 @@ CUresult cuStreamDestroy_v2(CUstream h) {
   NEED_CTX;
   Stream* s = stream(h, ctx);
   if (s->legacy) return CUDA_ERROR_INVALID_HANDLE;
+  no_capture(s, "cuStreamDestroy");
   auto& v = ctx->streams;
   v.erase(std::remove(v.begin(), v.end(), s), v.end());
   // The stream's work still completes before its resources go: nothing is reordered by a destroy.
@@ -778,14 +837,16 @@ CUresult cuStreamDestroy_v2(CUstream h) {
 CUresult cuStreamSynchronize(CUstream h) {
   GUARD;
   NEED_CTX;
-  host_join(stream(h, ctx)->clock);
+  Stream* s = stream(h, ctx);
+  no_capture(s, "cuStreamSynchronize");
+  host_join(s->clock);
   return CUDA_SUCCESS;
 }
 
 CUresult cuStreamQuery(CUstream h) {
   GUARD;
   NEED_CTX;
-  stream(h, ctx);
+  no_capture(stream(h, ctx), "cuStreamQuery");
   // Work runs when enqueued, but a query proves nothing about order: it does not join clocks.
   return CUDA_SUCCESS;
 }
@@ -796,7 +857,14 @@ struct Event {
   bool recorded = false;
   Clock clock;
   double ms = 0;
+  uint64_t capture = 0;  // last recorded in this capture (0: outside any)
 };
+
+// An event last recorded in a capture stands for work of a graph, not of a stream.
+static void not_captured(Event* e, const char* what) {
+  if (e->capture)
+    fail("stream capture", "%s on an event recorded during a stream capture", what);
+}
 
 static double now_ms() {
   using namespace std::chrono;
@@ -807,7 +875,7 @@ CUresult cuEventCreate(CUevent* out, unsigned int flags) {
   GUARD;
   NEED_CTX;
   if (!out) return CUDA_ERROR_INVALID_VALUE;
-  Event* e = new Event{ctx, !(flags & CU_EVENT_DISABLE_TIMING), false, {}, 0};
+  Event* e = new Event{ctx, !(flags & CU_EVENT_DISABLE_TIMING), false, {}, 0, 0};
   *out = reinterpret_cast<CUevent>(e);
   return CUDA_SUCCESS;
 }
@@ -827,9 +895,11 @@ CUresult cuEventRecord(CUevent h, CUstream hs) {
   Event* e = reinterpret_cast<Event*>(h);
   Stream* s = stream(hs, ctx);
   if (e->ctx != s->ctx) return CUDA_ERROR_INVALID_HANDLE;
+  e->recorded = true;
+  e->capture = s->capture;
+  if (s->capture) return CUDA_SUCCESS;  // a point in the graph, for waits inside the capture
   begin_op(s);
   e->clock = s->clock;
-  e->recorded = true;
   e->ms = now_ms();
   return CUDA_SUCCESS;
 }
@@ -840,9 +910,20 @@ CUresult cuStreamWaitEvent(CUstream hs, CUevent h, unsigned int flags) {
   GUARD;
   NEED_CTX;
   if (!h) return CUDA_ERROR_INVALID_HANDLE;
-  (void)flags;
   Event* e = reinterpret_cast<Event*>(h);
   Stream* s = stream(hs, ctx);
+  if (s->capture) {
+    // Inside one stream's capture, waiting on a point of the same capture orders nothing new.
+    if (e->capture == s->capture) return CUDA_SUCCESS;
+    if (flags & CU_EVENT_WAIT_EXTERNAL)
+      fail("stream capture", "an external event wait node is not modelled by the virtual device");
+    fail("stream capture", "%s, capturing, waits for an event recorded outside the capture (an "
+         "isolation error; cudarc's event tracking does this: disable it before capturing)",
+         s->name().c_str());
+  }
+  if (e->capture)
+    fail("stream capture", "%s waits for an event recorded in a capture (joining a stream into "
+         "a capture is not modelled by the virtual device)", s->name().c_str());
   s->clock.join(e->clock);
   return CUDA_SUCCESS;
 }
@@ -851,6 +932,7 @@ CUresult cuEventSynchronize(CUevent h) {
   GUARD;
   NEED_INIT;
   if (!h) return CUDA_ERROR_INVALID_HANDLE;
+  not_captured(reinterpret_cast<Event*>(h), "cuEventSynchronize");
   host_join(reinterpret_cast<Event*>(h)->clock);
   return CUDA_SUCCESS;
 }
@@ -859,6 +941,7 @@ CUresult cuEventQuery(CUevent h) {
   GUARD;
   NEED_INIT;
   if (!h) return CUDA_ERROR_INVALID_HANDLE;
+  not_captured(reinterpret_cast<Event*>(h), "cuEventQuery");
   return CUDA_SUCCESS;
 }
 
@@ -885,6 +968,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* out, size_t bytes) {
   GUARD;
   NEED_CTX;
   if (!out || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+  no_capture(nullptr, "cuMemAlloc");
   st().host.t[0]++;
   return device_alloc(out, bytes, ctx, {0, st().host.t[0]});
 }
@@ -892,6 +976,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* out, size_t bytes) {
 CUresult cuMemFree_v2(CUdeviceptr p) {
   GUARD;
   NEED_CTX;
+  no_capture(nullptr, "cuMemFree");
   // A synchronous free waits for all work on the device first.
   for (Stream* s : ctx->streams) host_join(s->clock);
   return device_free(uintptr_t(p), nullptr, "cuMemFree");
@@ -902,6 +987,9 @@ CUresult cuMemAllocAsync(CUdeviceptr* out, size_t bytes, CUstream hs) {
   NEED_CTX;
   if (!out || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
   Stream* s = stream(hs, ctx);
+  if (s->capture)
+    fail("stream capture", "cuMemAllocAsync on %s while it captures: memory nodes are not "
+         "modelled by the virtual device (allocate before capturing)", s->name().c_str());
   Epoch e = begin_op(s);
   return device_alloc(out, bytes, ctx, e);
 }
@@ -909,13 +997,18 @@ CUresult cuMemAllocAsync(CUdeviceptr* out, size_t bytes, CUstream hs) {
 CUresult cuMemFreeAsync(CUdeviceptr p, CUstream hs) {
   GUARD;
   NEED_CTX;
-  return device_free(uintptr_t(p), stream(hs, ctx), "cuMemFreeAsync");
+  Stream* s = stream(hs, ctx);
+  if (s->capture)
+    fail("stream capture", "cuMemFreeAsync on %s while it captures: memory nodes are not "
+         "modelled by the virtual device", s->name().c_str());
+  return device_free(uintptr_t(p), s, "cuMemFreeAsync");
 }
 
 CUresult cuMemAllocHost_v2(void** out, size_t bytes) {
   GUARD;
   NEED_CTX;
   if (!out) return CUDA_ERROR_INVALID_VALUE;
+  no_capture(nullptr, "cuMemAllocHost");
   void* p = nullptr;
   if (posix_memalign(&p, kPage, std::max<size_t>(bytes, 1)) != 0) return CUDA_ERROR_OUT_OF_MEMORY;
   Allocation* a = new Allocation;
@@ -933,6 +1026,7 @@ CUresult cuMemHostAlloc(void** out, size_t bytes, unsigned int) { return cuMemAl
 CUresult cuMemFreeHost(void* p) {
   GUARD;
   NEED_INIT;
+  no_capture(nullptr, "cuMemFreeHost");
   auto it = st().live.find(uintptr_t(p));
   if (it == st().live.end() || !it->second->host) return CUDA_ERROR_INVALID_VALUE;
   // The host waits for nothing here: freeing pinned memory a copy still uses is the caller's bug,
@@ -970,28 +1064,47 @@ static CUresult copy(Stream* s, void* dst, const void* src, size_t bytes, int ki
 
 enum { HtoD = 2, DtoH = 1, DtoD = 3 };
 
+// An asynchronous copy: run now, or kept by a capture (whose host side must be pinned: a graph
+// cannot copy pageable memory).
+static CUresult copy_async(Stream* s, void* dst, const void* src, size_t bytes, int kind,
+                           const char* what) {
+  if (s->capture) {
+    const void* host = kind == HtoD ? src : kind == DtoH ? dst : nullptr;
+    Allocation* h = host ? containing(st().live, uintptr_t(host)) : nullptr;
+    if (host && !(h && h->host))
+      fail("stream capture", "%s of pageable host memory on %s while it captures", what,
+           s->name().c_str());
+  }
+  if (captured(s, [=](Stream* on) { return int(copy(on, dst, src, bytes, kind, what)); }))
+    return CUDA_SUCCESS;
+  return copy(s, dst, src, bytes, kind, what);
+}
+
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, CUstream hs) {
   GUARD;
   NEED_CTX;
-  return copy(stream(hs, ctx), reinterpret_cast<void*>(dst), src, n, HtoD, "cuMemcpyHtoDAsync");
+  return copy_async(stream(hs, ctx), reinterpret_cast<void*>(dst), src, n, HtoD,
+                    "cuMemcpyHtoDAsync");
 }
 
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, CUstream hs) {
   GUARD;
   NEED_CTX;
-  return copy(stream(hs, ctx), dst, reinterpret_cast<void*>(src), n, DtoH, "cuMemcpyDtoHAsync");
+  return copy_async(stream(hs, ctx), dst, reinterpret_cast<void*>(src), n, DtoH,
+                    "cuMemcpyDtoHAsync");
 }
 
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, CUstream hs) {
   GUARD;
   NEED_CTX;
-  return copy(stream(hs, ctx), reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), n, DtoD,
-              "cuMemcpyDtoDAsync");
+  return copy_async(stream(hs, ctx), reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src),
+                    n, DtoD, "cuMemcpyDtoDAsync");
 }
 
 // The synchronous copies run on the null stream and return once it is done.
 static CUresult sync_copy(void* dst, const void* src, size_t n, int kind, const char* what) {
   NEED_CTX;
+  no_capture(nullptr, what);
   Stream* s = ctx->null_stream;
   CUresult r = copy(s, dst, src, n, kind, what);
   host_join(s->clock);
@@ -1029,6 +1142,7 @@ CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned int v, size_t n, CUstream hs
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
   GUARD;
   NEED_CTX;
+  no_capture(nullptr, "cuMemsetD8");
   CUresult r = fill(ctx->null_stream, dst, v, n, "cuMemsetD8");
   host_join(ctx->null_stream->clock);
   return r;
@@ -1038,6 +1152,7 @@ CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned int v, size_t n) {
   GUARD;
   NEED_CTX;
   if (dst % 4) return CUDA_ERROR_INVALID_VALUE;
+  no_capture(nullptr, "cuMemsetD32");
   CUresult r = fill(ctx->null_stream, dst, v, n, "cuMemsetD32");
   host_join(ctx->null_stream->clock);
   return r;
@@ -1183,6 +1298,104 @@ CUresult cuFuncGetAttribute(int* v, CUfunction_attribute attr, CUfunction f) {
 
 CUresult cuFuncSetAttribute(CUfunction f, CUfunction_attribute, int) {
   return f ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE;
+}
+
+// ---- stream capture and graphs (a graph is the list of operations its capture kept)
+
+struct Graph {
+  Context* ctx;
+  std::vector<Op> ops;
+};
+
+CUresult cuStreamBeginCapture(CUstream hs, CUstreamCaptureMode mode) {
+  GUARD;
+  NEED_CTX;
+  Stream* s = stream(hs, ctx);
+  if (s->legacy) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+  if (s->capture) return CUDA_ERROR_ILLEGAL_STATE;
+  if (mode != CU_STREAM_CAPTURE_MODE_GLOBAL && mode != CU_STREAM_CAPTURE_MODE_THREAD_LOCAL &&
+      mode != CU_STREAM_CAPTURE_MODE_RELAXED)
+    return CUDA_ERROR_INVALID_VALUE;
+  const uint64_t id = st().next_capture++;
+  st().captures.emplace(id, State::Capture{ctx, s, mode, std::this_thread::get_id(), {}});
+  s->capture = id;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuStreamEndCapture(CUstream hs, CUgraph* out) {
+  GUARD;
+  NEED_CTX;
+  if (!out) return CUDA_ERROR_INVALID_VALUE;
+  Stream* s = stream(hs, ctx);
+  if (!s->capture) return CUDA_ERROR_ILLEGAL_STATE;
+  auto it = st().captures.find(s->capture);
+  if (it->second.mode != CU_STREAM_CAPTURE_MODE_RELAXED &&
+      it->second.thread != std::this_thread::get_id())
+    return CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD;
+  *out = reinterpret_cast<CUgraph>(new Graph{ctx, std::move(it->second.ops)});
+  st().captures.erase(it);
+  s->capture = 0;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuStreamIsCapturing(CUstream hs, CUstreamCaptureStatus* status) {
+  GUARD;
+  NEED_CTX;
+  if (!status) return CUDA_ERROR_INVALID_VALUE;
+  *status = stream(hs, ctx)->capture ? CU_STREAM_CAPTURE_STATUS_ACTIVE
+                                     : CU_STREAM_CAPTURE_STATUS_NONE;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuGraphInstantiateWithFlags(CUgraphExec* out, CUgraph hg, unsigned long long flags) {
+  GUARD;
+  NEED_CTX;
+  if (!out || !hg) return CUDA_ERROR_INVALID_VALUE;
+  if (flags) return CUDA_ERROR_NOT_SUPPORTED;  // no instantiation flag is modelled
+  Graph* g = reinterpret_cast<Graph*>(hg);
+  if (g->ctx != ctx) return CUDA_ERROR_INVALID_CONTEXT;
+  *out = reinterpret_cast<CUgraphExec>(new Graph(*g));
+  return CUDA_SUCCESS;
+}
+
+CUresult cuGraphUpload(CUgraphExec he, CUstream hs) {
+  GUARD;
+  NEED_CTX;
+  if (!he) return CUDA_ERROR_INVALID_VALUE;
+  Stream* s = stream(hs, ctx);
+  no_capture(s, "cuGraphUpload");
+  return CUDA_SUCCESS;
+}
+
+CUresult cuGraphLaunch(CUgraphExec he, CUstream hs) {
+  GUARD;
+  NEED_CTX;
+  if (!he) return CUDA_ERROR_INVALID_VALUE;
+  Graph* g = reinterpret_cast<Graph*>(he);
+  if (g->ctx != ctx) return CUDA_ERROR_INVALID_CONTEXT;
+  Stream* s = stream(hs, ctx);
+  if (s->capture)
+    fail("stream capture", "a graph launched into a capture (a child graph node) is not modelled "
+         "by the virtual device");
+  for (const Op& op : g->ops)
+    if (op(s) != 0) return CUDA_ERROR_LAUNCH_FAILED;
+  return CUDA_SUCCESS;
+}
+
+CUresult cuGraphExecDestroy(CUgraphExec he) {
+  GUARD;
+  NEED_INIT;
+  if (!he) return CUDA_ERROR_INVALID_VALUE;
+  delete reinterpret_cast<Graph*>(he);
+  return CUDA_SUCCESS;
+}
+
+CUresult cuGraphDestroy(CUgraph hg) {
+  GUARD;
+  NEED_INIT;
+  if (!hg) return CUDA_ERROR_INVALID_VALUE;
+  delete reinterpret_cast<Graph*>(hg);
+  return CUDA_SUCCESS;
 }
 
 }  // extern "C"

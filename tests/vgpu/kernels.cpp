@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -99,23 +100,30 @@ int launch_with(void (*f)(A...), const char* name, const LaunchShape& sh, Stream
       mutation_applied(what);
     }
   }
-  begin_op(s);
   using Args = std::tuple<std::remove_cv_t<A>...>;
-  Call<void (*)(A...), Args> call{f, Args{*static_cast<std::remove_cv_t<A>*>(params[I])...}};
-  Allocation* written[sizeof...(A) + 1] = {};
-  (check_arg(std::get<I>(call.args), I, name, s, written), ...);
-  const Dim3 grid{sh.grid[0], sh.grid[1], sh.grid[2]};
-  const Dim3 block{sh.block[0], sh.block[1], sh.block[2]};
-  const size_t blocks = size_t(grid.x) * grid.y * grid.z;
-  parallel(blocks, [&](size_t b) {
-    vgpu_dev::grid_dim = grid;
-    vgpu_dev::block_dim = block;
-    Dim3 idx{unsigned(b % grid.x), unsigned((b / grid.x) % grid.y), unsigned(b / (size_t(grid.x) * grid.y))};
-    run_block(idx, &decltype(call)::run, &call);
-  });
-  for (size_t i = 0; i < sizeof...(A); ++i)
-    if (written[i]) check_slack(written[i], name);
-  return 0;
+  using C = Call<void (*)(A...), Args>;
+  // The arguments are read now, as the driver does; under capture they are kept for every launch
+  // of the graph.
+  auto call = std::make_shared<const C>(C{f, Args{*static_cast<std::remove_cv_t<A>*>(params[I])...}});
+  auto run = [call, name, sh](Stream* s) -> int {
+    begin_op(s);
+    Allocation* written[sizeof...(A) + 1] = {};
+    (check_arg(std::get<I>(call->args), I, name, s, written), ...);
+    const Dim3 grid{sh.grid[0], sh.grid[1], sh.grid[2]};
+    const Dim3 block{sh.block[0], sh.block[1], sh.block[2]};
+    const size_t blocks = size_t(grid.x) * grid.y * grid.z;
+    parallel(blocks, [&](size_t b) {
+      vgpu_dev::grid_dim = grid;
+      vgpu_dev::block_dim = block;
+      Dim3 idx{unsigned(b % grid.x), unsigned((b / grid.x) % grid.y), unsigned(b / (size_t(grid.x) * grid.y))};
+      run_block(idx, &C::run, call.get());
+    });
+    for (size_t i = 0; i < sizeof...(A); ++i)
+      if (written[i]) check_slack(written[i], name);
+    return 0;
+  };
+  if (captured(s, run)) return 0;
+  return run(s);
 }
 
 template <class... A>

@@ -227,6 +227,28 @@ std::vector<float> gemm_result() {
   return download(c, 4);
 }
 
+// Captures `body` on a new non-blocking stream in `mode` and returns the stream and its graph,
+// instantiated.
+struct Captured {
+  CUstream stream;
+  CUgraphExec exec;
+};
+template <class F>
+Captured capture(F body, CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_GLOBAL) {
+  CUstream s = new_stream();
+  CK(cuStreamBeginCapture(s, mode));
+  CUstreamCaptureStatus status;
+  CK(cuStreamIsCapturing(s, &status));
+  expect(status == CU_STREAM_CAPTURE_STATUS_ACTIVE, "the stream does not say it captures");
+  body(s);
+  CUgraph g;
+  CK(cuStreamEndCapture(s, &g));
+  CUgraphExec e;
+  CK(cuGraphInstantiate(&e, g, 0));
+  CK(cuGraphDestroy(g));
+  return {s, e};
+}
+
 // Lines `TYPE::NAME=VALUE`, a decimal VALUE, one of them `line`.
 bool enum_table_ok(const char* table, const char* line) {
   if (!strstr(table, line)) return false;
@@ -560,6 +582,63 @@ const Case kCases[] = {
        expect(gemm_result() == std::vector<float>{1, 3, 4, 8}, "C = A^T B");
      },
      "transpose"},
+    {"captured work runs at each graph launch, not at capture", nullptr,
+     [] {
+       setup();
+       CUdeviceptr x = upload(iota(256)), y = alloc(256), out = alloc(256);
+       float* pinned;
+       CK(cuMemAllocHost((void**)&pinned, 256 * sizeof(float)));
+       Captured c = capture([&](CUstream s) {
+         CUevent e;
+         CK(cuEventCreate(&e, CU_EVENT_DISABLE_TIMING));
+         CK(cuMemcpyHtoDAsync(x, pinned, 256 * sizeof(float), s));  // pinned: capturable
+         CK(cuEventRecord(e, s));
+         CK(cuStreamWaitEvent(s, e, 0));  // a point of this same capture
+         CK(cuMemcpyDtoDAsync(y, x, 256 * sizeof(float), s));
+         CK(affine(y, out, 256, s));
+       });
+       for (float v : download(out, 256)) expect(v != v, "the captured kernel ran at capture");
+       for (int round = 0; round < 2; ++round) {
+         for (int i = 0; i < 256; ++i) pinned[i] = float(i + 10 * round);
+         CK(cuGraphLaunch(c.exec, c.stream));
+         CK(cuStreamSynchronize(c.stream));
+         std::vector<float> r = download(out, 256);
+         for (int i = 0; i < 256; ++i)
+           expect(r[i] == 2.f * float(i + 10 * round) + 1.f, "graph launch result");
+       }
+       CK(cuGraphExecDestroy(c.exec));
+     }},
+    {"stream synchronize during capture", "stream capture",
+     [] {
+       setup();
+       capture([](CUstream s) { cuStreamSynchronize(s); });
+     }},
+    {"allocation during a global capture", "stream capture",
+     [] {
+       setup();
+       capture([](CUstream) { alloc(16); });
+     }},
+    {"allocation during a relaxed capture", nullptr,
+     [] {
+       setup();
+       capture([](CUstream) { alloc(16); }, CU_STREAM_CAPTURE_MODE_RELAXED);
+     }},
+    {"capture waits for an event recorded outside it", "stream capture",
+     [] {
+       setup();
+       CUstream other = new_stream();
+       CUevent e;
+       CK(cuEventCreate(&e, CU_EVENT_DISABLE_TIMING));
+       CK(cuEventRecord(e, other));
+       capture([&](CUstream s) { cuStreamWaitEvent(s, e, 0); });
+     }},
+    {"pageable copy during capture", "stream capture",
+     [] {
+       setup();
+       CUdeviceptr x = alloc(4);
+       static float host[4];
+       capture([&](CUstream s) { cuMemcpyHtoDAsync(x, host, sizeof host, s); });
+     }},
     {"mutation of an unknown kernel", "mutation", [] { setup(); }, "swap:naive_nope"},
     {"mutation of a kernel with no pair", "mutation", [] { setup(); }, "swap:naive_cast_bf16"},
     {"mutation of an unknown kind", "mutation", [] { setup(); }, "transposed"},

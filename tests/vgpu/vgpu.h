@@ -9,6 +9,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <functional>
 #include <map>
 #include <mutex>
 #include <string>
@@ -42,6 +43,7 @@ struct Stream {
   uint32_t actor = 0;
   bool legacy = false;    // the context's null stream
   bool blocking = false;  // created without CU_STREAM_NON_BLOCKING: ordered with the null stream
+  uint64_t capture = 0;   // the id of the capture this stream is in, or 0
   Clock clock;
   std::string name() const;
 };
@@ -79,6 +81,18 @@ Stream* stream(void* handle, Context* ctx);
 Epoch begin_op(Stream* s);
 // The host waits for `c` (synchronize calls).
 void host_join(const Clock& c);
+
+// Stream capture (CUDA graphs). An operation enqueued on a capturing stream does not run: it is
+// kept, with its arguments as they were at the call, and runs on the launching stream at every
+// cuGraphLaunch of the graph made from the capture, in capture order. `captured` keeps `op` and
+// returns true when `s` is capturing; otherwise it returns false and the caller runs `op` now.
+// An op returns 0 or the error its call would have returned.
+using Op = std::function<int(Stream*)>;
+bool captured(Stream* s, Op op);
+// Reports (`vgpu: stream capture:`) a call that is invalid on a capturing stream (`s`), or, with
+// `s` null, a potentially unsafe call while a capture that prohibits it is active: what CUDA
+// answers with an error and an invalidated capture, the device treats as the bug it is.
+void no_capture(Stream* s, const char* what);
 
 // Checks an access of [p, p + bytes) by the current operation on `s` and records it. `what`
 // names the operation and operand in a report. Returns the allocation.
