@@ -4,6 +4,8 @@
 mod args;
 #[path = "cli/bench.rs"]
 mod bench;
+#[path = "cli/env.rs"]
+mod env;
 #[path = "cli/eval.rs"]
 mod eval;
 #[path = "cli/info.rs"]
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    env::install_logger();
     progress::install_interrupt_handler();
     let result = match cli.command {
         Command::Info => {

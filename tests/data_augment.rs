@@ -19,7 +19,7 @@ fn tmpdir(name: &str) -> PathBuf {
 
 #[test]
 fn builtin_sample_is_balanced_fashion_mnist() {
-    let s = data::open("builtin").unwrap();
+    let s = data::open("builtin", data::DEFAULT_IMAGE_MEMORY).unwrap();
     assert_eq!((s.train.len(), s.test.len()), (10_000, 2_000));
     let img = s.train.image(0);
     assert_eq!((img.h, img.w, img.c), (28, 28, 1));
@@ -76,7 +76,7 @@ fn cifar_binary_batches_are_read_channel_planar() {
     )
     .unwrap();
     std::fs::write(dir.join("test_batch.bin"), &rec).unwrap();
-    let s = data::open(dir.to_str().unwrap()).unwrap();
+    let s = data::open(dir.to_str().unwrap(), data::DEFAULT_IMAGE_MEMORY).unwrap();
     assert_eq!((s.train.len(), s.test.len()), (2, 1));
     let px = s.train.image(0).data.clone();
     // Pixel 0: R from plane 0, G from plane 1, B from plane 2.
@@ -84,7 +84,7 @@ fn cifar_binary_batches_are_read_channel_planar() {
     assert_eq!(s.train.labels, vec![4, 4]);
     std::fs::write(dir.join("test_batch.bin"), &rec[..100]).unwrap();
     assert!(matches!(
-        data::open(dir.to_str().unwrap()),
+        data::open(dir.to_str().unwrap(), data::DEFAULT_IMAGE_MEMORY),
         Err(Error::Dataset { .. })
     ));
     std::fs::remove_dir_all(&dir).unwrap();
@@ -104,25 +104,25 @@ fn image_folder_skips_corrupt_files_and_reports_empty_sets() {
     }
     std::fs::write(dir.join("bee").join("broken.jpg"), b"not a jpeg").unwrap();
     std::fs::write(dir.join("bee").join("notes.txt"), b"ignored").unwrap();
-    let d = data::image_folder(&dir).unwrap();
+    let d = data::image_folder(&dir, data::DEFAULT_IMAGE_MEMORY).unwrap();
     assert_eq!(d.classes, vec!["ant", "bee", "cat"]);
     assert_eq!((d.len(), d.skipped), (12, 1));
     let i0 = d.image(0);
     assert_eq!((i0.h, i0.w, i0.c), (5, 6, 3));
     // A single folder of classes: every 10th image is held out.
-    let s = data::open(dir.to_str().unwrap()).unwrap();
+    let s = data::open(dir.to_str().unwrap(), data::DEFAULT_IMAGE_MEMORY).unwrap();
     assert_eq!((s.train.len(), s.test.len()), (11, 1));
 
     let empty = tmpdir("empty");
     assert!(matches!(
-        data::image_folder(&empty),
+        data::image_folder(&empty, data::DEFAULT_IMAGE_MEMORY),
         Err(Error::Dataset { .. })
     ));
     std::fs::create_dir_all(empty.join("only-class")).unwrap();
-    let e = data::image_folder(&empty).unwrap_err();
+    let e = data::image_folder(&empty, data::DEFAULT_IMAGE_MEMORY).unwrap_err();
     assert!(e.to_string().contains("no .jpg"), "{e}");
     assert!(matches!(
-        data::open("/no/such/dataset"),
+        data::open("/no/such/dataset", data::DEFAULT_IMAGE_MEMORY),
         Err(Error::Dataset { .. })
     ));
     std::fs::remove_dir_all(&dir).unwrap();
@@ -150,8 +150,8 @@ fn large_image_folders_stream_from_disk_with_the_same_pixels_and_views() {
             .unwrap();
     }
     std::fs::write(dir.join("b").join("broken.jpg"), b"not a jpeg").unwrap();
-    let mem = data::image_folder_with_budget(&dir, usize::MAX).unwrap();
-    let disk = data::image_folder_with_budget(&dir, 0).unwrap();
+    let mem = data::image_folder(&dir, usize::MAX).unwrap();
+    let disk = data::image_folder(&dir, 0).unwrap();
     assert!(!mem.is_streamed() && disk.is_streamed());
     assert_eq!((disk.len(), disk.skipped), (mem.len(), mem.skipped));
     assert_eq!((disk.len(), disk.skipped), (12, 1));
@@ -187,8 +187,8 @@ fn large_image_folders_stream_from_disk_with_the_same_pixels_and_views() {
     std::fs::create_dir_all(late.join("x")).unwrap();
     std::fs::write(late.join("x").join("bad.png"), &png).unwrap();
     std::fs::copy(dir.join("b").join("1.png"), late.join("x").join("good.png")).unwrap();
-    let streamed = data::image_folder_with_budget(&late, 0).unwrap();
-    let in_memory = data::image_folder_with_budget(&late, usize::MAX).unwrap();
+    let streamed = data::image_folder(&late, 0).unwrap();
+    let in_memory = data::image_folder(&late, usize::MAX).unwrap();
     assert_eq!(streamed.len(), 2, "the header reads, so the file is listed");
     let _ = streamed.image(0);
     assert_eq!(streamed.decode_failures(), 1);
@@ -218,7 +218,11 @@ fn shared_cifar10_jpegs_load_as_an_image_folder() {
             .success();
         assert!(ok, "tar failed");
     }
-    let s = data::open(dir.join("cifar10").to_str().unwrap()).unwrap();
+    let s = data::open(
+        dir.join("cifar10").to_str().unwrap(),
+        data::DEFAULT_IMAGE_MEMORY,
+    )
+    .unwrap();
     assert_eq!(
         (s.train.len(), s.test.len(), s.train.skipped),
         (50_000, 10_000, 0)
@@ -345,7 +349,7 @@ fn flip_blur_and_solarize_do_what_they_say() {
 
 #[test]
 fn views_are_seeded_normalized_and_the_right_shape() {
-    let s = data::open("builtin").unwrap();
+    let s = data::open("builtin", data::DEFAULT_IMAGE_MEMORY).unwrap();
     let cfg = AugmentConfig::for_dataset(&s.train, None);
     assert_eq!((cfg.size, cfg.scale, cfg.blur_kernel), (28, (0.2, 1.0), 3));
     let idx = [0usize, 5, 9, 1234];
@@ -438,7 +442,7 @@ fn image_folder_splits_share_labels_and_channels_and_refuse_giant_headers() {
         png_header_only(100_000, 100_000),
     )
     .unwrap();
-    let s = data::open(dir.to_str().unwrap()).unwrap();
+    let s = data::open(dir.to_str().unwrap(), data::DEFAULT_IMAGE_MEMORY).unwrap();
     assert_eq!(s.train.channels(), 3, "one RGB file makes the dataset RGB");
     assert_eq!(
         s.test.channels(),
@@ -453,7 +457,7 @@ fn image_folder_splits_share_labels_and_channels_and_refuse_giant_headers() {
 
     // A test class the training split never saw is an error naming it.
     put("test", "zebra", 0, false);
-    let e = data::open(dir.to_str().unwrap()).unwrap_err();
+    let e = data::open(dir.to_str().unwrap(), data::DEFAULT_IMAGE_MEMORY).unwrap_err();
     assert!(e.to_string().contains("zebra"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -167,7 +167,7 @@ fn image_folder_scan_survives_mutants() {
         for ext in ["png", "jpg"] {
             std::fs::write(class.join(format!("mutant.{ext}")), bytes).unwrap();
             for budget in [usize::MAX, 0] {
-                if let Ok(d) = data::image_folder_with_budget(&dir, budget) {
+                if let Ok(d) = data::image_folder(&dir, budget) {
                     use_dataset(&d);
                 }
             }

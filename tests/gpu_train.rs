@@ -8,12 +8,12 @@
 mod common;
 
 use barlow::cuda::cudarc::driver::{CudaSlice, CudaStream};
-use barlow::cuda::cudnn::{check_cudnn, Convolutions};
+use barlow::cuda::cudnn::{check_cudnn, AlgoSearch, Convolutions};
 use barlow::cuda::nn::{LarsStep, LarsTables, NnOps, NormMode};
 use barlow::cuda::Act;
 use barlow::nn::resnet::{Arch, ResNetConfig, Stem};
 use barlow::nn::{Backend, BatchNorm, ConvSpec, CpuBackend, MaxPool, Param, Tensor, Visit};
-use barlow::train::cuda::{nchw_to_nhwc, ohwi_to_oihw, oihw_to_ohwi, DeviceTrainer};
+use barlow::train::cuda::{nchw_to_nhwc, ohwi_to_oihw, oihw_to_ohwi, DeviceOptions, DeviceTrainer};
 use barlow::train::{BarlowTwins, Lars, LarsConfig, ModelConfig};
 use barlow::Error;
 use common::*;
@@ -37,6 +37,19 @@ fn gpu_nn(test: &str) -> Option<Arc<CudaStream>> {
 
 /// The math the trainer runs each element type with: FMA only for f32 (its checking mode), tensor
 /// cores for bf16.
+/// How the convolutions choose algorithms: scripts/test-vgpu.sh runs these tests with cuDNN's
+/// timed ranking, then again with `BARLOW_CUDNN_FIND=0` for its heuristic ranking.
+fn search() -> AlgoSearch {
+    match std::env::var("BARLOW_CUDNN_FIND") {
+        Ok(v) if v == "0" => AlgoSearch::Heuristic,
+        _ => AlgoSearch::Benchmark,
+    }
+}
+
+fn options(fma_only: bool) -> DeviceOptions {
+    DeviceOptions::default().fma_only(fma_only).cudnn(search())
+}
+
 fn fma_only<A: Act>() -> bool {
     A::DTYPE == barlow::cuda::Dtype::F32
 }
@@ -119,7 +132,7 @@ fn conv_case<A: Act>(s: &Arc<CudaStream>, spec: ConvSpec, n: usize, seed: u64) {
     let xd = (n, spec.in_c, spec.h, spec.w);
     let yd = (n, spec.out_c, ho, wo);
     let wshape = [spec.out_c, spec.in_c, spec.k, spec.k];
-    let mut convs = Convolutions::<A>::new(s, fma_only::<A>()).unwrap();
+    let mut convs = Convolutions::<A>::new(s, fma_only::<A>(), search()).unwrap();
     let gx = up::<A>(s, &to_nhwc(&x, xd));
     let gw = up::<A>(s, &oihw_to_ohwi(&w, &wshape));
     let gdy = up::<A>(s, &to_nhwc(&dy, yd));
@@ -895,7 +908,8 @@ fn step_case(
         v
     };
     let mut opt_dev = Lars::new(LarsConfig::default());
-    let mut t = DeviceTrainer::<f32>::new(&s, &mut dev, &opt_dev, n, (3, hw, hw), true).unwrap();
+    let mut t =
+        DeviceTrainer::<f32>::new(&s, &mut dev, &opt_dev, n, (3, hw, hw), options(true)).unwrap();
     for step in 0..2 {
         t.sync_to_host(&mut dev, &mut opt_dev).unwrap();
         copy_state(&mut dev, &mut cpu);
@@ -1008,7 +1022,8 @@ fn bf16_step_tracks_the_cpu_loss() {
     let b = Tensor::from_vec(&[n, 3, hw, hw], randn(&mut rng, n * 3 * hw * hw));
     let want = cpu.forward_backward(&CpuBackend, &a, &b).unwrap();
     let opt = Lars::new(LarsConfig::default());
-    let mut t = DeviceTrainer::<bf16>::new(&s, &mut dev, &opt, n, (3, hw, hw), false).unwrap();
+    let mut t =
+        DeviceTrainer::<bf16>::new(&s, &mut dev, &opt, n, (3, hw, hw), options(false)).unwrap();
     t.stage(&a, &b).unwrap();
     let got = t.forward_backward().unwrap();
     assert_close_scalar("bf16 step loss", got.total, want.total, 5e-2);
@@ -1022,14 +1037,14 @@ fn trainer_rejects_bad_input_with_typed_errors() {
     let mut m = tiny_model(Arch::Resnet18, Stem::Small, 4, vec![8, 8, 8]);
     let opt = Lars::new(LarsConfig::default());
     assert!(matches!(
-        DeviceTrainer::<f32>::new(&s, &mut m, &opt, 1, (3, 8, 8), true),
+        DeviceTrainer::<f32>::new(&s, &mut m, &opt, 1, (3, 8, 8), options(true)),
         Err(Error::BatchTooSmall { n: 1 })
     ));
     assert!(matches!(
-        DeviceTrainer::<f32>::new(&s, &mut m, &opt, 4, (1, 8, 8), true),
+        DeviceTrainer::<f32>::new(&s, &mut m, &opt, 4, (1, 8, 8), options(true)),
         Err(Error::InvalidConfig(_))
     ));
-    let mut t = DeviceTrainer::<f32>::new(&s, &mut m, &opt, 4, (3, 8, 8), true).unwrap();
+    let mut t = DeviceTrainer::<f32>::new(&s, &mut m, &opt, 4, (3, 8, 8), options(true)).unwrap();
     assert!(matches!(t.forward_backward(), Err(Error::InvalidConfig(_))));
     let good = Tensor::from_vec(&[4, 3, 8, 8], vec![0.5; 4 * 3 * 64]);
     let wrong = Tensor::from_vec(&[4, 3, 8, 7], vec![0.5; 4 * 3 * 56]);
@@ -1109,6 +1124,7 @@ fn short_run_trains_on_the_device() {
             knn_test: 64,
             device: DeviceChoice::Cuda,
             precision: Precision::Bf16,
+            cudnn: search(),
             ..TrainConfig::default()
         };
         let out = std::env::temp_dir().join("barlow-vgpu-run");
@@ -1148,6 +1164,7 @@ fn short_run_trains_on_the_device() {
         knn_test: 2_000,
         device: DeviceChoice::Cuda,
         precision: Precision::Bf16,
+        cudnn: search(),
         ..TrainConfig::default()
     };
     let out = std::env::temp_dir().join("barlow-gpu-cifar-run");

@@ -277,7 +277,7 @@ fn bad_settings_and_data_are_clear_errors() {
 
 #[test]
 fn cuda_device_says_what_is_missing_and_auto_falls_back_to_the_cpu() {
-    use barlow::train::run::{DeviceChoice, Engine, Precision};
+    use barlow::train::run::{DeviceChoice, Engine, EngineOptions, Precision};
     let gpu_ok = barlow::built_with_kernels()
         && barlow::cuda::device_count().is_ok_and(|n| n > 0)
         && barlow::cuda::cudnn::check_cudnn().is_ok();
@@ -313,8 +313,7 @@ fn cuda_device_says_what_is_missing_and_auto_falls_back_to_the_cpu() {
     let opt = barlow::train::Lars::new(Default::default());
     let mut said = Vec::new();
     let engine = Engine::open(
-        DeviceChoice::Auto,
-        Precision::Bf16,
+        EngineOptions::new(DeviceChoice::Auto, Precision::Bf16),
         &mut m,
         &opt,
         8,

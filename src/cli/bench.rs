@@ -143,6 +143,7 @@ pub(crate) fn bench_train(a: BenchTrainArgs) -> Result<(), String> {
         }
         b.device = a.device.into();
         b.precision = a.precision.into();
+        b.cudnn = crate::env::cudnn_search();
         b.warmup = a.warmup;
         b.steps = a.steps;
         b.profile_steps = a.profile_steps;

@@ -80,7 +80,7 @@ pub(crate) fn load_for_eval(
     let mut model =
         BarlowTwins::new(mcfg, &mut barlow::rng::Rng::new(0)).map_err(|e| e.to_string())?;
     l.restore_model(&mut model).map_err(|e| e.to_string())?;
-    let splits = ds::open(&data).map_err(|e| e.to_string())?;
+    let splits = ds::open(&data, crate::env::image_memory()?).map_err(|e| e.to_string())?;
     let (want, have) = (model.config.backbone.in_channels, splits.train.channels());
     if want != have {
         let name = |c| {
@@ -110,14 +110,13 @@ pub(crate) fn eval_features(
     unit: bool,
 ) -> Result<(Vec<f32>, Vec<f32>), String> {
     use barlow::train::eval::features_with;
-    use barlow::train::run::{Engine, Precision};
+    use barlow::train::run::{Engine, EngineOptions, Precision};
     let choice = device.into();
     let opt = barlow::train::Lars::new(Default::default());
     // f32 without tensor-core rounding, so the figures match the CPU's; batches of 16 keep the
     // device buffers (a training step's, two views) small.
     let mut engine = Engine::open(
-        choice,
-        Precision::F32,
+        EngineOptions::new(choice, Precision::F32).cudnn(crate::env::cudnn_search()),
         model,
         &opt,
         16,

@@ -116,6 +116,8 @@ pub(crate) fn train(a: TrainArgs) -> Result<(), String> {
         max_train: a.max_train,
         knn_every: a.knn_every,
         seed: a.seed,
+        cudnn: crate::env::cudnn_search(),
+        image_memory: crate::env::image_memory()?,
         ..Default::default()
     };
     let out = match (&a.out, &a.resume) {

@@ -3,7 +3,7 @@
 //!
 //! Each (geometry, batch) gets a plan on first use: descriptors, the algorithm for the forward,
 //! backward-data and backward-filter passes (ranked by timing them, cudnnFind*, or by cuDNN's
-//! heuristics when that fails or `BARLOW_CUDNN_FIND=0`; deterministic algorithms whose workspace
+//! heuristics when that fails or [`AlgoSearch::Heuristic`] asks; deterministic algorithms whose workspace
 //! fits the cap are preferred), and their workspace sizes. Plans and one shared
 //! workspace are kept for the life of the object, so steady-state steps allocate nothing.
 
@@ -198,11 +198,24 @@ fn choose<A: Copy>(ranked: &[Ranked<A>], what: &str) -> Result<(A, sys::cudnnMat
         })
 }
 
+/// How a convolution's algorithms are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AlgoSearch {
+    /// Time the candidates on the device (cudnnFind*, what a framework's autotuner does), falling
+    /// back to the heuristic ranking when that fails.
+    #[default]
+    Benchmark,
+    /// cuDNN's heuristic ranking only: no timing runs, the same choice on every run.
+    Heuristic,
+}
+
 /// The cuDNN handle of one stream, with its plans and workspace, for element type `A`.
 pub struct Convolutions<A: Act> {
     handle: sys::cudnnHandle_t,
     stream: Arc<CudaStream>,
     fma_only: bool,
+    search: AlgoSearch,
     plans: HashMap<(ConvSpec, usize), Plan>,
     workspace: Option<CudaSlice<u8>>,
     _elem: std::marker::PhantomData<A>,
@@ -210,8 +223,8 @@ pub struct Convolutions<A: Act> {
 
 impl<A: Act> Convolutions<A> {
     /// A handle bound to `stream`. `fma_only` forbids tensor-core math (for checking f32 results
-    /// without TF32 rounding).
-    pub fn new(stream: &Arc<CudaStream>, fma_only: bool) -> Result<Self> {
+    /// without TF32 rounding); `search` says how algorithms are chosen.
+    pub fn new(stream: &Arc<CudaStream>, fma_only: bool, search: AlgoSearch) -> Result<Self> {
         check_cudnn()?;
         stream
             .context()
@@ -227,6 +240,7 @@ impl<A: Act> Convolutions<A> {
             handle,
             stream: stream.clone(),
             fma_only,
+            search,
             plans: HashMap::new(),
             workspace: None,
             _elem: std::marker::PhantomData,
@@ -264,9 +278,8 @@ impl<A: Act> Convolutions<A> {
     fn make_plan(&self, spec: &ConvSpec, n: usize, data: bool) -> Result<Plan> {
         const N: usize = 16;
         let d = Descriptors::new(spec, n, A::CUDNN, self.fma_only)?;
-        // Benchmarked ranking (cudnnFind*, what a framework's autotuner does) first, cuDNN's
-        // heuristic ranking when that fails or `BARLOW_CUDNN_FIND=0` turns it off.
-        let find = std::env::var("BARLOW_CUDNN_FIND").map_or(true, |v| v != "0");
+        // Benchmarked ranking first, cuDNN's heuristic ranking when that fails or is not wanted.
+        let find = self.search == AlgoSearch::Benchmark;
         type FwdRank = unsafe fn(
             sys::cudnnHandle_t,
             sys::cudnnTensorDescriptor_t,

@@ -5,9 +5,10 @@
 //! Rows share their JSON form with `benches/pytorch/train_bench.py`, so the two can be merged into
 //! one table and compared on the same device.
 
-use super::run::{DeviceChoice, Engine, Precision};
+use super::run::{DeviceChoice, Engine, EngineOptions, Precision};
 use super::{BarlowTwins, Lars, LarsConfig, ModelConfig};
 use crate::bench::Timing;
+use crate::cuda::cudnn::AlgoSearch;
 use crate::cuda::drv;
 use crate::error::{Error, Result};
 use crate::nn::resnet::{Arch, ResNetConfig, Stem};
@@ -35,6 +36,8 @@ pub struct TrainBench {
     pub precision: Precision,
     /// Where the steps run.
     pub device: DeviceChoice,
+    /// How cuDNN's convolution algorithms are chosen on a GPU.
+    pub cudnn: AlgoSearch,
     /// Untimed steps run first.
     pub warmup: usize,
     /// Timed steps.
@@ -57,6 +60,7 @@ impl TrainBench {
             projector: vec![8192; 3],
             precision: Precision::Bf16,
             device: DeviceChoice::Auto,
+            cudnn: AlgoSearch::Benchmark,
             warmup: 10,
             steps: 30,
             profile_steps: 5,
@@ -166,8 +170,7 @@ pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
     let mut model = BarlowTwins::new(mcfg, &mut rng)?;
     let mut opt = Lars::new(LarsConfig::default());
     let mut engine = Engine::open(
-        b.device,
-        b.precision,
+        EngineOptions::new(b.device, b.precision).cudnn(b.cudnn),
         &mut model,
         &opt,
         b.batch,

@@ -13,7 +13,7 @@
 //! a second stream, double-buffered, so a batch's copy overlaps the previous step's compute.
 
 use super::{BarlowTwins, Lars};
-use crate::cuda::cudnn::Convolutions;
+use crate::cuda::cudnn::{AlgoSearch, Convolutions};
 use crate::cuda::nn::{LarsStep, LarsTables, NnOps, NormMode};
 use crate::cuda::{alloc, drv, Act};
 use crate::error::{Error, Result};
@@ -410,12 +410,35 @@ impl Builder<'_> {
     }
 }
 
+/// How a [`DeviceTrainer`] sets itself up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct DeviceOptions {
+    /// Keep every f32 convolution and GEMM off TF32 (the checking mode); no effect in bf16.
+    pub fma_only: bool,
+    /// How cuDNN's convolution algorithms are chosen.
+    pub cudnn: AlgoSearch,
+}
+
+impl DeviceOptions {
+    /// With f32 math kept off TF32 or not.
+    pub fn fma_only(self, fma_only: bool) -> Self {
+        Self { fma_only, ..self }
+    }
+
+    /// With convolution algorithms chosen by `cudnn`.
+    pub fn cudnn(self, cudnn: AlgoSearch) -> Self {
+        Self { cudnn, ..self }
+    }
+}
+
 /// Device buffers and plans for training one model at a fixed batch size.
 ///
 /// ```no_run
 /// use barlow::nn::resnet::{Arch, ResNetConfig, Stem};
 /// use barlow::nn::Tensor;
-/// use barlow::train::{cuda::DeviceTrainer, BarlowTwins, Lars, LarsConfig, ModelConfig};
+/// use barlow::train::cuda::{DeviceOptions, DeviceTrainer};
+/// use barlow::train::{BarlowTwins, Lars, LarsConfig, ModelConfig};
 /// # fn main() -> barlow::Result<()> {
 /// let config = ModelConfig {
 ///     backbone: ResNetConfig { arch: Arch::Resnet50, stem: Stem::Imagenet, in_channels: 3, width: 64 },
@@ -425,8 +448,9 @@ impl Builder<'_> {
 /// let mut model = BarlowTwins::new(config, &mut barlow::rng::Rng::new(0))?;
 /// let mut opt = Lars::new(LarsConfig::default());
 /// let stream = barlow::cuda::open_stream(0)?;
+/// let options = DeviceOptions::default();
 /// let mut gpu =
-///     DeviceTrainer::<half::bf16>::new(&stream, &mut model, &opt, 256, (3, 224, 224), false)?;
+///     DeviceTrainer::<half::bf16>::new(&stream, &mut model, &opt, 256, (3, 224, 224), options)?;
 /// # let (view1, view2) = (Tensor::zeros(&[256, 3, 224, 224]), Tensor::zeros(&[256, 3, 224, 224]));
 /// gpu.stage(&view1, &view2)?; // two augmented views, NCHW f32
 /// let loss = gpu.step(0.2, 0.0048)?; // forward, loss, backward, LARS
@@ -487,12 +511,14 @@ pub struct Footprint {
 
 impl<A: Act> DeviceTrainer<A> {
     /// Uploads `model` and the optimizer state of `opt` to the GPU of `stream`, planned for
-    /// batches of `batch` images of `image` = (channels, height, width). `fma_only` keeps every
-    /// f32 convolution and GEMM off TF32 (the checking mode); it has no effect in bf16.
+    /// batches of `batch` images of `image` = (channels, height, width), set up as `options`
+    /// says.
     ///
-    /// The trainer adds an upload stream to the context and turns off cudarc's per-buffer event
-    /// tracking there: buffers shared with other streams of the same context must then be ordered
-    /// with events by their owner.
+    /// The trainer adds an upload stream to the context and orders it with its own events. It
+    /// leaves cudarc's per-buffer event tracking as the context has it: with tracking on, every
+    /// launch also waits for and records an event per buffer (correct, slower); a caller that
+    /// owns the context can turn tracking off before this call, as [`crate::train::run::Engine`] does
+    /// on the context it opens.
     ///
     /// Running out of device memory is reported with the estimated need at this batch size.
     pub fn new(
@@ -501,9 +527,9 @@ impl<A: Act> DeviceTrainer<A> {
         opt: &Lars,
         batch: usize,
         image: (usize, usize, usize),
-        fma_only: bool,
+        options: DeviceOptions,
     ) -> Result<Self> {
-        Self::build(stream, model, opt, batch, image, fma_only).map_err(|e| match e {
+        Self::build(stream, model, opt, batch, image, options).map_err(|e| match e {
             Error::OutOfDeviceMemory { during, bytes } => {
                 let need = plan(model, opt, image).map(|p| {
                     let per: usize = p.slots.iter().skip(1).map(|s| s.per_image()).sum();
@@ -532,7 +558,7 @@ impl<A: Act> DeviceTrainer<A> {
         opt: &Lars,
         batch: usize,
         image: (usize, usize, usize),
-        fma_only: bool,
+        options: DeviceOptions,
     ) -> Result<Self> {
         if batch < 2 {
             return Err(Error::BatchTooSmall { n: batch });
@@ -551,16 +577,12 @@ impl<A: Act> DeviceTrainer<A> {
             )));
         }
         let ops = NnOps::new(stream)?;
-        let convs =
-            Convolutions::<A>::new(stream, fma_only && A::DTYPE == crate::cuda::Dtype::F32)?;
+        let fma_only = options.fma_only && A::DTYPE == crate::cuda::Dtype::F32;
+        let convs = Convolutions::<A>::new(stream, fma_only, options.cudnn)?;
         let copy = stream
             .context()
             .new_stream()
             .map_err(drv("creating the upload stream"))?;
-        // SAFETY: per-buffer event tracking would add a wait and a record to every buffer of every
-        // launch; the trainer orders its only cross-stream traffic (the staged inputs) with its own
-        // events, and pinned buffers carry theirs regardless.
-        unsafe { stream.context().disable_event_tracking() };
         let math = if A::DTYPE == crate::cuda::Dtype::F32 {
             Math::F32
         } else {

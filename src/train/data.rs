@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// Decoded bytes an ImageFolder may take in memory before it is read from its files instead
-/// (`BARLOW_IMAGE_MEMORY_GB` overrides).
+/// (the default of [`crate::train::run::TrainConfig::image_memory`]).
 pub const DEFAULT_IMAGE_MEMORY: usize = 8 << 30;
 
 /// One 8-bit image, height × width × channels, row-major.
@@ -108,7 +108,7 @@ impl Dataset {
     /// Image `i`. A streamed file that does not decode (its header read when the dataset was
     /// opened, but its pixels are corrupt, or it changed on disk since) gives a mid-gray image of
     /// its recorded size, is counted in [`Dataset::decode_failures`], and the first one is
-    /// reported on stderr; training goes on. (Held in memory, such a file is skipped when the
+    /// logged (`log::warn!`); training goes on. (Held in memory, such a file is skipped when the
     /// dataset is opened instead.)
     pub fn image(&self, i: usize) -> Cow<'_, Image> {
         match &self.store {
@@ -123,9 +123,9 @@ impl Dataset {
                 Err(e) => {
                     let mut f = failures.lock().unwrap_or_else(|p| p.into_inner());
                     if f.is_empty() {
-                        eprintln!(
-                            "warning: {} could not be decoded ({e}); a gray image stands in \
-                             (further failures are counted, not printed)",
+                        log::warn!(
+                            "{} could not be decoded ({e}); a gray image stands in (further \
+                             failures are counted, not logged)",
                             paths[i].display()
                         );
                     }
@@ -266,8 +266,10 @@ pub const SYSTEM_FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 /// * a folder with `*-images-idx3-ubyte[.gz]` files — IDX;
 /// * a folder with `data_batch_*.bin` — CIFAR-10 binary;
 /// * a folder with `train/` and `test/` (or `val/`) of class folders, or of class folders
-///   directly (then every 10th image is held out as the test split) — ImageFolder.
-pub fn open(spec: &str) -> Result<Splits> {
+///   directly (then every 10th image is held out as the test split) — ImageFolder, held in
+///   memory when its decoded images fit in `image_memory` bytes ([`DEFAULT_IMAGE_MEMORY`] is a
+///   good default), else decoded from its files as views are made.
+pub fn open(spec: &str, image_memory: usize) -> Result<Splits> {
     match spec {
         "builtin" => {
             let train = idx_from_bytes("builtin", BUILTIN[0], BUILTIN[1])?;
@@ -303,7 +305,7 @@ pub fn open(spec: &str) -> Result<Splits> {
                     test: cifar_bin(dir, false)?,
                 })
             } else {
-                image_folder_splits(dir)
+                image_folder_splits(dir, image_memory)
             }
         }
     }
@@ -490,7 +492,7 @@ pub fn cifar_bin(dir: &Path, train: bool) -> Result<Dataset> {
     ))
 }
 
-fn image_folder_splits(dir: &Path) -> Result<Splits> {
+fn image_folder_splits(dir: &Path, budget: usize) -> Result<Splits> {
     let test_dir = ["test", "val"]
         .iter()
         .map(|s| dir.join(s))
@@ -499,13 +501,13 @@ fn image_folder_splits(dir: &Path) -> Result<Splits> {
         if let Some(t) = test_dir {
             // Labels and channels are the training split's: the test split is read against
             // them, not numbered and converted on its own.
-            let train = image_folder(&dir.join("train"))?;
-            let test = image_folder_like(&t, image_memory_budget(), Some(&train))?;
+            let train = image_folder(&dir.join("train"), budget)?;
+            let test = image_folder_like(&t, budget, Some(&train))?;
             return Ok(Splits { train, test });
         }
     }
     // One folder of classes: hold out every 10th image as the test split.
-    let all = image_folder(dir)?;
+    let all = image_folder(dir, budget)?;
     let held =
         |held: bool| -> Vec<usize> { (0..all.len()).filter(|i| (i % 10 == 9) == held).collect() };
     let test = all.selected(&held(true));
@@ -515,23 +517,10 @@ fn image_folder_splits(dir: &Path) -> Result<Splits> {
 
 /// `root/<class>/<image>` with JPEG or PNG files; classes in sorted order. Files that cannot be
 /// read or decoded are skipped and counted. The dataset is RGB when any readable file is colour
-/// (gray images are converted), gray when all are.
-pub fn image_folder(root: &Path) -> Result<Dataset> {
-    image_folder_with_budget(root, image_memory_budget())
-}
-
-fn image_memory_budget() -> usize {
-    std::env::var("BARLOW_IMAGE_MEMORY_GB")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|v| v.is_finite() && *v >= 0.0)
-        .map_or(DEFAULT_IMAGE_MEMORY, |g| (g * (1u64 << 30) as f64) as usize)
-}
-
-/// [`image_folder`] with an explicit memory budget: when the decoded images would take more
-/// than `budget` bytes (estimated from the file headers), they are decoded from their files on
-/// use instead of once up front.
-pub fn image_folder_with_budget(root: &Path, budget: usize) -> Result<Dataset> {
+/// (gray images are converted), gray when all are. When the decoded images would take more than
+/// `budget` bytes (estimated from the file headers), they are decoded from their files on use
+/// instead of once up front.
+pub fn image_folder(root: &Path, budget: usize) -> Result<Dataset> {
     image_folder_like(root, budget, None)
 }
 
@@ -618,8 +607,8 @@ fn image_folder_like(root: &Path, budget: usize, like: Option<&Dataset>) -> Resu
             }
         }
         if skipped > 0 {
-            eprintln!(
-                "warning: {skipped} of {} files in {} have unreadable headers and were skipped",
+            log::warn!(
+                "{skipped} of {} files in {} have unreadable headers and were skipped",
                 files.len(),
                 root.display()
             );
@@ -630,7 +619,7 @@ fn image_folder_like(root: &Path, budget: usize, like: Option<&Dataset>) -> Resu
                 format!("none of the {} image files could be read", files.len()),
             ));
         }
-        eprintln!(
+        log::info!(
             "{}: {} images would take {:.1} GiB decoded; decoding them from disk as views are made",
             root.display(),
             paths.len(),
@@ -662,14 +651,14 @@ fn image_folder_like(root: &Path, budget: usize, like: Option<&Dataset>) -> Resu
             None => {
                 skipped += 1;
                 if skipped <= 5 {
-                    eprintln!("warning: skipping unreadable image {}", path.display());
+                    log::warn!("skipping unreadable image {}", path.display());
                 }
             }
         }
     }
     if skipped > 0 {
-        eprintln!(
-            "warning: {skipped} of {} images in {} could not be read and were skipped",
+        log::warn!(
+            "{skipped} of {} images in {} could not be read and were skipped",
             files.len(),
             root.display()
         );

@@ -7,10 +7,11 @@
 
 use super::augment::{two_views, AugmentConfig};
 use super::checkpoint;
-use super::cuda::DeviceTrainer;
+use super::cuda::{DeviceOptions, DeviceTrainer};
 use super::data::{self, Dataset, Splits};
 use super::eval::{features_with, knn_top1};
 use super::{BarlowTwins, Lars, LarsConfig, ModelConfig, Schedule};
+use crate::cuda::cudnn::AlgoSearch;
 use crate::error::{Error, Result};
 use crate::nn::resnet::{Arch, ResNetConfig, Stem};
 use crate::nn::{CpuBackend, Tensor};
@@ -72,6 +73,13 @@ pub struct TrainConfig {
     /// Element type of activations on the GPU (not saved, like the device).
     #[serde(skip)]
     pub precision: Precision,
+    /// How cuDNN's convolution algorithms are chosen on the GPU (not saved).
+    #[serde(skip)]
+    pub cudnn: AlgoSearch,
+    /// Bytes of decoded images an image folder may hold in memory; a larger dataset is decoded
+    /// from its files as views are made (not saved: a property of the machine).
+    #[serde(skip, default = "default_image_memory")]
+    pub image_memory: usize,
     /// For tests of the error paths: the data thread fails at this batch of every epoch.
     #[doc(hidden)]
     #[serde(skip)]
@@ -127,8 +135,42 @@ impl Default for TrainConfig {
             seed: 0,
             device: DeviceChoice::Cpu,
             precision: Precision::Bf16,
+            cudnn: AlgoSearch::Benchmark,
+            image_memory: data::DEFAULT_IMAGE_MEMORY,
             inject_data_failure: None,
         }
+    }
+}
+
+fn default_image_memory() -> usize {
+    data::DEFAULT_IMAGE_MEMORY
+}
+
+/// Where and how the training step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct EngineOptions {
+    /// The device.
+    pub device: DeviceChoice,
+    /// Element type of activations on the GPU.
+    pub precision: Precision,
+    /// How cuDNN's convolution algorithms are chosen on the GPU.
+    pub cudnn: AlgoSearch,
+}
+
+impl EngineOptions {
+    /// `device` and `precision`, algorithms chosen by timing them.
+    pub fn new(device: DeviceChoice, precision: Precision) -> Self {
+        Self {
+            device,
+            precision,
+            cudnn: AlgoSearch::default(),
+        }
+    }
+
+    /// With convolution algorithms chosen by `cudnn`.
+    pub fn cudnn(self, cudnn: AlgoSearch) -> Self {
+        Self { cudnn, ..self }
     }
 }
 
@@ -143,18 +185,24 @@ pub enum Engine {
 }
 
 impl Engine {
-    /// Opens the engine `choice` asks for. `Auto` falls back to the CPU, saying why through
-    /// `say`, when there is no usable GPU or the GPU fails to set the model up (memory, a CUDA,
-    /// cuDNN or cuBLAS error); configuration errors, and every error under `Cuda`, are returned.
+    /// Opens the engine `options.device` asks for. `Auto` falls back to the CPU, saying why
+    /// through `say`, when there is no usable GPU or the GPU fails to set the model up (memory, a
+    /// CUDA, cuDNN or cuBLAS error); configuration errors, and every error under `Cuda`, are
+    /// returned. On a GPU it opens its own context and stream, with cudarc's per-buffer event
+    /// tracking off (the trainer orders its two streams itself).
     pub fn open(
-        choice: DeviceChoice,
-        precision: Precision,
+        options: EngineOptions,
         model: &mut BarlowTwins,
         opt: &Lars,
         batch: usize,
         image: (usize, usize, usize),
         say: &mut dyn FnMut(&str),
     ) -> Result<Self> {
+        let EngineOptions {
+            device: choice,
+            precision,
+            cudnn,
+        } = options;
         if choice == DeviceChoice::Cpu {
             say(&format!(
                 "running on the CPU ({} threads)",
@@ -163,16 +211,30 @@ impl Engine {
             return Ok(Engine::Cpu);
         }
         let opened = crate::cuda::open_stream(0).and_then(|stream| {
+            // SAFETY: the context object is this engine's own (open_stream made it), and the
+            // trainer orders its upload stream with its own events; no buffer exists yet.
+            unsafe { stream.context().disable_event_tracking() };
             let name = stream
                 .context()
                 .name()
                 .unwrap_or_else(|_| "CUDA device 0".into());
+            let options = DeviceOptions::default().cudnn(cudnn);
             let engine = match precision {
                 Precision::Bf16 => Engine::CudaBf16(Box::new(DeviceTrainer::new(
-                    &stream, model, opt, batch, image, false,
+                    &stream,
+                    model,
+                    opt,
+                    batch,
+                    image,
+                    options.fma_only(false),
                 )?)),
                 Precision::F32 => Engine::CudaF32(Box::new(DeviceTrainer::new(
-                    &stream, model, opt, batch, image, true,
+                    &stream,
+                    model,
+                    opt,
+                    batch,
+                    image,
+                    options.fma_only(true),
                 )?)),
             };
             Ok((engine, name))
@@ -325,7 +387,7 @@ impl RunFiles {
 
 /// Opens the training and test splits as the config says.
 pub fn load_data(cfg: &TrainConfig) -> Result<Splits> {
-    let mut s = data::open(&cfg.data)?;
+    let mut s = data::open(&cfg.data, cfg.image_memory)?;
     if cfg.max_train > 0 {
         s.train = s.train.subsample(cfg.max_train);
     }
@@ -663,8 +725,7 @@ pub fn train(
     let knn = Knn::new(&splits, &cfg);
     let c_in = splits.train.channels();
     let mut engine = Engine::open(
-        cfg.device,
-        cfg.precision,
+        EngineOptions::new(cfg.device, cfg.precision).cudnn(cfg.cudnn),
         &mut model,
         &opt,
         cfg.batch_size,
