@@ -45,11 +45,7 @@ fn cpu(c: &mut Criterion) {
         let (mut a, mut b) = (vec![0f32; n * d], vec![0f32; n * d]);
         g.throughput(Throughput::Elements((6 * n * d * d) as u64));
         for (name, path) in [("direct", LossPath::Direct), ("gram", LossPath::Gram)] {
-            let loss = BarlowTwinsLoss::new(LossConfig {
-                path,
-                ..Default::default()
-            })
-            .unwrap();
+            let loss = BarlowTwinsLoss::new(LossConfig::default().path(path)).unwrap();
             g.bench_function(BenchmarkId::new(name, format!("N{n}_D{d}")), |bch| {
                 bch.iter(|| {
                     loss.forward_backward_cpu(&za, &zb, dims, &mut a, &mut b)
@@ -109,10 +105,7 @@ fn cuda(c: &mut Criterion) {
             let up = |x: &[f32]| -> CudaSlice<f32> { s.clone_htod(x).unwrap() };
             let (a, b) = (up(&za), up(&zb));
             let (mut da, mut db) = (up(&za), up(&zb));
-            let config = LossConfig {
-                math,
-                ..Default::default()
-            };
+            let config = LossConfig::default().math(math);
             g.throughput(Throughput::Elements((6 * n * d * d) as u64));
 
             let loss = BarlowTwinsLoss::new(config).unwrap();

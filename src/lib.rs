@@ -29,6 +29,23 @@
 //! is missing.
 #![warn(missing_docs)]
 
+/// Builder-style setters for a configuration struct, which is `#[non_exhaustive]` so that it can
+/// grow: `LossConfig::default().math(Math::Tf32).path(LossPath::Gram)`.
+macro_rules! setters {
+    ($ty:ty { $($field:ident: $t:ty),* $(,)? }) => {
+        impl $ty {
+            $(
+                #[doc = concat!("With `", stringify!($field), "` set to `value`.")]
+                #[must_use]
+                pub fn $field(mut self, value: $t) -> Self {
+                    self.$field = value;
+                    self
+                }
+            )*
+        }
+    };
+}
+
 #[cfg(feature = "bench")]
 pub mod bench;
 #[cfg(feature = "candle")]

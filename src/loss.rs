@@ -13,6 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 
 /// Precision of the cross-correlation GEMMs. Accumulation is f32 in every mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Math {
     /// Plain f32 GEMMs.
     #[default]
@@ -25,6 +26,7 @@ pub enum Math {
 
 /// How the cross-correlation's terms are computed. Both are exact; they differ in cost and memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum LossPath {
     /// Gram when it is cheaper (4N < 3D) or when C would not fit (D² > 2³⁰ elements), else Direct.
     #[default]
@@ -52,8 +54,10 @@ impl LossPath {
     }
 }
 
-/// Loss hyper-parameters.
+/// Loss hyper-parameters: `LossConfig::default()` is the paper's, and setters change one field
+/// (`LossConfig::default().math(Math::Tf32)`).
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct LossConfig {
     /// Weight of the off-diagonal (redundancy-reduction) term; the paper uses 0.0051.
     pub lambda: f32,
@@ -75,6 +79,13 @@ impl Default for LossConfig {
         }
     }
 }
+
+setters!(LossConfig {
+    lambda: f32,
+    eps: f32,
+    math: Math,
+    path: LossPath,
+});
 
 impl LossConfig {
     /// Checks that λ is finite and ≥ 0 and that eps is finite and > 0.

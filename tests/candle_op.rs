@@ -99,9 +99,5 @@ fn bad_tensors_are_errors_that_name_the_problem() {
     nan[3] = f32::NAN;
     let nan = tensor(&nan, 8, 4);
     assert!(err(op.loss(&nan, &a)).contains("non-finite"), "NaN input");
-    assert!(BarlowTwinsOp::new(LossConfig {
-        lambda: f32::NAN,
-        ..Default::default()
-    })
-    .is_err());
+    assert!(BarlowTwinsOp::new(LossConfig::default().lambda(f32::NAN)).is_err());
 }

@@ -70,11 +70,7 @@ fn cpu_forward_backward_matches_reference() {
 
 fn cpu_matches_reference(path: LossPath) {
     let mut rng = Rng::new(2);
-    let l = BarlowTwinsLoss::new(LossConfig {
-        path,
-        ..Default::default()
-    })
-    .unwrap();
+    let l = BarlowTwinsLoss::new(LossConfig::default().path(path)).unwrap();
     for &n in &[2usize, 3, 17, 256] {
         for &d in &[1usize, 2, 7, 129, 1024] {
             let za = rng.matrix(n, d);
@@ -319,11 +315,7 @@ fn gram_and_direct_paths_hold_accuracy_near_convergence() {
         let dims = Dims::new(n, d);
         let r = reference::forward_backward(&to_f64(&za), &to_f64(&zb), dims, LAMBDA, EPS).unwrap();
         for path in [LossPath::Direct, LossPath::Gram] {
-            let l = BarlowTwinsLoss::new(LossConfig {
-                path,
-                ..Default::default()
-            })
-            .unwrap();
+            let l = BarlowTwinsLoss::new(LossConfig::default().path(path)).unwrap();
             let (mut a, mut b) = (vec![f32::NAN; n * d], vec![f32::NAN; n * d]);
             let v = l
                 .forward_backward_cpu(&za, &zb, dims, &mut a, &mut b)

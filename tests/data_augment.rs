@@ -371,13 +371,7 @@ fn views_are_seeded_normalized_and_the_right_shape() {
         c: 3,
         data: (0..32 * 32 * 3).map(|i| (i % 251) as u8).collect(),
     };
-    let cfg3 = AugmentConfig {
-        size: 16,
-        scale: (0.2, 1.0),
-        blur_kernel: 3,
-        mean: vec![0.5; 3],
-        std: vec![0.25; 3],
-    };
+    let cfg3 = AugmentConfig::new(16, (0.2, 1.0), 3, vec![0.5; 3], vec![0.25; 3]);
     let mut out = vec![f32::NAN; 3 * 16 * 16];
     for seed in 0..50 {
         augment::view(&rgb, &cfg3, VIEW_A, &mut Rng::new(seed), &mut out);

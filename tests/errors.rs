@@ -86,11 +86,7 @@ fn bad_config_is_rejected() {
         (0.005, 0.0),
         (0.005, f32::INFINITY),
     ] {
-        let e = BarlowTwinsLoss::new(LossConfig {
-            lambda,
-            eps,
-            ..Default::default()
-        });
+        let e = BarlowTwinsLoss::new(LossConfig::default().lambda(lambda).eps(eps));
         assert!(
             matches!(e, Err(Error::InvalidConfig(_))),
             "lambda {lambda} eps {eps}"
@@ -191,11 +187,8 @@ fn a_matrix_the_host_cannot_hold_is_an_error_not_an_abort() {
     // The direct path's D×D for D = 2^20 is 4 TiB.
     let d = 1 << 20;
     let z = vec![0.5f32; 2 * d];
-    let direct = BarlowTwinsLoss::new(LossConfig {
-        path: barlow::LossPath::Direct,
-        ..Default::default()
-    })
-    .unwrap();
+    let direct =
+        BarlowTwinsLoss::new(LossConfig::default().path(barlow::LossPath::Direct)).unwrap();
     let e = direct.forward_cpu(&z, &z, Dims::new(2, d)).unwrap_err();
     assert!(matches!(e, Error::OutOfHostMemory { .. }), "{e}");
     // The object still works after.
@@ -206,10 +199,7 @@ fn a_matrix_the_host_cannot_hold_is_an_error_not_an_abort() {
 #[test]
 fn a_lambda_that_would_overflow_the_gradients_is_refused() {
     for lambda in [1e30, f32::INFINITY, -1.0] {
-        let r = BarlowTwinsLoss::new(LossConfig {
-            lambda,
-            ..Default::default()
-        });
+        let r = BarlowTwinsLoss::new(LossConfig::default().lambda(lambda));
         assert!(matches!(r, Err(Error::InvalidConfig(_))), "{lambda}");
     }
 }

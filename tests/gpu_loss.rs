@@ -24,6 +24,7 @@ fn tol(math: Math) -> f64 {
         Math::F32 => 1e-5,
         Math::Tf32 => 1e-3,
         Math::Bf16 => 1e-2,
+        other => panic!("no tolerance for {other:?}: give the new mode one here"),
     }
 }
 
@@ -374,12 +375,7 @@ fn check_fused<T: Host>(s: &Arc<CudaStream>, math: Math, seed: u64) {
 }
 
 fn check_fused_path<T: Host>(s: &Arc<CudaStream>, math: Math, path: LossPath, seed: u64) {
-    let loss = BarlowTwinsLoss::new(LossConfig {
-        math,
-        path,
-        ..Default::default()
-    })
-    .unwrap();
+    let loss = BarlowTwinsLoss::new(LossConfig::default().math(math).path(path)).unwrap();
     let mut rng = Rng::new(seed);
     for &(n, d) in SHAPES {
         let za = rng.matrix(n, d);
@@ -448,10 +444,7 @@ fn naive_path_matches_reference_and_fused() {
     };
     let mut rng = Rng::new(60);
     for math in [Math::F32, Math::Tf32, Math::Bf16] {
-        let config = LossConfig {
-            math,
-            ..Default::default()
-        };
+        let config = LossConfig::default().math(math);
         let mut naive = NaiveLoss::new(&s, config).unwrap();
         let fused = BarlowTwinsLoss::new(config).unwrap();
         for &(n, d) in SHAPES {
@@ -509,12 +502,7 @@ fn fused_loss_is_deterministic() {
         .into_iter()
         .flat_map(|m| [(m, LossPath::Direct), (m, LossPath::Gram)])
     {
-        let loss = BarlowTwinsLoss::new(LossConfig {
-            math,
-            path,
-            ..Default::default()
-        })
-        .unwrap();
+        let loss = BarlowTwinsLoss::new(LossConfig::default().math(math).path(path)).unwrap();
         let (n, d) = (257, 1031);
         let za = rng.matrix(n, d);
         let zb = rng.correlated(&za, 0.4);
@@ -552,11 +540,7 @@ fn workspace_is_reused_across_shapes() {
 
 fn workspace_reuse(s: &Arc<CudaStream>, path: LossPath) {
     let s = s.clone();
-    let loss = BarlowTwinsLoss::new(LossConfig {
-        path,
-        ..Default::default()
-    })
-    .unwrap();
+    let loss = BarlowTwinsLoss::new(LossConfig::default().path(path)).unwrap();
     let mut rng = Rng::new(80);
     // Large, then smaller (fits the workspace), then larger again (reallocates).
     for &(n, d) in &[(300, 500), (37, 129), (301, 777)] {
@@ -627,11 +611,7 @@ fn gpu_errors_are_typed() {
         (LossPath::Direct, Dims::new(2, big)),
         (LossPath::Gram, Dims::new(big, 2)),
     ] {
-        let forced = BarlowTwinsLoss::new(LossConfig {
-            path,
-            ..Default::default()
-        })
-        .unwrap();
+        let forced = BarlowTwinsLoss::new(LossConfig::default().path(path)).unwrap();
         let e = forced.forward(&s, &long, &long, dims).unwrap_err();
         assert!(
             matches!(e, Error::OutOfDeviceMemory { .. }),
@@ -685,12 +665,8 @@ fn gram_path_holds_accuracy_near_convergence() {
         let (ad, bd) = (up(&s, &za), up(&s, &zb));
         for math in [Math::F32, Math::Tf32, Math::Bf16] {
             for path in [LossPath::Direct, LossPath::Gram] {
-                let loss = BarlowTwinsLoss::new(LossConfig {
-                    math,
-                    path,
-                    ..Default::default()
-                })
-                .unwrap();
+                let loss =
+                    BarlowTwinsLoss::new(LossConfig::default().math(math).path(path)).unwrap();
                 let mut a = poisoned::<f32>(&s, n * d);
                 let mut b = poisoned::<f32>(&s, n * d);
                 let v = loss
@@ -717,11 +693,7 @@ fn on_device_loss_matches_the_waiting_call_and_flags_non_finite_inputs() {
     };
     let mut rng = Rng::new(80);
     for path in [LossPath::Direct, LossPath::Gram] {
-        let loss = BarlowTwinsLoss::new(LossConfig {
-            path,
-            ..Default::default()
-        })
-        .unwrap();
+        let loss = BarlowTwinsLoss::new(LossConfig::default().path(path)).unwrap();
         let (n, d) = (37, 21);
         let dims = Dims::new(n, d);
         let za = rng.matrix(n, d);
@@ -812,11 +784,7 @@ fn on_device_loss_is_capturable_in_a_cuda_graph() {
     let s = null.context().new_stream().unwrap();
     let mut rng = Rng::new(81);
     for path in [LossPath::Direct, LossPath::Gram] {
-        let loss = BarlowTwinsLoss::new(LossConfig {
-            path,
-            ..Default::default()
-        })
-        .unwrap();
+        let loss = BarlowTwinsLoss::new(LossConfig::default().path(path)).unwrap();
         let (n, d) = (29, 18);
         let dims = Dims::new(n, d);
         let what = format!("graph {path:?}");

@@ -800,16 +800,7 @@ fn lars_matches_the_cpu_optimizer() {
 }
 
 fn tiny_model(arch: Arch, stem: Stem, width: usize, projector: Vec<usize>) -> BarlowTwins {
-    let cfg = ModelConfig {
-        backbone: ResNetConfig {
-            arch,
-            stem,
-            in_channels: 3,
-            width,
-        },
-        projector,
-        lambda: 0.0051,
-    };
+    let cfg = ModelConfig::new(ResNetConfig::new(arch, stem, 3, width), projector).lambda(0.0051);
     let mut m = BarlowTwins::new(cfg, &mut Rng::new(77)).unwrap();
     // Norm parameters away from their initial 1 and 0: every residual branch then carries a
     // gradient from the first step (zero-initialized last norms would block it), and no ReLU
@@ -1110,23 +1101,21 @@ fn short_run_trains_on_the_device() {
     };
     use barlow::train::run::{self, DeviceChoice, Precision, Quiet, TrainConfig};
     if barlow::cuda::is_virtual(s.context()) {
-        let cfg = TrainConfig {
-            data: "builtin".into(),
-            arch: Arch::Resnet18,
-            stem: Some(Stem::Small),
-            width: 8,
-            projector: vec![64, 64, 64],
-            batch_size: 32,
-            epochs: 1,
-            max_train: 128,
-            knn_every: 0,
-            knn_bank: 256,
-            knn_test: 64,
-            device: DeviceChoice::Cuda,
-            precision: Precision::Bf16,
-            cudnn: search(),
-            ..TrainConfig::default()
-        };
+        let cfg = TrainConfig::default()
+            .data("builtin".into())
+            .arch(Arch::Resnet18)
+            .stem(Some(Stem::Small))
+            .width(8)
+            .projector(vec![64, 64, 64])
+            .batch_size(32)
+            .epochs(1)
+            .max_train(128)
+            .knn_every(0)
+            .knn_bank(256)
+            .knn_test(64)
+            .device(DeviceChoice::Cuda)
+            .precision(Precision::Bf16)
+            .cudnn(search());
         let out = std::env::temp_dir().join("barlow-vgpu-run");
         let _ = std::fs::remove_dir_all(&out);
         let r = run::train(&cfg, &out, None, &mut Quiet).unwrap();
@@ -1150,23 +1139,21 @@ fn short_run_trains_on_the_device() {
         println!("SKIP: short_run_trains_on_the_device: {why}");
         return;
     };
-    let cfg = TrainConfig {
-        data: data.to_string_lossy().into_owned(),
-        arch: Arch::Resnet18,
-        stem: Some(Stem::Small),
-        width: 32,
-        projector: vec![1024, 1024, 1024],
-        batch_size: 256,
-        epochs: 4,
-        max_train: 25_600,
-        knn_every: 0,
-        knn_bank: 10_000,
-        knn_test: 2_000,
-        device: DeviceChoice::Cuda,
-        precision: Precision::Bf16,
-        cudnn: search(),
-        ..TrainConfig::default()
-    };
+    let cfg = TrainConfig::default()
+        .data(data.to_string_lossy().into_owned())
+        .arch(Arch::Resnet18)
+        .stem(Some(Stem::Small))
+        .width(32)
+        .projector(vec![1024, 1024, 1024])
+        .batch_size(256)
+        .epochs(4)
+        .max_train(25_600)
+        .knn_every(0)
+        .knn_bank(10_000)
+        .knn_test(2_000)
+        .device(DeviceChoice::Cuda)
+        .precision(Precision::Bf16)
+        .cudnn(search());
     let out = std::env::temp_dir().join("barlow-gpu-cifar-run");
     let _ = std::fs::remove_dir_all(&out);
     let s = run::train(&cfg, &out, None, &mut Quiet).unwrap();

@@ -325,12 +325,7 @@ fn resnet_gradients_small_and_imagenet_stems() {
         (Arch::Resnet50, Stem::Small, 16),
         (Arch::Resnet18, Stem::Imagenet, 45),
     ] {
-        let cfg = ResNetConfig {
-            arch,
-            stem,
-            in_channels: 2,
-            width: 4,
-        };
+        let cfg = ResNetConfig::new(arch, stem, 2, 4);
         let net = perturbed(ResNet::new(cfg, &mut rng), &mut rng, true);
         let x = randn(&mut rng, &[6, 2, hw, hw]);
         // Max-pool switches its argmax under large steps: a smaller one there.
@@ -350,12 +345,7 @@ fn resnet_gradients_small_and_imagenet_stems() {
 #[test]
 fn resnet_shapes_and_torchvision_names() {
     let mut rng = Rng::new(14);
-    let cfg = ResNetConfig {
-        arch: Arch::Resnet50,
-        stem: Stem::Imagenet,
-        in_channels: 3,
-        width: 64,
-    };
+    let cfg = ResNetConfig::new(Arch::Resnet50, Stem::Imagenet, 3, 64);
     let mut net = ResNet::new(cfg, &mut rng);
     let mut names = Vec::new();
     let mut count = 0usize;
@@ -379,12 +369,7 @@ fn resnet_shapes_and_torchvision_names() {
     assert!(bufs.iter().any(|n| n == "layer3.5.bn2.running_var"));
     assert!(bufs.iter().any(|n| n == "bn1.num_batches_tracked"));
 
-    let cfg18 = ResNetConfig {
-        arch: Arch::Resnet18,
-        stem: Stem::Imagenet,
-        in_channels: 3,
-        width: 64,
-    };
+    let cfg18 = ResNetConfig::new(Arch::Resnet18, Stem::Imagenet, 3, 64);
     let mut r18 = ResNet::new(cfg18, &mut rng);
     let mut c18 = 0usize;
     r18.params_mut(&mut |p| c18 += p.value.len());
@@ -433,12 +418,7 @@ fn projector_gradients_and_names() {
 #[test]
 fn two_views_through_one_layer_accumulate_like_two_separate_passes() {
     let mut rng = Rng::new(17);
-    let cfg = ResNetConfig {
-        arch: Arch::Resnet18,
-        stem: Stem::Small,
-        in_channels: 1,
-        width: 4,
-    };
+    let cfg = ResNetConfig::new(Arch::Resnet18, Stem::Small, 1, 4);
     let net = perturbed(ResNet::new(cfg, &mut rng), &mut rng, false);
     let (x1, x2) = (
         randn(&mut rng, &[3, 1, 6, 6]),

@@ -15,17 +15,15 @@ fn tmpdir(name: &str) -> PathBuf {
 }
 
 fn tiny() -> TrainConfig {
-    TrainConfig {
-        width: 4,
-        projector: vec![64, 64, 64],
-        batch_size: 64,
-        epochs: 2,
-        max_train: 640,
-        knn_bank: 640,
-        knn_test: 400,
-        seed: 5,
-        ..Default::default()
-    }
+    TrainConfig::default()
+        .width(4)
+        .projector(vec![64, 64, 64])
+        .batch_size(64)
+        .epochs(2)
+        .max_train(640)
+        .knn_bank(640)
+        .knn_test(400)
+        .seed(5)
 }
 
 fn tensors(path: &std::path::Path) -> Vec<(String, Vec<u32>)> {
@@ -69,10 +67,7 @@ fn a_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     );
 
     let split = tmpdir("split");
-    let first = TrainConfig {
-        epochs: 1,
-        ..tiny()
-    };
+    let first = tiny().epochs(1);
     run::train(&first, &split, None, &mut Quiet).unwrap();
     let ckpt = split.join("checkpoint.safetensors");
     let s2 = run::train(&tiny(), &split, Some(&ckpt), &mut Quiet).unwrap();
@@ -94,17 +89,15 @@ fn a_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
 #[test]
 fn training_on_the_sample_beats_random_init_in_knn() {
     let dir = tmpdir("learn");
-    let cfg = TrainConfig {
-        width: 8,
-        projector: vec![256, 256, 256],
-        batch_size: 128,
-        epochs: 3,
-        max_train: 3_000,
-        knn_every: 0,
-        knn_bank: 3_000,
-        knn_test: 1_000,
-        ..Default::default()
-    };
+    let cfg = TrainConfig::default()
+        .width(8)
+        .projector(vec![256, 256, 256])
+        .batch_size(128)
+        .epochs(3)
+        .max_train(3_000)
+        .knn_every(0)
+        .knn_bank(3_000)
+        .knn_test(1_000);
     let s = run::train(&cfg, &dir, None, &mut Quiet).unwrap();
     println!(
         "kNN {:.3} -> {:.3}, loss {:.1}",
@@ -137,10 +130,7 @@ type Change = dyn Fn(&mut Vec<usize>, &mut safetensors::Dtype, &mut Vec<u8>);
 #[test]
 fn checkpoint_names_follow_torchvision_and_bad_files_are_errors() {
     let dir = tmpdir("names");
-    let cfg = TrainConfig {
-        epochs: 1,
-        ..tiny()
-    };
+    let cfg = tiny().epochs(1);
     run::train(&cfg, &dir, None, &mut Quiet).unwrap();
     let bytes = std::fs::read(dir.join("checkpoint.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -228,49 +218,19 @@ fn checkpoint_names_follow_torchvision_and_bad_files_are_errors() {
 #[test]
 fn bad_settings_and_data_are_clear_errors() {
     let dir = tmpdir("bad");
-    let e = run::train(
-        &TrainConfig {
-            batch_size: 1,
-            ..tiny()
-        },
-        &dir,
-        None,
-        &mut Quiet,
-    )
-    .unwrap_err();
+    let e = run::train(&tiny().batch_size(1), &dir, None, &mut Quiet).unwrap_err();
+    assert!(matches!(e, Error::InvalidConfig(_)), "{e}");
+    let e = run::train(&tiny().epochs(0), &dir, None, &mut Quiet).unwrap_err();
     assert!(matches!(e, Error::InvalidConfig(_)), "{e}");
     let e = run::train(
-        &TrainConfig {
-            epochs: 0,
-            ..tiny()
-        },
-        &dir,
-        None,
-        &mut Quiet,
-    )
-    .unwrap_err();
-    assert!(matches!(e, Error::InvalidConfig(_)), "{e}");
-    let e = run::train(
-        &TrainConfig {
-            data: "/no/such/place".into(),
-            ..tiny()
-        },
+        &tiny().data("/no/such/place".into()),
         &dir,
         None,
         &mut Quiet,
     )
     .unwrap_err();
     assert!(matches!(e, Error::Dataset { .. }), "{e}");
-    let e = run::train(
-        &TrainConfig {
-            max_train: 10,
-            ..tiny()
-        },
-        &dir,
-        None,
-        &mut Quiet,
-    )
-    .unwrap_err();
+    let e = run::train(&tiny().max_train(10), &dir, None, &mut Quiet).unwrap_err();
     assert!(e.to_string().contains("fewer than one batch"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -288,25 +248,22 @@ fn cuda_device_says_what_is_missing_and_auto_falls_back_to_the_cpu() {
         return;
     }
     let dir = tmpdir("nocuda");
-    let cfg = TrainConfig {
-        device: DeviceChoice::Cuda,
-        ..tiny()
-    };
+    let cfg = tiny().device(DeviceChoice::Cuda);
     let e = run::train(&cfg, &dir, None, &mut Quiet).unwrap_err();
     assert!(e.is_unavailable(), "not an availability error: {e}");
     assert!(!dir.join("checkpoint.safetensors").exists());
 
     let mut m = BarlowTwins::new(
-        ModelConfig {
-            backbone: barlow::nn::resnet::ResNetConfig {
-                arch: barlow::nn::resnet::Arch::Resnet18,
-                stem: barlow::nn::resnet::Stem::Small,
-                in_channels: 1,
-                width: 4,
-            },
-            projector: vec![8, 8, 8],
-            lambda: 0.0051,
-        },
+        ModelConfig::new(
+            barlow::nn::resnet::ResNetConfig::new(
+                barlow::nn::resnet::Arch::Resnet18,
+                barlow::nn::resnet::Stem::Small,
+                1,
+                4,
+            ),
+            vec![8, 8, 8],
+        )
+        .lambda(0.0051),
         &mut barlow::rng::Rng::new(1),
     )
     .unwrap();
@@ -344,12 +301,7 @@ fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) 
 #[test]
 fn a_diverging_run_stops_with_an_error_naming_the_step() {
     let out = tmpdir("diverge");
-    let cfg = TrainConfig {
-        lr_weights: 1e30,
-        lr_biases: 1e30,
-        epochs: 1,
-        ..tiny()
-    };
+    let cfg = tiny().lr_weights(1e30).lr_biases(1e30).epochs(1);
     let o = out.clone();
     let r = within(300, move || run::train(&cfg, &o, None, &mut Quiet));
     match r {
@@ -403,11 +355,7 @@ fn run_folders_are_claimed_not_shared() {
     std::fs::write(stale.join(".barlow.lock"), dead.to_string()).unwrap();
     let tmp = stale.join(format!(".checkpoint.safetensors.tmp.{dead}"));
     std::fs::write(&tmp, "partial").unwrap();
-    let cfg = TrainConfig {
-        epochs: 1,
-        max_train: 128,
-        ..tiny()
-    };
+    let cfg = tiny().epochs(1).max_train(128);
     run::train(&cfg, &stale, None, &mut Quiet).unwrap();
     assert!(!tmp.exists(), "the stale temporary is still there");
     assert!(!stale.join(".barlow.lock").exists());
@@ -416,10 +364,7 @@ fn run_folders_are_claimed_not_shared() {
 
     // Bad inputs create nothing.
     let never = tmpdir("never");
-    let bad = TrainConfig {
-        data: "/no/such/dataset".into(),
-        ..tiny()
-    };
+    let bad = tiny().data("/no/such/dataset".into());
     assert!(run::train(&bad, &never, None, &mut Quiet).is_err());
     assert!(!never.exists(), "a failed start left a folder");
 }
@@ -505,11 +450,7 @@ fn ctrl_c_stops_the_cli_with_exit_status_130() {
 #[test]
 fn a_step_far_beyond_the_memory_is_refused_before_it_starts() {
     let out = tmpdir("huge-crop");
-    let cfg = TrainConfig {
-        crop: Some(4096),
-        batch_size: 512,
-        ..tiny()
-    };
+    let cfg = tiny().crop(Some(4096)).batch_size(512);
     let e = run::train(&cfg, &out, None, &mut Quiet).unwrap_err();
     assert!(matches!(e, Error::OutOfHostMemory { .. }), "{e}");
     assert!(e.to_string().contains("crop"), "{e}");
@@ -519,11 +460,8 @@ fn a_step_far_beyond_the_memory_is_refused_before_it_starts() {
 #[test]
 fn a_data_thread_failure_ends_the_run_with_an_error() {
     let out = tmpdir("data-thread");
-    let cfg = TrainConfig {
-        epochs: 1,
-        inject_data_failure: Some(3),
-        ..tiny()
-    };
+    let mut cfg = tiny().epochs(1);
+    cfg.inject_data_failure = Some(3);
     let o = out.clone();
     match within(300, move || run::train(&cfg, &o, None, &mut Quiet)) {
         Err(e @ Error::Dataset { .. }) => assert!(e.to_string().contains("data thread"), "{e}"),

@@ -37,11 +37,12 @@ fn lars_matches_hand_computed_updates() {
     };
     m.w.grad = vec![1.0, 0.0, 0.0, 0.0];
     m.b.grad = vec![0.5, -0.5];
-    let mut opt = Lars::new(LarsConfig {
-        momentum: 0.9,
-        eta: 0.001,
-        weight_decay: 0.1,
-    });
+    let mut opt = Lars::new(
+        LarsConfig::default()
+            .momentum(0.9)
+            .eta(0.001)
+            .weight_decay(0.1),
+    );
     opt.step(&mut m, 0.2, 0.01);
     // Weights: dp = g + 0.1·w = [1.3, 0, 0, 0.4]; ‖w‖ = 5, ‖dp‖ = √1.85;
     // trust q = 0.001·5/√1.85; μ = q·dp; w −= 0.2·μ.
@@ -67,11 +68,12 @@ fn lars_skips_the_trust_ratio_for_zero_weights() {
         b: Param::new("b", &[1], vec![0.0]),
     };
     m.w.grad = vec![2.0, -1.0];
-    let mut opt = Lars::new(LarsConfig {
-        momentum: 0.9,
-        eta: 0.001,
-        weight_decay: 0.0,
-    });
+    let mut opt = Lars::new(
+        LarsConfig::default()
+            .momentum(0.9)
+            .eta(0.001)
+            .weight_decay(0.0),
+    );
     opt.step(&mut m, 0.5, 0.5);
     // ‖w‖ = 0: q = 1, so w = −0.5·g.
     assert_eq!(m.w.value, vec![-1.0, 0.5]);
@@ -102,16 +104,11 @@ fn schedule_warms_up_then_decays_to_a_thousandth() {
 }
 
 fn tiny_model(rng: &mut Rng) -> BarlowTwins {
-    let config = ModelConfig {
-        backbone: ResNetConfig {
-            arch: Arch::Resnet18,
-            stem: Stem::Small,
-            in_channels: 1,
-            width: 4,
-        },
-        projector: vec![16, 16, 16],
-        lambda: 0.05,
-    };
+    let config = ModelConfig::new(
+        ResNetConfig::new(Arch::Resnet18, Stem::Small, 1, 4),
+        vec![16, 16, 16],
+    )
+    .lambda(0.05);
     let mut m = BarlowTwins::new(config, rng).unwrap();
     // Every ReLU active (see nn_layers.rs): the loss is smooth in the parameters.
     m.params_mut(&mut |p| {
@@ -189,16 +186,11 @@ fn barlow_twins_step_gradients_match_finite_differences() {
 fn training_steps_reduce_the_loss() {
     let be = CpuBackend;
     let mut rng = Rng::new(22);
-    let config = ModelConfig {
-        backbone: ResNetConfig {
-            arch: Arch::Resnet18,
-            stem: Stem::Small,
-            in_channels: 1,
-            width: 4,
-        },
-        projector: vec![16, 16, 16],
-        lambda: 0.0051,
-    };
+    let config = ModelConfig::new(
+        ResNetConfig::new(Arch::Resnet18, Stem::Small, 1, 4),
+        vec![16, 16, 16],
+    )
+    .lambda(0.0051);
     let mut m = BarlowTwins::new(config, &mut rng).unwrap();
     let base = Tensor::from_vec(
         &[16, 1, 8, 8],
@@ -256,11 +248,7 @@ fn knn_and_linear_probe_classify_separable_features() {
     ys.rotate_left(1);
     let chance = knn_top1(&xb, &ys, &xt, &yt, dim, classes, 20, 0.1).unwrap();
     assert!(chance < 0.5, "kNN on shuffled labels {chance}");
-    let cfg = ProbeConfig {
-        epochs: 20,
-        batch: 64,
-        ..Default::default()
-    };
+    let cfg = ProbeConfig::default().epochs(20).batch(64);
     let mut losses = Vec::new();
     let acc = linear_probe(&xb, &yb, &xt, &yt, dim, classes, cfg, |_, l| losses.push(l)).unwrap();
     assert!(acc > 0.95, "probe {acc}");
@@ -286,16 +274,10 @@ fn knn_and_linear_probe_classify_separable_features() {
     }
     let probe = |c: ProbeConfig| linear_probe(&xb, &yb, &xt, &yt, dim, classes, c, |_, _| {});
     for (what, c) in [
-        ("epochs = 0", ProbeConfig { epochs: 0, ..cfg }),
-        (
-            "lr = NaN",
-            ProbeConfig {
-                lr: f32::NAN,
-                ..cfg
-            },
-        ),
-        ("lr = 0", ProbeConfig { lr: 0.0, ..cfg }),
-        ("batch = 0", ProbeConfig { batch: 0, ..cfg }),
+        ("epochs = 0", cfg.epochs(0)),
+        ("lr = NaN", cfg.lr(f32::NAN)),
+        ("lr = 0", cfg.lr(0.0)),
+        ("batch = 0", cfg.batch(0)),
     ] {
         assert!(
             matches!(probe(c), Err(barlow::Error::InvalidConfig(_))),

@@ -169,12 +169,10 @@ pub(crate) fn eval_linear(a: LinearArgs) -> Result<(), String> {
         s.test.len()
     );
     let (ftr, fte) = eval_features(&mut model, &s, &aug, a.device, false)?;
-    let cfg = ProbeConfig {
-        epochs: a.epochs,
-        lr: a.lr,
-        batch: a.batch_size,
-        ..Default::default()
-    };
+    let cfg = ProbeConfig::default()
+        .epochs(a.epochs)
+        .lr(a.lr)
+        .batch(a.batch_size);
     let acc = linear_probe(
         &ftr,
         &s.train.labels,

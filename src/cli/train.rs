@@ -97,29 +97,27 @@ pub(crate) fn timestamp() -> String {
 }
 
 pub(crate) fn train(a: TrainArgs) -> Result<(), String> {
-    let cfg = barlow::train::run::TrainConfig {
-        device: a.device.into(),
-        precision: a.precision.into(),
-        data: a.data,
-        arch: a.arch.into(),
-        stem: a.stem.map(Into::into),
-        width: a.width,
-        projector: a.projector,
-        lambda: a.lambda,
-        batch_size: a.batch_size,
-        epochs: a.epochs,
-        warmup_epochs: a.warmup_epochs,
-        lr_weights: a.lr_weights,
-        lr_biases: a.lr_biases,
-        weight_decay: a.weight_decay,
-        crop: a.crop,
-        max_train: a.max_train,
-        knn_every: a.knn_every,
-        seed: a.seed,
-        cudnn: crate::env::cudnn_search(),
-        image_memory: crate::env::image_memory()?,
-        ..Default::default()
-    };
+    let cfg = barlow::train::run::TrainConfig::default()
+        .device(a.device.into())
+        .precision(a.precision.into())
+        .data(a.data)
+        .arch(a.arch.into())
+        .stem(a.stem.map(Into::into))
+        .width(a.width)
+        .projector(a.projector)
+        .lambda(a.lambda)
+        .batch_size(a.batch_size)
+        .epochs(a.epochs)
+        .warmup_epochs(a.warmup_epochs)
+        .lr_weights(a.lr_weights)
+        .lr_biases(a.lr_biases)
+        .weight_decay(a.weight_decay)
+        .crop(a.crop)
+        .max_train(a.max_train)
+        .knn_every(a.knn_every)
+        .seed(a.seed)
+        .cudnn(crate::env::cudnn_search())
+        .image_memory(crate::env::image_memory()?);
     let out = match (&a.out, &a.resume) {
         (Some(o), _) => o.clone(),
         (None, Some(r)) => r

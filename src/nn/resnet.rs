@@ -7,6 +7,7 @@ use crate::rng::Rng;
 /// Which ResNet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Arch {
     /// Basic blocks 2-2-2-2, 512 features.
     Resnet18,
@@ -17,6 +18,7 @@ pub enum Arch {
 /// The first layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Stem {
     /// 7×7 stride-2 convolution and 3×3 max-pool, for 224×224 images.
     Imagenet,
@@ -26,6 +28,7 @@ pub enum Stem {
 
 /// A backbone's shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct ResNetConfig {
     /// Depth and block type.
     pub arch: Arch,
@@ -38,6 +41,17 @@ pub struct ResNetConfig {
 }
 
 impl ResNetConfig {
+    /// A backbone of `arch` with `stem`, for images of `in_channels` channels, `width` channels
+    /// in its first stage.
+    pub fn new(arch: Arch, stem: Stem, in_channels: usize, width: usize) -> Self {
+        Self {
+            arch,
+            stem,
+            in_channels,
+            width,
+        }
+    }
+
     /// Features out of the global average pool.
     pub fn features(&self) -> usize {
         match self.arch {

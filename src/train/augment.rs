@@ -9,8 +9,9 @@ use crate::nn::Tensor;
 use crate::rng::Rng;
 use rayon::prelude::*;
 
-/// What every view shares.
+/// What every view shares ([`AugmentConfig::for_dataset`] makes one; setters change a field).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct AugmentConfig {
     /// Output side length.
     pub size: usize,
@@ -24,7 +25,33 @@ pub struct AugmentConfig {
     pub std: Vec<f32>,
 }
 
+setters!(AugmentConfig {
+    size: usize,
+    scale: (f32, f32),
+    blur_kernel: usize,
+    mean: Vec<f32>,
+    std: Vec<f32>,
+});
+
 impl AugmentConfig {
+    /// Crops of `size` pixels covering `scale` of the image's area, a blur of `blur_kernel`
+    /// pixels, and normalization by the per-channel `mean` and `std`.
+    pub fn new(
+        size: usize,
+        scale: (f32, f32),
+        blur_kernel: usize,
+        mean: Vec<f32>,
+        std: Vec<f32>,
+    ) -> Self {
+        Self {
+            size,
+            scale,
+            blur_kernel,
+            mean,
+            std,
+        }
+    }
+
     /// The recipe for a dataset: crop to the image size, scale 0.08–1 for large images and
     /// 0.2–1 for small ones, blur kernel a tenth of the side, the dataset's pixel statistics.
     pub fn for_dataset(ds: &Dataset, size: Option<usize>) -> Self {

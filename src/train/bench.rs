@@ -17,8 +17,9 @@ use crate::rng::Rng;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-/// What to time.
+/// What to time ([`TrainBench::paper`] or [`TrainBench::small`], then set fields).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct TrainBench {
     /// Backbone architecture.
     pub arch: Arch,

@@ -440,11 +440,8 @@ impl DeviceOptions {
 /// use barlow::train::cuda::{DeviceOptions, DeviceTrainer};
 /// use barlow::train::{BarlowTwins, Lars, LarsConfig, ModelConfig};
 /// # fn main() -> barlow::Result<()> {
-/// let config = ModelConfig {
-///     backbone: ResNetConfig { arch: Arch::Resnet50, stem: Stem::Imagenet, in_channels: 3, width: 64 },
-///     projector: vec![8192; 3],
-///     lambda: 0.0051,
-/// };
+/// let backbone = ResNetConfig::new(Arch::Resnet50, Stem::Imagenet, 3, 64);
+/// let config = ModelConfig::new(backbone, vec![8192; 3]);
 /// let mut model = BarlowTwins::new(config, &mut barlow::rng::Rng::new(0))?;
 /// let mut opt = Lars::new(LarsConfig::default());
 /// let stream = barlow::cuda::open_stream(0)?;

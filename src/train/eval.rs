@@ -131,8 +131,9 @@ fn check_features(name: &str, x: &[f32], labels: &[u32], dim: usize, classes: us
     Ok(())
 }
 
-/// Options of the linear probe.
+/// Options of the linear probe (`ProbeConfig::default()`; setters change one field).
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct ProbeConfig {
     /// Passes over the training features.
     pub epochs: usize,
@@ -147,6 +148,15 @@ pub struct ProbeConfig {
     /// Seed of the shuffling.
     pub seed: u64,
 }
+
+setters!(ProbeConfig {
+    epochs: usize,
+    batch: usize,
+    lr: f32,
+    momentum: f32,
+    weight_decay: f32,
+    seed: u64,
+});
 
 impl Default for ProbeConfig {
     fn default() -> Self {

@@ -6,8 +6,9 @@
 
 use crate::nn::{Param, Visit};
 
-/// LARS hyper-parameters.
+/// LARS hyper-parameters (`LarsConfig::default()` is the paper's; setters change one field).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct LarsConfig {
     /// Momentum coefficient m of the update's running sum.
     pub momentum: f32,
@@ -26,6 +27,12 @@ impl Default for LarsConfig {
         }
     }
 }
+
+setters!(LarsConfig {
+    momentum: f32,
+    eta: f32,
+    weight_decay: f32,
+});
 
 /// The optimizer state: one momentum buffer per parameter, in visiting order.
 #[derive(Debug, Clone)]

@@ -8,6 +8,7 @@ use crate::{BarlowTwinsLoss, Dims, LossConfig, LossValue};
 
 /// Backbone and projector shapes, and the loss's λ.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct ModelConfig {
     /// The ResNet backbone's shape.
     pub backbone: ResNetConfig,
@@ -17,7 +18,22 @@ pub struct ModelConfig {
     pub lambda: f32,
 }
 
+setters!(ModelConfig {
+    backbone: ResNetConfig,
+    projector: Vec<usize>,
+    lambda: f32,
+});
+
 impl ModelConfig {
+    /// `backbone` and a projector of `projector` widths, with the paper's λ = 0.0051.
+    pub fn new(backbone: ResNetConfig, projector: Vec<usize>) -> Self {
+        Self {
+            backbone,
+            projector,
+            lambda: 0.0051,
+        }
+    }
+
     /// Sizes a model can be built with, checked before anything is allocated for them (they may
     /// come from a checkpoint's metadata): 1 or 3 input channels, a width of 1 to 1024, 1 to 8
     /// projector layers of 1 to 65,536 units, and parameters (with gradients and momentum) that

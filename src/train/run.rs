@@ -22,8 +22,10 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
-/// Everything that defines a run.
+/// Everything that defines a run (`TrainConfig::default()` is the README's main job; setters
+/// change one field).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct TrainConfig {
     /// `builtin`, `fashion-mnist`, or a dataset folder (see [`data::open`]).
     pub data: String,
@@ -88,6 +90,7 @@ pub struct TrainConfig {
 
 /// Where training runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum DeviceChoice {
     /// The first CUDA device when one works (kernels built in, driver, cuBLAS and cuDNN found),
     /// else the CPU.
@@ -102,6 +105,7 @@ pub enum DeviceChoice {
 /// Element type of activations and weights in the CUDA step (master weights and accumulation
 /// stay f32 either way).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Precision {
     /// bf16 activations and weight copies: the fast mode.
     #[default]
@@ -141,6 +145,33 @@ impl Default for TrainConfig {
         }
     }
 }
+
+setters!(TrainConfig {
+    data: String,
+    arch: Arch,
+    stem: Option<Stem>,
+    width: usize,
+    projector: Vec<usize>,
+    lambda: f32,
+    batch_size: usize,
+    epochs: usize,
+    warmup_epochs: Option<usize>,
+    lr_weights: f32,
+    lr_biases: f32,
+    weight_decay: f32,
+    crop: Option<usize>,
+    max_train: usize,
+    knn_every: usize,
+    knn_k: usize,
+    knn_t: f32,
+    knn_bank: usize,
+    knn_test: usize,
+    seed: u64,
+    device: DeviceChoice,
+    precision: Precision,
+    cudnn: AlgoSearch,
+    image_memory: usize,
+});
 
 fn default_image_memory() -> usize {
     data::DEFAULT_IMAGE_MEMORY
