@@ -1,5 +1,10 @@
-//! The fused loss as a candle operation with gradients, on CPU tensors (feature `candle`). CUDA
-//! tensors are not taken yet: candle reports the op has no CUDA implementation.
+//! The fused loss as a candle operation with gradients: on CPU tensors (feature `candle`) and on
+//! CUDA tensors (feature `candle-cuda`, which turns on candle's own CUDA backend).
+//!
+//! On CUDA the op reads the tensors' device memory in place, queues its kernels on the tensors'
+//! stream and writes the loss into a new device tensor: no copy, no wait on the host. Non-finite
+//! inputs then give a NaN loss (and NaN gradients) instead of an error, since saying so would take
+//! a wait; check the loss where the trainer reads it anyway.
 //!
 //! [`BarlowTwinsOp::loss`] takes the two views' projector outputs (N×D tensors) and returns the
 //! loss as a 0-d f32 tensor that backpropagates into both: candle's autograd calls the op's
@@ -21,6 +26,8 @@
 
 use crate::{BarlowTwinsLoss, Dims, LossConfig};
 use candle_core::backend::BackendStorage;
+#[cfg(feature = "candle-cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use std::sync::Arc;
 
@@ -99,6 +106,40 @@ fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, name: &str) -> candle_core::Result
     }
 }
 
+/// The elements of a contiguous f32 CUDA tensor, as a view of its device memory.
+#[cfg(feature = "candle-cuda")]
+fn cuda_f32<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    name: &str,
+) -> candle_core::Result<cudarc::driver::CudaView<'a, f32>> {
+    let slice = s.as_cuda_slice::<f32>().map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "barlow twins loss: `{name}` is {:?}; the CUDA path takes f32 (convert with \
+             .to_dtype(DType::F32))",
+            s.dtype()
+        ))
+    })?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(slice.slice(start..end)),
+        None => Err(candle_core::Error::Msg(format!(
+            "barlow twins loss: `{name}` is not contiguous (call .contiguous() first)"
+        ))),
+    }
+}
+
+/// Both inputs must live on one CUDA device.
+#[cfg(feature = "candle-cuda")]
+fn same_device(s1: &CudaStorage, s2: &CudaStorage) -> candle_core::Result<()> {
+    use candle_core::backend::BackendDevice;
+    if !s1.device.same_device(&s2.device) {
+        return Err(candle_core::Error::Msg(
+            "barlow twins loss: the two views are on different CUDA devices".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl CustomOp2 for Forward {
     fn name(&self) -> &'static str {
         "barlow-twins-loss"
@@ -115,6 +156,26 @@ impl CustomOp2 for Forward {
         let (za, zb) = (cpu_f32(s1, l1, "za")?, cpu_f32(s2, l2, "zb")?);
         let v = self.0.loss.forward_cpu(za, zb, dims)?;
         Ok((CpuStorage::F32(vec![v.total as f32]), Shape::from(())))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dims = dims_of(l1, l2)?;
+        same_device(s1, s2)?;
+        let (za, zb) = (cuda_f32(s1, l1, "za")?, cuda_f32(s2, l2, "zb")?);
+        let device = s1.device.clone();
+        let stream = device.cuda_stream();
+        let mut out = device.alloc_zeros::<f32>(1)?;
+        self.0
+            .loss
+            .forward_on_device(&stream, &za, &zb, dims, &mut out)?;
+        Ok((CudaStorage::wrap_cuda_slice(out, device), Shape::from(())))
     }
 
     fn bwd(
@@ -151,5 +212,33 @@ impl CustomOp2 for Gradients {
         let (dza, dzb) = both.split_at_mut(nd);
         self.0.loss.forward_backward_cpu(za, zb, dims, dza, dzb)?;
         Ok((CpuStorage::F32(both), Shape::from((2, dims.n, dims.d))))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dims = dims_of(l1, l2)?;
+        same_device(s1, s2)?;
+        let (za, zb) = (cuda_f32(s1, l1, "za")?, cuda_f32(s2, l2, "zb")?);
+        let device = s1.device.clone();
+        let stream = device.cuda_stream();
+        let nd = dims.n * dims.d;
+        let mut both = device.alloc_zeros::<f32>(2 * nd)?;
+        let mut out = device.alloc_zeros::<f32>(1)?;
+        {
+            let (mut dza, mut dzb) = both.split_at_mut(nd);
+            self.0.loss.forward_backward_on_device(
+                &stream, &za, &zb, dims, &mut dza, &mut dzb, &mut out,
+            )?;
+        }
+        Ok((
+            CudaStorage::wrap_cuda_slice(both, device),
+            Shape::from((2, dims.n, dims.d)),
+        ))
     }
 }

@@ -9,7 +9,8 @@
 //! * [`cpu`] — the CPU kernels and the [`cpu::reference`] implementation.
 //! * `cuda` (feature `cuda`) — the embedded kernels, `cuda::ops::CudaOps` (one safe method per
 //!   kernel and GEMM); `cuda::naive::NaiveLoss` (feature `bench`) is the op-by-op baseline.
-//! * `candle` (feature `candle`) — the loss as a candle custom op with gradients (CPU tensors).
+//! * `candle` (feature `candle`) — the loss as a candle custom op with gradients (CPU tensors;
+//!   CUDA tensors with `candle-cuda`).
 //! * `nn`, `train` (feature `train`) — the ResNet model and its CPU and CUDA training engines.
 //!
 //! ## Features
@@ -22,6 +23,7 @@
 //! | `train` | the model, both training engines, data, checkpoints, evaluation |
 //! | `cli` (default) | the `barlow` command |
 //! | `candle` | the candle custom op, on CPU tensors |
+//! | `candle-cuda` | the candle op on CUDA tensors too (candle's CUDA backend) |
 //!
 //! The loss alone: `barlow = { version = "0.1", default-features = false, features = ["cuda"] }`.
 //! CUDA is loaded at run time unless the application links it: a binary built with the kernels

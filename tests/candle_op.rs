@@ -11,7 +11,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 
 fn tensor(x: &[f32], n: usize, d: usize) -> Tensor {
-    Tensor::from_slice(x, (n, d), &Device::Cpu).unwrap()
+    on(&Device::Cpu, x, n, d)
+}
+
+fn on(dev: &Device, x: &[f32], n: usize, d: usize) -> Tensor {
+    Tensor::from_slice(x, (n, d), dev).unwrap()
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
@@ -20,6 +24,41 @@ fn values(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn loss_and_autograd_gradients_match_the_reference() {
+    matches_the_reference(&Device::Cpu);
+}
+
+/// The same on CUDA tensors: the op reads their device memory in place and returns the loss as a
+/// CUDA tensor (candle's own kernels scale the gradients, so this runs on a GPU, not on the
+/// virtual device).
+#[cfg(feature = "candle-cuda")]
+#[test]
+fn on_cuda_tensors_loss_and_gradients_match_the_reference() {
+    let dev = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            let why = format!("no CUDA device for candle: {e}");
+            if std::env::var("BARLOW_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("on_cuda_tensors_loss_and_gradients_match_the_reference: {why}");
+            }
+            println!("SKIP: on_cuda_tensors_loss_and_gradients_match_the_reference: {why}");
+            return;
+        }
+    };
+    matches_the_reference(&dev);
+    let op = BarlowTwinsOp::new(LossConfig::default()).unwrap();
+    let a = Tensor::randn(0f32, 1.0, (8, 4), &dev).unwrap();
+    let loss = op.loss(&a, &a).unwrap();
+    assert!(loss.device().is_cuda(), "the loss left the device");
+    let err = |r: candle_core::Result<Tensor>| r.unwrap_err().to_string();
+    let f64s = a.to_dtype(DType::F64).unwrap();
+    assert!(err(op.loss(&f64s, &f64s)).contains("f32"), "f64 input");
+    let t = Tensor::randn(0f32, 1.0, (4, 8), &dev).unwrap().t().unwrap();
+    assert!(err(op.loss(&t, &t)).contains("contiguous"), "strided input");
+    let other = Tensor::randn(0f32, 1.0, (8, 5), &dev).unwrap();
+    assert!(err(op.loss(&a, &other)).contains("one shape"), "shapes");
+}
+
+fn matches_the_reference(dev: &Device) {
     let mut rng = Rng::new(90);
     let cfg = LossConfig::default();
     let op = BarlowTwinsOp::new(cfg).unwrap();
@@ -34,12 +73,12 @@ fn loss_and_autograd_gradients_match_the_reference() {
             f64::from(cfg.eps),
         )
         .unwrap();
-        let va = Var::from_tensor(&tensor(&za, n, d)).unwrap();
-        let vb = Var::from_tensor(&tensor(&zb, n, d)).unwrap();
+        let va = Var::from_tensor(&on(dev, &za, n, d)).unwrap();
+        let vb = Var::from_tensor(&on(dev, &zb, n, d)).unwrap();
         let loss = op.loss(va.as_tensor(), vb.as_tensor()).unwrap();
         assert_eq!(loss.dims(), &[] as &[usize], "the loss is a 0-d tensor");
         assert_eq!(loss.dtype(), DType::F32);
-        let what = format!("candle N={n} D={d}");
+        let what = format!("candle {dev:?} N={n} D={d}");
         // Relative to the loss's sensitivity to rounding C, as the other loss tests measure it
         // (near C ≈ I the value is far smaller than what rounding alone moves it by).
         let v = f64::from(loss.to_scalar::<f32>().unwrap());
