@@ -47,5 +47,5 @@ if [[ ! -f $lib || $newest -nt $lib ]]; then
   "$cxx" -shared -pthread -Wl,-z,nodelete -o "$lib.tmp" "${objs[@]}"
   mv "$lib.tmp" "$lib"
 fi
-for name in libcuda.so libcuda.so.1 libcublas.so libcudnn.so; do ln -sf libvgpu.so "$out/$name"; done
+for name in libcuda.so libcuda.so.1 libcublas.so libcudnn.so libcurand.so; do ln -sf libvgpu.so "$out/$name"; done
 echo "$out"
