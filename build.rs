@@ -223,6 +223,21 @@ fn args(t: &str) -> Vec<String> {
         .collect()
 }
 
+/// The byte index of the `)` that closes a parenthesis opened just before `text`.
+fn closing_paren(text: &str) -> Option<usize> {
+    let mut depth = 1;
+    text.char_indices()
+        .find(|&(_, c)| {
+            depth += match c {
+                '(' => 1,
+                ')' => -1,
+                _ => 0,
+            };
+            depth == 0
+        })
+        .map(|(i, _)| i)
+}
+
 /// The kernel names after each `__global__ void [__launch_bounds__(…)]` in `text`, with what
 /// follows each name (to spot `PREFIX##PARAM` pasting).
 fn kernels(text: &str) -> Result<Vec<(String, String)>, String> {
@@ -230,19 +245,7 @@ fn kernels(text: &str) -> Result<Vec<(String, String)>, String> {
     for rest in text.split("__global__ void").skip(1) {
         let mut t = rest.trim_start();
         if let Some(after) = t.strip_prefix("__launch_bounds__(") {
-            let mut depth = 1;
-            let end = after
-                .char_indices()
-                .find(|&(_, c)| {
-                    depth += match c {
-                        '(' => 1,
-                        ')' => -1,
-                        _ => 0,
-                    };
-                    depth == 0
-                })
-                .map(|(i, _)| i)
-                .ok_or("unbalanced __launch_bounds__(")?;
+            let end = closing_paren(after).ok_or("unbalanced __launch_bounds__(")?;
             t = after[end + 1..].trim_start();
         }
         let name = ident(t);
@@ -260,19 +263,7 @@ fn params(tail: &str, subst: &[(String, String)]) -> Result<Vec<String>, String>
         .trim_start()
         .strip_prefix('(')
         .ok_or("a kernel name not followed by its parameter list")?;
-    let mut depth = 1;
-    let end = inner
-        .char_indices()
-        .find(|&(_, c)| {
-            depth += match c {
-                '(' => 1,
-                ')' => -1,
-                _ => 0,
-            };
-            depth == 0
-        })
-        .map(|(i, _)| i)
-        .ok_or("unbalanced parameter list")?;
+    let end = closing_paren(inner).ok_or("unbalanced parameter list")?;
     let list = inner[..end].trim();
     if list.is_empty() || list == "void" {
         return Ok(Vec::new());

@@ -128,16 +128,23 @@ fn cuda_f32<'a>(
     }
 }
 
-/// Both inputs must live on one CUDA device.
+/// The two views of a CUDA op call: N and D, and both inputs as views of their device memory,
+/// which must be on one device.
 #[cfg(feature = "candle-cuda")]
-fn same_device(s1: &CudaStorage, s2: &CudaStorage) -> candle_core::Result<()> {
+fn cuda_inputs<'a>(
+    s1: &'a CudaStorage,
+    l1: &Layout,
+    s2: &'a CudaStorage,
+    l2: &Layout,
+) -> candle_core::Result<(Dims, [cudarc::driver::CudaView<'a, f32>; 2])> {
     use candle_core::backend::BackendDevice;
+    let dims = dims_of(l1, l2)?;
     if !s1.device.same_device(&s2.device) {
         return Err(candle_core::Error::Msg(
             "barlow twins loss: the two views are on different CUDA devices".into(),
         ));
     }
-    Ok(())
+    Ok((dims, [cuda_f32(s1, l1, "za")?, cuda_f32(s2, l2, "zb")?]))
 }
 
 impl CustomOp2 for Forward {
@@ -166,9 +173,7 @@ impl CustomOp2 for Forward {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dims = dims_of(l1, l2)?;
-        same_device(s1, s2)?;
-        let (za, zb) = (cuda_f32(s1, l1, "za")?, cuda_f32(s2, l2, "zb")?);
+        let (dims, [za, zb]) = cuda_inputs(s1, l1, s2, l2)?;
         let device = s1.device.clone();
         let stream = device.cuda_stream();
         let mut out = device.alloc_zeros::<f32>(1)?;
@@ -222,9 +227,7 @@ impl CustomOp2 for Gradients {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dims = dims_of(l1, l2)?;
-        same_device(s1, s2)?;
-        let (za, zb) = (cuda_f32(s1, l1, "za")?, cuda_f32(s2, l2, "zb")?);
+        let (dims, [za, zb]) = cuda_inputs(s1, l1, s2, l2)?;
         let device = s1.device.clone();
         let stream = device.cuda_stream();
         let nd = dims.n * dims.d;

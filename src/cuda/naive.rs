@@ -162,64 +162,37 @@ impl NaiveLoss {
         let math = self.config.math;
         let mut c = self.buf(m * n)?;
         let s = self.ops.stream().clone();
-        if math == Math::Bf16 {
-            let (a_len, b_len) = (a.buf.len(), b.buf.len());
-            let mut a16 = alloc::<half::bf16>(&s, a_len, "allocating a naive-path buffer")?;
-            let mut b16 = alloc::<half::bf16>(&s, b_len, "allocating a naive-path buffer")?;
-            // SAFETY: each copy holds as many elements as its source.
-            unsafe {
-                loss_kernel::naive_cast_bf16(
-                    &self.loss,
-                    &s,
-                    grid(a_len),
-                    a.buf,
-                    &mut a16,
-                    a_len as i64,
-                )?;
-                loss_kernel::naive_cast_bf16(
-                    &self.loss,
-                    &s,
-                    grid(b_len),
-                    b.buf,
-                    &mut b16,
-                    b_len as i64,
-                )?;
-            }
-            let blas = self.ops.blas()?;
-            let (pa, _ga) = a16.device_ptr(&s);
-            let (pb, _gb) = b16.device_ptr(&s);
-            let (pc, _gc) = c.device_ptr_mut(&s);
-            // SAFETY: the copies hold the operands the caller sized for these m, n, k and leading
-            // dimensions; c holds m·n floats and is a fresh buffer.
-            unsafe {
-                blas.gemm(
-                    math,
-                    m,
-                    n,
-                    k,
-                    scale,
-                    Operand {
-                        ptr: pa,
-                        ld: a.ld,
-                        trans: a.trans,
-                    },
-                    Operand {
-                        ptr: pb,
-                        ld: b.ld,
-                        trans: b.trans,
-                    },
-                    0.0,
-                    pc,
-                    m,
-                )?;
-            }
+        // bf16: both operands cast first, as autocast does; the GEMM then reads the copies.
+        let copies = if math == Math::Bf16 {
+            let cast = |x: &CudaSlice<f32>| -> Result<CudaSlice<half::bf16>> {
+                let mut y = alloc::<half::bf16>(&s, x.len(), "allocating a naive-path buffer")?;
+                // SAFETY: the copy holds as many elements as its source.
+                unsafe {
+                    loss_kernel::naive_cast_bf16(
+                        &self.loss,
+                        &s,
+                        grid(x.len()),
+                        x,
+                        &mut y,
+                        x.len() as i64,
+                    )?;
+                }
+                Ok(y)
+            };
+            Some((cast(a.buf)?, cast(b.buf)?))
         } else {
+            None
+        };
+        {
             let blas = self.ops.blas()?;
-            let (pa, _ga) = a.buf.device_ptr(&s);
-            let (pb, _gb) = b.buf.device_ptr(&s);
+            let ((pa, _ga), (pb, _gb)) = match &copies {
+                Some((a16, b16)) => (a16.device_ptr(&s), b16.device_ptr(&s)),
+                None => (a.buf.device_ptr(&s), b.buf.device_ptr(&s)),
+            };
             let (pc, _gc) = c.device_ptr_mut(&s);
-            // SAFETY: the operands are f32 buffers the caller sized for these m, n, k and leading
-            // dimensions; c holds m·n floats and is a fresh buffer.
+            // SAFETY: the operands (or their bf16 copies) are the buffers the caller sized for these
+            // m, n, k and leading dimensions, in the type `math` implies; c holds m·n floats and is a
+            // fresh buffer.
             unsafe {
                 blas.gemm(
                     math,
