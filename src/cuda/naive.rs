@@ -190,9 +190,9 @@ impl NaiveLoss {
                 None => (a.buf.device_ptr(&s), b.buf.device_ptr(&s)),
             };
             let (pc, _gc) = c.device_ptr_mut(&s);
-            // SAFETY: the operands (or their bf16 copies) are the buffers the caller sized for these
-            // m, n, k and leading dimensions, in the type `math` implies; c holds m·n floats and is a
-            // fresh buffer.
+            // SAFETY: the operands (or their bf16 copies) are the buffers the caller sized for
+            // these m, n, k and leading dimensions, in the type `math` implies; c holds m·n
+            // floats and is a fresh buffer.
             unsafe {
                 blas.gemm(
                     math,
