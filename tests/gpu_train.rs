@@ -9,7 +9,7 @@ mod common;
 
 use barlow::cuda::cudarc::driver::{CudaSlice, CudaStream};
 use barlow::cuda::cudnn::{check_cudnn, AlgoSearch, Convolutions};
-use barlow::cuda::nn::{LarsStep, LarsTables, NnOps, NormMode};
+use barlow::cuda::nn::{LarsStep, LarsTables, NnOps, NormBackward, NormForward, NormMode};
 use barlow::cuda::Act;
 use barlow::nn::resnet::{Arch, ResNetConfig, Stem};
 use barlow::nn::{Backend, BatchNorm, ConvSpec, CpuBackend, MaxPool, Param, Tensor, Visit};
@@ -274,18 +274,20 @@ fn norm_case<A: Act>(
     let mut grun = s.clone_htod(&run).unwrap();
     let mut stats = s.clone_htod(&vec![f32::NAN; 2 * c]).unwrap();
     let mut gy = poisoned::<A>(s, len);
-    let res = gr.slice(..);
     ops.batch_norm_forward(
         NormMode::Train { momentum: 0.1 },
-        1e-5,
-        (m, c),
-        &gx.slice(..),
-        &ggb.slice(..),
-        &mut grun.slice_mut(..),
-        residual.then_some(&res),
-        relu,
-        &mut gy.slice_mut(..),
-        &mut stats,
+        NormForward {
+            rows: m,
+            c,
+            eps: 1e-5,
+            relu,
+            x: gx.slice(..),
+            gb: ggb.slice(..),
+            running: grun.slice_mut(..),
+            residual: residual.then(|| gr.slice(..)),
+            y: gy.slice_mut(..),
+            stats: &mut stats,
+        },
     )
     .unwrap();
     close(
@@ -311,19 +313,18 @@ fn norm_case<A: Act>(
     let mut gdx = poisoned::<A>(s, len);
     let mut gdres = poisoned::<A>(s, len);
     let mut gdgb = s.clone_htod(&vec![0f32; 2 * c]).unwrap();
-    let ys = gy.slice(..);
-    let mut dres_view = gdres.slice_mut(..);
-    ops.batch_norm_backward(
-        (m, c),
-        &gdy.slice(..),
-        relu.then_some(&ys),
-        &gx.slice(..),
-        &stats,
-        &ggb.slice(..),
-        &mut gdgb.slice_mut(..),
-        &mut gdx.slice_mut(..),
-        residual.then_some((&mut dres_view, false)),
-    )
+    ops.batch_norm_backward(NormBackward {
+        rows: m,
+        c,
+        dy: gdy.slice(..),
+        y: relu.then(|| gy.slice(..)),
+        x: gx.slice(..),
+        stats: &stats,
+        gb: ggb.slice(..),
+        dgb: gdgb.slice_mut(..),
+        dx: gdx.slice_mut(..),
+        dres: residual.then(|| (gdres.slice_mut(..), false)),
+    })
     .unwrap();
     close(
         &format!("{what} dx"),
@@ -364,15 +365,18 @@ fn norm_case<A: Act>(
     let mut gye = poisoned::<A>(s, len);
     ops.batch_norm_forward(
         NormMode::Eval,
-        1e-5,
-        (m, c),
-        &gx.slice(..),
-        &ggb.slice(..),
-        &mut grun.slice_mut(..),
-        residual.then_some(&res),
-        relu,
-        &mut gye.slice_mut(..),
-        &mut stats,
+        NormForward {
+            rows: m,
+            c,
+            eps: 1e-5,
+            relu,
+            x: gx.slice(..),
+            gb: ggb.slice(..),
+            running: grun.slice_mut(..),
+            residual: residual.then(|| gr.slice(..)),
+            y: gye.slice_mut(..),
+            stats: &mut stats,
+        },
     )
     .unwrap();
     close(
@@ -445,18 +449,19 @@ fn dense_norm_case<A: Act>(s: &Arc<CudaStream>, (n, c): (usize, usize), relu: bo
         .unwrap();
     let mut stats = s.clone_htod(&vec![f32::NAN; 3 * c]).unwrap();
     let mut gy = poisoned::<A>(s, n * c);
-    ops.standardize_affine_forward(
-        1e-5,
-        0.1,
-        (n, c),
-        &gx.slice(..),
-        &ggb.slice(..),
-        &mut grun.slice_mut(..),
+    let args = NormForward {
+        rows: n,
+        c,
+        eps: 1e-5,
         relu,
-        &mut gy.slice_mut(..),
-        &mut stats,
-    )
-    .unwrap();
+        x: gx.slice(..),
+        gb: ggb.slice(..),
+        running: grun.slice_mut(..),
+        residual: None,
+        y: gy.slice_mut(..),
+        stats: &mut stats,
+    };
+    ops.standardize_affine_forward(0.1, args).unwrap();
     close(
         &format!("{what} forward"),
         &down(s, &gy, n * c),
@@ -478,17 +483,18 @@ fn dense_norm_case<A: Act>(s: &Arc<CudaStream>, (n, c): (usize, usize), relu: bo
     );
     let mut gdx = poisoned::<A>(s, n * c);
     let mut gdgb = s.clone_htod(&vec![0f32; 2 * c]).unwrap();
-    let ys = gy.slice(..);
-    ops.standardize_affine_backward(
-        (n, c),
-        &gdy.slice(..),
-        relu.then_some(&ys),
-        &gx.slice(..),
-        &stats,
-        &ggb.slice(..),
-        &mut gdgb.slice_mut(..),
-        &mut gdx.slice_mut(..),
-    )
+    ops.standardize_affine_backward(NormBackward {
+        rows: n,
+        c,
+        dy: gdy.slice(..),
+        y: relu.then(|| gy.slice(..)),
+        x: gx.slice(..),
+        stats: &stats,
+        gb: ggb.slice(..),
+        dgb: gdgb.slice_mut(..),
+        dx: gdx.slice_mut(..),
+        dres: None,
+    })
     .unwrap();
     // dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂)) cancels far below its terms when N is small
     // (N = 2: every x̂ is ±1 and dx is rounding noise), so it is measured against their scale.

@@ -6,6 +6,7 @@
 //! The heavy arithmetic goes through a [`Backend`].
 
 mod backend;
+pub mod graph;
 mod layers;
 pub mod resnet;
 

@@ -1,5 +1,7 @@
-//! ResNet-18/50 (torchvision's topology and parameter names) and the Barlow Twins projector.
+//! ResNet-18/50 (torchvision's topology and parameter names) and the Barlow Twins projector, on
+//! the CPU: the layers of [`super::layers`] run in the order of the model's [`Graph`].
 
+use super::graph::{Graph, Op};
 use super::layers::{global_avg_pool, global_avg_pool_backward};
 use super::{Backend, BatchNorm, Buffer, Conv2d, Linear, MaxPool, Param, Relu, Tensor, Visit};
 use crate::rng::Rng;
@@ -61,141 +63,181 @@ impl ResNetConfig {
     }
 }
 
-/// A residual block: basic (two 3×3) or bottleneck (1×1, 3×3, 1×1 ×4).
+/// The CPU layer of one graph node.
 #[derive(Debug, Clone)]
-struct Block {
-    convs: Vec<Conv2d>,
-    bns: Vec<BatchNorm>,
-    downsample: Option<(Conv2d, BatchNorm)>,
-    out_relu: Relu,
+enum Layer {
+    Conv(Conv2d),
+    /// A norm; the ReLU is kept apart only after a residual add (otherwise it is fused).
+    Norm(Box<BatchNorm>, Option<Relu>),
+    MaxPool(MaxPool),
+    /// The shapes pooled by training forwards, for the backward.
+    AvgPool(Vec<Vec<usize>>),
+    Linear(Linear),
 }
 
-impl Block {
-    fn new(
-        name: &str,
-        bottleneck: bool,
-        in_c: usize,
-        planes: usize,
-        stride: usize,
-        rng: &mut Rng,
-    ) -> Self {
-        let (convs, out_c) = if bottleneck {
-            let out = planes * 4;
-            (
-                vec![
-                    Conv2d::new(&format!("{name}.conv1"), in_c, planes, 1, 1, 0, rng),
-                    Conv2d::new(&format!("{name}.conv2"), planes, planes, 3, stride, 1, rng),
-                    Conv2d::new(&format!("{name}.conv3"), planes, out, 1, 1, 0, rng),
-                ],
-                out,
-            )
-        } else {
-            (
-                vec![
-                    Conv2d::new(&format!("{name}.conv1"), in_c, planes, 3, stride, 1, rng),
-                    Conv2d::new(&format!("{name}.conv2"), planes, planes, 3, 1, 1, rng),
-                ],
-                planes,
-            )
-        };
-        let k = convs.len();
-        // zero_init_residual: the branch's last norm starts at γ = 0, so each block starts as
-        // the identity.
-        let bns = convs
+/// A graph and one layer per node: the forward walks the nodes in order, freeing each
+/// activation after its last reader; the backward walks them in reverse, adding the gradients
+/// of values read twice (a block's input feeds its branch and its shortcut).
+#[derive(Debug, Clone)]
+struct Network {
+    graph: Graph,
+    layers: Vec<Layer>,
+    last_use: Vec<Option<usize>>,
+}
+
+impl Network {
+    /// Layers initialized in node order (so the random draws follow it): Kaiming-normal
+    /// convolutions, norms at γ = 1 except a residual block's last (γ = 0, zero_init_residual:
+    /// each block starts as the identity).
+    fn new(graph: Graph, rng: &mut Rng) -> Self {
+        let layers = graph
+            .nodes
             .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let gamma = if i + 1 == k { 0.0 } else { 1.0 };
-                BatchNorm::new(&format!("{name}.bn{}", i + 1), c.weight.shape[0], gamma)
+            .map(|n| match n.op {
+                Op::Conv(c) => Layer::Conv(Conv2d::new(
+                    &n.name, c.in_c, c.out_c, c.k, c.stride, c.pad, rng,
+                )),
+                Op::Norm { residual, relu, .. } => {
+                    let gamma = if residual.is_some() { 0.0 } else { 1.0 };
+                    let bn = BatchNorm::new(&n.name, graph.channels[n.y], gamma);
+                    Layer::Norm(
+                        Box::new(bn),
+                        (relu && residual.is_some()).then(Relu::default),
+                    )
+                }
+                Op::MaxPool => Layer::MaxPool(MaxPool::default()),
+                Op::AvgPool => Layer::AvgPool(Vec::new()),
+                Op::Linear { inp, out } => {
+                    Layer::Linear(Linear::new(&n.name, inp, out, false, rng))
+                }
             })
             .collect();
-        let downsample = (stride != 1 || in_c != out_c).then(|| {
-            (
-                Conv2d::new(
-                    &format!("{name}.downsample.0"),
-                    in_c,
-                    out_c,
-                    1,
-                    stride,
-                    0,
-                    rng,
-                ),
-                BatchNorm::new(&format!("{name}.downsample.1"), out_c, 1.0),
-            )
-        });
+        let last_use = graph.last_use();
         Self {
-            convs,
-            bns,
-            downsample,
-            out_relu: Relu::default(),
+            graph,
+            layers,
+            last_use,
         }
     }
 
     fn forward(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
-        let k = self.convs.len();
-        let mut h = self.convs[0].forward(be, x, train);
-        for i in 0..k {
-            if i > 0 {
-                h = self.convs[i].forward(be, &h, train);
-            }
-            h = if i + 1 < k {
-                self.bns[i].forward_relu(be, &h, train)
-            } else {
-                self.bns[i].forward(be, &h, train)
+        let mut values: Vec<Option<Tensor>> = vec![None; self.graph.channels.len()];
+        for (i, (n, layer)) in self.graph.nodes.iter().zip(&mut self.layers).enumerate() {
+            let get = |v: usize| {
+                if v == 0 {
+                    x
+                } else {
+                    values[v].as_ref().expect("value computed")
+                }
             };
-        }
-        match &mut self.downsample {
-            Some((conv, bn)) => {
-                let s = conv.forward(be, x, train);
-                let s = bn.forward(be, &s, train);
-                add_assign(&mut h, &s);
+            let input = get(n.x);
+            let y = match (layer, n.op) {
+                (Layer::Conv(c), _) => c.forward(be, input, train),
+                (
+                    Layer::Norm(bn, relu),
+                    Op::Norm {
+                        residual, relu: r, ..
+                    },
+                ) => match residual {
+                    Some(res) => {
+                        let mut y = bn.forward(be, input, train);
+                        add_assign(&mut y, get(res));
+                        match relu {
+                            Some(relu) => relu.forward(y, train),
+                            None => y,
+                        }
+                    }
+                    None if r => bn.forward_relu(be, input, train),
+                    None => bn.forward(be, input, train),
+                },
+                (Layer::MaxPool(mp), _) => mp.forward(input, train),
+                (Layer::AvgPool(shapes), _) => {
+                    if train {
+                        shapes.push(input.shape.clone());
+                    }
+                    global_avg_pool(input)
+                }
+                (Layer::Linear(l), _) => l.forward(be, input, train),
+                (Layer::Norm(..), _) => unreachable!("a norm layer stands for a norm node"),
+            };
+            values[n.y] = Some(y);
+            for (v, last) in values.iter_mut().zip(&self.last_use) {
+                if *last == Some(i) {
+                    *v = None;
+                }
             }
-            None => add_assign(&mut h, x),
         }
-        self.out_relu.forward(h, train)
+        values[self.graph.output()]
+            .take()
+            .unwrap_or_else(|| x.clone())
     }
 
-    fn backward(&mut self, be: &dyn Backend, dy: Tensor) -> Tensor {
-        let d = self.out_relu.backward(dy);
-        let k = self.convs.len();
-        let mut g = self.bns[k - 1].backward(be, &d);
-        for i in (0..k).rev() {
-            if i + 1 < k {
-                g = self.bns[i].backward_relu(be, &g);
-            }
-            g = self.convs[i].backward(be, &g, true).expect("dx requested");
-        }
-        let shortcut = match &mut self.downsample {
-            Some((conv, bn)) => {
-                let s = bn.backward(be, &d);
-                conv.backward(be, &s, true).expect("dx requested")
-            }
-            None => d,
+    /// Backward from dL/d(output); parameter gradients accumulate. Returns dL/d(input) when
+    /// `need_dx` (the first layer skips it otherwise).
+    fn backward(&mut self, be: &dyn Backend, dy: Tensor, need_dx: bool) -> Option<Tensor> {
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.graph.channels.len()];
+        grads[self.graph.output()] = Some(dy);
+        let add = |grads: &mut [Option<Tensor>], v: usize, g: Tensor| match &mut grads[v] {
+            Some(acc) => add_assign(acc, &g),
+            slot => *slot = Some(g),
         };
-        g.data
-            .iter_mut()
-            .zip(&shortcut.data)
-            .for_each(|(a, b)| *a += b);
-        g
+        for (n, layer) in self.graph.nodes.iter().zip(&mut self.layers).rev() {
+            let g = grads[n.y].take().expect("every value feeds the output");
+            let want = n.x != 0 || need_dx;
+            let dx = match (layer, n.op) {
+                (Layer::Conv(c), _) => c.backward(be, &g, want),
+                (
+                    Layer::Norm(bn, relu),
+                    Op::Norm {
+                        residual, relu: r, ..
+                    },
+                ) => match residual {
+                    Some(res) => {
+                        let g = match relu {
+                            Some(relu) => relu.backward(g),
+                            None => g,
+                        };
+                        let dx = bn.backward(be, &g);
+                        add(&mut grads, res, g);
+                        Some(dx)
+                    }
+                    None if r => Some(bn.backward_relu(be, &g)),
+                    None => Some(bn.backward(be, &g)),
+                },
+                (Layer::MaxPool(mp), _) => Some(mp.backward(&g)),
+                (Layer::AvgPool(shapes), _) => {
+                    let shape = shapes.pop().expect("backward without a training forward");
+                    Some(global_avg_pool_backward(&g, &shape))
+                }
+                (Layer::Linear(l), _) => l.backward(be, &g, want),
+                (Layer::Norm(..), _) => unreachable!("a norm layer stands for a norm node"),
+            };
+            if let Some(dx) = dx.filter(|_| want) {
+                add(&mut grads, n.x, dx);
+            }
+        }
+        grads[0].take()
+    }
+}
+
+impl Visit for Network {
+    /// State-dict order: a block's `downsample` after its last norm.
+    fn params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
+        for &i in &self.graph.param_order {
+            match &mut self.layers[i] {
+                Layer::Conv(c) => f(&mut c.weight),
+                Layer::Norm(bn, _) => bn.visit(f),
+                Layer::Linear(l) => l.visit(f),
+                Layer::MaxPool(_) | Layer::AvgPool(_) => {}
+            }
+        }
     }
 
-    fn visit(&mut self, p: &mut dyn FnMut(&mut Param)) {
-        for (c, b) in self.convs.iter_mut().zip(&mut self.bns) {
-            p(&mut c.weight);
-            b.visit(p);
-        }
-        if let Some((c, b)) = &mut self.downsample {
-            p(&mut c.weight);
-            b.visit(p);
-        }
-    }
-
-    fn visit_buffers(&mut self, f: &mut dyn FnMut(&mut Buffer)) {
-        for b in &mut self.bns {
-            b.visit_buffers(f);
-        }
-        if let Some((_, b)) = &mut self.downsample {
-            b.visit_buffers(f);
+    fn buffers_mut(&mut self, f: &mut dyn FnMut(&mut Buffer)) {
+        for &i in &self.graph.param_order {
+            if let Layer::Norm(bn, _) = &mut self.layers[i] {
+                bn.visit_buffers(f);
+            }
         }
     }
 }
@@ -205,102 +247,37 @@ impl Block {
 pub struct ResNet {
     /// The shape it was built with.
     pub config: ResNetConfig,
-    conv1: Conv2d,
-    bn1: BatchNorm,
-    maxpool: Option<MaxPool>,
-    blocks: Vec<Block>,
-    pooled_shape: Vec<Vec<usize>>,
+    net: Network,
 }
 
 impl ResNet {
     /// A freshly initialized backbone with torchvision's parameter names.
     pub fn new(config: ResNetConfig, rng: &mut Rng) -> Self {
-        let w = config.width;
-        let (conv1, maxpool) = match config.stem {
-            Stem::Imagenet => (
-                Conv2d::new("conv1", config.in_channels, w, 7, 2, 3, rng),
-                Some(MaxPool::default()),
-            ),
-            Stem::Small => (
-                Conv2d::new("conv1", config.in_channels, w, 3, 1, 1, rng),
-                None,
-            ),
-        };
-        let (bottleneck, counts) = match config.arch {
-            Arch::Resnet18 => (false, [2, 2, 2, 2]),
-            Arch::Resnet50 => (true, [3, 4, 6, 3]),
-        };
-        let expansion = if bottleneck { 4 } else { 1 };
-        let mut blocks = Vec::new();
-        let mut in_c = w;
-        for (stage, &count) in counts.iter().enumerate() {
-            let planes = w << stage;
-            for b in 0..count {
-                let stride = if stage > 0 && b == 0 { 2 } else { 1 };
-                let name = format!("layer{}.{b}", stage + 1);
-                blocks.push(Block::new(&name, bottleneck, in_c, planes, stride, rng));
-                in_c = planes * expansion;
-            }
-        }
         Self {
             config,
-            conv1,
-            bn1: BatchNorm::new("bn1", w, 1.0),
-            maxpool,
-            blocks,
-            pooled_shape: Vec::new(),
+            net: Network::new(Graph::resnet(&config), rng),
         }
     }
 
     /// Images [N, C, H, W] → features [N, F].
     pub fn forward(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
-        let h = self.conv1.forward(be, x, train);
-        let mut h = self.bn1.forward_relu(be, &h, train);
-        if let Some(mp) = &mut self.maxpool {
-            h = mp.forward(&h, train);
-        }
-        for b in &mut self.blocks {
-            h = b.forward(be, &h, train);
-        }
-        if train {
-            self.pooled_shape.push(h.shape.clone());
-        }
-        global_avg_pool(&h)
+        self.net.forward(be, x, train)
     }
 
     /// Backward from dL/dfeatures; parameter gradients accumulate. The input gradient is not
     /// needed, so the first convolution skips it.
     pub fn backward(&mut self, be: &dyn Backend, dfeat: &Tensor) {
-        let shape = self
-            .pooled_shape
-            .pop()
-            .expect("ResNet::backward without a training forward");
-        let mut g = global_avg_pool_backward(dfeat, &shape);
-        for b in self.blocks.iter_mut().rev() {
-            g = b.backward(be, g);
-        }
-        if let Some(mp) = &mut self.maxpool {
-            g = mp.backward(&g);
-        }
-        let g = self.bn1.backward_relu(be, &g);
-        self.conv1.backward(be, &g, false);
+        self.net.backward(be, dfeat.clone(), false);
     }
 }
 
 impl Visit for ResNet {
     fn params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
-        f(&mut self.conv1.weight);
-        self.bn1.visit(f);
-        for b in &mut self.blocks {
-            b.visit(f);
-        }
+        self.net.params_mut(f);
     }
 
     fn buffers_mut(&mut self, f: &mut dyn FnMut(&mut Buffer)) {
-        self.bn1.visit_buffers(f);
-        for b in &mut self.blocks {
-            b.visit_buffers(f);
-        }
+        self.net.buffers_mut(f);
     }
 }
 
@@ -308,75 +285,37 @@ impl Visit for ResNet {
 /// named as the reference code's `nn.Sequential` (`projector.0`, `.1`, `.3`, `.4`, `.6`).
 #[derive(Debug, Clone)]
 pub struct Projector {
-    linears: Vec<Linear>,
-    bns: Vec<BatchNorm>,
+    net: Network,
 }
 
 impl Projector {
     /// `sizes` = [features, hidden…, out], e.g. [2048, 8192, 8192, 8192].
     pub fn new(sizes: &[usize], rng: &mut Rng) -> Self {
-        let mut linears = Vec::new();
-        let mut bns = Vec::new();
-        for i in 0..sizes.len() - 1 {
-            linears.push(Linear::new(
-                &format!("projector.{}", 3 * i),
-                sizes[i],
-                sizes[i + 1],
-                false,
-                rng,
-            ));
-            if i + 2 < sizes.len() {
-                bns.push(BatchNorm::new(
-                    &format!("projector.{}", 3 * i + 1),
-                    sizes[i + 1],
-                    1.0,
-                ));
-            }
+        Self {
+            net: Network::new(Graph::projector(sizes), rng),
         }
-        Self { linears, bns }
     }
 
     /// Features [N, F] → projections [N, out]; a training forward caches for the backward.
     pub fn forward(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
-        let mut h = x.clone();
-        for i in 0..self.linears.len() {
-            h = self.linears[i].forward(be, &h, train);
-            if i < self.bns.len() {
-                h = self.bns[i].forward_relu(be, &h, train);
-            }
-        }
-        h
+        self.net.forward(be, x, train)
     }
 
     /// Backward from dL/dprojections; parameter gradients accumulate. Returns dL/dfeatures.
     pub fn backward(&mut self, be: &dyn Backend, dz: &Tensor) -> Tensor {
-        let mut g = dz.clone();
-        for i in (0..self.linears.len()).rev() {
-            if i < self.bns.len() {
-                g = self.bns[i].backward_relu(be, &g);
-            }
-            g = self.linears[i]
-                .backward(be, &g, true)
-                .expect("dx requested");
-        }
-        g
+        self.net
+            .backward(be, dz.clone(), true)
+            .expect("the input gradient was requested")
     }
 }
 
 impl Visit for Projector {
     fn params_mut(&mut self, f: &mut dyn FnMut(&mut Param)) {
-        for (i, l) in self.linears.iter_mut().enumerate() {
-            l.visit(f);
-            if let Some(b) = self.bns.get_mut(i) {
-                b.visit(f);
-            }
-        }
+        self.net.params_mut(f);
     }
 
     fn buffers_mut(&mut self, f: &mut dyn FnMut(&mut Buffer)) {
-        for b in &mut self.bns {
-            b.visit_buffers(f);
-        }
+        self.net.buffers_mut(f);
     }
 }
 
