@@ -167,6 +167,15 @@ pub enum Error {
         /// cuBLAS's error.
         message: String,
     },
+    /// A collective between ranks failed: mismatched calls, a rank that left or stopped
+    /// answering, or the communication library's error.
+    #[error("collective {during}: {message}")]
+    Collective {
+        /// The operation and rank.
+        during: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// Shorthand for `Result<T, barlow::Error>`.

@@ -52,6 +52,7 @@ macro_rules! setters {
 pub mod bench;
 #[cfg(feature = "candle")]
 pub mod candle;
+pub mod collective;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

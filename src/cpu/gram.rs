@@ -66,62 +66,119 @@ pub fn loss(
     let (n, d) = dims.checked()?;
     check_input("za_hat", za_hat.len(), dims)?;
     check_input("zb_hat", zb_hat.len(), dims)?;
-    check_output("ga", ga.len(), n * n)?;
-    check_output("gb", gb.len(), n * n)?;
-    gram(za_hat, dims, ga)?;
-    gram(zb_hat, dims, gb)?;
-    let total_sq: f64 = ga[..n * n]
-        .par_chunks(n)
-        .zip(gb[..n * n].par_chunks(n))
-        .map(|(a, b)| {
-            a.iter()
-                .zip(b)
-                .map(|(x, y)| f64::from(*x) * f64::from(*y))
-                .sum::<f64>()
-        })
-        .collect::<Vec<f64>>()
-        .iter()
-        .sum::<f64>()
-        / (n as f64 * n as f64);
+    let all = Rows {
+        za: za_hat,
+        zb: zb_hat,
+        dims,
+        rows: 0..n,
+    };
+    let total_sq = all.forward(ga, gb)? / (n as f64 * n as f64);
     let c = diagonal(za_hat, zb_hat, dims)?;
+    let value = value(&c, total_sq, d, lambda);
+    if let Some((da, db)) = grads {
+        all.backward(&c, lambda, ga, gb, da, db)?;
+    }
+    Ok(value)
+}
+
+/// Both terms from the diagonal of C and Σᵢⱼ Cᵢⱼ².
+pub(crate) fn value(c: &[f64], total_sq: f64, d: usize, lambda: f32) -> LossValue {
     let on: f64 = c.iter().map(|v| (1.0 - v) * (1.0 - v)).sum();
     let diag_sq: f64 = c.iter().map(|v| v * v).sum();
-    let lam = f64::from(lambda);
     // One column has no off-diagonal term; below zero is a rounding residue of a sum >= 0.
     let off = if d > 1 {
         (total_sq - diag_sq).max(0.0)
     } else {
         0.0
     };
-    let value = LossValue::new(on, lam * off);
-    if let Some((da, db)) = grads {
-        check_output("dza_hat", da.len(), n * d)?;
-        check_output("dzb_hat", db.len(), n * d)?;
+    LossValue::new(on, f64::from(lambda) * off)
+}
+
+/// A block of rows of the whole (all ranks') standardized batches, for the Gram path split by
+/// rows: the block's rows of Ga and Gb, their part of ⟨Ga, Gb⟩, and the gradient of its rows.
+pub(crate) struct Rows<'a> {
+    /// Ẑa and Ẑb of the whole batch, `dims.n` × `dims.d`.
+    pub za: &'a [f32],
+    pub zb: &'a [f32],
+    pub dims: Dims,
+    /// The block's rows.
+    pub rows: std::ops::Range<usize>,
+}
+
+impl Rows<'_> {
+    /// Writes the block's rows of Ga and Gb (r×N) and returns their part of Σ Ga⊙Gb (f64, rows
+    /// in order).
+    pub fn forward(&self, ga: &mut [f32], gb: &mut [f32]) -> Result<f64> {
+        let (n, d) = (self.dims.n, self.dims.d);
+        let r = self.rows.len();
+        check_output("ga", ga.len(), r * n)?;
+        check_output("gb", gb.len(), r * n)?;
+        for (z, g) in [(self.za, &mut *ga), (self.zb, &mut *gb)] {
+            matmul(
+                Mat::new(&mut g[..r * n], r, n, n as isize, 1),
+                MatRef::new(&z[self.rows.start * d..], r, d, d as isize, 1),
+                MatRef::new(z, d, n, 1, d as isize),
+                1.0,
+                false,
+                true,
+            );
+        }
+        Ok(ga[..r * n]
+            .par_chunks(n)
+            .zip(gb[..r * n].par_chunks(n))
+            .map(|(a, b)| {
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                    .sum::<f64>()
+            })
+            .collect::<Vec<f64>>()
+            .iter()
+            .sum::<f64>())
+    }
+
+    /// dL/dẐa and dL/dẐb of the block's rows (r×D) from the rows of Ga, Gb that
+    /// [`Rows::forward`] wrote and the whole batch's diagonal `c`.
+    pub fn backward(
+        &self,
+        c: &[f64],
+        lambda: f32,
+        ga: &[f32],
+        gb: &[f32],
+        da: &mut [f32],
+        db: &mut [f32],
+    ) -> Result<()> {
+        let (n, d) = (self.dims.n, self.dims.d);
+        let r = self.rows.len();
+        check_output("dza_hat", da.len(), r * d)?;
+        check_output("dzb_hat", db.len(), r * d)?;
+        let lam = f64::from(lambda);
         let k: Vec<f32> = c
             .iter()
             .map(|&v| ((2.0 * (v - 1.0) - 2.0 * lam * v) / n as f64) as f32)
             .collect();
         let s = (2.0 * lam / (n as f64 * n as f64)) as f32;
-        for (out, g, z, other) in [(da, &*gb, za_hat, zb_hat), (db, &*ga, zb_hat, za_hat)] {
+        let block = self.rows.start * d..self.rows.end * d;
+        for (out, g, z, other) in [(da, gb, self.za, self.zb), (db, ga, self.zb, self.za)] {
             // out = other ⊙ k, then out += s·G·z.
-            out[..n * d]
+            out[..r * d]
                 .par_chunks_mut(d)
-                .zip(other.par_chunks_exact(d))
-                .for_each(|(o, r)| {
+                .zip(other[block.clone()].par_chunks_exact(d))
+                .for_each(|(o, row)| {
                     o.iter_mut()
-                        .zip(r)
+                        .zip(row)
                         .zip(&k)
-                        .for_each(|((o, r), k)| *o = r * k)
+                        .for_each(|((o, x), k)| *o = x * k)
                 });
             matmul(
-                Mat::new(&mut out[..n * d], n, d, d as isize, 1),
-                MatRef::new(&g[..n * n], n, n, n as isize, 1),
+                Mat::new(&mut out[..r * d], r, d, d as isize, 1),
+                MatRef::new(&g[..r * n], r, n, n as isize, 1),
                 MatRef::new(z, n, d, d as isize, 1),
                 s,
                 true,
                 true,
             );
         }
+        Ok(())
     }
-    Ok(value)
 }

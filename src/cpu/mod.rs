@@ -36,35 +36,64 @@ pub fn standardize_forward(
     check_input("z", z.len(), dims)?;
     check_output("zhat", zhat.len(), n * d)?;
     check_output("stats", stats.len(), STATS_PER_COLUMN * d)?;
+    let mean: Vec<f64> = column_sums(z, dims).iter().map(|s| s / n as f64).collect();
+    let sq = centered_squares(z, dims, &mean);
+    write_stats(&mean, &sq, n, eps, stats);
+    apply_standardize(z, dims, stats, zhat);
+    Ok(())
+}
+
+/// Runs `f` on each chunk of [`COL_CHUNK`] columns of a D-long per-column output, in parallel.
+fn per_column(d: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
+    let mut out = vec![0f64; d];
+    out.par_chunks_mut(COL_CHUNK)
+        .enumerate()
+        .for_each(|(chunk, o)| f(chunk * COL_CHUNK, o));
+    out
+}
+
+/// Per-column Σₙ z\[n,j\] in f64, rows in order. (Sizes checked by the caller.)
+pub(crate) fn column_sums(z: &[f32], dims: Dims) -> Vec<f64> {
+    let d = dims.d;
+    per_column(d, |c0, sum| {
+        let w = sum.len();
+        for row in z[..dims.n * d].chunks_exact(d) {
+            for (s, &x) in sum.iter_mut().zip(&row[c0..c0 + w]) {
+                *s += f64::from(x);
+            }
+        }
+    })
+}
+
+/// Per-column Σₙ (z\[n,j\] − mean\[j\])² in f64, rows in order.
+pub(crate) fn centered_squares(z: &[f32], dims: Dims, mean: &[f64]) -> Vec<f64> {
+    let d = dims.d;
+    per_column(d, |c0, sq| {
+        let mu = &mean[c0..c0 + sq.len()];
+        for row in z[..dims.n * d].chunks_exact(d) {
+            for ((q, &x), m) in sq.iter_mut().zip(&row[c0..c0 + mu.len()]).zip(mu) {
+                let t = f64::from(x) - m;
+                *q += t * t;
+            }
+        }
+    })
+}
+
+/// `[mean_hi | mean_lo | rstd]` from the mean and the centered squares of `count` rows.
+pub(crate) fn write_stats(mean: &[f64], sq: &[f64], count: usize, eps: f32, stats: &mut [f32]) {
+    let d = mean.len();
     let (hi, rest) = stats[..STATS_PER_COLUMN * d].split_at_mut(d);
     let (lo, rstd) = rest.split_at_mut(d);
-    hi.par_chunks_mut(COL_CHUNK)
-        .zip(lo.par_chunks_mut(COL_CHUNK))
-        .zip(rstd.par_chunks_mut(COL_CHUNK))
-        .enumerate()
-        .for_each(|(chunk, ((hi, lo), rstd))| {
-            let c0 = chunk * COL_CHUNK;
-            let w = hi.len();
-            let mut sum = vec![0f64; w];
-            for row in z.chunks_exact(d) {
-                for (s, &x) in sum.iter_mut().zip(&row[c0..c0 + w]) {
-                    *s += f64::from(x);
-                }
-            }
-            let mu: Vec<f64> = sum.iter().map(|s| s / n as f64).collect();
-            let mut sq = vec![0f64; w];
-            for row in z.chunks_exact(d) {
-                for ((q, &x), m) in sq.iter_mut().zip(&row[c0..c0 + w]).zip(&mu) {
-                    let t = f64::from(x) - m;
-                    *q += t * t;
-                }
-            }
-            for j in 0..w {
-                hi[j] = mu[j] as f32;
-                lo[j] = (mu[j] - f64::from(hi[j])) as f32;
-                rstd[j] = (1.0 / (sq[j] / n as f64 + f64::from(eps)).sqrt()) as f32;
-            }
-        });
+    for j in 0..d {
+        hi[j] = mean[j] as f32;
+        lo[j] = (mean[j] - f64::from(hi[j])) as f32;
+        rstd[j] = (1.0 / (sq[j] / count as f64 + f64::from(eps)).sqrt()) as f32;
+    }
+}
+
+/// `zhat = (z − mean)·rstd` with the statistics of [`write_stats`].
+pub(crate) fn apply_standardize(z: &[f32], dims: Dims, stats: &[f32], zhat: &mut [f32]) {
+    let (n, d) = (dims.n, dims.d);
     let (hi, lo, rstd) = split_stats(stats, d);
     zhat[..n * d]
         .par_chunks_mut(d)
@@ -74,7 +103,6 @@ pub fn standardize_forward(
                 out[j] = xhat(row[j], hi[j], lo[j], rstd[j]) as f32;
             }
         });
-    Ok(())
 }
 
 fn split_stats(stats: &[f32], d: usize) -> (&[f32], &[f32], &[f32]) {
@@ -89,7 +117,20 @@ fn xhat(x: f32, hi: f32, lo: f32, rstd: f32) -> f64 {
 
 /// Cross-correlation `C = Ẑaᵀ·Ẑb / N` (D×D).
 pub fn cross_correlation(za_hat: &[f32], zb_hat: &[f32], dims: Dims, c: &mut [f32]) -> Result<()> {
-    let (n, d) = dims.checked()?;
+    dims.checked()?;
+    cross_correlation_scaled(za_hat, zb_hat, dims, 1.0 / dims.n as f32, c)
+}
+
+/// `C = scale·Ẑaᵀ·Ẑb` (D×D): with `scale` = 1/N, or 1/(total rows) for one rank's share.
+pub(crate) fn cross_correlation_scaled(
+    za_hat: &[f32],
+    zb_hat: &[f32],
+    dims: Dims,
+    scale: f32,
+    c: &mut [f32],
+) -> Result<()> {
+    // One rank's rows may be a single one; the caller checked the whole batch's shape.
+    let (n, d) = (dims.n, dims.d);
     check_input("za_hat", za_hat.len(), dims)?;
     check_input("zb_hat", zb_hat.len(), dims)?;
     check_output("c", c.len(), d * d)?;
@@ -98,7 +139,7 @@ pub fn cross_correlation(za_hat: &[f32], zb_hat: &[f32], dims: Dims, c: &mut [f3
         Mat::new(&mut c[..d * d], d, d, d as isize, 1),
         MatRef::new(za_hat, d, n, 1, d as isize),
         MatRef::new(zb_hat, n, d, d as isize, 1),
-        1.0 / n as f32,
+        scale,
         false,
         true,
     );
@@ -151,13 +192,27 @@ pub fn correlation_backward(
     dza_hat: &mut [f32],
     dzb_hat: &mut [f32],
 ) -> Result<()> {
-    let (n, d) = dims.checked()?;
+    dims.checked()?;
+    let s = 1.0 / dims.n as f32;
+    correlation_backward_scaled(g, za_hat, zb_hat, dims, s, dza_hat, dzb_hat)
+}
+
+/// [`correlation_backward`] with the 1/N factor given (1/(total rows) for one rank's rows).
+pub(crate) fn correlation_backward_scaled(
+    g: &[f32],
+    za_hat: &[f32],
+    zb_hat: &[f32],
+    dims: Dims,
+    s: f32,
+    dza_hat: &mut [f32],
+    dzb_hat: &mut [f32],
+) -> Result<()> {
+    let (n, d) = (dims.n, dims.d);
     check_input("za_hat", za_hat.len(), dims)?;
     check_input("zb_hat", zb_hat.len(), dims)?;
     check_output("g", g.len(), d * d)?;
     check_output("dza_hat", dza_hat.len(), n * d)?;
     check_output("dzb_hat", dzb_hat.len(), n * d)?;
-    let s = 1.0 / n as f32;
     let di = d as isize;
     matmul(
         Mat::new(&mut dza_hat[..n * d], n, d, di, 1),
@@ -193,28 +248,48 @@ pub fn standardize_backward(
     check_input("z", z.len(), dims)?;
     check_output("stats", stats.len(), STATS_PER_COLUMN * d)?;
     check_output("dz", dz.len(), n * d)?;
+    let (sg, sgx) = grad_sums(g, z, stats, dims);
+    let mg: Vec<f64> = sg.iter().map(|v| v / n as f64).collect();
+    let mgx: Vec<f64> = sgx.iter().map(|v| v / n as f64).collect();
+    apply_standardize_backward(g, z, stats, dims, &mg, &mgx, dz);
+    Ok(())
+}
+
+/// Per-column Σₙ g and Σₙ g·x̂ over the rows of g and z (in f64, rows in order).
+pub(crate) fn grad_sums(g: &[f32], z: &[f32], stats: &[f32], dims: Dims) -> (Vec<f64>, Vec<f64>) {
+    let d = dims.d;
     let (hi, lo, rstd) = split_stats(stats, d);
-    let mut mg = vec![0f64; d];
-    let mut mgx = vec![0f64; d];
-    mg.par_chunks_mut(COL_CHUNK)
-        .zip(mgx.par_chunks_mut(COL_CHUNK))
+    let mut sg = vec![0f64; d];
+    let mut sgx = vec![0f64; d];
+    sg.par_chunks_mut(COL_CHUNK)
+        .zip(sgx.par_chunks_mut(COL_CHUNK))
         .enumerate()
         .for_each(|(chunk, (mg, mgx))| {
             let c0 = chunk * COL_CHUNK;
-            let w = mg.len();
-            for (grow, zrow) in g.chunks_exact(d).zip(z.chunks_exact(d)) {
-                for j in 0..w {
+            for (grow, zrow) in g[..dims.n * d].chunks_exact(d).zip(z.chunks_exact(d)) {
+                for j in 0..mg.len() {
                     let c = c0 + j;
                     let gi = f64::from(grow[c]);
                     mg[j] += gi;
                     mgx[j] += gi * xhat(zrow[c], hi[c], lo[c], rstd[c]);
                 }
             }
-            for j in 0..w {
-                mg[j] /= n as f64;
-                mgx[j] /= n as f64;
-            }
         });
+    (sg, sgx)
+}
+
+/// `dz = rstd ⊙ (g − mg − x̂ ⊙ mgx)` with the column means of g and g·x̂ given.
+pub(crate) fn apply_standardize_backward(
+    g: &[f32],
+    z: &[f32],
+    stats: &[f32],
+    dims: Dims,
+    mg: &[f64],
+    mgx: &[f64],
+    dz: &mut [f32],
+) {
+    let (n, d) = (dims.n, dims.d);
+    let (hi, lo, rstd) = split_stats(stats, d);
     dz[..n * d]
         .par_chunks_mut(d)
         .zip(g.par_chunks_exact(d).zip(z.par_chunks_exact(d)))
@@ -224,5 +299,4 @@ pub fn standardize_backward(
                 out[j] = (f64::from(rstd[j]) * (f64::from(grow[j]) - mg[j] - x * mgx[j])) as f32;
             }
         });
-    Ok(())
 }

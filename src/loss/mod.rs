@@ -1,5 +1,7 @@
 //! The public loss: configuration, value, and [`BarlowTwinsLoss`] with its CPU and CUDA entry points.
 
+mod distributed;
+
 use crate::cpu;
 #[cfg(feature = "cuda")]
 use crate::cuda::{self, fused, Element};
@@ -151,12 +153,21 @@ struct CpuWorkspace {
     gb: Vec<f32>,
     dhat_a: Vec<f32>,
     dhat_b: Vec<f32>,
+    /// The whole batch's Ẑa and Ẑb, gathered from every rank (distributed Gram path only).
+    all_a: Vec<f32>,
+    all_b: Vec<f32>,
 }
 
 impl CpuWorkspace {
     /// Sizes every buffer for (N, D, path). Growth is fallible: a D×D matrix the machine cannot
     /// hold is an [`Error::OutOfHostMemory`], not an abort.
     fn fit(&mut self, n: usize, d: usize, path: LossPath) -> Result<()> {
+        self.fit_rows(n, n, d, path)
+    }
+
+    /// Sizes every buffer for `n` local rows of a batch of `total` rows (several ranks): the
+    /// Gram path holds the local rows of the N×N matrices and, when split, the whole batch.
+    fn fit_rows(&mut self, n: usize, total: usize, d: usize, path: LossPath) -> Result<()> {
         fn grow(v: &mut Vec<f32>, len: usize, what: &str) -> Result<()> {
             let bytes = len.saturating_mul(std::mem::size_of::<f32>());
             // With overcommit an allocation can succeed and the process die when it is touched:
@@ -191,9 +202,14 @@ impl CpuWorkspace {
         }
         // Only the chosen path's matrices are held.
         let (c, g) = if path == LossPath::Gram {
-            (0, n * n)
+            (0, n * total)
         } else {
             (d * d, 0)
+        };
+        let all = if path == LossPath::Gram && total > n {
+            total * d
+        } else {
+            0
         };
         for (v, len, what) in [
             (
@@ -203,6 +219,8 @@ impl CpuWorkspace {
             ),
             (&mut self.ga, g, "N×N Gram matrix"),
             (&mut self.gb, g, "N×N Gram matrix"),
+            (&mut self.all_a, all, "gathered batch"),
+            (&mut self.all_b, all, "gathered batch"),
         ] {
             grow(v, len, what)?;
             v.shrink_to(len);
