@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the virtual CUDA device (tests/vgpu) into one shared library, target/vgpu/libvgpu.so, with
-# the names the CUDA loader looks for (libcuda.so, libcublas.so, libcudnn.so) as links to it, so
+# the names the CUDA loader looks for (libcuda.so, libcublas.so, libcudnn.so, libnccl.so) as links to it, so
 # they share one state. Put target/vgpu on LD_LIBRARY_PATH to run a program on it.
 #
 #   scripts/build-vgpu.sh            prints the folder to put on LD_LIBRARY_PATH
@@ -47,5 +47,5 @@ if [[ ! -f $lib || $newest -nt $lib ]]; then
   "$cxx" -shared -pthread -Wl,-z,nodelete -o "$lib.tmp" "${objs[@]}"
   mv "$lib.tmp" "$lib"
 fi
-for name in libcuda.so libcuda.so.1 libcublas.so libcudnn.so libcurand.so; do ln -sf libvgpu.so "$out/$name"; done
+for name in libcuda.so libcuda.so.1 libcublas.so libcudnn.so libcurand.so libnccl.so libnccl.so.2; do ln -sf libvgpu.so "$out/$name"; done
 echo "$out"

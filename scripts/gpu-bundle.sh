@@ -27,7 +27,7 @@ mkdir -p "$out/tests" "$out/benches" "$out/pytorch"
 python3 - "$json" "$out" <<'PY'
 import json, shutil, sys, os
 src, out = sys.argv[1], sys.argv[2]
-gpu_tests = {"gpu_loss", "gpu_train", "fatbin", "errors"}
+gpu_tests = {"gpu_loss", "gpu_train", "gpu_nccl", "fatbin", "errors"}
 seen = set()
 for line in open(src):
     try:

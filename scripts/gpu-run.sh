@@ -69,6 +69,25 @@ if [ ${#libdirs[@]} -gt 0 ]; then
   export LD_LIBRARY_PATH="$(IFS=:; echo "${libdirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   note "CUDA libraries from Python: ${libdirs[*]}"
 fi
+# NCCL ships as libnccl.so.2 (in the system or the nvidia-nccl wheel); the loader looks for
+# libnccl.so, so a link to it goes on the path. Without NCCL the multi-GPU tests skip.
+if ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so '; then
+  nccl=$(ldconfig -p 2>/dev/null | awk '/libnccl\.so\.2 /{print $NF; exit}')
+  for d in "${libdirs[@]}"; do
+    [ -z "$nccl" ] && [ -f "$d/libnccl.so.2" ] && nccl=$d/libnccl.so.2
+  done
+  if [ -z "$nccl" ]; then
+    nccl=$(python3 -c 'import glob, nvidia, os; print(next(iter(sorted(glob.glob(os.path.join(nvidia.__path__[0], "nccl", "lib", "libnccl.so.2")))), ""))' 2>/dev/null || true)
+  fi
+  if [ -n "$nccl" ]; then
+    mkdir -p "$bin/nccl"
+    ln -sf "$nccl" "$bin/nccl/libnccl.so"
+    export LD_LIBRARY_PATH="$bin/nccl${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    note "NCCL: $nccl"
+  else
+    note "NCCL: not found; the multi-GPU tests will skip"
+  fi
+fi
 "$bin/barlow" info | tee -a "$summary"
 
 export BARLOW_REQUIRE_GPU=1

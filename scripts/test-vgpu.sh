@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite on the virtual CUDA device (tests/vgpu): every GPU test, the criterion CUDA groups
 # at a tiny size, `barlow bench loss` and `barlow train` on the CUDA engine, all with
-# BARLOW_REQUIRE_GPU=1, so a test that would skip fails instead. Then the checks of the device
+# BARLOW_REQUIRE_GPU=1, so a test that would skip fails instead; two devices with NCCL between them
+# (BARLOW_REQUIRE_GPUS=2) for the multi-GPU tests. Then the checks of the device
 # itself (tests/vgpu/selftest.cpp) and mutation runs: a swapped launch argument or a flipped GEMM
 # transpose must make the suite fail. Ends with the tally line; exits non-zero on any failure or
 # skip.
@@ -24,14 +25,17 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 # Build everything with the ordinary environment first; only the runs see the virtual device.
-cargo test --release --no-run --test gpu_loss --test gpu_train || exit 1
+cargo test --release --no-run --test gpu_loss --test gpu_train --test gpu_nccl || exit 1
 cargo build --release --bin barlow || exit 1
 cargo bench --no-run --bench loss || exit 1
 selftest=$work/selftest
 c++ -std=c++20 -O1 -g -I .cuda/nvidia/cu13/include -o "$selftest" tests/vgpu/selftest.cpp \
   -L "$lib" -lvgpu -Wl,-rpath,"$lib" -pthread || exit 1
 
+# Two devices, so that the multi-GPU tests (NCCL through the device's stand-in) run too; the
+# single-device tests use device 0.
 export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} BARLOW_REQUIRE_GPU=1
+export VGPU_DEVICES=2 BARLOW_REQUIRE_GPUS=2
 barlow=target/release/barlow
 
 # The device's own checks, each shown to fire on a planted violation and to stay quiet on its
@@ -57,7 +61,7 @@ run_tests() {
     tail -n 30 "$work/t.log"
   fi
 }
-run_tests "cudnnFind" --test gpu_loss --test gpu_train
+run_tests "cudnnFind" --test gpu_loss --test gpu_train --test gpu_nccl
 BARLOW_CUDNN_FIND=0 run_tests "heuristics" --test gpu_train
 
 if cargo bench --bench loss -- --test loss_cuda >"$work/bench.log" 2>&1 && grep -q 'loss_cuda on the virtual CUDA device' "$work/bench.log"; then

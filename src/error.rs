@@ -115,6 +115,9 @@ pub enum Error {
     /// libcudnn could not be loaded.
     #[error("cuDNN not found: libcudnn could not be loaded (install cuDNN 9 for CUDA 13, e.g. the nvidia-cudnn-cu13 wheel, and put its lib folder on LD_LIBRARY_PATH)")]
     NoCudnn,
+    /// libnccl could not be loaded.
+    #[error("NCCL not found: libnccl.so could not be loaded (install NCCL, e.g. the nvidia-nccl-cu13 wheel, and put a libnccl.so link to its libnccl.so.2 on LD_LIBRARY_PATH)")]
+    NoNccl,
     /// The driver found no usable CUDA device.
     #[error("no CUDA device: {0}")]
     NoDevice(String),
@@ -200,6 +203,7 @@ impl Error {
                 | Error::NoDevice(_)
                 | Error::NoCublas
                 | Error::NoCudnn
+                | Error::NoNccl
         )
     }
 

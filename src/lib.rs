@@ -7,6 +7,8 @@
 //! * [`BarlowTwinsLoss`] — the loss and its gradients, on host slices or (feature `cuda`) CUDA
 //!   device buffers, waiting for the result or writing it to device memory.
 //! * [`cpu`] — the CPU kernels and the [`cpu::reference`] implementation.
+//! * [`collective`] — collectives between the ranks of a data-parallel group; the loss over a
+//!   batch split across ranks ([`BarlowTwinsLoss::forward_backward_cpu_across`]).
 //! * `cuda` (feature `cuda`) — the embedded kernels, `cuda::ops::CudaOps` (one safe method per
 //!   kernel and GEMM); `cuda::naive::NaiveLoss` (feature `bench`) is the op-by-op baseline.
 //! * `candle` (feature `candle`) — the loss as a candle custom op with gradients (CPU tensors;
@@ -19,6 +21,7 @@
 //! |---|---|
 //! | *(none)* | the CPU loss, its f64 reference, configuration and errors |
 //! | `cuda` | the CUDA loss and its kernels (cudarc; the application picks cudarc's linking mode and CUDA version) |
+//! | `nccl` | NCCL communicators for several GPUs (`cuda::nccl`) |
 //! | `bench` | the op-by-op baseline loss and the benchmark harness |
 //! | `train` | the model, both training engines, data, checkpoints, evaluation |
 //! | `cli` (default) | the `barlow` command |

@@ -18,6 +18,8 @@ pub mod memory;
 pub(crate) mod module;
 #[cfg(feature = "bench")]
 pub mod naive;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 #[cfg(feature = "train")]
 pub mod nn;
 pub mod ops;

@@ -143,3 +143,31 @@ pub fn gpu(test: &str) -> Option<Arc<CudaStream>> {
     println!("SKIP: {test}: {reason}");
     None
 }
+
+/// Streams on `want` devices (device i's default stream), or `None` after printing
+/// `SKIP: <reason>`. A missing GPU fails as in [`gpu`]; fewer devices than `want`, or no NCCL,
+/// fail only with `BARLOW_REQUIRE_GPUS=<want>` (the virtual device's suite sets it).
+#[cfg(feature = "nccl")]
+pub fn gpus(test: &str, want: usize) -> Option<Vec<Arc<CudaStream>>> {
+    gpu(test)?;
+    let reason = match barlow::cuda::device_count() {
+        Ok(n) if n < want => format!("needs {want} CUDA devices, found {n}"),
+        Ok(_) => match barlow::cuda::nccl::NcclId::new() {
+            Ok(_) => {
+                let streams = (0..want).map(barlow::cuda::open_stream).collect();
+                match streams {
+                    Ok(s) => return Some(s),
+                    Err(e) => e.to_string(),
+                }
+            }
+            Err(e) => e.to_string(),
+        },
+        Err(e) => e.to_string(),
+    };
+    if std::env::var("BARLOW_REQUIRE_GPUS").is_ok_and(|v| v.parse().is_ok_and(|n: usize| n >= want))
+    {
+        panic!("{test}: BARLOW_REQUIRE_GPUS but {reason}");
+    }
+    println!("SKIP: {test}: {reason}");
+    None
+}

@@ -449,6 +449,19 @@ void scribble(void* p, size_t bytes) { memset(p, kFresh, bytes); }
 
 void parallel_for(size_t n, void (*f)(size_t, void*), void* arg) { pool().run(n, f, arg); }
 
+int device_count() {
+  init_state();
+  return int(st().devices.size());
+}
+
+Context* primary_context(int device) {
+  init_state();
+  if (device < 0 || size_t(device) >= st().devices.size()) return nullptr;
+  Device& dev = st().devices[device];
+  if (!dev.primary) dev.primary = new_context(device, true);
+  return dev.primary;
+}
+
 }  // namespace vgpu
 
 using namespace vgpu;

@@ -32,6 +32,12 @@ int cublasGemmEx(cublasContext* handle, int transa, int transb, int m, int n, in
                  int ldb, const void* beta, void* C, int Ctype, int ldc, int computeType, int algo);
 const char* vgpu_cublas_enum_table();
 const char* vgpu_cudnn_enum_table();
+struct ncclComm;
+int ncclCommInitAll(ncclComm** comms, int n, const int* devices);
+int ncclAllReduce(const void* send, void* recv, size_t count, int type, int op, ncclComm* comm,
+                  CUstream stream);
+int ncclGroupStart();
+int ncclGroupEnd();
 }
 
 namespace {
@@ -266,6 +272,41 @@ bool enum_table_ok(const char* table, const char* line) {
 }
 
 // ---- The cases
+
+
+// ---- NCCL: two ranks on the two devices of one process, driven from this thread
+
+constexpr int kNcclFloat32 = 7, kNcclSum = 0;
+struct TwoRanks {
+  ncclComm* comm[2];
+  CUcontext ctx[2];
+  CUdeviceptr buf[2];
+};
+
+// Each device's buffer holds `n` floats, rank r's all equal to r + 1.
+TwoRanks two_ranks(size_t n) {
+  setenv("VGPU_DEVICES", "2", 1);
+  CK(cuInit(0));
+  TwoRanks t;
+  for (int r = 0; r < 2; ++r) {
+    CK(cuDevicePrimaryCtxRetain(&t.ctx[r], r));
+    CK(cuCtxSetCurrent(t.ctx[r]));
+    t.buf[r] = upload(std::vector<float>(n, float(r + 1)));
+  }
+  expect(ncclCommInitAll(t.comm, 2, nullptr) == 0, "ncclCommInitAll");
+  return t;
+}
+
+// All-reduces rank r's buffer on `streams[r]` (null: the null stream), `counts[r]` elements.
+void all_reduce(TwoRanks& t, const size_t* counts, CUstream* streams = nullptr) {
+  expect(ncclGroupStart() == 0, "ncclGroupStart");
+  for (int r = 0; r < 2; ++r)
+    expect(ncclAllReduce(reinterpret_cast<void*>(t.buf[r]), reinterpret_cast<void*>(t.buf[r]),
+                         counts[r], kNcclFloat32, kNcclSum, t.comm[r],
+                         streams ? streams[r] : nullptr) == 0,
+           "ncclAllReduce");
+  expect(ncclGroupEnd() == 0, "ncclGroupEnd");
+}
 
 struct Case {
   const char* name;
@@ -638,6 +679,63 @@ const Case kCases[] = {
        CUdeviceptr x = alloc(4);
        static float host[4];
        capture([&](CUstream s) { cuMemcpyHtoDAsync(x, host, sizeof host, s); });
+     }},
+    {"nccl: all-reduce across two devices", nullptr,
+     [] {
+       TwoRanks t = two_ranks(5);
+       size_t counts[2] = {5, 5};
+       all_reduce(t, counts);
+       for (int r = 0; r < 2; ++r) {
+         CK(cuCtxSetCurrent(t.ctx[r]));
+         for (float v : download(t.buf[r], 5)) expect(v == 3.0f, "all-reduced value");
+       }
+     }},
+    {"nccl: ranks disagree on the count", "nccl",
+     [] {
+       TwoRanks t = two_ranks(5);
+       size_t counts[2] = {5, 4};
+       all_reduce(t, counts);
+     }},
+    {"nccl: result read on another stream without an event", "stream order",
+     [] {
+       TwoRanks t = two_ranks(4);
+       CUstream s[2];
+       for (int r = 1; r >= 0; --r) {
+         CK(cuCtxSetCurrent(t.ctx[r]));
+         s[r] = new_stream();
+       }
+       size_t counts[2] = {4, 4};
+       all_reduce(t, counts, s);
+       CUstream other = new_stream();
+       std::vector<float> h(4);
+       cuMemcpyDtoHAsync(h.data(), t.buf[0], 16, other);
+     }},
+    {"nccl: result read on another stream after an event", nullptr,
+     [] {
+       TwoRanks t = two_ranks(4);
+       CUstream s[2];
+       for (int r = 1; r >= 0; --r) {
+         CK(cuCtxSetCurrent(t.ctx[r]));
+         s[r] = new_stream();
+       }
+       size_t counts[2] = {4, 4};
+       all_reduce(t, counts, s);
+       CUevent e;
+       CK(cuEventCreate(&e, CU_EVENT_DISABLE_TIMING));
+       CK(cuEventRecord(e, s[0]));
+       CUstream other = new_stream();
+       CK(cuStreamWaitEvent(other, e, 0));
+       std::vector<float> h(4);
+       CK(cuMemcpyDtoHAsync(h.data(), t.buf[0], 16, other));
+       CK(cuStreamSynchronize(other));
+       expect(h[0] == 3.0f, "all-reduced value");
+     }},
+    {"nccl: one thread drives both ranks without a group", "nccl",
+     [] {
+       setenv("VGPU_NCCL_TIMEOUT_S", "1", 1);
+       TwoRanks t = two_ranks(2);
+       ncclAllReduce(reinterpret_cast<void*>(t.buf[0]), reinterpret_cast<void*>(t.buf[0]), 2,
+                     kNcclFloat32, kNcclSum, t.comm[0], nullptr);
      }},
     {"mutation of an unknown kernel", "mutation", [] { setup(); }, "swap:naive_nope"},
     {"mutation of a kernel with no pair", "mutation", [] { setup(); }, "swap:naive_cast_bf16"},

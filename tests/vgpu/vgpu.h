@@ -74,6 +74,10 @@ struct Context {
 
 // The current context of the calling thread, or null.
 Context* current();
+// Number of devices (VGPU_DEVICES, default 1), and a device's primary context (made on first use;
+// null for a device that does not exist). Call with the lock held.
+int device_count();
+Context* primary_context(int device);
 // The stream a handle names in context `ctx` (null: the context's null stream).
 Stream* stream(void* handle, Context* ctx);
 // Starts one operation on `s`: orders it after what the host and (by the legacy stream's rules)
