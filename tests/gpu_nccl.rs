@@ -1,12 +1,18 @@
 //! NCCL collectives across the devices of one process: one thread per rank (ids shared as bytes,
 //! as between processes) and one thread driving every rank through group calls. On the virtual
-//! device (VGPU_DEVICES=2) the collectives run through its NCCL stand-in.
+//! device (VGPU_DEVICES=2) the collectives run through its NCCL stand-in. Then the loss split
+//! across the devices against one run on all rows (the float64 reference), on both paths.
 #![cfg(feature = "nccl")]
 
 mod common;
 
+use barlow::cpu::reference;
 use barlow::cuda::nccl::{group, Nccl, NcclId};
-use common::gpus;
+use barlow::{BarlowTwinsLoss, Dims, Error, LossConfig, LossPath, LossValue, Math};
+use common::*;
+
+const LAMBDA: f64 = 0.0051;
+const EPS: f64 = 1e-5;
 
 fn rank_data(rank: usize, len: usize) -> Vec<f32> {
     (0..len)
@@ -38,11 +44,11 @@ fn one_thread_per_rank_sums_gathers_and_broadcasts() {
                     comm.all_reduce_sum_f64(&mut y).unwrap();
                     let send = stream.clone_htod(&rank_data(rank, 3)).unwrap();
                     let mut all = stream.alloc_zeros::<f32>(3 * world).unwrap();
-                    comm.all_gather_f32(&send, &mut all).unwrap();
+                    comm.all_gather(&send, &mut all).unwrap();
                     let mut b = stream.clone_htod(&rank_data(rank, 4)).unwrap();
                     comm.broadcast_f32(&mut b, 1).unwrap();
                     let mut short = stream.alloc_zeros::<f32>(2).unwrap();
-                    assert!(comm.all_gather_f32(&send, &mut short).is_err());
+                    assert!(comm.all_gather(&send, &mut short).is_err());
                     (
                         stream.clone_dtoh(&x).unwrap(),
                         stream.clone_dtoh(&y).unwrap(),
@@ -95,4 +101,128 @@ fn one_thread_drives_every_rank_in_group_calls() {
     }
     assert!(NcclId::from_bytes(&[0u8; 5]).is_err());
     assert!(Nccl::init_rank(&streams[0], 2, 2, &NcclId::new().unwrap()).is_err());
+}
+
+/// One rank's loss and gradients.
+type RankResult = (LossValue, Vec<f32>, Vec<f32>);
+
+/// Each rank's loss and gradients (downloaded) for its block of rows of `za`, `zb` (the whole
+/// batch, on the host), one thread per device.
+fn split_loss(
+    streams: &[std::sync::Arc<barlow::cuda::cudarc::driver::CudaStream>],
+    config: LossConfig,
+    za: &[f32],
+    zb: &[f32],
+    rows_per_rank: &[usize],
+    d: usize,
+) -> Vec<barlow::Result<RankResult>> {
+    let world = streams.len();
+    let id = NcclId::new().unwrap().to_bytes();
+    let loss = BarlowTwinsLoss::new(config).unwrap();
+    let starts: Vec<usize> = rows_per_rank
+        .iter()
+        .scan(0, |at, &n| {
+            *at += n;
+            Some(*at - n)
+        })
+        .collect();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = streams
+            .iter()
+            .enumerate()
+            .map(|(rank, stream)| {
+                let (loss, starts) = (&loss, &starts);
+                s.spawn(move || {
+                    let comm = Nccl::init_rank(stream, rank, world, &NcclId::from_bytes(&id)?)?;
+                    let n = rows_per_rank[rank];
+                    let rows = starts[rank] * d..(starts[rank] + n) * d;
+                    let a = stream.clone_htod(&za[rows.clone()])?;
+                    let b = stream.clone_htod(&zb[rows])?;
+                    let mut da = stream.clone_htod(&vec![f32::NAN; n * d])?;
+                    let mut db = stream.clone_htod(&vec![f32::NAN; n * d])?;
+                    let dims = Dims::new(n, d);
+                    let v = loss.forward_backward_across(&comm, &a, &b, dims, &mut da, &mut db)?;
+                    let f = loss.forward_across(&comm, &a, &b, dims)?;
+                    assert_eq!(f.total, v.total, "forward alone disagrees");
+                    Ok((v, stream.clone_dtoh(&da)?, stream.clone_dtoh(&db)?))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+#[test]
+fn split_loss_equals_one_run_on_all_rows() {
+    let Some(streams) = gpus("split_loss_equals_one_run_on_all_rows", 2) else {
+        return;
+    };
+    let world = streams.len();
+    let mut rng = Rng::new(71);
+    for path in [LossPath::Direct, LossPath::Gram] {
+        for math in [Math::F32, Math::Tf32, Math::Bf16] {
+            let config = LossConfig::default().path(path).math(math);
+            let shapes: &[(usize, usize)] = if math == Math::F32 {
+                &[(1, 5), (3, 7), (9, 33), (17, 70)]
+            } else {
+                &[(9, 33)]
+            };
+            for &(n, d) in shapes {
+                let total = n * world;
+                let mut za = rng.matrix(total, d);
+                let zb = rng.correlated(&za, 0.5);
+                for row in za.chunks_exact_mut(d) {
+                    row[0] = 1000.0 + 0.01 * row[0];
+                }
+                let all = Dims::new(total, d);
+                let r = reference::forward_backward(&to_f64(&za), &to_f64(&zb), all, LAMBDA, EPS)
+                    .unwrap();
+                let ranks = split_loss(&streams, config, &za, &zb, &vec![n; world], d);
+                let what = format!("{path:?} {math:?} W={world} N={n}/rank D={d}");
+                let (mut ga, mut gb) = (Vec::new(), Vec::new());
+                let first = ranks[0].as_ref().unwrap().0;
+                for res in ranks {
+                    let (v, a, b) = res.unwrap();
+                    assert_eq!(v, first, "{what}: the ranks disagree");
+                    assert_eq!(v.path, path, "{what}");
+                    ga.extend(a);
+                    gb.extend(b);
+                }
+                let tol = match math {
+                    Math::F32 => 1e-5,
+                    Math::Tf32 => 1e-3,
+                    _ => 1e-2,
+                };
+                assert_loss_close(&what, first, &r, LAMBDA, tol);
+                let sa = grad_scale(&r.a.rstd, &r.grad_za_hat);
+                let sb = grad_scale(&r.b.rstd, &r.grad_zb_hat);
+                assert_close_grad(&format!("{what} dza"), &ga, &r.grad_za, sa, tol);
+                assert_close_grad(&format!("{what} dzb"), &gb, &r.grad_zb, sb, tol);
+            }
+        }
+    }
+}
+
+#[test]
+fn split_loss_refusals_end_the_call_on_every_rank() {
+    let Some(streams) = gpus("split_loss_refusals_end_the_call_on_every_rank", 2) else {
+        return;
+    };
+    let mut rng = Rng::new(72);
+    let d = 6;
+    let za = rng.matrix(9, d);
+    let zb = rng.matrix(9, d);
+    // Different batch sizes per rank.
+    let out = split_loss(&streams, LossConfig::default(), &za, &zb, &[4, 5], d);
+    for r in &out {
+        let msg = r.as_ref().unwrap_err().to_string();
+        assert!(msg.contains("different shapes"), "{msg}");
+    }
+    // Non-finite input on one rank: every rank reports it.
+    let mut bad = za.clone();
+    bad[5 * d + 1] = f32::INFINITY;
+    let out = split_loss(&streams, LossConfig::default(), &bad, &zb, &[4, 4], d);
+    for r in &out {
+        assert!(matches!(r, Err(Error::NonFinite { .. })), "{r:?}");
+    }
 }

@@ -22,6 +22,7 @@
 use super::drv;
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+pub use cudarc::nccl::NcclType;
 use cudarc::nccl::{result::NcclError, Comm, Id, ReduceOp};
 use std::sync::Arc;
 
@@ -151,10 +152,10 @@ impl Nccl {
     }
 
     /// Every rank's `send`, in rank order, into `recv` (`world_size()` times as long).
-    pub fn all_gather_f32(
+    pub fn all_gather<T: NcclType>(
         &self,
-        send: &impl DevicePtr<f32>,
-        recv: &mut impl DevicePtrMut<f32>,
+        send: &impl DevicePtr<T>,
+        recv: &mut impl DevicePtrMut<T>,
     ) -> Result<()> {
         let need = send.len() * self.world_size();
         if recv.len() != need {

@@ -19,8 +19,12 @@
 use super::{BarlowTwinsLoss, CpuWorkspace, LossPath, LossValue};
 use crate::collective::Collective;
 use crate::cpu;
+#[cfg(feature = "nccl")]
+use crate::cuda::{fused::across, nccl::Nccl, Element};
 use crate::error::{Error, Result};
 use crate::shape::{check_input, check_output, Dims};
+#[cfg(feature = "nccl")]
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use std::sync::TryLockError;
 
 impl LossPath {
@@ -238,6 +242,80 @@ impl BarlowTwinsLoss {
             cpu::apply_standardize_backward(hat, z, stats, dims, &b[..d], &b[d..], dzb);
         }
         Ok(value)
+    }
+}
+
+#[cfg(feature = "nccl")]
+impl BarlowTwinsLoss {
+    /// The loss of a batch split across GPUs, one rank of `comm` each: this rank holds `dims.n`
+    /// rows of each view on `comm`'s device (every rank the same N and D, rank r's rows after
+    /// rank r − 1's), and every rank gets the loss of all ranks' rows, with the gradient of that
+    /// loss with respect to its own rows in `dza`, `dzb`. Queued on `comm`'s stream; waits for
+    /// the value (and once before, for the ranks to agree on going on: a refusal on one rank
+    /// ends the call on every rank). The path follows [`LossPath::resolve_across`]; the
+    /// collectives move 2·D + 2·D + 4·D f64 for the statistics and either D² floats (Direct) or
+    /// 2·N·D (Gram, N all ranks' rows).
+    ///
+    /// ```no_run
+    /// use barlow::cuda::nccl::{Nccl, NcclId};
+    /// use barlow::{BarlowTwinsLoss, Dims, LossConfig};
+    /// # fn main() -> barlow::Result<()> {
+    /// # let (rank, world, id) = (0, 1, NcclId::new()?);
+    /// let stream = barlow::cuda::open_stream(rank)?;
+    /// let comm = Nccl::init_rank(&stream, rank, world, &id)?;
+    /// let (n, d) = (256, 8192); // this rank's rows
+    /// let za = stream.alloc_zeros::<f32>(n * d)?; // the projector's outputs
+    /// # let zb = stream.alloc_zeros::<f32>(n * d)?;
+    /// let (mut dza, mut dzb) = (stream.alloc_zeros::<f32>(n * d)?, stream.alloc_zeros::<f32>(n * d)?);
+    /// let loss = BarlowTwinsLoss::new(LossConfig::default())?;
+    /// let v = loss.forward_backward_across(&comm, &za, &zb, Dims::new(n, d), &mut dza, &mut dzb)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn forward_backward_across<T: Element, Dz: DevicePtrMut<T>>(
+        &self,
+        comm: &Nccl,
+        za: &impl DevicePtr<T>,
+        zb: &impl DevicePtr<T>,
+        dims: Dims,
+        dza: &mut Dz,
+        dzb: &mut Dz,
+    ) -> Result<LossValue> {
+        self.run_device_across(comm, za, zb, dims, Some((dza, dzb)))
+    }
+
+    /// [`BarlowTwinsLoss::forward_backward_across`] without the gradients.
+    pub fn forward_across<T: Element>(
+        &self,
+        comm: &Nccl,
+        za: &impl DevicePtr<T>,
+        zb: &impl DevicePtr<T>,
+        dims: Dims,
+    ) -> Result<LossValue> {
+        self.run_device_across::<T, CudaSlice<T>>(comm, za, zb, dims, None)
+    }
+
+    fn run_device_across<T: Element, Dz: DevicePtrMut<T>>(
+        &self,
+        comm: &Nccl,
+        za: &impl DevicePtr<T>,
+        zb: &impl DevicePtr<T>,
+        dims: Dims,
+        grads: Option<(&mut Dz, &mut Dz)>,
+    ) -> Result<LossValue> {
+        // As on the CPU: ranks sharing this object from several threads must not wait on one
+        // another's buffers while the collectives wait on them.
+        let mut own = None;
+        let mut guard = match self.gpu.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        let slot = match guard.as_deref_mut() {
+            Some(s) => s,
+            None => &mut own,
+        };
+        across::run(slot, &self.config, comm, za, zb, dims, grads)
     }
 }
 

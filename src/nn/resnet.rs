@@ -1,5 +1,5 @@
 //! ResNet-18/50 (torchvision's topology and parameter names) and the Barlow Twins projector, on
-//! the CPU: the layers of [`super::layers`] run in the order of the model's [`Graph`].
+//! the CPU: the layers of [`crate::nn`] run in the order of the model's [`Graph`].
 
 use super::graph::{Graph, Op};
 use super::layers::{global_avg_pool, global_avg_pool_backward};

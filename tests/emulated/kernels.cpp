@@ -1,6 +1,6 @@
 // The project's CUDA kernels, run on the CPU through cuda_host.h, against plain double-precision
 // references: batch norm (train, eval, backward, with residual and ReLU), the standardization
-// kernels (the loss's and their affine variant), the loss reduction, the Gram-path kernels,
+// kernels (the loss's, their affine variant, and the split-batch stages), the loss reduction, the Gram-path kernels,
 // pooling, LARS, the conversions and the naive baseline's kernels. Launch shapes follow the Rust side's; outputs are poisoned
 // (NaN) first; inputs are random with odd shapes. Prints one line per check; exits 1 on a failure.
 //
@@ -8,6 +8,7 @@
 // main): the sanitizer runs (scripts/sanitize-emulated.sh) pay for each emulated thread, and the
 // thread count, not the data, sets their time.
 #include "loss/standardize.cu"
+#include "loss/standardize_split.cu"
 #include "loss/loss_reduce.cu"
 #include "loss/gram.cu"
 #include "train/projector_norm.cu"
@@ -375,6 +376,74 @@ void test_standardize_loss(int64_t n, int64_t d, uint64_t seed) {
   }
   const std::string tag =
       "standardize (loss) f32 " + std::to_string(n) + "x" + std::to_string(d) + " |mean|>>std";
+  check(tag + " forward", err(zhat, zh), 1e-5);
+  check(tag + " backward", err(dz, dzr), 1e-5);
+}
+
+// The standardization of a batch split across ranks (standardize_split.cu), f32: the rows cut in
+// two "ranks" of unequal size, each stage's per-column sums added on the host between launches,
+// as the distributed loss adds them with collectives; against the double reference of the whole.
+void test_standardize_split(int64_t n, int64_t d, int64_t cut, uint64_t seed) {
+  Rng rng{seed};
+  const float eps = 1e-5f;
+  auto z = randn(rng, n * d, 0.01f, 100.f);
+  auto g = randn(rng, n * d);
+  const int64_t rows[2] = {cut, n - cut};
+  const int64_t start[2] = {0, cut};
+  const unsigned blocks = unsigned((d + 31) / 32);
+  const double inv = 1.0 / n;
+  std::vector<double> sums(d, 0), sq(d, 0), gsum(2 * d, 0);
+  for (int r = 0; r < 2; ++r) {
+    std::vector<double> part(d, NAN);
+    emu_launch({blocks}, {32, 8},
+               [&] { column_sums_f32(z.data() + start[r] * d, part.data(), rows[r], d); });
+    for (int64_t j = 0; j < d; ++j) sums[j] += part[j];
+  }
+  for (int r = 0; r < 2; ++r) {
+    std::vector<double> part(d, NAN);
+    emu_launch({blocks}, {32, 8}, [&] {
+      centered_squares_f32(z.data() + start[r] * d, sums.data(), inv, part.data(), rows[r], d);
+    });
+    for (int64_t j = 0; j < d; ++j) sq[j] += part[j];
+  }
+  std::vector<float> zhat(n * d, NAN), dz(n * d, NAN);
+  std::vector<std::vector<float>> stats(2, std::vector<float>(3 * d, NAN));
+  for (int r = 0; r < 2; ++r)
+    emu_launch({blocks}, {32, 8}, [&] {
+      standardize_apply_f32_f32(z.data() + start[r] * d, sums.data(), sq.data(), inv, eps,
+                                stats[r].data(), zhat.data() + start[r] * d, rows[r], d, 0);
+    });
+  for (int r = 0; r < 2; ++r) {
+    std::vector<double> part(2 * d, NAN);
+    emu_launch({blocks}, {32, 8}, [&] {
+      std_bwd_sums_f32(g.data() + start[r] * d, z.data() + start[r] * d, stats[r].data(),
+                       part.data(), rows[r], d);
+    });
+    for (int64_t j = 0; j < 2 * d; ++j) gsum[j] += part[j];
+  }
+  for (int r = 0; r < 2; ++r)
+    emu_launch({blocks}, {32, 8}, [&] {
+      std_bwd_apply_f32(g.data() + start[r] * d, z.data() + start[r] * d, stats[r].data(),
+                        gsum.data(), inv, dz.data() + start[r] * d, rows[r], d);
+    });
+  std::vector<double> zh(n * d), dzr(n * d);
+  for (int64_t j = 0; j < d; ++j) {
+    double s = 0, q = 0, sg = 0, sgx = 0;
+    for (int64_t i = 0; i < n; ++i) s += z[i * d + j];
+    const double mu = s / n;
+    for (int64_t i = 0; i < n; ++i) q += (z[i * d + j] - mu) * (z[i * d + j] - mu);
+    const double rs = 1.0 / sqrt(q / n + eps);
+    for (int64_t i = 0; i < n; ++i) {
+      zh[i * d + j] = (z[i * d + j] - mu) * rs;
+      sg += g[i * d + j];
+      sgx += g[i * d + j] * zh[i * d + j];
+    }
+    for (int64_t i = 0; i < n; ++i)
+      dzr[i * d + j] = rs * (g[i * d + j] - sg / n - zh[i * d + j] * sgx / n);
+  }
+  const std::string tag = "standardize (split " + std::to_string(cut) + "+" +
+                          std::to_string(n - cut) + ") f32 " + std::to_string(n) + "x" +
+                          std::to_string(d) + " |mean|>>std";
   check(tag + " forward", err(zhat, zh), 1e-5);
   check(tag + " backward", err(dz, dzr), 1e-5);
 }
@@ -753,6 +822,8 @@ int main() {
       test_standardize_affine<__nv_bfloat16>(s[0], s[1], relu, seed++);
     }
   test_standardize_loss(67, 41, seed++);
+  test_standardize_split(67, 41, 30, 9001);
+  test_standardize_split(2, 33, 1, 9002);
   test_loss_reduce(7, 0, seed++);
   test_loss_reduce(40, 1, seed++);
   test_gram(9, 13, seed++);
@@ -784,6 +855,7 @@ int main() {
     test_standardize_affine<__nv_bfloat16>(7, 33, relu, seed++);
   }
   test_standardize_loss(67, 41, seed++);
+  test_standardize_split(9, 37, 4, 9003);
   test_loss_reduce(7, 0, seed++);
   test_loss_reduce(40, 1, seed++);
   test_gram(21, 37, seed++);  // two column tiles, two dot blocks, four init blocks

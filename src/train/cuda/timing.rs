@@ -27,7 +27,7 @@ pub enum Phase {
 }
 
 impl Phase {
-    /// Every phase, in the order [`DeviceTrainer::timings`] reports them.
+    /// Every phase, in the order [`super::DeviceTrainer::timings`] reports them.
     pub const ALL: [Phase; 7] = [
         Phase::Conv,
         Phase::Norm,

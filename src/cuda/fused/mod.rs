@@ -5,6 +5,9 @@
 //! and two GEMMs backward, then the same standardize-backward. One read of three scalars either
 //! way. Buffers live in a workspace kept between calls, so steady-state calls allocate nothing.
 
+#[cfg(feature = "nccl")]
+pub(crate) mod across;
+
 use super::ops::CudaOps;
 use super::{alloc, check_context, Element};
 use crate::cpu::STATS_PER_COLUMN;
@@ -153,11 +156,8 @@ impl Workspace {
             .as_ref()
             .is_some_and(|w| w.fits(stream, dims, math, path))
         {
-            // Free the old buffers before asking for new ones, in their own context.
-            if let Some(old) = slot.take() {
-                let _ = old.ops.stream().context().bind_to_thread();
-                drop(old);
-            }
+            // Free the old buffers before asking for new ones.
+            drop(slot.take());
             *slot = Some(Workspace::new(stream, dims, math, path)?);
         }
         match slot.as_mut() {
@@ -167,6 +167,14 @@ impl Workspace {
                 message: "workspace missing after allocation".into(),
             }),
         }
+    }
+}
+
+impl Drop for Workspace {
+    /// The buffers are freed on their stream in the current context, which must be theirs
+    /// (a loss object may be dropped on any thread, after work on any device).
+    fn drop(&mut self) {
+        let _ = self.ops.stream().context().bind_to_thread();
     }
 }
 

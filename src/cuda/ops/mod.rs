@@ -4,6 +4,9 @@
 //! Layout: every matrix is row-major, Z is N×D and C is D×D, exactly as in [`crate::cpu`], whose
 //! functions are the CPU twins of these methods.
 
+#[cfg(feature = "nccl")]
+mod split;
+
 use super::blas::{Blas, Operand};
 use super::fatbin::LOSS;
 use super::module::{kernels, Kernels};
@@ -38,6 +41,30 @@ pub(crate) mod kernel {
             Dtype::F32 => "standardize_bwd_f32",
             Dtype::Bf16 => "standardize_bwd_bf16",
             Dtype::F16 => "standardize_bwd_f16",
+        }
+    }
+
+    const fn by_input(
+        t: Dtype,
+        f32_name: &'static str,
+        bf16_name: &'static str,
+        f16_name: &'static str,
+    ) -> &'static str {
+        match t {
+            Dtype::F32 => f32_name,
+            Dtype::Bf16 => bf16_name,
+            Dtype::F16 => f16_name,
+        }
+    }
+
+    const fn std_apply(t: Dtype, o: HatDtype) -> &'static str {
+        match (t, o) {
+            (Dtype::F32, HatDtype::F32) => "standardize_apply_f32_f32",
+            (Dtype::Bf16, HatDtype::F32) => "standardize_apply_bf16_f32",
+            (Dtype::F16, HatDtype::F32) => "standardize_apply_f16_f32",
+            (Dtype::F32, HatDtype::Bf16) => "standardize_apply_f32_bf16",
+            (Dtype::Bf16, HatDtype::Bf16) => "standardize_apply_bf16_bf16",
+            (Dtype::F16, HatDtype::Bf16) => "standardize_apply_f16_bf16",
         }
     }
 
@@ -88,6 +115,28 @@ pub(crate) mod kernel {
             = hat(T::HAT, "gram_grad_init_f32", "gram_grad_init_bf16");
         /// f32 → bf16, rounding to nearest.
         fn naive_cast_bf16(x: &f32, y: &mut bf16, len: i64) = "naive_cast_bf16";
+        /// Σ z per column, in f64 (standardize_split.cu: a batch split across ranks).
+        fn column_sums<T: Element>(z: &T, out: &mut f64, n: i64, d: i64)
+            = by_input(T::DTYPE, "column_sums_f32", "column_sums_bf16", "column_sums_f16");
+        /// Σ (z − mean)² per column, the mean from the ranks' summed column sums.
+        fn centered_squares<T: Element>(
+            z: &T, sums: &f64, inv_count: f64, out: &mut f64, n: i64, d: i64,
+        ) = by_input(
+            T::DTYPE, "centered_squares_f32", "centered_squares_bf16", "centered_squares_f16",
+        );
+        /// The statistics from the summed sums and squares, and Ẑ.
+        fn standardize_apply<T: Element, O: HatElement>(
+            z: &T, sums: &f64, sq: &f64, inv_count: f64, eps: f32, stats: &mut f32,
+            zhat: &mut O, n: i64, d: i64, tf32: i32,
+        ) = std_apply(T::DTYPE, O::HAT);
+        /// Σ g and Σ g·x̂ per column, in f64.
+        fn std_bwd_sums<T: Element>(g: &f32, z: &T, stats: &f32, out: &mut f64, n: i64, d: i64)
+            = by_input(T::DTYPE, "std_bwd_sums_f32", "std_bwd_sums_bf16", "std_bwd_sums_f16");
+        /// dz from the ranks' summed Σ g and Σ g·x̂.
+        fn std_bwd_apply<T: Element>(
+            g: &f32, z: &T, stats: &f32, sums: &f64, inv_count: f64, dz: &mut T, n: i64,
+            d: i64,
+        ) = by_input(T::DTYPE, "std_bwd_apply_f32", "std_bwd_apply_bf16", "std_bwd_apply_f16");
     }
 }
 
@@ -253,7 +302,22 @@ impl CudaOps {
         dims: Dims,
         c: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
-        let (n, d) = dims.checked()?;
+        dims.checked()?;
+        self.cross_correlation_scaled(math, za_hat, zb_hat, dims, 1.0 / dims.n as f32, c)
+    }
+
+    /// `C = scale·Ẑaᵀ·Ẑb`: 1/N for one batch, 1/(all ranks' rows) for one rank's share (whose
+    /// rows may be a single one; the caller checked the whole batch).
+    pub(crate) fn cross_correlation_scaled<O: HatElement>(
+        &mut self,
+        math: Math,
+        za_hat: &impl DevicePtr<O>,
+        zb_hat: &impl DevicePtr<O>,
+        dims: Dims,
+        scale: f32,
+        c: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        let (n, d) = rows_checked(dims)?;
         check_math::<O>(math)?;
         check_input("za_hat", za_hat.len(), dims)?;
         check_input("zb_hat", zb_hat.len(), dims)?;
@@ -275,7 +339,7 @@ impl CudaOps {
                 d,
                 d,
                 n,
-                1.0 / n as f32,
+                scale,
                 Operand {
                     ptr: pb,
                     ld: d,
@@ -306,7 +370,26 @@ impl CudaOps {
         dza_hat: &mut impl DevicePtrMut<f32>,
         dzb_hat: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
-        let (n, d) = dims.checked()?;
+        dims.checked()?;
+        let s = 1.0 / dims.n as f32;
+        self.correlation_backward_scaled(math, g, za_hat, zb_hat, dims, s, dza_hat, dzb_hat)
+    }
+
+    /// [`CudaOps::correlation_backward`] with the 1/N factor given (1/(all ranks' rows) for one
+    /// rank's rows).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn correlation_backward_scaled<O: HatElement>(
+        &mut self,
+        math: Math,
+        g: &impl DevicePtr<O>,
+        za_hat: &impl DevicePtr<O>,
+        zb_hat: &impl DevicePtr<O>,
+        dims: Dims,
+        inv_n: f32,
+        dza_hat: &mut impl DevicePtrMut<f32>,
+        dzb_hat: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        let (n, d) = rows_checked(dims)?;
         check_math::<O>(math)?;
         check_output("g", g.len(), d * d)?;
         check_input("za_hat", za_hat.len(), dims)?;
@@ -325,7 +408,6 @@ impl CudaOps {
         let (pb, _gb) = zb_hat.device_ptr(&s);
         let (pda, _gda) = dza_hat.device_ptr_mut(&s);
         let (pdb, _gdb) = dzb_hat.device_ptr_mut(&s);
-        let inv_n = 1.0 / n as f32;
         // Column-major: dẐaᵀ = G·Ẑbᵀ (G is the transpose of its buffer's column-major view),
         // dẐbᵀ = Gᵀ·Ẑaᵀ.
         // SAFETY: as in `cross_correlation`; the outputs are distinct mutable borrows, so they
@@ -828,4 +910,15 @@ fn check_math<O: HatElement>(math: Math) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// One rank's rows: at least one (the whole batch, checked by the caller, has two or more), at
+/// least one column, and sizes that fit.
+pub(crate) fn rows_checked(dims: Dims) -> Result<(usize, usize)> {
+    if dims.n == 0 {
+        return Err(Error::BatchTooSmall { n: 0 });
+    }
+    // Dims::checked with N ≥ 2 covers every other condition (and overflow) for N ≥ 1 rows.
+    Dims::new(dims.n.max(2), dims.d).checked()?;
+    Ok((dims.n, dims.d))
 }
