@@ -6,6 +6,10 @@
 //! is reproducible. A rank that leaves the group (its handle dropped, e.g. by a panic) or stops
 //! answering makes the others' calls fail with [`Error::Collective`] instead of waiting forever.
 //!
+//! Processes find one another the way PyTorch launchers describe them ([`Launch`]: `RANK`,
+//! `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`), and rank 0 hands every other rank
+//! what a communicator needs (an NCCL id) over a small TCP rendezvous ([`Host`], [`join`]).
+//!
 //! ```
 //! use barlow::collective::{Collective, LocalGroup};
 //!
@@ -25,6 +29,10 @@
 //! assert_eq!(sums, [6.0, 6.0, 6.0]);
 //! # Ok::<(), barlow::Error>(())
 //! ```
+
+mod rendezvous;
+
+pub use rendezvous::{join, Host, Launch};
 
 use crate::error::{Error, Result};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
