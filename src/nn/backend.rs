@@ -49,6 +49,12 @@ pub trait Backend: Sync {
     /// A short name for logs (`cpu`, `cuda`).
     fn name(&self) -> &'static str;
 
+    /// How many equal batches the batch statistics span: 1, or the ranks of a data-parallel
+    /// group whose batch norm is synchronized (the running variance's unbiasing counts them).
+    fn stat_batches(&self) -> usize {
+        1
+    }
+
     /// `y[n] = conv(x[n], w)`, y of shape [n, out_c, ho, wo].
     fn conv2d_forward(&self, spec: &ConvSpec, n: usize, x: &[f32], w: &[f32], y: &mut [f32]);
 

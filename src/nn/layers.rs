@@ -167,7 +167,7 @@ impl BatchNorm {
                 &mut y.data,
                 Some(&mut xhat.data),
             );
-            let m = (n * hw) as f32;
+            let m = (n * hw * be.stat_batches()) as f32;
             let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
             let mo = self.momentum;
             for ch in 0..c {

@@ -9,6 +9,7 @@ pub mod data;
 pub mod eval;
 pub mod lars;
 pub mod model;
+pub mod parallel;
 pub mod run;
 
 pub use lars::{Lars, LarsConfig, Schedule};

@@ -1,5 +1,7 @@
 //! The Barlow Twins model: a ResNet backbone, the projector, and the library's fused loss.
 
+use super::parallel::SyncBackend;
+use crate::collective::Collective;
 use crate::error::{Error, Result};
 use crate::nn::resnet::{Projector, ResNet, ResNetConfig};
 use crate::nn::{Backend, Buffer, Param, Tensor, Visit};
@@ -143,6 +145,57 @@ impl BarlowTwins {
         self.backbone.backward(be, &df2);
         let df1 = self.projector.backward(be, &dz1);
         self.backbone.backward(be, &df1);
+        Ok(value)
+    }
+
+    /// [`BarlowTwins::forward_backward`] for one rank of a data-parallel group: `y1`, `y2` are
+    /// this rank's share of the batch (every rank the same size). Batch norms are synchronized
+    /// over the group, the loss is the whole batch's, and the parameter gradients are summed over
+    /// the ranks: every rank ends with the gradients one rank would have for all the images.
+    /// Every rank of the group must make the same call.
+    pub fn forward_backward_across(
+        &mut self,
+        be: &dyn Backend,
+        group: &dyn Collective,
+        y1: &Tensor,
+        y2: &Tensor,
+    ) -> Result<LossValue> {
+        let sync = SyncBackend::new(be, group);
+        self.params_mut(&mut |p| p.zero_grad());
+        let z1 = {
+            let f = self.backbone.forward(&sync, y1, true);
+            self.projector.forward(&sync, &f, true)
+        };
+        let z2 = {
+            let f = self.backbone.forward(&sync, y2, true);
+            self.projector.forward(&sync, &f, true)
+        };
+        let dims = Dims::new(z1.shape[0], z1.shape[1]);
+        let mut dz1 = Tensor::zeros(&z1.shape);
+        let mut dz2 = Tensor::zeros(&z2.shape);
+        let value = self.loss.forward_backward_cpu_across(
+            group,
+            &z1.data,
+            &z2.data,
+            dims,
+            &mut dz1.data,
+            &mut dz2.data,
+        )?;
+        let df2 = self.projector.backward(&sync, &dz2);
+        self.backbone.backward(&sync, &df2);
+        let df1 = self.projector.backward(&sync, &dz1);
+        self.backbone.backward(&sync, &df1);
+        sync.finish()?;
+        // One all-reduce of every gradient, in the visiting order.
+        let mut flat = Vec::new();
+        self.params_mut(&mut |p| flat.extend_from_slice(&p.grad));
+        group.all_reduce_sum_f32(&mut flat)?;
+        let mut at = 0;
+        self.params_mut(&mut |p| {
+            let len = p.grad.len();
+            p.grad.copy_from_slice(&flat[at..at + len]);
+            at += len;
+        });
         Ok(value)
     }
 
