@@ -226,3 +226,124 @@ fn split_loss_refusals_end_the_call_on_every_rank() {
         assert!(matches!(r, Err(Error::NonFinite { .. })), "{r:?}");
     }
 }
+
+/// What one trainer's steps leave: losses, gradients per step, and the final parameters and
+/// buffers.
+#[cfg(feature = "train")]
+type Trace = (
+    Vec<f64>,
+    Vec<Vec<(String, Vec<f32>)>>,
+    Vec<(String, Vec<f32>)>,
+);
+
+/// Two steps of a DeviceTrainer on `streams[rank]` with `batch` images per rank, as rank `rank`
+/// of `group` when given.
+#[cfg(feature = "train")]
+fn device_steps(
+    stream: &std::sync::Arc<barlow::cuda::cudarc::driver::CudaStream>,
+    group: Option<(usize, usize, [u8; 128])>,
+    views: &[(barlow::nn::Tensor, barlow::nn::Tensor)],
+    from: usize,
+    batch: usize,
+) -> Trace {
+    use barlow::nn::resnet::{Arch, ResNetConfig, Stem};
+    use barlow::nn::{Tensor, Visit};
+    use barlow::train::cuda::{DeviceOptions, DeviceTrainer};
+    use barlow::train::{BarlowTwins, Lars, LarsConfig, ModelConfig};
+    let cfg = ModelConfig::new(
+        ResNetConfig::new(Arch::Resnet18, Stem::Small, 3, 4),
+        vec![16, 12, 8],
+    );
+    let mut model = BarlowTwins::new(cfg, &mut Rng::new(5)).unwrap();
+    let mut opt = Lars::new(LarsConfig::default());
+    let options = DeviceOptions::default().fma_only(true);
+    let side = views[0].0.shape[2];
+    let mut t =
+        DeviceTrainer::<f32>::new(stream, &mut model, &opt, batch, (3, side, side), options)
+            .unwrap();
+    if let Some((rank, world, id)) = group {
+        let comm = Nccl::init_rank(stream, rank, world, &NcclId::from_bytes(&id).unwrap()).unwrap();
+        t.join(comm).unwrap();
+    }
+    let rows = |x: &Tensor| {
+        let item = x.item_len();
+        let mut shape = x.shape.clone();
+        shape[0] = batch;
+        Tensor::from_vec(&shape, x.data[from * item..(from + batch) * item].to_vec())
+    };
+    let (mut losses, mut grads) = (Vec::new(), Vec::new());
+    for (a, b) in views {
+        t.stage(&rows(a), &rows(b)).unwrap();
+        losses.push(t.forward_backward().unwrap().total);
+        t.gradients_to_host(&mut model).unwrap();
+        let mut g = Vec::new();
+        model.params_mut(&mut |p| g.push((p.name.clone(), p.grad.clone())));
+        grads.push(g);
+        t.optimizer_step(0.5, 0.01).unwrap();
+    }
+    t.sync_to_host(&mut model, &mut opt).unwrap();
+    let mut end = Vec::new();
+    model.params_mut(&mut |p| end.push((p.name.clone(), p.value.clone())));
+    model.buffers_mut(&mut |b| end.push((b.name.clone(), b.value.clone())));
+    (losses, grads, end)
+}
+
+#[cfg(feature = "train")]
+#[test]
+fn two_devices_take_the_step_of_one_device_on_both_halves() {
+    let Some(streams) = gpus("two_devices_take_the_step_of_one_device_on_both_halves", 2) else {
+        return;
+    };
+    let (world, n, side) = (2, 3, 8);
+    let mut rng = Rng::new(17);
+    let mut image = |count: usize| {
+        let data = (0..count * 3 * side * side)
+            .map(|_| rng.uniform() as f32 - 0.5)
+            .collect();
+        barlow::nn::Tensor::from_vec(&[count, 3, side, side], data)
+    };
+    let views: Vec<_> = (0..2)
+        .map(|_| (image(world * n), image(world * n)))
+        .collect();
+    let one = device_steps(&streams[0], None, &views, 0, world * n);
+    let id = NcclId::new().unwrap().to_bytes();
+    let ranks: Vec<Trace> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..world)
+            .map(|r| {
+                let (stream, views) = (&streams[r], &views);
+                s.spawn(move || device_steps(stream, Some((r, world, id)), views, r * n, n))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Per tensor, normwise, floored at 1% of the largest entry of its kind anywhere: sums over
+    // another split of the batch round differently.
+    let close = |what: &str, got: &[(String, Vec<f32>)], want: &[(String, Vec<f32>)]| {
+        let top = want
+            .iter()
+            .flat_map(|(_, v)| v.iter())
+            .fold(0f32, |m, v| m.max(v.abs()));
+        for ((name, g), (name2, w)) in got.iter().zip(want) {
+            assert_eq!(name, name2);
+            if name.ends_with("num_batches_tracked") {
+                assert_eq!(g, w, "{what} {name}");
+                continue;
+            }
+            let e = rel_err_scaled(g, &to_f64(w), 0.01 * f64::from(top));
+            assert!(e <= 1e-4, "{what} {name}: error {e:.3e}");
+        }
+    };
+    for (rank, (losses, grads, end)) in ranks.iter().enumerate() {
+        assert_eq!(
+            (losses, grads, end),
+            (&ranks[0].0, &ranks[0].1, &ranks[0].2),
+            "rank {rank} differs from rank 0"
+        );
+        for step in 0..views.len() {
+            let what = format!("rank {rank} step {step}");
+            assert_close_scalar(&format!("{what} loss"), losses[step], one.0[step], 1e-5);
+            close(&format!("{what} gradient"), &grads[step], &one.1[step]);
+        }
+        close(&format!("rank {rank} after two steps"), end, &one.2);
+    }
+}

@@ -11,6 +11,7 @@
 // The backward recomputes x̂ from the norm's input, takes the ReLU mask from the stored output,
 // and writes the residual branch's gradient in the same pass.
 #include "common.cuh"
+#include "loss/standardize_split.cuh"
 
 namespace barlow {
 
@@ -196,7 +197,69 @@ __device__ void bn_bwd_apply(const T* __restrict__ dy, const T* __restrict__ y,
   }
 }
 
+// Synchronized batch norm (a batch split across ranks): the statistics come from sums over every
+// rank's rows, added up by the host's collectives between launches (column_sums and
+// centered_squares of standardize_split.cuh forward; bn_bwd_sums backward).
+
+// Σg and Σg·x̂ per channel of this rank's rows, in f64: out = [Σg | Σg·x̂].
+template <typename T>
+__device__ void bn_bwd_sums(const T* __restrict__ dy, const T* __restrict__ y,
+                            const T* __restrict__ x, const float* __restrict__ mean,
+                            const float* __restrict__ rstd, double* __restrict__ out, int64_t m,
+                            int64_t c) {
+  __shared__ double s[ROWS][COLS];
+  const int64_t col = (int64_t)blockIdx.x * COLS + threadIdx.x;
+  double sum = 0.0, dot = 0.0;
+  if (col < c) {
+    const float mu = mean[col], rs = rstd[col];
+    for (int64_t r = threadIdx.y; r < m; r += ROWS) {
+      const int64_t i = r * c + col;
+      const float g = masked(dy, y, i);
+      sum += (double)g;
+      dot += (double)(g * ((to_f32(x[i]) - mu) * rs));
+    }
+  }
+  const double ts = column_total(sum, s);
+  const double td = column_total(dot, s);
+  if (threadIdx.y == 0 && col < c) {
+    out[col] = ts;
+    out[c + col] = td;
+  }
+}
+
 }  // namespace barlow
+
+// Mean, rstd and the running statistics from the whole batch's sums (m rows in all).
+extern "C" __global__ void bn_sync_stats(const double* sums, const double* sq, int64_t m, int64_t c,
+                                         float eps, float momentum, float* mean, float* rstd,
+                                         float* running_mean, float* running_var) {
+  const int64_t col = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= c) return;
+  const double mu = sums[col] / (double)m;
+  const float var = (float)(sq[col] / (double)m);
+  mean[col] = (float)mu;
+  rstd[col] = 1.f / sqrtf(var + eps);
+  const float unbias = m > 1 ? (float)m / (float)(m - 1) : 1.f;
+  running_mean[col] = (1.f - momentum) * running_mean[col] + momentum * (float)mu;
+  running_var[col] = (1.f - momentum) * running_var[col] + momentum * var * unbias;
+}
+
+// dβ += Σg, dγ += Σg·x̂ of this rank's rows (the gradients are summed over the ranks later).
+extern "C" __global__ void bn_sync_params(const double* sums, int64_t c, float* dgamma,
+                                          float* dbeta) {
+  const int64_t col = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= c) return;
+  dbeta[col] += (float)sums[col];
+  dgamma[col] += (float)sums[c + col];
+}
+
+// The input gradient's coefficients from the whole batch's sums: coef = [Σg/m | Σg·x̂/m].
+extern "C" __global__ void bn_sync_coef(const double* sums, int64_t m, int64_t c, float* coef) {
+  const int64_t col = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= c) return;
+  coef[col] = (float)(sums[col] / (double)m);
+  coef[c + col] = (float)(sums[c + col] / (double)m);
+}
 
 // Evaluation mode: mean and rstd from the running statistics.
 extern "C" __global__ void bn_eval_stats(const float* running_mean, const float* running_var,
@@ -211,6 +274,24 @@ extern "C" __global__ void bn_bwd_final(const float* partial, int64_t chunks, in
                                         float* dgamma, float* dbeta, float* coef) {
   barlow::bn_bwd_final(partial, chunks, m, c, dgamma, dbeta, coef);
 }
+
+#define BARLOW_BN_SYNC(SUF, T)                                                                 \
+  extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS)                    \
+      bn_sync_sums_##SUF(const T* x, double* out, int64_t m, int64_t c) {                      \
+    barlow::column_sums<T>(x, out, m, c);                                                      \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS)                    \
+      bn_sync_centered_##SUF(const T* x, const double* sums, double inv_count, double* out,    \
+                             int64_t m, int64_t c) {                                           \
+    barlow::centered_squares<T>(x, sums, inv_count, out, m, c);                                \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS)                    \
+      bn_bwd_sums_##SUF(const T* dy, const T* y, const T* x, const float* mean,                \
+                        const float* rstd, double* out, int64_t m, int64_t c) {                \
+    barlow::bn_bwd_sums<T>(dy, y, x, mean, rstd, out, m, c);                                   \
+  }
+BARLOW_BN_SYNC(f32, float)
+BARLOW_BN_SYNC(bf16, __nv_bfloat16)
 
 #define BARLOW_BN(SUF, T)                                                                      \
   extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS)                    \

@@ -347,6 +347,93 @@ void test_standardize_affine(int64_t n, int64_t d, bool relu, uint64_t seed) {
   check(tag + " dbeta", err(db, db_ref), 1e-5);
 }
 
+// Synchronized batch norm (f32, ReLU and residual): the rows cut into two "ranks", each stage's
+// sums added on the host between launches as the collectives add them; against the double
+// reference of the whole batch. dγ and dβ: each rank adds its own share.
+void test_batch_norm_sync(int64_t m, int64_t c, int64_t cut, uint64_t seed) {
+  Rng rng{seed};
+  const float eps = 1e-5f, momentum = 0.1f;
+  auto x = randn(rng, m * c, 3.f, 1.5f), r = randn(rng, m * c), dy = randn(rng, m * c);
+  auto gamma = randn(rng, c), beta = randn(rng, c);
+  std::vector<float> rm(c, 0.f), rv(c, 1.f);
+  const int64_t rows[2] = {cut, m - cut}, at[2] = {0, cut * c};
+  const unsigned tiles = unsigned((c + 31) / 32), small = unsigned((c + 255) / 256);
+  std::vector<double> sums(c, 0), sq(c, 0), bsum(2 * c, 0);
+  for (int k = 0; k < 2; ++k) {
+    std::vector<double> part(c, NAN);
+    emu_launch({tiles}, {32, 8}, [&] { bn_sync_sums_f32(x.data() + at[k], part.data(), rows[k], c); });
+    for (int64_t j = 0; j < c; ++j) sums[j] += part[j];
+  }
+  for (int k = 0; k < 2; ++k) {
+    std::vector<double> part(c, NAN);
+    emu_launch({tiles}, {32, 8}, [&] {
+      bn_sync_centered_f32(x.data() + at[k], sums.data(), 1.0 / m, part.data(), rows[k], c);
+    });
+    for (int64_t j = 0; j < c; ++j) sq[j] += part[j];
+  }
+  std::vector<float> mean(c, NAN), rstd(c, NAN), y(m * c, NAN), dx(m * c, NAN), coef(2 * c, NAN);
+  emu_launch({small}, {256}, [&] {
+    bn_sync_stats(sums.data(), sq.data(), m, c, eps, momentum, mean.data(), rstd.data(), rm.data(),
+                  rv.data());
+  });
+  for (int k = 0; k < 2; ++k)
+    rows_launch(rows[k], c, [&] {
+      bn_apply_f32(x.data() + at[k], mean.data(), rstd.data(), gamma.data(), beta.data(),
+                   r.data() + at[k], y.data() + at[k], rows[k], c, 1);
+    });
+  std::vector<float> dg(c, 0.f), db(c, 0.f);
+  for (int k = 0; k < 2; ++k) {
+    std::vector<double> part(2 * c, NAN);
+    emu_launch({tiles}, {32, 8}, [&] {
+      bn_bwd_sums_f32(dy.data() + at[k], y.data() + at[k], x.data() + at[k], mean.data(),
+                      rstd.data(), part.data(), rows[k], c);
+    });
+    emu_launch({small}, {256}, [&] { bn_sync_params(part.data(), c, dg.data(), db.data()); });
+    for (int64_t j = 0; j < 2 * c; ++j) bsum[j] += part[j];
+  }
+  emu_launch({small}, {256}, [&] { bn_sync_coef(bsum.data(), m, c, coef.data()); });
+  for (int k = 0; k < 2; ++k)
+    rows_launch(rows[k], c, [&] {
+      bn_bwd_apply_f32(dy.data() + at[k], y.data() + at[k], x.data() + at[k], mean.data(),
+                       rstd.data(), gamma.data(), coef.data(), dx.data() + at[k], nullptr, 0,
+                       rows[k], c);
+    });
+  // Reference.
+  std::vector<double> mu(c), rs(c), yr(m * c), rmr(c), rvr(c), sg(c, 0), sgx(c, 0), dxr(m * c);
+  for (int64_t j = 0; j < c; ++j) {
+    double sx = 0, q = 0;
+    for (int64_t i = 0; i < m; ++i) sx += x[i * c + j];
+    mu[j] = sx / m;
+    for (int64_t i = 0; i < m; ++i) q += (x[i * c + j] - mu[j]) * (x[i * c + j] - mu[j]);
+    rs[j] = 1.0 / sqrt(q / m + eps);
+    rmr[j] = momentum * mu[j];
+    rvr[j] = (1 - momentum) + momentum * (q / m) * (double(m) / (m - 1));
+  }
+  for (int64_t i = 0; i < m * c; ++i) {
+    const int64_t j = i % c;
+    yr[i] = std::max((x[i] - mu[j]) * rs[j] * gamma[j] + beta[j] + r[i], 0.0);
+  }
+  std::vector<double> gv(m * c);
+  for (int64_t i = 0; i < m * c; ++i) {
+    const int64_t j = i % c;
+    gv[i] = y[i] > 0.f ? dy[i] : 0.0;
+    sg[j] += gv[i];
+    sgx[j] += gv[i] * (x[i] - mu[j]) * rs[j];
+  }
+  for (int64_t i = 0; i < m * c; ++i) {
+    const int64_t j = i % c;
+    dxr[i] = gamma[j] * rs[j] * (gv[i] - sg[j] / m - (x[i] - mu[j]) * rs[j] * sgx[j] / m);
+  }
+  const std::string tag = "batch norm synchronized f32 " + std::to_string(cut) + "+" +
+                          std::to_string(m - cut) + "x" + std::to_string(c) + " +res relu";
+  check(tag + " forward", err(y, yr), 1e-5);
+  check(tag + " running mean", err(rm, rmr), 1e-5);
+  check(tag + " running var", err(rv, rvr), 1e-5);
+  check(tag + " dx", err_scaled(dx, dxr, term_scale(gamma, rs, gv)), 1e-5);
+  check(tag + " dgamma", err(dg, sgx), 1e-5);
+  check(tag + " dbeta", err(db, sg), 1e-5);
+}
+
 // The loss's own standardization (no affine) and its backward, f32.
 void test_standardize_loss(int64_t n, int64_t d, uint64_t seed) {
   Rng rng{seed};
@@ -823,6 +910,7 @@ int main() {
     }
   test_standardize_loss(67, 41, seed++);
   test_standardize_split(67, 41, 30, 9001);
+  test_batch_norm_sync(50, 37, 21, 9004);
   test_standardize_split(2, 33, 1, 9002);
   test_loss_reduce(7, 0, seed++);
   test_loss_reduce(40, 1, seed++);
@@ -856,6 +944,7 @@ int main() {
   }
   test_standardize_loss(67, 41, seed++);
   test_standardize_split(9, 37, 4, 9003);
+  test_batch_norm_sync(9, 37, 4, 9005);
   test_loss_reduce(7, 0, seed++);
   test_loss_reduce(40, 1, seed++);
   test_gram(21, 37, seed++);  // two column tiles, two dot blocks, four init blocks

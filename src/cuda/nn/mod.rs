@@ -11,6 +11,7 @@ mod lars;
 mod linear;
 mod norm;
 mod pool;
+mod sync;
 
 pub use lars::{LarsStep, LarsTables};
 pub use norm::{NormBackward, NormForward};
@@ -100,6 +101,27 @@ mod kernel {
         /// Its backward.
         fn avgpool_bwd<A: Act>(dy: &A, dx: &mut A, n: i64, hw: i64, c: i64)
             = act(A::DTYPE, "avgpool_bwd_f32", "avgpool_bwd_bf16");
+        /// Σx per channel in f64, for a batch norm synchronized across ranks.
+        fn bn_sync_sums<A: Act>(x: &A, out: &mut f64, m: i64, c: i64)
+            = act(A::DTYPE, "bn_sync_sums_f32", "bn_sync_sums_bf16");
+        /// Σ(x − mean)² per channel in f64, the mean from every rank's sums.
+        fn bn_sync_centered<A: Act>(
+            x: &A, sums: &f64, inv_count: f64, out: &mut f64, m: i64, c: i64,
+        ) = act(A::DTYPE, "bn_sync_centered_f32", "bn_sync_centered_bf16");
+        /// Mean, rstd and the running statistics from every rank's sums.
+        fn bn_sync_stats(
+            sums: &f64, sq: &f64, m: i64, c: i64, eps: f32, momentum: f32, mean: &mut f32,
+            rstd: &mut f32, running_mean: &mut f32, running_var: &mut f32,
+        ) = "bn_sync_stats";
+        /// Σg and Σg·x̂ per channel of this rank's rows, in f64.
+        fn bn_bwd_sums<A: Act>(
+            dy: &A, y: Option<&A>, x: &A, mean: &f32, rstd: &f32, out: &mut f64, m: i64, c: i64,
+        ) = act(A::DTYPE, "bn_bwd_sums_f32", "bn_bwd_sums_bf16");
+        /// dγ, dβ from this rank's sums.
+        fn bn_sync_params(sums: &f64, c: i64, dgamma: &mut f32, dbeta: &mut f32)
+            = "bn_sync_params";
+        /// The input gradient's coefficients from every rank's sums.
+        fn bn_sync_coef(sums: &f64, m: i64, c: i64, coef: &mut f32) = "bn_sync_coef";
         /// f32 → bf16 (convert.cu).
         fn cast_f32_bf16(src: &f32, dst: &mut bf16, n: i64) = "cast_f32_bf16";
         /// `dst += src` into f32.

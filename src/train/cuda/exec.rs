@@ -63,6 +63,7 @@ impl<A: Act> DeviceTrainer<A> {
             timer,
             stream,
             fma_only,
+            group,
             ..
         } = self;
         for nd in &nodes[..upto] {
@@ -104,8 +105,12 @@ impl<A: Act> DeviceTrainer<A> {
                         stats: &mut stats[v][*st],
                     };
                     let m = timer.start(stream, Phase::Norm)?;
-                    match (*dense, mode) {
-                        (true, NormMode::Train { momentum }) => {
+                    match (group.as_ref(), *dense, mode) {
+                        // Across ranks every norm, the projector's too, is synchronized.
+                        (Some(comm), _, NormMode::Train { momentum }) => {
+                            ops.batch_norm_forward_sync(comm, momentum, args)?
+                        }
+                        (None, true, NormMode::Train { momentum }) => {
                             ops.standardize_affine_forward(momentum, args)?
                         }
                         _ => ops.batch_norm_forward(mode, args)?,
@@ -165,6 +170,7 @@ impl<A: Act> DeviceTrainer<A> {
             timer,
             stream,
             fma_only,
+            group,
             ..
         } = self;
         for nd in nodes.iter().rev() {
@@ -222,7 +228,9 @@ impl<A: Act> DeviceTrainer<A> {
                         dres: dr.map(|d| (d.slice_mut(..), nd.acc_res)),
                     };
                     let m = timer.start(stream, Phase::Norm)?;
-                    if *dense {
+                    if let Some(comm) = group.as_ref() {
+                        ops.batch_norm_backward_sync(comm, args)?;
+                    } else if *dense {
                         ops.standardize_affine_backward(args)?;
                     } else {
                         ops.batch_norm_backward(args)?;

@@ -24,6 +24,7 @@ pub use timing::Phase;
 
 use super::{BarlowTwins, Lars};
 use crate::cuda::cudnn::{AlgoSearch, Convolutions};
+use crate::cuda::nccl::Nccl;
 use crate::cuda::nn::{LarsStep, LarsTables, NnOps, NormMode};
 use crate::cuda::{alloc, drv, Act};
 use crate::error::{Error, Result};
@@ -114,6 +115,8 @@ pub struct DeviceTrainer<A: Act> {
     /// Training forwards since the last sync to the host (BatchNorm's `num_batches_tracked`).
     forwards: usize,
     timer: Timer,
+    /// The data-parallel group this trainer is a rank of, if any.
+    group: Option<Nccl>,
 }
 
 /// Elements and bytes of the device state, for error messages and the bench.
@@ -327,6 +330,7 @@ impl<A: Act> DeviceTrainer<A> {
             staging,
             forwards: 0,
             timer: Timer::default(),
+            group: None,
         };
         // Plan every convolution now, at the training batch size; the backward-data pass only
         // where it runs (not for a convolution of the input images).
@@ -342,6 +346,22 @@ impl<A: Act> DeviceTrainer<A> {
             this.convs.prepare(&spec, batch, data)?;
         }
         Ok(this)
+    }
+
+    /// Makes this trainer one rank of a data-parallel group: from the next step on, every batch
+    /// norm is synchronized over the group's ranks, the loss is the whole batch's
+    /// ([`crate::BarlowTwinsLoss::forward_backward_across`]) and the gradients are summed over
+    /// the ranks before LARS, so W ranks of `batch` images each take the step one trainer takes
+    /// on the W·`batch` images. `comm` must be on this trainer's stream; every rank must start
+    /// from the same model and optimizer state.
+    pub fn join(&mut self, comm: Nccl) -> Result<()> {
+        if comm.stream().cu_stream() != self.stream.cu_stream() {
+            return Err(Error::InvalidConfig(
+                "the group's communicator is on another stream than the trainer's".into(),
+            ));
+        }
+        self.group = Some(comm);
+        Ok(())
     }
 
     /// Number of parameters and bytes of activations (both views) and their gradients.
@@ -432,7 +452,12 @@ impl<A: Act> DeviceTrainer<A> {
                 ..
             } = self;
             let [za, zb] = acts;
-            loss.forward_backward(stream, &za[z], &zb[z], dims, &mut grads[z], dz_b)?
+            match &self.group {
+                Some(comm) => {
+                    loss.forward_backward_across(comm, &za[z], &zb[z], dims, &mut grads[z], dz_b)?
+                }
+                None => loss.forward_backward(stream, &za[z], &zb[z], dims, &mut grads[z], dz_b)?,
+            }
         };
         self.timer.stop(&self.stream, m)?;
         self.backward(0, n, k)?;
@@ -440,6 +465,12 @@ impl<A: Act> DeviceTrainer<A> {
         let second = self.backward(1, n, k);
         std::mem::swap(&mut self.grads[z], &mut self.dz_b);
         second?;
+        if let Some(comm) = &self.group {
+            // Every rank's gradients summed: each rank then takes the same LARS step.
+            let m = self.timer.start(&self.stream, Phase::Optimizer)?;
+            comm.all_reduce_sum_f32(&mut self.grad)?;
+            self.timer.stop(&self.stream, m)?;
+        }
         Ok(value)
     }
 
