@@ -254,7 +254,9 @@ fn device_steps(
         ResNetConfig::new(Arch::Resnet18, Stem::Small, 3, 4),
         vec![16, 12, 8],
     );
-    let mut model = BarlowTwins::new(cfg, &mut Rng::new(5)).unwrap();
+    // Ranks other than 0 start from another initialization: joining the group gives them rank 0's.
+    let seed = group.map_or(5, |(rank, ..)| 5 + 100 * rank as u64);
+    let mut model = BarlowTwins::new(cfg, &mut Rng::new(seed)).unwrap();
     let mut opt = Lars::new(LarsConfig::default());
     let options = DeviceOptions::default().fma_only(true);
     let side = views[0].0.shape[2];

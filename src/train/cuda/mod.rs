@@ -352,14 +352,30 @@ impl<A: Act> DeviceTrainer<A> {
     /// norm is synchronized over the group's ranks, the loss is the whole batch's
     /// ([`crate::BarlowTwinsLoss::forward_backward_across`]) and the gradients are summed over
     /// the ranks before LARS, so W ranks of `batch` images each take the step one trainer takes
-    /// on the W·`batch` images. `comm` must be on this trainer's stream; every rank must start
-    /// from the same model and optimizer state.
+    /// on the W·`batch` images. `comm` must be on this trainer's stream. Every rank starts from
+    /// rank 0's parameters, LARS momentum and running statistics (broadcast here), so the ranks
+    /// stay identical step after step.
     pub fn join(&mut self, comm: Nccl) -> Result<()> {
-        if comm.stream().cu_stream() != self.stream.cu_stream() {
+        let theirs = comm.stream();
+        if theirs.cu_stream() != self.stream.cu_stream()
+            || theirs.context().cu_ctx() != self.stream.context().cu_ctx()
+        {
             return Err(Error::InvalidConfig(
                 "the group's communicator is on another stream than the trainer's".into(),
             ));
         }
+        comm.broadcast_f32(&mut self.master, 0)?;
+        comm.broadcast_f32(&mut self.mom, 0)?;
+        comm.broadcast_f32(&mut self.running, 0)?;
+        // The working copy the layers read, from the broadcast master.
+        let master = self
+            .stream
+            .clone_dtoh(&self.master)
+            .map_err(drv("reading parameters"))?;
+        let work: Vec<A> = master.iter().map(|&v| A::from_f32(v)).collect();
+        self.stream
+            .memcpy_htod(&work, &mut self.work)
+            .map_err(drv("uploading parameters"))?;
         self.group = Some(comm);
         Ok(())
     }
