@@ -91,6 +91,16 @@ else
   fail "barlow train --device cuda"; tail -n 20 "$work/train.log"
 fi
 
+# A worker thread per device, NCCL between them; rank 0 alone writes.
+if "$barlow" train --device cuda --gpus 2 --max-train 128 --batch-size 32 --epochs 1 --width 8 \
+  --projector 64,64,64 --knn-every 0 --out "$work/run2" >"$work/train2.log" 2>&1 \
+  && grep -q 'data parallel: 2 ranks of 16 images' "$work/train2.log" \
+  && [ "$(grep -c '"event":"step"' "$work/run2/metrics.jsonl")" -eq 4 ]; then
+  pass "barlow train --device cuda --gpus 2 (4 steps of 2 x 16 images)"
+else
+  fail "barlow train --device cuda --gpus 2"; tail -n 20 "$work/train2.log"
+fi
+
 # Mutations: the suite must notice a wrong launch or GEMM. Each run must fail.
 mutant() {
   local spec=$1 test=$2

@@ -349,3 +349,114 @@ fn two_devices_take_the_step_of_one_device_on_both_halves() {
         close(&format!("rank {rank} after two steps"), end, &one.2);
     }
 }
+
+/// The step losses a run wrote.
+#[cfg(feature = "train")]
+fn run_losses(dir: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "step")
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect()
+}
+
+/// `barlow train --gpus 2` and two launched processes (here threads, with the launcher's
+/// variables and the rendezvous) take the steps of one device on the whole batch; rank 0 alone
+/// writes the run folder.
+#[test]
+#[cfg(feature = "train")]
+fn a_run_on_two_devices_takes_the_steps_of_one() {
+    if gpus("a_run_on_two_devices_takes_the_steps_of_one", 2).is_none() {
+        return;
+    }
+    use barlow::collective::Launch;
+    use barlow::cuda::cudnn::AlgoSearch;
+    use barlow::nn::resnet::{Arch, Stem};
+    use barlow::train::ranks::Ranks;
+    use barlow::train::run::{self, DeviceChoice, Precision, Quiet, TrainConfig};
+    let cfg = TrainConfig::default()
+        .arch(Arch::Resnet18)
+        .stem(Some(Stem::Small))
+        .width(4)
+        .projector(vec![16, 16, 16])
+        .batch_size(8)
+        .epochs(2)
+        .max_train(24)
+        .knn_every(0)
+        .knn_bank(32)
+        .knn_test(16)
+        .seed(3)
+        .device(DeviceChoice::Cuda)
+        .precision(Precision::F32)
+        .cudnn(AlgoSearch::Heuristic);
+    let dir = |name: &str| {
+        let d = std::env::temp_dir().join(format!("barlow-dp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    };
+    let (one, two) = (dir("one"), dir("two"));
+    run::train(&cfg, &one, None, &mut Quiet).unwrap();
+    let s = run::train_with(&cfg, &Ranks::Gpus(2), &two, None, &mut Quiet).unwrap();
+    assert_eq!(s.steps, 6);
+    let (l1, l2) = (run_losses(&one), run_losses(&two));
+    assert_eq!((l1.len(), l2.len()), (6, 6));
+    for (i, (a, b)) in l1.iter().zip(&l2).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * a.abs(),
+            "step {}: one device {a}, two {b}",
+            i + 1
+        );
+    }
+    let state = barlow::train::checkpoint::load(&two.join("checkpoint.safetensors"))
+        .unwrap()
+        .state;
+    assert_eq!(state["world"], 2);
+
+    // Launched: the variables of each rank, the rendezvous on a free port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let (lead, other) = (dir("launched"), dir("launched-rank1"));
+    let results: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2)
+            .map(|rank| {
+                let (cfg, port) = (&cfg, &port);
+                let out = if rank == 0 {
+                    lead.clone()
+                } else {
+                    other.clone()
+                };
+                s.spawn(move || {
+                    let rank = rank.to_string();
+                    let vars = [
+                        ("WORLD_SIZE", "2"),
+                        ("RANK", rank.as_str()),
+                        ("MASTER_PORT", port.as_str()),
+                    ];
+                    let l = Launch::from_vars(|k| {
+                        vars.iter()
+                            .find(|(n, _)| *n == k)
+                            .map(|(_, v)| v.to_string())
+                    })
+                    .unwrap()
+                    .unwrap();
+                    run::train_with(cfg, &Ranks::Launched(l), &out, None, &mut Quiet)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &results {
+        assert_eq!(r.as_ref().unwrap().steps, 6);
+    }
+    assert_eq!(run_losses(&lead), l2, "launched ranks differ from --gpus 2");
+    assert!(!other.exists(), "rank 1 wrote into its folder");
+    for d in [one, two, lead] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}

@@ -3,6 +3,7 @@
 use super::args::*;
 use super::plot::plot_metrics;
 use super::progress::Bar;
+use barlow::train::ranks::Ranks;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -70,6 +71,11 @@ pub(crate) struct TrainArgs {
     /// no tensor-core rounding; for checking).
     #[arg(long, value_enum, default_value_t = PrecisionArg::Bf16)]
     precision: PrecisionArg,
+    /// GPUs of this machine to train on, a worker each (data parallel: every batch is split
+    /// between them, the step is the whole batch's). For several machines, start one process
+    /// per GPU with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set instead.
+    #[arg(long, default_value_t = 1, value_parser = positive)]
+    gpus: usize,
 }
 
 pub(crate) fn timestamp() -> String {
@@ -129,8 +135,37 @@ pub(crate) fn train(a: TrainArgs) -> Result<(), String> {
             PathBuf::from("runs").join(format!("{}-{}", timestamp(), std::process::id()))
         }
     };
+    let launch = barlow::collective::Launch::from_vars(|k| std::env::var(k).ok())
+        .map_err(|e| e.to_string())?;
+    let ranks = match (launch, a.gpus) {
+        (Some(l), 1) => Ranks::Launched(l),
+        (Some(l), n) => {
+            return Err(format!(
+                "--gpus {n} given inside a launched group (WORLD_SIZE={}): the launcher starts \
+                 a process per GPU, so leave --gpus out",
+                l.world_size
+            ))
+        }
+        (None, 1) => Ranks::One,
+        (None, n) => Ranks::Gpus(n),
+    };
     let mut bar = Bar::default();
-    let s = match barlow::train::run::train(&cfg, &out, a.resume.as_deref(), &mut bar) {
+    let result = barlow::train::run::train_with(&cfg, &ranks, &out, a.resume.as_deref(), &mut bar);
+    if result.is_err() && ranks.world() > 1 {
+        // Other ranks may still wait on the one that failed: end them with the process.
+        if let Err(e) = &result {
+            if let Some(b) = &bar.bar {
+                b.abandon();
+            }
+            eprintln!("barlow: {e}");
+            std::process::exit(if matches!(e, barlow::Error::Interrupted { .. }) {
+                130
+            } else {
+                1
+            });
+        }
+    }
+    let s = match result {
         Ok(s) => s,
         Err(e @ barlow::Error::Interrupted { .. }) => {
             if let Some(b) = &bar.bar {
@@ -141,6 +176,15 @@ pub(crate) fn train(a: TrainArgs) -> Result<(), String> {
         }
         Err(e) => return Err(e.to_string()),
     };
+    if let Ranks::Launched(l) = &ranks {
+        if l.rank != 0 {
+            println!(
+                "rank {} of {}: done, {} steps",
+                l.rank, l.world_size, s.steps
+            );
+            return Ok(());
+        }
+    }
     plot_metrics(&barlow::train::run::RunFiles {
         dir: s.out_dir.clone(),
     })

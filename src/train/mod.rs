@@ -10,6 +10,7 @@ pub mod eval;
 pub mod lars;
 pub mod model;
 pub mod parallel;
+pub mod ranks;
 pub mod run;
 
 pub use lars::{Lars, LarsConfig, Schedule};

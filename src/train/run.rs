@@ -10,8 +10,11 @@ use super::checkpoint;
 use super::cuda::{DeviceOptions, DeviceTrainer};
 use super::data::{self, Dataset, Splits};
 use super::eval::{features_with, knn_top1};
+use super::ranks::{Link, Member, Ranks};
 use super::{BarlowTwins, Lars, LarsConfig, ModelConfig, Schedule};
+use crate::collective::Collective;
 use crate::cuda::cudnn::AlgoSearch;
+use crate::cuda::nccl::Nccl;
 use crate::error::{Error, Result};
 use crate::nn::resnet::{Arch, ResNetConfig, Stem};
 use crate::nn::{CpuBackend, Tensor};
@@ -187,15 +190,18 @@ pub struct EngineOptions {
     pub precision: Precision,
     /// How cuDNN's convolution algorithms are chosen on the GPU.
     pub cudnn: AlgoSearch,
+    /// The CUDA device to open (0 unless a rank of a group picks its own).
+    pub ordinal: usize,
 }
 
 impl EngineOptions {
-    /// `device` and `precision`, algorithms chosen by timing them.
+    /// `device` and `precision` on device 0, algorithms chosen by timing them.
     pub fn new(device: DeviceChoice, precision: Precision) -> Self {
         Self {
             device,
             precision,
             cudnn: AlgoSearch::default(),
+            ordinal: 0,
         }
     }
 
@@ -203,12 +209,19 @@ impl EngineOptions {
     pub fn cudnn(self, cudnn: AlgoSearch) -> Self {
         Self { cudnn, ..self }
     }
+
+    /// On CUDA device `ordinal`.
+    pub fn ordinal(self, ordinal: usize) -> Self {
+        Self { ordinal, ..self }
+    }
 }
 
 /// The step's machinery: the CPU layers, or a device-resident copy of the model.
 pub enum Engine {
     /// The CPU layers, updating the host model in place.
     Cpu,
+    /// The CPU layers as one rank of a data-parallel group (see [`Engine::join`]).
+    CpuRank(Box<dyn Collective>),
     /// A device-resident model with bf16 activations and f32 master weights.
     CudaBf16(Box<DeviceTrainer<half::bf16>>),
     /// A device-resident model in f32 throughout.
@@ -233,6 +246,7 @@ impl Engine {
             device: choice,
             precision,
             cudnn,
+            ordinal,
         } = options;
         if choice == DeviceChoice::Cpu {
             say(&format!(
@@ -241,14 +255,14 @@ impl Engine {
             ));
             return Ok(Engine::Cpu);
         }
-        let opened = crate::cuda::open_stream(0).and_then(|stream| {
+        let opened = crate::cuda::open_stream(ordinal).and_then(|stream| {
             // SAFETY: the context object is this engine's own (open_stream made it), and the
             // trainer orders its upload stream with its own events; no buffer exists yet.
             unsafe { stream.context().disable_event_tracking() };
             let name = stream
                 .context()
                 .name()
-                .unwrap_or_else(|_| "CUDA device 0".into());
+                .unwrap_or_else(|_| format!("CUDA device {ordinal}"));
             let options = DeviceOptions::default().cudnn(cudnn);
             let engine = match precision {
                 Precision::Bf16 => Engine::CudaBf16(Box::new(DeviceTrainer::new(
@@ -306,6 +320,44 @@ impl Engine {
         }
     }
 
+    /// Makes this engine rank `rank` of a data-parallel group of `world` reached through `link`
+    /// (the CPU engine through a [`Collective`], a CUDA engine through NCCL, on its own stream):
+    /// from then on each step takes this rank's share of the batch and every rank takes the
+    /// step of the whole batch (see [`DeviceTrainer::join`]). A GPU rank blocks here until
+    /// every rank has joined.
+    pub fn join(&mut self, rank: usize, world: usize, link: Link) -> Result<()> {
+        match (self, link) {
+            (this @ Engine::Cpu, Link::Cpu(group)) => {
+                if (group.rank(), group.world_size()) != (rank, world) {
+                    return Err(Error::InvalidConfig(format!(
+                        "rank {rank} of {world} given the group member {} of {}",
+                        group.rank(),
+                        group.world_size()
+                    )));
+                }
+                *this = Engine::CpuRank(group);
+                Ok(())
+            }
+            (Engine::CudaBf16(t), Link::Nccl(id)) => {
+                let comm = Nccl::init_rank(t.stream(), rank, world, &id)?;
+                t.join(comm)
+            }
+            (Engine::CudaF32(t), Link::Nccl(id)) => {
+                let comm = Nccl::init_rank(t.stream(), rank, world, &id)?;
+                t.join(comm)
+            }
+            (Engine::CpuRank(_), _) => Err(Error::InvalidConfig(
+                "this engine is already a rank of a group".into(),
+            )),
+            (Engine::Cpu, Link::Nccl(_)) => Err(Error::InvalidConfig(
+                "a CPU engine cannot join an NCCL group (ranks on GPUs need --device cuda)".into(),
+            )),
+            (_, Link::Cpu(_)) => Err(Error::InvalidConfig(
+                "a CUDA engine joins its group through NCCL, not a CPU collective".into(),
+            )),
+        }
+    }
+
     /// One training step on two views: forward, loss, backward, LARS.
     pub fn step(
         &mut self,
@@ -318,6 +370,11 @@ impl Engine {
         match self {
             Engine::Cpu => {
                 let v = model.forward_backward(&CpuBackend, y1, y2)?;
+                opt.step(model, lw, lb);
+                Ok(v)
+            }
+            Engine::CpuRank(group) => {
+                let v = model.forward_backward_across(&CpuBackend, group.as_ref(), y1, y2)?;
                 opt.step(model, lw, lb);
                 Ok(v)
             }
@@ -335,7 +392,7 @@ impl Engine {
     /// Brings weights, statistics and optimizer state to the host model (a no-op on the CPU).
     pub fn sync(&mut self, model: &mut BarlowTwins, opt: &mut Lars) -> Result<()> {
         match self {
-            Engine::Cpu => Ok(()),
+            Engine::Cpu | Engine::CpuRank(_) => Ok(()),
             Engine::CudaBf16(t) => t.sync_to_host(model, opt),
             Engine::CudaF32(t) => t.sync_to_host(model, opt),
         }
@@ -344,7 +401,7 @@ impl Engine {
     /// The compute stream of a CUDA engine.
     pub fn stream(&self) -> Option<std::sync::Arc<cudarc::driver::CudaStream>> {
         match self {
-            Engine::Cpu => None,
+            Engine::Cpu | Engine::CpuRank(_) => None,
             Engine::CudaBf16(t) => Some(t.stream().clone()),
             Engine::CudaF32(t) => Some(t.stream().clone()),
         }
@@ -353,7 +410,7 @@ impl Engine {
     /// Turns per-phase timing on or off (CUDA engines; the CPU has none).
     pub fn set_timing(&mut self, on: bool) {
         match self {
-            Engine::Cpu => {}
+            Engine::Cpu | Engine::CpuRank(_) => {}
             Engine::CudaBf16(t) => t.set_timing(on),
             Engine::CudaF32(t) => t.set_timing(on),
         }
@@ -362,7 +419,7 @@ impl Engine {
     /// Milliseconds per phase since timing was turned on.
     pub fn timings(&mut self) -> Result<Vec<(super::cuda::Phase, f64)>> {
         match self {
-            Engine::Cpu => Ok(Vec::new()),
+            Engine::Cpu | Engine::CpuRank(_) => Ok(Vec::new()),
             Engine::CudaBf16(t) => t.timings(),
             Engine::CudaF32(t) => t.timings(),
         }
@@ -371,7 +428,7 @@ impl Engine {
     /// Backbone features in evaluation mode.
     pub fn features(&mut self, model: &mut BarlowTwins, x: &Tensor) -> Result<Tensor> {
         match self {
-            Engine::Cpu => Ok(model.features(&CpuBackend, x)),
+            Engine::Cpu | Engine::CpuRank(_) => Ok(model.features(&CpuBackend, x)),
             Engine::CudaBf16(t) => t.features(x),
             Engine::CudaF32(t) => t.features(x),
         }
@@ -693,51 +750,162 @@ pub fn train(
     resume: Option<&Path>,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
-    let loaded = resume.map(checkpoint::load).transpose()?;
-    let cfg =
-        match &loaded {
+    train_with(cfg, &Ranks::One, out, resume, progress)
+}
+
+/// [`train`] on the ranks `ranks` describes: each rank takes its share of every batch (rank r
+/// the r-th slice of the batch's images, `batch_size / world` of them), every rank takes the step
+/// of the whole batch, and rank 0 alone reports progress, evaluates and writes the run folder.
+/// A checkpoint records the world size; a run may resume on another number of ranks (the step
+/// is the whole batch's either way).
+pub fn train_with(
+    cfg: &TrainConfig,
+    ranks: &Ranks,
+    out: &Path,
+    resume: Option<&Path>,
+    progress: &mut dyn Progress,
+) -> Result<Summary> {
+    super::ranks::run(cfg, ranks, out, resume, progress)
+}
+
+/// What every rank of a run shares: the configuration as resolved (a resumed run's wins), the
+/// data, and where the run starts.
+pub(crate) struct Setup {
+    pub(crate) cfg: TrainConfig,
+    pub(crate) aug: AugmentConfig,
+    pub(crate) mcfg: ModelConfig,
+    pub(crate) splits: Splits,
+    /// The checkpoint resumed from; ranks without it start from rank 0's state.
+    pub(crate) loaded: Option<checkpoint::Loaded>,
+    pub(crate) step: usize,
+    /// The world size the resumed checkpoint was written by.
+    pub(crate) saved_world: Option<usize>,
+    /// Whether `out` is the resumed run's own folder.
+    pub(crate) continuing: bool,
+}
+
+impl Setup {
+    /// Resolves `cfg` against the checkpoint at `resume` and opens the data.
+    pub(crate) fn new(cfg: &TrainConfig, out: &Path, resume: Option<&Path>) -> Result<Setup> {
+        let loaded = resume.map(checkpoint::load).transpose()?;
+        let bad = |l: &checkpoint::Loaded, what: &str, e: serde_json::Error| Error::Checkpoint {
+            path: l.path.clone(),
+            reason: format!("{what}: {e}"),
+        };
+        let resolved = match &loaded {
             Some(l) => {
                 let mut saved: TrainConfig = serde_json::from_value(l.state["train"].clone())
-                    .map_err(|e| Error::Checkpoint {
-                        path: l.path.clone(),
-                        reason: format!("train configuration: {e}"),
-                    })?;
+                    .map_err(|e| bad(l, "train configuration", e))?;
                 saved.epochs = cfg.epochs.max(saved.epochs);
-                saved.device = cfg.device;
-                saved.precision = cfg.precision;
+                saved.local_from(cfg);
                 saved
             }
             None => cfg.clone(),
         };
-    validate(&cfg)?;
+        validate(&resolved)?;
+        let splits = load_data(&resolved)?;
+        let aug = match &loaded {
+            Some(l) => serde_json::from_value(l.state["augment"].clone())
+                .map_err(|e| bad(l, "augment configuration", e))?,
+            None => AugmentConfig::for_dataset(&splits.train, resolved.crop),
+        };
+        let step = loaded
+            .as_ref()
+            .map_or(0, |l| l.state["step"].as_u64().unwrap_or(0) as usize);
+        let saved_world = loaded
+            .as_ref()
+            .map(|l| l.state["world"].as_u64().unwrap_or(1) as usize);
+        Ok(Setup {
+            mcfg: model_config(&resolved, &splits.train, &aug),
+            cfg: resolved,
+            aug,
+            splits,
+            continuing: resume.is_some_and(|r| same_folder(r.parent(), out)),
+            loaded,
+            step,
+            saved_world,
+        })
+    }
+
+    /// What rank 0 hands the ranks of other processes: the resolved configuration, the
+    /// augmentations and the step to start at.
+    pub(crate) fn shared_state(&self) -> serde_json::Value {
+        serde_json::json!({
+            "train": self.cfg,
+            "augment": self.aug,
+            "step": self.step,
+        })
+    }
+
+    /// The setup of a rank that received rank 0's `state`; `cfg` gives this machine's settings
+    /// (device, precision, algorithm search, image memory).
+    pub(crate) fn from_shared(cfg: &TrainConfig, state: &serde_json::Value) -> Result<Setup> {
+        let bad = |what: &str, e: serde_json::Error| Error::Collective {
+            during: "reading rank 0's run state".into(),
+            message: format!("{what}: {e}"),
+        };
+        let mut resolved: TrainConfig =
+            serde_json::from_value(state["train"].clone()).map_err(|e| bad("train", e))?;
+        resolved.local_from(cfg);
+        validate(&resolved)?;
+        let aug: AugmentConfig =
+            serde_json::from_value(state["augment"].clone()).map_err(|e| bad("augment", e))?;
+        let splits = load_data(&resolved)?;
+        Ok(Setup {
+            mcfg: model_config(&resolved, &splits.train, &aug),
+            cfg: resolved,
+            aug,
+            splits,
+            loaded: None,
+            step: state["step"].as_u64().unwrap_or(0) as usize,
+            saved_world: None,
+            continuing: false,
+        })
+    }
+}
+
+impl TrainConfig {
+    /// Takes the settings that belong to the machine, not the run, from `local`.
+    fn local_from(&mut self, local: &TrainConfig) {
+        self.device = local.device;
+        self.precision = local.precision;
+        self.cudnn = local.cudnn;
+        self.image_memory = local.image_memory;
+        self.inject_data_failure = local.inject_data_failure;
+    }
+}
+
+/// One rank's run (the whole run when it is the only one). Only rank 0 touches `out` and
+/// `progress`.
+pub(crate) fn run_rank(
+    setup: &Setup,
+    member: Member,
+    out: &Path,
+    progress: &mut dyn Progress,
+) -> Result<Summary> {
+    let Setup {
+        cfg,
+        aug,
+        mcfg,
+        splits,
+        ..
+    } = setup;
+    let (rank, world) = (member.rank, member.world);
+    let lead = rank == 0;
     let files = RunFiles {
         dir: out.to_path_buf(),
     };
-    // The folder is claimed only once data, model and device are known to be good.
-    let continuing = resume.is_some_and(|r| same_folder(r.parent(), out));
-
-    let splits = load_data(&cfg)?;
-    let aug = match &loaded {
-        Some(l) => {
-            serde_json::from_value(l.state["augment"].clone()).map_err(|e| Error::Checkpoint {
-                path: l.path.clone(),
-                reason: format!("augment configuration: {e}"),
-            })?
-        }
-        None => AugmentConfig::for_dataset(&splits.train, cfg.crop),
-    };
-    let mcfg = model_config(&cfg, &splits.train, &aug);
     let mut model = BarlowTwins::new(mcfg.clone(), &mut Rng::new(cfg.seed))?;
     let mut opt = Lars::new(LarsConfig {
         weight_decay: cfg.weight_decay,
         ..Default::default()
     });
-    let mut step = 0usize;
-    if let Some(l) = &loaded {
+    if let Some(l) = &setup.loaded {
         l.restore_model(&mut model)?;
         l.restore_optimizer(&mut model, &mut opt)?;
-        step = l.state["step"].as_u64().unwrap_or(0) as usize;
     }
+    let mut step = setup.step;
+    let local_batch = cfg.batch_size / world;
 
     let steps_per_epoch = splits.train.len() / cfg.batch_size;
     let total = cfg.epochs * steps_per_epoch;
@@ -753,27 +921,45 @@ pub fn train(
         warmup_steps: warmup_epochs * steps_per_epoch,
         total_steps: total,
     };
-    let knn = Knn::new(&splits, &cfg);
+    let knn = Knn::new(splits, cfg);
     let c_in = splits.train.channels();
+    let mut quiet = Quiet;
+    let progress: &mut dyn Progress = if lead { progress } else { &mut quiet };
     let mut engine = Engine::open(
-        EngineOptions::new(cfg.device, cfg.precision).cudnn(cfg.cudnn),
+        EngineOptions::new(member.device(cfg.device), cfg.precision)
+            .cudnn(cfg.cudnn)
+            .ordinal(member.ordinal),
         &mut model,
         &opt,
-        cfg.batch_size,
+        local_batch,
         (c_in, aug.size, aug.size),
         &mut |m| progress.message(m),
     )?;
-    if matches!(engine, Engine::Cpu) {
-        check_step_memory(&mcfg, cfg.batch_size, c_in, aug.size)?;
+    if let Some(link) = member.link {
+        engine.join(rank, world, link)?;
     }
-    let _claim = RunFolder::claim(out, continuing)?;
-    if loaded.is_some() {
+    if matches!(engine, Engine::Cpu | Engine::CpuRank(_)) {
+        check_step_memory(mcfg, local_batch, c_in, aug.size)?;
+    }
+    let _claim = if lead {
+        Some(RunFolder::claim(out, setup.continuing)?)
+    } else {
+        None
+    };
+    if setup.loaded.is_some() || setup.step > 0 {
         let done = step / steps_per_epoch.max(1);
         progress.message(&format!(
             "resuming at step {step} (epoch {done} of {}): {} epoch(s) to go, writing into {}",
             cfg.epochs,
             cfg.epochs.saturating_sub(done),
             out.display()
+        ));
+    }
+    if let Some(saved) = setup.saved_world.filter(|&w| w != world) {
+        progress.message(&format!(
+            "the checkpoint was written by {saved} rank(s), this run has {world}: the batch of \
+             {} is split {world} ways instead (the step is the whole batch's either way)",
+            cfg.batch_size
         ));
     }
     progress.message(&format!(
@@ -793,9 +979,14 @@ pub fn train(
         cfg.epochs,
         steps_per_epoch
     ));
+    if world > 1 {
+        progress.message(&format!(
+            "data parallel: {world} ranks of {local_batch} images each"
+        ));
+    }
 
-    let knn_initial = if step == 0 {
-        let acc = knn.top1(&mut engine, &mut model, &aug)?;
+    let knn_initial = if step == 0 && lead {
+        let acc = knn.top1(&mut engine, &mut model, aug)?;
         progress.message(&format!("kNN top-1 at random init: {:.2}%", 100.0 * acc));
         append_metric(
             &files.metrics(),
@@ -816,12 +1007,16 @@ pub fn train(
     for epoch in start_epoch..cfg.epochs {
         let order = epoch_order(splits.train.len(), cfg.seed, epoch as u64);
         let skip = step - epoch * steps_per_epoch;
-        let batches: Vec<&[usize]> = order.chunks_exact(cfg.batch_size).skip(skip).collect();
+        // This rank's slice of every batch of the epoch.
+        let batches: Vec<&[usize]> = order
+            .chunks_exact(cfg.batch_size)
+            .skip(skip)
+            .map(|b| &b[rank * local_batch..(rank + 1) * local_batch])
+            .collect();
         // Views for the next batch are built on another thread while this one trains.
         let (tx, rx) = sync_channel::<(Tensor, Tensor)>(1);
         let result: Result<()> = std::thread::scope(|scope| {
             let train_set = &splits.train;
-            let aug_ref = &aug;
             let seed = cfg.seed;
             let feeder = scope.spawn(move || {
                 for (b, idx) in batches.into_iter().enumerate() {
@@ -829,7 +1024,7 @@ pub fn train(
                         panic!("injected data-thread failure at batch {b}");
                     }
                     if tx
-                        .send(two_views(train_set, idx, aug_ref, seed, epoch as u64))
+                        .send(two_views(train_set, idx, aug, seed, epoch as u64))
                         .is_err()
                     {
                         break;
@@ -856,8 +1051,11 @@ pub fn train(
                     }
                     step += 1;
                     final_loss = v.total;
-                    window.1 += y1.batch();
+                    window.1 += cfg.batch_size;
                     let rate = window.1 as f64 / window.0.elapsed().as_secs_f64().max(1e-9);
+                    if !lead {
+                        continue;
+                    }
                     progress.step(step, v.total, rate);
                     append_metric(
                         &files.metrics(),
@@ -879,6 +1077,9 @@ pub fn train(
             joined.map_err(|_| Error::dataset(&cfg.data, "the data thread panicked"))
         });
         result?;
+        if !lead {
+            continue;
+        }
         let failed = splits.train.decode_failures();
         if failed > 0 {
             progress.message(&format!(
@@ -889,7 +1090,7 @@ pub fn train(
         engine.sync(&mut model, &mut opt)?;
         let done = epoch + 1;
         if (cfg.knn_every > 0 && done % cfg.knn_every == 0) || done == cfg.epochs {
-            knn_final = knn.top1(&mut engine, &mut model, &aug)?;
+            knn_final = knn.top1(&mut engine, &mut model, aug)?;
             progress.message(&format!(
                 "epoch {done}: loss {final_loss:.2}, kNN top-1 {:.2}%",
                 100.0 * knn_final
@@ -899,12 +1100,9 @@ pub fn train(
                 &serde_json::json!({"event": "knn", "epoch": done, "step": step, "top1": knn_final}),
             )?;
         }
-        checkpoint::save(
-            &files.checkpoint(),
-            &mut model,
-            &opt,
-            &state_json(&cfg, &mcfg, &aug, step, done),
-        )?;
+        let mut state = state_json(cfg, mcfg, aug, step, done);
+        state["world"] = world.into();
+        checkpoint::save(&files.checkpoint(), &mut model, &opt, &state)?;
     }
     progress.finish();
     let secs = started.elapsed().as_secs_f64();
