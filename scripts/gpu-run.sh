@@ -202,6 +202,21 @@ if want train; then
     fail "barlow bench train (see train-bench.log)"
     tail -n 20 "$report/train-bench.log"
   fi
+  ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+  if [ "$ngpu" -ge 2 ]; then
+    note ""
+    note "== data-parallel scaling on $ngpu GPUs (images/s per GPU against one GPU)"
+    if "$bin/barlow" bench train --device cuda --gpus "$ngpu" --profile-steps 0 \
+        --json "$report/barlow-train-gpus.jsonl" >"$report/train-gpus-table.txt" \
+        2>"$report/train-gpus-bench.log"; then
+      tee -a "$summary" <"$report/train-gpus-table.txt"
+    else
+      fail "barlow bench train --gpus $ngpu (see train-gpus-bench.log)"
+      tail -n 20 "$report/train-gpus-bench.log"
+    fi
+  else
+    note "one GPU: data-parallel scaling not measured"
+  fi
 fi
 
 note ""

@@ -101,6 +101,14 @@ else
   fail "barlow train --device cuda --gpus 2"; tail -n 20 "$work/train2.log"
 fi
 
+if "$barlow" bench train --device cuda --gpus 2 --preset small --image 8 --batch 4 --width 4 \
+  --projector 16,16,16 --warmup 1 --steps 2 --profile-steps 0 >"$work/bt.log" 2>&1 \
+  && grep -q 'barlow x2 GPUs' "$work/bt.log" && grep -q 'scaling efficiency' "$work/bt.log"; then
+  pass "barlow bench train --gpus 2 (a row per GPU count, the scaling line)"
+else
+  fail "barlow bench train --gpus 2"; tail -n 20 "$work/bt.log"
+fi
+
 # Mutations: the suite must notice a wrong launch or GEMM. Each run must fail.
 mutant() {
   local spec=$1 test=$2

@@ -67,6 +67,10 @@ pub(crate) struct BenchTrainArgs {
     with: Vec<PathBuf>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Also time this many GPUs of this machine together (data parallel, --batch images each):
+    /// images per second per GPU and the scaling efficiency against one GPU in the same run.
+    #[arg(long, default_value_t = 1, value_parser = positive)]
+    gpus: usize,
 }
 
 #[derive(clap::Args)]
@@ -123,6 +127,9 @@ pub(crate) fn write_json_lines<T: serde::Serialize>(
 
 pub(crate) fn bench_train(a: BenchTrainArgs) -> Result<(), String> {
     use barlow::train::bench::{self as tb, TrainBench};
+    if a.gpus > 1 && matches!(a.device, Device::Cpu) {
+        return Err(format!("--gpus {} times GPUs; it needs --device cuda or auto", a.gpus));
+    }
     let mut rows = Vec::new();
     for p in &a.preset {
         let mut b = match p {
@@ -153,7 +160,15 @@ pub(crate) fn bench_train(a: BenchTrainArgs) -> Result<(), String> {
             b.arch, b.image, b.image, b.batch
         );
         let row = tb::run(&b, &mut |m| eprintln!("  {m}")).map_err(|e| e.to_string())?;
-        rows.push(row);
+        if a.gpus > 1 {
+            let mut many =
+                tb::run_gpus(&b, a.gpus, &mut |m| eprintln!("  {m}")).map_err(|e| e.to_string())?;
+            tb::set_scaling(&row, &mut many);
+            rows.push(row);
+            rows.push(many);
+        } else {
+            rows.push(row);
+        }
     }
     if let Some(path) = &a.json {
         write_json_lines(path, &rows)?;

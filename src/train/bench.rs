@@ -129,6 +129,19 @@ pub struct TrainRow {
     /// Why the configuration could not run, when it could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// GPUs that trained together (data parallel, `batch` images each); absent: one device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<usize>,
+    /// Images per second per GPU over those of one GPU in the same run (1.0: perfect scaling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling_efficiency: Option<f64>,
+}
+
+impl TrainRow {
+    /// Images per second per device.
+    pub fn images_per_s_per_gpu(&self) -> Option<f64> {
+        self.images_per_s.map(|v| v / self.gpus.unwrap_or(1) as f64)
+    }
 }
 
 fn arch_name(a: Arch) -> &'static str {
@@ -145,8 +158,7 @@ fn stem_name(s: Stem) -> &'static str {
     }
 }
 
-/// Runs the benchmark; `say` hears progress and the device chosen.
-pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
+fn check(b: &TrainBench) -> Result<()> {
     if b.batch < 2 || b.image == 0 || b.width == 0 || b.projector.is_empty() {
         return Err(Error::InvalidConfig(
             "bench train needs batch >= 2 and positive image size, width and projector".into(),
@@ -157,7 +169,11 @@ pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
             "projector widths and the step count must be positive".into(),
         ));
     }
-    let mcfg = ModelConfig {
+    Ok(())
+}
+
+fn model_config(b: &TrainBench) -> ModelConfig {
+    ModelConfig {
         backbone: ResNetConfig {
             arch: b.arch,
             stem: b.stem,
@@ -166,9 +182,28 @@ pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
         },
         projector: b.projector.clone(),
         lambda: 0.0051,
-    };
+    }
+}
+
+/// Random views of one batch and the learning rates of the paper's schedule at its peak.
+fn batch_views(b: &TrainBench, rng: &mut Rng) -> (Vec<Tensor>, (f32, f32)) {
+    let shape = [b.batch, 3, b.image, b.image];
+    let len: usize = shape.iter().product();
+    let views = (0..2)
+        .map(|_| Tensor::from_vec(&shape, (0..len).map(|_| rng.normal() as f32).collect()))
+        .collect();
+    let lr = (
+        0.2 * b.batch as f32 / 256.0,
+        0.0048 * b.batch as f32 / 256.0,
+    );
+    (views, lr)
+}
+
+/// Runs the benchmark; `say` hears progress and the device chosen.
+pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
+    check(b)?;
     let mut rng = Rng::new(b.seed);
-    let mut model = BarlowTwins::new(mcfg, &mut rng)?;
+    let mut model = BarlowTwins::new(model_config(b), &mut rng)?;
     let mut opt = Lars::new(LarsConfig::default());
     let mut engine = Engine::open(
         EngineOptions::new(b.device, b.precision).cudnn(b.cudnn),
@@ -178,15 +213,7 @@ pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
         (3, b.image, b.image),
         say,
     )?;
-    let shape = [b.batch, 3, b.image, b.image];
-    let len: usize = shape.iter().product();
-    let views: Vec<Tensor> = (0..2)
-        .map(|_| Tensor::from_vec(&shape, (0..len).map(|_| rng.normal() as f32).collect()))
-        .collect();
-    let lr = (
-        0.2 * b.batch as f32 / 256.0,
-        0.0048 * b.batch as f32 / 256.0,
-    );
+    let (views, lr) = batch_views(b, &mut rng);
     let step = |engine: &mut Engine, model: &mut BarlowTwins, opt: &mut Lars| {
         engine.step(model, opt, &views[0], &views[1], lr)
     };
@@ -204,19 +231,9 @@ pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
     let mut loss = f64::NAN;
     match &stream {
         Some(s) => {
-            // Events between consecutive steps, read once at the end, so the host stays ahead of
-            // the device as it would in training.
-            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-            let mut marks = vec![s.record_event(flags).map_err(drv("recording an event"))?];
-            for _ in 0..b.steps {
-                loss = step(&mut engine, &mut model, &mut opt)?.total;
-                marks.push(s.record_event(flags).map_err(drv("recording an event"))?);
-            }
-            for w in marks.windows(2) {
-                ms.push(f64::from(
-                    w[0].elapsed_ms(&w[1]).map_err(drv("reading an event"))?,
-                ));
-            }
+            (ms, loss) = time_on_stream(s, b.steps, || {
+                step(&mut engine, &mut model, &mut opt).map(|v| v.total)
+            })?;
         }
         None => {
             for _ in 0..b.steps {
@@ -295,7 +312,158 @@ pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
         loss: loss.is_finite().then_some(loss),
         device,
         error: None,
+        gpus: None,
+        scaling_efficiency: None,
     })
+}
+
+/// Milliseconds between consecutive steps on `stream` (events recorded between them and read at
+/// the end, so the host stays ahead of the device as in training); the loss of the last.
+fn time_on_stream(
+    stream: &cudarc::driver::CudaStream,
+    steps: usize,
+    mut step: impl FnMut() -> Result<f64>,
+) -> Result<(Vec<f64>, f64)> {
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let mut marks = vec![stream
+        .record_event(flags)
+        .map_err(drv("recording an event"))?];
+    let mut loss = f64::NAN;
+    for _ in 0..steps {
+        loss = step()?;
+        marks.push(stream.record_event(flags).map_err(drv("recording an event"))?);
+    }
+    let mut ms = Vec::with_capacity(steps);
+    for w in marks.windows(2) {
+        ms.push(f64::from(
+            w[0].elapsed_ms(&w[1]).map_err(drv("reading an event"))?,
+        ));
+    }
+    Ok((ms, loss))
+}
+
+/// The benchmark on `gpus` GPUs of this machine at once: a worker thread per GPU with `b.batch`
+/// images each (so the group's batch is `gpus × b.batch`), NCCL between them, every step the
+/// whole group's (synchronized batch norm, the loss across GPUs, gradients summed). Times come
+/// from rank 0's stream, which waits on every collective. No per-phase breakdown.
+pub fn run_gpus(b: &TrainBench, gpus: usize, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
+    use super::ranks::Link;
+    use crate::cuda::nccl::NcclId;
+    check(b)?;
+    if gpus == 0 {
+        return Err(Error::InvalidConfig("bench train on 0 GPUs".into()));
+    }
+    let found = crate::cuda::device_count()?;
+    if gpus > found {
+        return Err(Error::NoDevice(format!(
+            "{gpus} GPUs asked for, {found} CUDA device(s) found"
+        )));
+    }
+    let id = NcclId::new()?;
+    say(&format!(
+        "{gpus} GPUs, {} images each: warm-up {} steps, then timing {}",
+        b.batch, b.warmup, b.steps
+    ));
+    let results: Vec<Result<(Vec<f64>, f64, String, Option<u64>)>> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..gpus)
+            .map(|rank| {
+                s.spawn(move || {
+                    let mut rng = Rng::new(b.seed.wrapping_add(rank as u64));
+                    let mut model = BarlowTwins::new(model_config(b), &mut rng)?;
+                    let mut opt = Lars::new(LarsConfig::default());
+                    let mut engine = Engine::open(
+                        EngineOptions::new(DeviceChoice::Cuda, b.precision)
+                            .cudnn(b.cudnn)
+                            .ordinal(rank),
+                        &mut model,
+                        &opt,
+                        b.batch,
+                        (3, b.image, b.image),
+                        &mut |_| {},
+                    )?;
+                    engine.join(rank, gpus, Link::Nccl(id))?;
+                    let (views, lr) = batch_views(b, &mut rng);
+                    let mut step = || {
+                        engine
+                            .step(&mut model, &mut opt, &views[0], &views[1], lr)
+                            .map(|v| v.total)
+                    };
+                    for _ in 0..b.warmup {
+                        step()?;
+                    }
+                    drop(step);
+                    let stream = engine.stream().ok_or_else(|| {
+                        Error::InvalidConfig("a GPU rank opened without a stream".into())
+                    })?;
+                    stream.synchronize().map_err(drv("synchronizing"))?;
+                    crate::cuda::memory::reset_peak(stream.context())?;
+                    let (ms, loss) = time_on_stream(&stream, b.steps, || {
+                        engine
+                            .step(&mut model, &mut opt, &views[0], &views[1], lr)
+                            .map(|v| v.total)
+                    })?;
+                    let peak = crate::cuda::memory::peak_bytes(stream.context())?;
+                    let name = stream
+                        .context()
+                        .name()
+                        .unwrap_or_else(|_| "CUDA".into());
+                    Ok((ms, loss, name, peak))
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Collective {
+                        during: "bench train across GPUs".into(),
+                        message: "a rank's thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    let mut ranks = Vec::with_capacity(gpus);
+    for r in results {
+        ranks.push(r?);
+    }
+    let (ms, loss, name, peak) = ranks.swap_remove(0);
+    let mean = ms.iter().sum::<f64>() / ms.len() as f64;
+    let med = Timing::from(ms).median_ms;
+    let images_per_s = (gpus * b.batch) as f64 / (med / 1e3);
+    Ok(TrainRow {
+        implementation: "barlow".into(),
+        arch: arch_name(b.arch).into(),
+        stem: stem_name(b.stem).into(),
+        image: b.image,
+        batch: b.batch,
+        width: b.width,
+        projector: b.projector.clone(),
+        precision: match b.precision {
+            Precision::Bf16 => "bf16",
+            Precision::F32 => "f32",
+        }
+        .into(),
+        step_ms_median: Some(med),
+        step_ms_mean: Some(mean),
+        images_per_s: Some(images_per_s),
+        views_per_s: Some(2.0 * images_per_s),
+        breakdown_ms: None,
+        peak_mem_bytes: peak,
+        loss: loss.is_finite().then_some(loss),
+        device: name,
+        error: None,
+        gpus: Some(gpus),
+        scaling_efficiency: None,
+    })
+}
+
+/// Sets `many`'s scaling efficiency from `one`, the same configuration on one GPU: images per
+/// second per GPU over those of the single GPU.
+pub fn set_scaling(one: &TrainRow, many: &mut TrainRow) {
+    many.scaling_efficiency = match (one.images_per_s_per_gpu(), many.images_per_s_per_gpu()) {
+        (Some(a), Some(b)) if a > 0.0 => Some(b / a),
+        _ => None,
+    };
 }
 
 /// Median milliseconds to make the two views of one batch on the CPU threads, from random
@@ -380,6 +548,7 @@ pub fn render(rows: &[TrainRow]) -> String {
         }
         let eager = rows
             .iter()
+            .filter(|_| r.gpus.is_none())
             .find(|o| o.implementation == "pytorch-eager" && o.error.is_none() && same(o, r))
             .and_then(|o| o.images_per_s);
         let ratio = match (r.images_per_s, eager) {
@@ -387,10 +556,14 @@ pub fn render(rows: &[TrainRow]) -> String {
             _ => "-".into(),
         };
         let f = |v: Option<f64>, p: usize| v.map_or("-".into(), |x| format!("{x:.p$}"));
+        let label = match r.gpus {
+            Some(n) => format!("{} x{n} GPUs", r.implementation),
+            None => r.implementation.clone(),
+        };
         let _ = writeln!(
             out,
             "{:<16} {:<9} {:>5} {:>5} {:<5} {:>10} {:>9} {:>9} {:>10} {:>9}  {}",
-            r.implementation,
+            label,
             r.arch,
             r.image,
             r.batch,
@@ -405,6 +578,25 @@ pub fn render(rows: &[TrainRow]) -> String {
             )),
             r.device
         );
+    }
+    for r in rows {
+        if let (Some(n), Some(total), Some(per)) =
+            (r.gpus, r.images_per_s, r.images_per_s_per_gpu())
+        {
+            let _ = writeln!(
+                out,
+                "\n{} {} {}x{} batch {} per GPU {} on {n} GPUs: {total:.0} images/s, {per:.0} per \
+                 GPU, scaling efficiency {}",
+                r.implementation,
+                r.arch,
+                r.image,
+                r.image,
+                r.batch,
+                r.precision,
+                r.scaling_efficiency
+                    .map_or("-".into(), |e| format!("{:.1}% of one GPU's rate", 100.0 * e)),
+            );
+        }
     }
     for r in rows {
         if let (Some(b), Some(step)) = (&r.breakdown_ms, r.step_ms_median) {
