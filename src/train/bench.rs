@@ -342,6 +342,9 @@ fn time_on_stream(
     Ok((ms, loss))
 }
 
+/// One rank's step times, last loss, device name and peak pool bytes.
+type RankTimes = (Vec<f64>, f64, String, Option<u64>);
+
 /// The benchmark on `gpus` GPUs of this machine at once: a worker thread per GPU with `b.batch`
 /// images each (so the group's batch is `gpus × b.batch`), NCCL between them, every step the
 /// whole group's (synchronized batch norm, the loss across GPUs, gradients summed). Times come
@@ -364,7 +367,7 @@ pub fn run_gpus(b: &TrainBench, gpus: usize, say: &mut dyn FnMut(&str)) -> Resul
         "{gpus} GPUs, {} images each: warm-up {} steps, then timing {}",
         b.batch, b.warmup, b.steps
     ));
-    let results: Vec<Result<(Vec<f64>, f64, String, Option<u64>)>> = std::thread::scope(|s| {
+    let results: Vec<Result<RankTimes>> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..gpus)
             .map(|rank| {
                 s.spawn(move || {
@@ -383,15 +386,9 @@ pub fn run_gpus(b: &TrainBench, gpus: usize, say: &mut dyn FnMut(&str)) -> Resul
                     )?;
                     engine.join(rank, gpus, Link::Nccl(id))?;
                     let (views, lr) = batch_views(b, &mut rng);
-                    let mut step = || {
-                        engine
-                            .step(&mut model, &mut opt, &views[0], &views[1], lr)
-                            .map(|v| v.total)
-                    };
                     for _ in 0..b.warmup {
-                        step()?;
+                        engine.step(&mut model, &mut opt, &views[0], &views[1], lr)?;
                     }
-                    drop(step);
                     let stream = engine.stream().ok_or_else(|| {
                         Error::InvalidConfig("a GPU rank opened without a stream".into())
                     })?;
