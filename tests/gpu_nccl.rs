@@ -236,12 +236,18 @@ type Trace = (
     Vec<(String, Vec<f32>)>,
 );
 
-/// Two steps of a DeviceTrainer on `streams[rank]` with `batch` images per rank, as rank `rank`
-/// of `group` when given.
+/// How a rank reaches its group in [`device_steps`]: rank, world, the NCCL id, and `Some(bytes)`
+/// for a communicator on a stream of its own with gradient buckets of `bytes` (overlapped with
+/// the backward), `None` for one on the trainer's stream.
+#[cfg(feature = "train")]
+type Member = (usize, usize, [u8; 128], Option<usize>);
+
+/// Two steps of a DeviceTrainer on `streams[rank]` with `batch` images per rank, as a rank of a
+/// group when given.
 #[cfg(feature = "train")]
 fn device_steps(
     stream: &std::sync::Arc<barlow::cuda::cudarc::driver::CudaStream>,
-    group: Option<(usize, usize, [u8; 128])>,
+    group: Option<Member>,
     views: &[(barlow::nn::Tensor, barlow::nn::Tensor)],
     from: usize,
     batch: usize,
@@ -258,14 +264,25 @@ fn device_steps(
     let seed = group.map_or(5, |(rank, ..)| 5 + 100 * rank as u64);
     let mut model = BarlowTwins::new(cfg, &mut Rng::new(seed)).unwrap();
     let mut opt = Lars::new(LarsConfig::default());
-    let options = DeviceOptions::default().fma_only(true);
+    let mut options = DeviceOptions::default().fma_only(true);
+    if let Some((.., Some(bytes))) = group {
+        options = options.bucket_bytes(bytes);
+    }
     let side = views[0].0.shape[2];
     let mut t =
         DeviceTrainer::<f32>::new(stream, &mut model, &opt, batch, (3, side, side), options)
             .unwrap();
-    if let Some((rank, world, id)) = group {
-        let comm = Nccl::init_rank(stream, rank, world, &NcclId::from_bytes(&id).unwrap()).unwrap();
-        t.join(comm).unwrap();
+    if let Some((rank, world, id, buckets)) = group {
+        let id = NcclId::from_bytes(&id).unwrap();
+        let on = match buckets {
+            Some(_) => stream.context().new_stream().unwrap(),
+            None => stream.clone(),
+        };
+        t.join(Nccl::init_rank(&on, rank, world, &id).unwrap())
+            .unwrap();
+        if buckets.is_some() {
+            assert!(t.gradient_buckets() > 3, "{} buckets", t.gradient_buckets());
+        }
     }
     let rows = |x: &Tensor| {
         let item = x.item_len();
@@ -307,46 +324,58 @@ fn two_devices_take_the_step_of_one_device_on_both_halves() {
     let views: Vec<_> = (0..2)
         .map(|_| (image(world * n), image(world * n)))
         .collect();
+    // As the training engine runs: no per-buffer event tracking, so the virtual device sees
+    // (and checks) exactly the ordering the trainer sets up between its streams.
+    for s in &streams {
+        // SAFETY: these context objects are this test's own and hold no buffers yet.
+        unsafe { s.context().disable_event_tracking() };
+    }
     let one = device_steps(&streams[0], None, &views, 0, world * n);
-    let id = NcclId::new().unwrap().to_bytes();
-    let ranks: Vec<Trace> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..world)
-            .map(|r| {
-                let (stream, views) = (&streams[r], &views);
-                s.spawn(move || device_steps(stream, Some((r, world, id)), views, r * n, n))
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    // Per tensor, normwise, floored at 1% of the largest entry of its kind anywhere: sums over
-    // another split of the batch round differently.
-    let close = |what: &str, got: &[(String, Vec<f32>)], want: &[(String, Vec<f32>)]| {
-        let top = want
-            .iter()
-            .flat_map(|(_, v)| v.iter())
-            .fold(0f32, |m, v| m.max(v.abs()));
-        for ((name, g), (name2, w)) in got.iter().zip(want) {
-            assert_eq!(name, name2);
-            if name.ends_with("num_batches_tracked") {
-                assert_eq!(g, w, "{what} {name}");
-                continue;
+    // The communicator on the trainer's stream (gradients summed in line), then on a stream of
+    // its own with small buckets summed while the backward goes on.
+    for buckets in [None, Some(256)] {
+        let id = NcclId::new().unwrap().to_bytes();
+        let ranks: Vec<Trace> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..world)
+                .map(|r| {
+                    let (stream, views) = (&streams[r], &views);
+                    s.spawn(move || {
+                        device_steps(stream, Some((r, world, id, buckets)), views, r * n, n)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // Per tensor, normwise, floored at 1% of the largest entry of its kind anywhere: sums over
+        // another split of the batch round differently.
+        let close = |what: &str, got: &[(String, Vec<f32>)], want: &[(String, Vec<f32>)]| {
+            let top = want
+                .iter()
+                .flat_map(|(_, v)| v.iter())
+                .fold(0f32, |m, v| m.max(v.abs()));
+            for ((name, g), (name2, w)) in got.iter().zip(want) {
+                assert_eq!(name, name2);
+                if name.ends_with("num_batches_tracked") {
+                    assert_eq!(g, w, "{what} {name}");
+                    continue;
+                }
+                let e = rel_err_scaled(g, &to_f64(w), 0.01 * f64::from(top));
+                assert!(e <= 1e-4, "{what} {name}: error {e:.3e}");
             }
-            let e = rel_err_scaled(g, &to_f64(w), 0.01 * f64::from(top));
-            assert!(e <= 1e-4, "{what} {name}: error {e:.3e}");
+        };
+        for (rank, (losses, grads, end)) in ranks.iter().enumerate() {
+            assert_eq!(
+                (losses, grads, end),
+                (&ranks[0].0, &ranks[0].1, &ranks[0].2),
+                "rank {rank} differs from rank 0"
+            );
+            for step in 0..views.len() {
+                let what = format!("rank {rank} step {step}");
+                assert_close_scalar(&format!("{what} loss"), losses[step], one.0[step], 1e-5);
+                close(&format!("{what} gradient"), &grads[step], &one.1[step]);
+            }
+            close(&format!("rank {rank} after two steps"), end, &one.2);
         }
-    };
-    for (rank, (losses, grads, end)) in ranks.iter().enumerate() {
-        assert_eq!(
-            (losses, grads, end),
-            (&ranks[0].0, &ranks[0].1, &ranks[0].2),
-            "rank {rank} differs from rank 0"
-        );
-        for step in 0..views.len() {
-            let what = format!("rank {rank} step {step}");
-            assert_close_scalar(&format!("{what} loss"), losses[step], one.0[step], 1e-5);
-            close(&format!("{what} gradient"), &grads[step], &one.1[step]);
-        }
-        close(&format!("rank {rank} after two steps"), end, &one.2);
     }
 }
 

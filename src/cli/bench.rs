@@ -128,7 +128,10 @@ pub(crate) fn write_json_lines<T: serde::Serialize>(
 pub(crate) fn bench_train(a: BenchTrainArgs) -> Result<(), String> {
     use barlow::train::bench::{self as tb, TrainBench};
     if a.gpus > 1 && matches!(a.device, Device::Cpu) {
-        return Err(format!("--gpus {} times GPUs; it needs --device cuda or auto", a.gpus));
+        return Err(format!(
+            "--gpus {} times GPUs; it needs --device cuda or auto",
+            a.gpus
+        ));
     }
     let mut rows = Vec::new();
     for p in &a.preset {

@@ -184,6 +184,29 @@ impl Nccl {
             .map(drop)
             .map_err(nccl("an NCCL broadcast"))
     }
+
+    /// Runs `f`, which issues collectives on this communicator's stream, after the work queued
+    /// on `work` so far, and orders `work`'s later work after it (events both ways): how a rank
+    /// whose compute runs on another stream than its communicator's uses it. On the same stream
+    /// there is nothing to order.
+    pub fn ordered<R>(&self, work: &CudaStream, f: impl FnOnce(&Self) -> Result<R>) -> Result<R> {
+        let own = self.comm.stream();
+        if own.cu_stream() == work.cu_stream() {
+            return f(self);
+        }
+        let before = work
+            .record_event(None)
+            .map_err(drv("marking the work before a collective"))?;
+        own.wait(&before)
+            .map_err(drv("ordering a collective after the compute stream"))?;
+        let result = f(self);
+        let after = own
+            .record_event(None)
+            .map_err(drv("marking the end of a collective"))?;
+        work.wait(&after)
+            .map_err(drv("ordering the compute stream after a collective"))?;
+        result
+    }
 }
 
 /// Runs `f` as one NCCL group: the collectives it issues (for several ranks of this thread) are

@@ -331,7 +331,11 @@ fn time_on_stream(
     let mut loss = f64::NAN;
     for _ in 0..steps {
         loss = step()?;
-        marks.push(stream.record_event(flags).map_err(drv("recording an event"))?);
+        marks.push(
+            stream
+                .record_event(flags)
+                .map_err(drv("recording an event"))?,
+        );
     }
     let mut ms = Vec::with_capacity(steps);
     for w in marks.windows(2) {
@@ -400,10 +404,7 @@ pub fn run_gpus(b: &TrainBench, gpus: usize, say: &mut dyn FnMut(&str)) -> Resul
                             .map(|v| v.total)
                     })?;
                     let peak = crate::cuda::memory::peak_bytes(stream.context())?;
-                    let name = stream
-                        .context()
-                        .name()
-                        .unwrap_or_else(|_| "CUDA".into());
+                    let name = stream.context().name().unwrap_or_else(|_| "CUDA".into());
                     Ok((ms, loss, name, peak))
                 })
             })
@@ -580,7 +581,8 @@ pub fn render(rows: &[TrainRow]) -> String {
         if let (Some(n), Some(total), Some(per)) =
             (r.gpus, r.images_per_s, r.images_per_s_per_gpu())
         {
-            let _ = writeln!(
+            let _ =
+                writeln!(
                 out,
                 "\n{} {} {}x{} batch {} per GPU {} on {n} GPUs: {total:.0} images/s, {per:.0} per \
                  GPU, scaling efficiency {}",

@@ -339,12 +339,10 @@ impl Engine {
                 Ok(())
             }
             (Engine::CudaBf16(t), Link::Nccl(id)) => {
-                let comm = Nccl::init_rank(t.stream(), rank, world, &id)?;
-                t.join(comm)
+                t.join(group_on_own_stream(t.stream(), rank, world, &id)?)
             }
             (Engine::CudaF32(t), Link::Nccl(id)) => {
-                let comm = Nccl::init_rank(t.stream(), rank, world, &id)?;
-                t.join(comm)
+                t.join(group_on_own_stream(t.stream(), rank, world, &id)?)
             }
             (Engine::CpuRank(_), _) => Err(Error::InvalidConfig(
                 "this engine is already a rank of a group".into(),
@@ -433,6 +431,21 @@ impl Engine {
             Engine::CudaF32(t) => t.features(x),
         }
     }
+}
+
+/// A communicator on a new stream of `compute`'s context, so that the gradient all-reduce
+/// overlaps the backward pass (see [`DeviceTrainer::join`]).
+fn group_on_own_stream(
+    compute: &std::sync::Arc<cudarc::driver::CudaStream>,
+    rank: usize,
+    world: usize,
+    id: &crate::cuda::nccl::NcclId,
+) -> Result<Nccl> {
+    let own = compute
+        .context()
+        .new_stream()
+        .map_err(crate::cuda::drv("making the group's stream"))?;
+    Nccl::init_rank(&own, rank, world, id)
 }
 
 /// What a run reports at its end.

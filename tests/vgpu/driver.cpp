@@ -237,13 +237,15 @@ CUresult device_free(uintptr_t p, Stream* on, const char* what) {
   a->freed = true;
   s.devices[a->ctx->device].used -= a->size;
   // Freed memory stays mapped without access, so a late use faults and is reported; the oldest
-  // mappings are released once the quarantine grows large.
+  // mappings are released once the quarantine grows large, in bytes or in mappings (the host
+  // allows a process about 65k of them, vm.max_map_count).
   mprotect(reinterpret_cast<void*>(a->map_base), a->map_size, PROT_NONE);
   madvise(reinterpret_cast<void*>(a->map_base), a->map_size, MADV_DONTNEED);
   s.freed[a->base] = a;
   s.quarantine.push_back(a);
   s.quarantined += a->map_size;
-  while (s.quarantined > (size_t(64) << 30) && !s.quarantine.empty()) {
+  while ((s.quarantined > (size_t(64) << 30) || s.quarantine.size() > 8192) &&
+         !s.quarantine.empty()) {
     Allocation* old = s.quarantine.front();
     s.quarantine.pop_front();
     s.quarantined -= old->map_size;

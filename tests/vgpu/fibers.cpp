@@ -63,6 +63,10 @@ struct Worker {
   unsigned barriers = 0;
   void (*body)(const void*) = nullptr;
   const void* arg = nullptr;
+  // The stacks go with the thread: every stack and its guard page is a mapping of its own, and a
+  // process may hold only about 65k (vm.max_map_count), so a program that starts many threads
+  // over its life would run out.
+  ~Worker();
 };
 
 thread_local Worker w;
@@ -92,6 +96,10 @@ void reserve() {
   for (size_t i = 0; i < size_t(kMaxThreadsPerBlock); ++i) mprotect(w.stacks + i * kStack, kPage, PROT_NONE);
   w.fibers.resize(kMaxThreadsPerBlock);
   w.done.resize(kMaxThreadsPerBlock);
+}
+
+Worker::~Worker() {
+  if (stacks) munmap(stacks, size_t(kMaxThreadsPerBlock) * kStack);
 }
 
 Dim3 index_of(unsigned t) {

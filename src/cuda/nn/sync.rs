@@ -82,7 +82,7 @@ impl NnOps {
         unsafe {
             kernel::bn_sync_sums::<A>(&self.kernels, &s, col_grid(c), &x, &mut sums, m64, c64)?
         };
-        comm.all_reduce_sum_f64(&mut sums)?;
+        comm.ordered(&s, |c| c.all_reduce_sum_f64(&mut sums))?;
         let inv = 1.0 / total as f64;
         // SAFETY: as above; sq holds c doubles.
         unsafe {
@@ -98,7 +98,7 @@ impl NnOps {
                 c64,
             )?
         };
-        comm.all_reduce_sum_f64(&mut sq)?;
+        comm.ordered(&s, |c| c.all_reduce_sum_f64(&mut sq))?;
         let (mut mean, mut rstd) = stats.split_at_mut(c);
         let (mut running_mean, mut running_var) = running.split_at_mut(c);
         // SAFETY: every argument holds c values (the halves of 2·c buffers); one thread per
@@ -221,7 +221,7 @@ impl NnOps {
                 &mut dbeta,
             )?
         };
-        comm.all_reduce_sum_f64(&mut sums)?;
+        comm.ordered(&s, |c| c.all_reduce_sum_f64(&mut sums))?;
         let coef = Self::scratch(&mut self.coef, &s, 2 * c)?;
         // SAFETY: sums holds 2·c doubles, coef at least 2·c floats.
         unsafe {

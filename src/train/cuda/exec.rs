@@ -173,7 +173,9 @@ impl<A: Act> DeviceTrainer<A> {
             group,
             ..
         } = self;
-        for nd in nodes.iter().rev() {
+        // The second view's backward runs last: it finishes each parameter's gradient.
+        let reduce = if v == 1 { group.as_ref() } else { None };
+        for (at, nd) in nodes.iter().enumerate().rev() {
             let x: &CudaSlice<A> = if nd.x == 0 {
                 &staging.inputs[k][v]
             } else {
@@ -189,7 +191,7 @@ impl<A: Act> DeviceTrainer<A> {
                     convs.backward_filter(spec, n, x, dy, wgrad, false)?;
                     ops.accumulate_into_f32(
                         &wgrad.slice(..i.len),
-                        &mut grad.slice_mut(i.off..i.off + i.len),
+                        &mut grad.range_mut(i.off, i.len)?,
                     )?;
                     if nd.x != 0 {
                         let (dy, dx, _) = grad_slots(grads, nd.y, nd.x, None)?;
@@ -223,7 +225,7 @@ impl<A: Act> DeviceTrainer<A> {
                         x: x.slice(..),
                         stats: &stats[v][*st],
                         gb: master.slice(i.off..i.off + 2 * c),
-                        dgb: grad.slice_mut(i.off..i.off + 2 * c),
+                        dgb: grad.range_mut(i.off, 2 * c)?,
                         dx: dx.slice_mut(..),
                         dres: dr.map(|d| (d.slice_mut(..), nd.acc_res)),
                     };
@@ -269,10 +271,15 @@ impl<A: Act> DeviceTrainer<A> {
                         &x.slice(..),
                         &work.slice(i.off..i.off + i.len),
                         &dy.slice(..),
-                        &mut grad.slice_mut(i.off..i.off + i.len),
+                        &mut grad.range_mut(i.off, i.len)?,
                         Some((&mut dxv, nd.acc_x)),
                     )?;
                     timer.stop(stream, m)?;
+                }
+            }
+            if let Some(comm) = reduce {
+                for b in grad.completed_at(at).to_vec() {
+                    grad.reduce(b, comm, stream)?;
                 }
             }
         }

@@ -13,6 +13,7 @@
 //! a second stream, double-buffered, so a batch's copy overlaps the previous step's compute.
 
 mod exec;
+mod grads;
 mod layout;
 mod plan;
 mod staging;
@@ -31,6 +32,8 @@ use crate::error::{Error, Result};
 use crate::nn::ConvSpec;
 use crate::{BarlowTwinsLoss, Dims, LossConfig, LossValue, Math};
 use cudarc::driver::{CudaSlice, CudaStream};
+use grads::Grads;
+pub use grads::DEFAULT_BUCKET_BYTES;
 use plan::{plan, HostPlan, Node, Op, ParamInfo, Slot};
 use staging::Staging;
 use std::sync::Arc;
@@ -44,6 +47,9 @@ pub struct DeviceOptions {
     pub fma_only: bool,
     /// How cuDNN's convolution algorithms are chosen.
     pub cudnn: AlgoSearch,
+    /// Bytes per gradient bucket of a data-parallel rank (`None`:
+    /// [`DEFAULT_BUCKET_BYTES`]).
+    pub bucket_bytes: Option<usize>,
 }
 
 impl DeviceOptions {
@@ -55,6 +61,14 @@ impl DeviceOptions {
     /// With convolution algorithms chosen by `cudnn`.
     pub fn cudnn(self, cudnn: AlgoSearch) -> Self {
         Self { cudnn, ..self }
+    }
+
+    /// With gradient buckets of `bytes` each when the trainer joins a group.
+    pub fn bucket_bytes(self, bytes: usize) -> Self {
+        Self {
+            bucket_bytes: Some(bytes),
+            ..self
+        }
     }
 }
 
@@ -103,7 +117,7 @@ pub struct DeviceTrainer<A: Act> {
     pool_arg: [CudaSlice<u8>; 2],
     infos: Vec<ParamInfo>,
     master: CudaSlice<f32>,
-    grad: CudaSlice<f32>,
+    grad: Grads,
     mom: CudaSlice<f32>,
     work: CudaSlice<A>,
     wgrad: CudaSlice<A>,
@@ -117,6 +131,7 @@ pub struct DeviceTrainer<A: Act> {
     timer: Timer,
     /// The data-parallel group this trainer is a rank of, if any.
     group: Option<Nccl>,
+    bucket_bytes: usize,
 }
 
 /// Elements and bytes of the device state, for error messages and the bench.
@@ -280,10 +295,7 @@ impl<A: Act> DeviceTrainer<A> {
         let work = stream
             .clone_htod(&work_host)
             .map_err(drv("uploading parameters"))?;
-        let mut grad = alloc(stream, total, "allocating gradients")?;
-        stream
-            .memset_zeros(&mut grad)
-            .map_err(drv("zeroing gradients"))?;
+        let grad = Grads::new(stream, total)?;
         let max_w = infos
             .iter()
             .filter(|i| i.is_conv())
@@ -331,6 +343,7 @@ impl<A: Act> DeviceTrainer<A> {
             forwards: 0,
             timer: Timer::default(),
             group: None,
+            bucket_bytes: options.bucket_bytes.unwrap_or(DEFAULT_BUCKET_BYTES),
         };
         // Plan every convolution now, at the training batch size; the backward-data pass only
         // where it runs (not for a convolution of the input images).
@@ -352,21 +365,26 @@ impl<A: Act> DeviceTrainer<A> {
     /// norm is synchronized over the group's ranks, the loss is the whole batch's
     /// ([`crate::BarlowTwinsLoss::forward_backward_across`]) and the gradients are summed over
     /// the ranks before LARS, so W ranks of `batch` images each take the step one trainer takes
-    /// on the W·`batch` images. `comm` must be on this trainer's stream. Every rank starts from
-    /// rank 0's parameters, LARS momentum and running statistics (broadcast here), so the ranks
-    /// stay identical step after step.
+    /// on the W·`batch` images. Every rank starts from rank 0's parameters, LARS momentum and
+    /// running statistics (broadcast here), so the ranks stay identical step after step.
+    ///
+    /// `comm` must be on this trainer's context. On a stream of its own (what
+    /// [`crate::train::run::Engine::join`] makes), every collective is ordered with the trainer's
+    /// stream by events, and the gradients are summed in buckets
+    /// ([`DeviceOptions::bucket_bytes`]) while the backward pass goes on; on the trainer's own
+    /// stream the same buckets are summed in line.
     pub fn join(&mut self, comm: Nccl) -> Result<()> {
-        let theirs = comm.stream();
-        if theirs.cu_stream() != self.stream.cu_stream()
-            || theirs.context().cu_ctx() != self.stream.context().cu_ctx()
-        {
+        if comm.stream().context().cu_ctx() != self.stream.context().cu_ctx() {
             return Err(Error::InvalidConfig(
-                "the group's communicator is on another stream than the trainer's".into(),
+                "the group's communicator is on another device or context than the trainer's"
+                    .into(),
             ));
         }
-        comm.broadcast_f32(&mut self.master, 0)?;
-        comm.broadcast_f32(&mut self.mom, 0)?;
-        comm.broadcast_f32(&mut self.running, 0)?;
+        comm.ordered(&self.stream, |c| {
+            c.broadcast_f32(&mut self.master, 0)?;
+            c.broadcast_f32(&mut self.mom, 0)?;
+            c.broadcast_f32(&mut self.running, 0)
+        })?;
         // The working copy the layers read, from the broadcast master.
         let master = self
             .stream
@@ -376,8 +394,15 @@ impl<A: Act> DeviceTrainer<A> {
         self.stream
             .memcpy_htod(&work, &mut self.work)
             .map_err(drv("uploading parameters"))?;
+        self.grad
+            .split(&self.stream, &self.infos, &self.nodes, self.bucket_bytes)?;
         self.group = Some(comm);
         Ok(())
+    }
+
+    /// Number of gradient buckets summed over the group (0 before [`DeviceTrainer::join`]).
+    pub fn gradient_buckets(&self) -> usize {
+        self.grad.buckets()
     }
 
     /// Number of parameters and bytes of activations (both views) and their gradients.
@@ -446,9 +471,7 @@ impl<A: Act> DeviceTrainer<A> {
     fn forward_backward_on(&mut self, k: usize) -> Result<LossValue> {
         let n = self.batch;
         let m = self.timer.start(&self.stream, Phase::Optimizer)?;
-        self.stream
-            .memset_zeros(&mut self.grad)
-            .map_err(drv("zeroing gradients"))?;
+        self.grad.zero(&self.stream)?;
         self.timer.stop(&self.stream, m)?;
         let all = self.nodes.len();
         let mode = NormMode::Train { momentum: 0.1 };
@@ -469,9 +492,9 @@ impl<A: Act> DeviceTrainer<A> {
             } = self;
             let [za, zb] = acts;
             match &self.group {
-                Some(comm) => {
-                    loss.forward_backward_across(comm, &za[z], &zb[z], dims, &mut grads[z], dz_b)?
-                }
+                Some(comm) => comm.ordered(stream, |c| {
+                    loss.forward_backward_across(c, &za[z], &zb[z], dims, &mut grads[z], dz_b)
+                })?,
                 None => loss.forward_backward(stream, &za[z], &zb[z], dims, &mut grads[z], dz_b)?,
             }
         };
@@ -482,10 +505,9 @@ impl<A: Act> DeviceTrainer<A> {
         std::mem::swap(&mut self.grads[z], &mut self.dz_b);
         second?;
         if let Some(comm) = &self.group {
-            // Every rank's gradients summed: each rank then takes the same LARS step.
-            let m = self.timer.start(&self.stream, Phase::Optimizer)?;
-            comm.all_reduce_sum_f32(&mut self.grad)?;
-            self.timer.stop(&self.stream, m)?;
+            // Every rank's gradients summed (the buckets went during the backward): each rank
+            // then takes the same LARS step.
+            self.grad.join(comm, &self.stream)?;
         }
         Ok(value)
     }
@@ -504,7 +526,7 @@ impl<A: Act> DeviceTrainer<A> {
             &self.ops,
             hp,
             &mut self.master,
-            &self.grad,
+            &self.grad.flat,
             &mut self.mom,
             &mut self.work,
         )?;

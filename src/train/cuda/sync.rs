@@ -17,7 +17,7 @@ impl<A: Act> DeviceTrainer<A> {
 
     /// Copies the parameter gradients of the last step into the host model (CPU layout).
     pub fn gradients_to_host(&self, model: &mut BarlowTwins) -> Result<()> {
-        let g = self.download(&self.grad, "reading gradients")?;
+        let g = self.download(&self.grad.flat, "reading gradients")?;
         self.scatter(model, &g, |p, v| p.grad = v)
     }
 
