@@ -142,32 +142,10 @@ impl BarlowTwinsLoss {
         // the shape, so that a refusal on one rank ends the call on all of them.
         let local = check_local(za, zb, dims, all, grads.as_mut())
             .and_then(|()| ws.fit_rows(dims.n, total, dims.d, path));
-        let (n, d) = (dims.n as f64, dims.d as f64);
-        let mut header = [f64::from(u8::from(local.is_ok())), n, d, n * n, d * d];
+        let mut header = agreement_header(local.is_ok(), dims);
         group.all_reduce_sum_f64(&mut header)?;
         local?;
-        let w = world as f64;
-        if header[0] != w {
-            return Err(Error::Collective {
-                during: format!("the distributed loss on rank {}", group.rank()),
-                message: "another rank's input was refused (its error says why)".into(),
-            });
-        }
-        // Σ nᵣ = W·n and Σ nᵣ² = W·n² together hold only when every nᵣ = n (likewise D).
-        let same = header[1] == w * n
-            && header[3] == w * n * n
-            && header[2] == w * d
-            && header[4] == w * d * d;
-        if !same {
-            return Err(Error::Collective {
-                during: format!("the distributed loss on rank {}", group.rank()),
-                message: format!(
-                    "the ranks hold batches of different shapes (this rank {}×{}); every rank \
-                     needs the same N and D",
-                    dims.n, dims.d
-                ),
-            });
-        }
+        check_agreement(&header, dims, group.rank(), world)?;
         let (n, d) = (dims.n, dims.d);
         let (eps, lambda) = (self.config.eps, self.config.lambda);
 
@@ -321,6 +299,37 @@ impl BarlowTwinsLoss {
 
 /// This rank's own checks: the whole batch's shape `all` (N ≥ 2 counts every rank's rows, so one
 /// row per rank is enough), at least one row here, and the buffer lengths.
+/// What each rank adds to the agreement before a split loss: whether its own checks passed, and
+/// its shape as n, d, n², d² (summed over the ranks; see [`check_agreement`]).
+pub(crate) fn agreement_header(ok: bool, dims: Dims) -> [f64; 5] {
+    let (n, d) = (dims.n as f64, dims.d as f64);
+    [f64::from(u8::from(ok)), n, d, n * n, d * d]
+}
+
+/// Reads the summed [`agreement_header`]: another rank's refusal, or ranks of different shapes,
+/// is an error on this rank too.
+pub(crate) fn check_agreement(sum: &[f64], dims: Dims, rank: usize, world: usize) -> Result<()> {
+    let fail = |message: String| Error::Collective {
+        during: format!("the distributed loss on rank {rank}"),
+        message,
+    };
+    let (w, n, d) = (world as f64, dims.n as f64, dims.d as f64);
+    if sum.len() != 5 || sum[0] != w {
+        return Err(fail(
+            "another rank's input was refused (its error says why)".into(),
+        ));
+    }
+    // Σ nᵣ = W·n and Σ nᵣ² = W·n² together hold only when every nᵣ = n (likewise D).
+    if sum[1] != w * n || sum[3] != w * n * n || sum[2] != w * d || sum[4] != w * d * d {
+        return Err(fail(format!(
+            "the ranks hold batches of different shapes (this rank {}×{}); every rank needs the \
+             same N and D",
+            dims.n, dims.d
+        )));
+    }
+    Ok(())
+}
+
 fn check_local(
     za: &[f32],
     zb: &[f32],

@@ -1,6 +1,6 @@
 //! The public loss: configuration, value, and [`BarlowTwinsLoss`] with its CPU and CUDA entry points.
 
-mod distributed;
+pub(crate) mod distributed;
 
 use crate::cpu;
 #[cfg(feature = "cuda")]

@@ -539,44 +539,78 @@ impl Backend for CpuBackend {
         dgamma: &mut [f32],
         dbeta: &mut [f32],
     ) {
-        let item = c * hw;
-        let m = (n * hw) as f64;
-        let sums: Vec<(f64, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (mut s, mut sx) = (0f64, 0f64);
-                for i in 0..n {
-                    let off = (i * c + ch) * hw;
-                    for j in off..off + hw {
-                        s += f64::from(dy[j]);
-                        sx += f64::from(dy[j]) * f64::from(xhat[j]);
-                    }
-                }
-                (s, sx)
-            })
-            .collect();
-        for (ch, &(s, sx)) in sums.iter().enumerate() {
-            dbeta[ch] += s as f32;
-            dgamma[ch] += sx as f32;
+        let sums = batch_norm_grad_sums(n, c, hw, xhat, dy);
+        for ch in 0..c {
+            dbeta[ch] += sums[2 * ch] as f32;
+            dgamma[ch] += sums[2 * ch + 1] as f32;
         }
-        let coef: Vec<(f32, f32, f32)> = sums
-            .iter()
-            .enumerate()
-            .map(|(ch, &(s, sx))| (gamma[ch] * rstd[ch], (s / m) as f32, (sx / m) as f32))
-            .collect();
-        dx[..n * item]
-            .par_chunks_mut(item)
-            .zip(
-                dy[..n * item]
-                    .par_chunks(item)
-                    .zip(xhat[..n * item].par_chunks(item)),
-            )
-            .for_each(|(dxi, (dyi, hi))| {
-                for (ch, &(gr, ms, msx)) in coef.iter().enumerate() {
-                    for j in ch * hw..(ch + 1) * hw {
-                        dxi[j] = gr * (dyi[j] - ms - hi[j] * msx);
-                    }
-                }
-            });
+        batch_norm_input_grad(
+            n,
+            c,
+            hw,
+            &sums,
+            (n * hw) as f64,
+            (xhat, rstd, gamma, dy),
+            dx,
+        );
     }
+}
+
+/// Per channel of x̂, dy [n, c, hw]: Σ dy and Σ dy·x̂ in f64, as [Σdy, Σdy·x̂] pairs.
+pub(crate) fn batch_norm_grad_sums(
+    n: usize,
+    c: usize,
+    hw: usize,
+    xhat: &[f32],
+    dy: &[f32],
+) -> Vec<f64> {
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let (mut s, mut sx) = (0f64, 0f64);
+            for i in 0..n {
+                let off = (i * c + ch) * hw;
+                for j in off..off + hw {
+                    s += f64::from(dy[j]);
+                    sx += f64::from(dy[j]) * f64::from(xhat[j]);
+                }
+            }
+            [s, sx]
+        })
+        .flatten_iter()
+        .collect()
+}
+
+/// dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂)), the means being `sums` (from
+/// [`batch_norm_grad_sums`], possibly over more rows than these) over `m` values.
+pub(crate) fn batch_norm_input_grad(
+    n: usize,
+    c: usize,
+    hw: usize,
+    sums: &[f64],
+    m: f64,
+    (xhat, rstd, gamma, dy): (&[f32], &[f32], &[f32], &[f32]),
+    dx: &mut [f32],
+) {
+    let item = c * hw;
+    let coef: Vec<(f32, f32, f32)> = (0..c)
+        .map(|ch| {
+            let (s, sx) = (sums[2 * ch], sums[2 * ch + 1]);
+            (gamma[ch] * rstd[ch], (s / m) as f32, (sx / m) as f32)
+        })
+        .collect();
+    dx[..n * item]
+        .par_chunks_mut(item)
+        .zip(
+            dy[..n * item]
+                .par_chunks(item)
+                .zip(xhat[..n * item].par_chunks(item)),
+        )
+        .for_each(|(dxi, (dyi, hi))| {
+            for (ch, &(gr, ms, msx)) in coef.iter().enumerate() {
+                for j in ch * hw..(ch + 1) * hw {
+                    dxi[j] = gr * (dyi[j] - ms - hi[j] * msx);
+                }
+            }
+        });
 }

@@ -10,6 +10,7 @@ pub mod graph;
 mod layers;
 pub mod resnet;
 
+pub(crate) use backend::{batch_norm_grad_sums, batch_norm_input_grad};
 pub use backend::{Backend, ConvSpec, CpuBackend};
 pub use layers::{BatchNorm, Conv2d, Linear, MaxPool, Relu};
 

@@ -247,8 +247,7 @@ pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
         Some(s) => crate::cuda::memory::peak_bytes(s.context())?,
         None => None,
     };
-    let mean = ms.iter().sum::<f64>() / ms.len() as f64;
-    let med = Timing::from(ms).median_ms;
+    let med = Timing::from(ms.clone()).median_ms;
     // The CPU side of the data pipeline: two augmented views of a batch from decoded images (the
     // paper's augmentations; JPEG decoding, for streamed datasets, comes on top). The trainer
     // makes the next batch while the device computes this one, so only what exceeds a step is
@@ -288,8 +287,29 @@ pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
         Some(s) => s.context().name().unwrap_or_else(|_| "CUDA".into()),
         None => format!("cpu ({} threads)", rayon::current_num_threads()),
     };
+    let precision = match (b.precision, stream.is_some()) {
+        (_, false) => "f32",
+        (Precision::Bf16, true) => "bf16",
+        (Precision::F32, true) => "f32",
+    };
+    let mut r = row(b, precision, ms, loss, device, peak);
+    r.breakdown_ms = breakdown;
+    Ok(r)
+}
+
+/// The row of `b` from its step times: the median and mean step, the rates, the last loss.
+fn row(
+    b: &TrainBench,
+    precision: &str,
+    ms: Vec<f64>,
+    loss: f64,
+    device: String,
+    peak: Option<u64>,
+) -> TrainRow {
+    let mean = ms.iter().sum::<f64>() / ms.len().max(1) as f64;
+    let med = Timing::from(ms).median_ms;
     let images_per_s = b.batch as f64 / (med / 1e3);
-    Ok(TrainRow {
+    TrainRow {
         implementation: "barlow".into(),
         arch: arch_name(b.arch).into(),
         stem: stem_name(b.stem).into(),
@@ -297,24 +317,19 @@ pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
         batch: b.batch,
         width: b.width,
         projector: b.projector.clone(),
-        precision: match (b.precision, stream.is_some()) {
-            (_, false) => "f32",
-            (Precision::Bf16, true) => "bf16",
-            (Precision::F32, true) => "f32",
-        }
-        .into(),
+        precision: precision.into(),
         step_ms_median: Some(med),
         step_ms_mean: Some(mean),
         images_per_s: Some(images_per_s),
         views_per_s: Some(2.0 * images_per_s),
-        breakdown_ms: breakdown,
+        breakdown_ms: None,
         peak_mem_bytes: peak,
         loss: loss.is_finite().then_some(loss),
         device,
         error: None,
         gpus: None,
         scaling_efficiency: None,
-    })
+    }
 }
 
 /// Milliseconds between consecutive steps on `stream` (events recorded between them and read at
@@ -425,34 +440,16 @@ pub fn run_gpus(b: &TrainBench, gpus: usize, say: &mut dyn FnMut(&str)) -> Resul
         ranks.push(r?);
     }
     let (ms, loss, name, peak) = ranks.swap_remove(0);
-    let mean = ms.iter().sum::<f64>() / ms.len() as f64;
-    let med = Timing::from(ms).median_ms;
-    let images_per_s = (gpus * b.batch) as f64 / (med / 1e3);
-    Ok(TrainRow {
-        implementation: "barlow".into(),
-        arch: arch_name(b.arch).into(),
-        stem: stem_name(b.stem).into(),
-        image: b.image,
-        batch: b.batch,
-        width: b.width,
-        projector: b.projector.clone(),
-        precision: match b.precision {
-            Precision::Bf16 => "bf16",
-            Precision::F32 => "f32",
-        }
-        .into(),
-        step_ms_median: Some(med),
-        step_ms_mean: Some(mean),
-        images_per_s: Some(images_per_s),
-        views_per_s: Some(2.0 * images_per_s),
-        breakdown_ms: None,
-        peak_mem_bytes: peak,
-        loss: loss.is_finite().then_some(loss),
-        device: name,
-        error: None,
-        gpus: Some(gpus),
-        scaling_efficiency: None,
-    })
+    let precision = match b.precision {
+        Precision::Bf16 => "bf16",
+        Precision::F32 => "f32",
+    };
+    let mut r = row(b, precision, ms, loss, name, peak);
+    // The group's images per step.
+    r.images_per_s = r.images_per_s.map(|v| v * gpus as f64);
+    r.views_per_s = r.views_per_s.map(|v| v * gpus as f64);
+    r.gpus = Some(gpus);
+    Ok(r)
 }
 
 /// Sets `many`'s scaling efficiency from `one`, the same configuration on one GPU: images per

@@ -7,6 +7,7 @@
 
 use crate::collective::Collective;
 use crate::error::{Error, Result};
+use crate::nn::{batch_norm_grad_sums, batch_norm_input_grad};
 use crate::nn::{Backend, ConvSpec};
 use rayon::prelude::*;
 use std::sync::Mutex;
@@ -181,47 +182,13 @@ impl Backend for SyncBackend<'_> {
         dgamma: &mut [f32],
         dbeta: &mut [f32],
     ) {
-        let item = c * hw;
-        let m = (n * hw * self.group.world_size()) as f64;
-        let mut sums: Vec<f64> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (mut s, mut sx) = (0f64, 0f64);
-                for i in 0..n {
-                    let off = (i * c + ch) * hw;
-                    for j in off..off + hw {
-                        s += f64::from(dy[j]);
-                        sx += f64::from(dy[j]) * f64::from(xhat[j]);
-                    }
-                }
-                [s, sx]
-            })
-            .flatten_iter()
-            .collect();
+        let mut sums = batch_norm_grad_sums(n, c, hw, xhat, dy);
         for ch in 0..c {
             dbeta[ch] += sums[2 * ch] as f32;
             dgamma[ch] += sums[2 * ch + 1] as f32;
         }
         self.sum(&mut sums);
-        let coef: Vec<(f32, f32, f32)> = (0..c)
-            .map(|ch| {
-                let (s, sx) = (sums[2 * ch], sums[2 * ch + 1]);
-                (gamma[ch] * rstd[ch], (s / m) as f32, (sx / m) as f32)
-            })
-            .collect();
-        dx[..n * item]
-            .par_chunks_mut(item)
-            .zip(
-                dy[..n * item]
-                    .par_chunks(item)
-                    .zip(xhat[..n * item].par_chunks(item)),
-            )
-            .for_each(|(dxi, (dyi, hi))| {
-                for (ch, &(gr, ms, msx)) in coef.iter().enumerate() {
-                    for j in ch * hw..(ch + 1) * hw {
-                        dxi[j] = gr * (dyi[j] - ms - hi[j] * msx);
-                    }
-                }
-            });
+        let m = (n * hw * self.group.world_size()) as f64;
+        batch_norm_input_grad(n, c, hw, &sums, m, (xhat, rstd, gamma, dy), dx);
     }
 }

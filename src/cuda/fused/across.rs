@@ -14,11 +14,13 @@ use crate::cuda::nccl::{Nccl, NcclType};
 use crate::cuda::ops::{rows_checked, CudaOps};
 use crate::cuda::{alloc, check_available, check_i32, drv, Element, HatElement};
 use crate::error::{Error, Result};
+use crate::loss::distributed::{agreement_header, check_agreement};
 use crate::shape::{check_input, check_output, Dims};
 use crate::Math;
 use crate::{LossConfig, LossPath, LossValue};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 use half::bf16;
+use std::sync::Arc;
 
 /// This rank's checks, before the ranks agree to go on.
 fn check_local<T: Element, Dz: DevicePtrMut<T>>(
@@ -47,10 +49,36 @@ fn check_local<T: Element, Dz: DevicePtrMut<T>>(
     Ok(())
 }
 
-fn disagree(rank: usize, message: String) -> Error {
-    Error::Collective {
-        during: format!("the distributed loss on rank {rank}"),
-        message,
+/// What one call allocates besides the workspace: the column moments (sums and centered squares
+/// of both views, D each), the backward's sums (4·D), and on the Gram path this rank's
+/// standardized rows (in the workspace's element type) before they are gathered.
+struct Scratch {
+    sums: CudaSlice<f64>,
+    sq: CudaSlice<f64>,
+    gs: CudaSlice<f64>,
+    rows: Option<Hat>,
+}
+
+impl Scratch {
+    fn new(stream: &Arc<CudaStream>, dims: Dims, math: Math, path: LossPath) -> Result<Self> {
+        let (d, nd) = (dims.d, dims.n * dims.d);
+        let what = "allocating the distributed loss's column sums";
+        let rows = if path == LossPath::Gram {
+            let what = "allocating this rank's standardized rows";
+            Some(if math == Math::Bf16 {
+                Hat::Bf16(alloc(stream, nd, what)?, alloc(stream, nd, what)?)
+            } else {
+                Hat::F32(alloc(stream, nd, what)?, alloc(stream, nd, what)?)
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            sums: alloc(stream, 2 * d, what)?,
+            sq: alloc(stream, 2 * d, what)?,
+            gs: alloc(stream, 4 * d, what)?,
+            rows,
+        })
     }
 }
 
@@ -71,51 +99,38 @@ pub(crate) fn run<T: Element, Dz: DevicePtrMut<T>>(
     let all = Dims::new(total, dims.d);
     let path = config.path.resolve_across(all, world);
     let ws_dims = if path == LossPath::Gram { all } else { dims };
+    // Everything this call allocates is allocated here, before the ranks agree to go on: a rank
+    // that failed later would leave the others waiting in a collective.
     let local = check_local(&stream, za, zb, dims, all, grads.as_ref())
-        .and_then(|()| Workspace::ensure(slot, &stream, ws_dims, config.math, path).map(drop));
+        .and_then(|()| Workspace::ensure(slot, &stream, ws_dims, config.math, path).map(drop))
+        .and_then(|()| Scratch::new(&stream, dims, config.math, path));
 
     // Agreement: every rank's verdict and shape, summed.
-    let (n, d) = (dims.n as f64, dims.d as f64);
-    let head = [f64::from(u8::from(local.is_ok())), n, d, n * n, d * d];
     let mut dev = stream
-        .clone_htod(&head)
+        .clone_htod(&agreement_header(local.is_ok(), dims))
         .map_err(drv("uploading the agreement header"))?;
     comm.all_reduce_sum_f64(&mut dev)?;
     let h = stream
         .clone_dtoh(&dev)
         .map_err(drv("reading the agreement header"))?;
-    local?;
-    let w = world as f64;
-    if h[0] != w {
-        return Err(disagree(
-            rank,
-            "another rank's input was refused (its error says why)".into(),
-        ));
-    }
-    if h[1] != w * n || h[3] != w * n * n || h[2] != w * d || h[4] != w * d * d {
-        return Err(disagree(
-            rank,
-            format!(
-                "the ranks hold batches of different shapes (this rank {}×{}); every rank needs \
-                 the same N and D",
-                dims.n, dims.d
-            ),
-        ));
-    }
+    let Scratch {
+        mut sums,
+        mut sq,
+        mut gs,
+        mut rows,
+    } = local?;
+    check_agreement(&h, dims, rank, world)?;
     let ws = slot.as_mut().ok_or_else(|| Error::Cuda {
         during: "the distributed loss".into(),
         message: "workspace missing after allocation".into(),
     })?;
     ws.ops.set_stream(&stream)?;
     let (d, nd) = (dims.d, dims.n * dims.d);
-    let what = "allocating the distributed loss's column sums";
 
     // The whole batch's column statistics.
-    let mut sums = alloc::<f64>(&stream, 2 * d, what)?;
     ws.ops.column_sums(za, dims, &mut sums.slice_mut(..d))?;
     ws.ops.column_sums(zb, dims, &mut sums.slice_mut(d..))?;
     comm.all_reduce_sum_f64(&mut sums)?;
-    let mut sq = alloc::<f64>(&stream, 2 * d, what)?;
     let (sa, sb) = (sums.slice(..d), sums.slice(d..));
     ws.ops
         .centered_squares(za, dims, &sa, total, &mut sq.slice_mut(..d))?;
@@ -155,9 +170,21 @@ pub(crate) fn run<T: Element, Dz: DevicePtrMut<T>>(
         moments,
         write_grad,
     };
-    match hat {
-        Hat::F32(ha, hb) => forward(&ctx, za, zb, ha, hb, &mut bufs)?,
-        Hat::Bf16(ha, hb) => forward(&ctx, za, zb, ha, hb, &mut bufs)?,
+    match (hat, rows.as_mut()) {
+        (Hat::F32(ha, hb), None) => forward(&ctx, za, zb, ha, hb, None, &mut bufs)?,
+        (Hat::F32(ha, hb), Some(Hat::F32(la, lb))) => {
+            forward(&ctx, za, zb, ha, hb, Some((la, lb)), &mut bufs)?
+        }
+        (Hat::Bf16(ha, hb), None) => forward(&ctx, za, zb, ha, hb, None, &mut bufs)?,
+        (Hat::Bf16(ha, hb), Some(Hat::Bf16(la, lb))) => {
+            forward(&ctx, za, zb, ha, hb, Some((la, lb)), &mut bufs)?
+        }
+        _ => {
+            return Err(Error::Cuda {
+                during: "the distributed loss".into(),
+                message: "this rank's rows and the workspace hold different types".into(),
+            })
+        }
     }
     // This rank's rows of dL/dẐ: all of the Direct path's, a block of the Gram path's.
     let at = if *ws_path == LossPath::Gram {
@@ -171,7 +198,6 @@ pub(crate) fn run<T: Element, Dz: DevicePtrMut<T>>(
             bufs.dhat_a.slice(at..at + nd),
             bufs.dhat_b.slice(at..at + nd),
         );
-        let mut gs = alloc::<f64>(&stream, 4 * d, what)?;
         ops.std_bwd_sums(&ga, za, &*bufs.stats_a, dims, &mut gs.slice_mut(..2 * d))?;
         ops.std_bwd_sums(&gb, zb, &*bufs.stats_b, dims, &mut gs.slice_mut(2 * d..))?;
         comm.all_reduce_sum_f64(&mut gs)?;
@@ -217,13 +243,13 @@ fn forward<T: Element, O: DirectGrad>(
     zb: &impl DevicePtr<T>,
     ha: &mut CudaSlice<O>,
     hb: &mut CudaSlice<O>,
+    rows: Option<(&mut CudaSlice<O>, &mut CudaSlice<O>)>,
     b: &mut Bufs<'_>,
 ) -> Result<()> {
     let (dims, m) = (c.dims, c.moments);
     let (n, d) = (dims.n, dims.d);
     let nd = n * d;
     let (math, eps, lambda) = (c.config.math, c.config.eps, c.config.lambda);
-    let stream = c.comm.stream();
     let (sa, sb) = (m.sums.slice(..d), m.sums.slice(d..));
     let (qa, qb) = (m.sq.slice(..d), m.sq.slice(d..));
     let inv_total = 1.0 / m.total as f32;
@@ -255,17 +281,18 @@ fn forward<T: Element, O: DirectGrad>(
         }
         Mats::Gram { ga, gb, g16 } => {
             // This rank's Ẑ, gathered into the workspace's whole-batch Ẑ.
-            let what = "allocating this rank's standardized rows";
-            let mut la = alloc::<O>(&stream, nd, what)?;
-            let mut lb = alloc::<O>(&stream, nd, what)?;
+            let (la, lb) = rows.ok_or_else(|| Error::Cuda {
+                during: "the distributed loss".into(),
+                message: "no buffers for this rank's standardized rows".into(),
+            })?;
             let ops = &mut *b.ops;
-            ops.standardize_apply(math, za, dims, (&sa, &qa, m.total), eps, b.stats_a, &mut la)?;
-            ops.standardize_apply(math, zb, dims, (&sb, &qb, m.total), eps, b.stats_b, &mut lb)?;
+            ops.standardize_apply(math, za, dims, (&sa, &qa, m.total), eps, b.stats_a, la)?;
+            ops.standardize_apply(math, zb, dims, (&sb, &qb, m.total), eps, b.stats_b, lb)?;
             let all = Dims::new(m.total, d);
             let total_nd = m.total * d;
             let (mut fa, mut fb) = (ha.slice_mut(..total_nd), hb.slice_mut(..total_nd));
-            c.comm.all_gather(&la, &mut fa)?;
-            c.comm.all_gather(&lb, &mut fb)?;
+            c.comm.all_gather(&*la, &mut fa)?;
+            c.comm.all_gather(&*lb, &mut fb)?;
             let nn = m.total * m.total;
             let (mut ga, mut gb) = (ga.slice_mut(..nn), gb.slice_mut(..nn));
             ops.gram(math, &fa, all, &mut ga)?;

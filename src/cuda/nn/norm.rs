@@ -61,6 +61,69 @@ pub struct NormBackward<'a, A: Act> {
 }
 
 impl NnOps {
+    /// The checks every batch-norm forward makes first: a non-empty input, a usable eps, and
+    /// every buffer long enough and in this context.
+    pub(super) fn check_forward<A: Act>(&self, a: &NormForward<'_, A>) -> Result<()> {
+        let (m, c) = (a.rows, a.c);
+        if m == 0 || c == 0 {
+            return Err(Error::InvalidConfig(format!(
+                "batch norm over an empty {m}×{c} input"
+            )));
+        }
+        if !(a.eps > 0.0 && a.eps.is_finite()) {
+            return Err(Error::InvalidConfig(format!("batch norm eps = {}", a.eps)));
+        }
+        need("x", &a.x, m * c)?;
+        need("y", &a.y, m * c)?;
+        need("gamma/beta", &a.gb, 2 * c)?;
+        need("running statistics", &a.running, 2 * c)?;
+        need("stats", &*a.stats, 2 * c)?;
+        if let Some(r) = &a.residual {
+            need("residual", r, m * c)?;
+            self.ctx("residual", r)?;
+        }
+        self.ctx("x", &a.x)?;
+        self.ctx("y", &a.y)?;
+        self.ctx("gamma/beta", &a.gb)?;
+        self.ctx("running statistics", &a.running)?;
+        self.ctx("stats", &*a.stats)
+    }
+
+    /// The checks every batch-norm backward makes first, with `stats` floats of statistics.
+    pub(super) fn check_backward<A: Act>(
+        &self,
+        a: &NormBackward<'_, A>,
+        stats: usize,
+    ) -> Result<()> {
+        let (m, c) = (a.rows, a.c);
+        if m == 0 || c == 0 {
+            return Err(Error::InvalidConfig(format!(
+                "batch norm over an empty {m}×{c} input"
+            )));
+        }
+        need("dy", &a.dy, m * c)?;
+        need("x", &a.x, m * c)?;
+        need("dx", &a.dx, m * c)?;
+        need("stats", a.stats, stats)?;
+        need("gamma/beta", &a.gb, 2 * c)?;
+        need("dgamma/dbeta", &a.dgb, 2 * c)?;
+        self.ctx("dy", &a.dy)?;
+        self.ctx("x", &a.x)?;
+        self.ctx("dx", &a.dx)?;
+        self.ctx("stats", a.stats)?;
+        self.ctx("gamma/beta", &a.gb)?;
+        self.ctx("dgamma/dbeta", &a.dgb)?;
+        if let Some(y) = &a.y {
+            need("y", y, m * c)?;
+            self.ctx("y", y)?;
+        }
+        if let Some((r, _)) = &a.dres {
+            need("dres", r, m * c)?;
+            self.ctx("dres", r)?;
+        }
+        Ok(())
+    }
+
     /// Batch norm over the M rows of x (M×C): `y = act(x̂·γ + β (+ residual))` with ReLU when
     /// `relu`. `gb` holds [γ | β], `running` [mean | var] (updated in training), `stats` receives
     /// [mean | rstd] for the backward pass.
@@ -69,6 +132,7 @@ impl NnOps {
         mode: NormMode,
         args: NormForward<'_, A>,
     ) -> Result<()> {
+        self.check_forward(&args)?;
         let NormForward {
             rows: m,
             c,
@@ -83,28 +147,6 @@ impl NnOps {
         } = args;
         let (x, gb, running, y) = (&x, &gb, &mut running, &mut y);
         let residual = residual.as_ref();
-        if m == 0 || c == 0 {
-            return Err(Error::InvalidConfig(format!(
-                "batch norm over an empty {m}×{c} input"
-            )));
-        }
-        if !(eps > 0.0 && eps.is_finite()) {
-            return Err(Error::InvalidConfig(format!("batch norm eps = {eps}")));
-        }
-        need("x", x, m * c)?;
-        need("y", y, m * c)?;
-        need("gamma/beta", gb, 2 * c)?;
-        need("running statistics", running, 2 * c)?;
-        need("stats", stats, 2 * c)?;
-        if let Some(r) = residual {
-            need("residual", r, m * c)?;
-            self.ctx("residual", r)?;
-        }
-        self.ctx("x", x)?;
-        self.ctx("y", y)?;
-        self.ctx("gamma/beta", gb)?;
-        self.ctx("running statistics", running)?;
-        self.ctx("stats", stats)?;
         let s = self.stream.clone();
         let (m64, c64) = (m as i64, c as i64);
         let (mut mean, mut rstd) = stats.split_at_mut(c);
@@ -202,6 +244,7 @@ impl NnOps {
     /// accumulated, `dx` written, and the residual's gradient written to `dres` (or added to it
     /// when `accumulate_res`). `y` is the forward's output, whose sign masks dy when `relu`.
     pub fn batch_norm_backward<A: Act>(&mut self, args: NormBackward<'_, A>) -> Result<()> {
+        self.check_backward(&args, 2 * args.c)?;
         let NormBackward {
             rows: m,
             c,
@@ -216,31 +259,6 @@ impl NnOps {
         } = args;
         let (dy, y, x, gb, dgb, dx) = (&dy, y.as_ref(), &x, &gb, &mut dgb, &mut dx);
         let dres = dres.as_mut().map(|(d, acc)| (d, *acc));
-        if m == 0 || c == 0 {
-            return Err(Error::InvalidConfig(format!(
-                "batch norm over an empty {m}×{c} input"
-            )));
-        }
-        need("dy", dy, m * c)?;
-        need("x", x, m * c)?;
-        need("dx", dx, m * c)?;
-        need("stats", stats, 2 * c)?;
-        need("gamma/beta", gb, 2 * c)?;
-        need("dgamma/dbeta", dgb, 2 * c)?;
-        self.ctx("dy", dy)?;
-        self.ctx("x", x)?;
-        self.ctx("dx", dx)?;
-        self.ctx("stats", stats)?;
-        self.ctx("gamma/beta", gb)?;
-        self.ctx("dgamma/dbeta", dgb)?;
-        if let Some(y) = y {
-            need("y", y, m * c)?;
-            self.ctx("y", y)?;
-        }
-        if let Some((r, _)) = &dres {
-            need("dres", *r, m * c)?;
-            self.ctx("dres", *r)?;
-        }
         let s = self.stream.clone();
         let (m64, c64) = (m as i64, c as i64);
         let (rows, chunks) = norm_chunks(m, c);
@@ -394,6 +412,12 @@ impl NnOps {
     /// Backward of [`NnOps::standardize_affine_forward`] in one launch: `dgb` ([dγ | dβ])
     /// accumulates, `dx` is written; `y` (the forward's output) masks dy when the norm had a ReLU.
     pub fn standardize_affine_backward<A: Act>(&self, args: NormBackward<'_, A>) -> Result<()> {
+        if args.dres.is_some() {
+            return Err(Error::InvalidConfig(
+                "the projector's norm has no residual gradient".into(),
+            ));
+        }
+        self.check_backward(&args, 3 * args.c)?;
         let NormBackward {
             rows: n,
             c,
@@ -404,35 +428,9 @@ impl NnOps {
             gb,
             mut dgb,
             mut dx,
-            dres,
+            dres: _,
         } = args;
-        if dres.is_some() {
-            return Err(Error::InvalidConfig(
-                "the projector's norm has no residual gradient".into(),
-            ));
-        }
         let (dy, y, x, gb, dgb, dx) = (&dy, y.as_ref(), &x, &gb, &mut dgb, &mut dx);
-        if n == 0 || c == 0 {
-            return Err(Error::InvalidConfig(format!(
-                "batch norm over an empty {n}×{c} input"
-            )));
-        }
-        need("dy", dy, n * c)?;
-        need("x", x, n * c)?;
-        need("dx", dx, n * c)?;
-        need("stats", stats, 3 * c)?;
-        need("gamma/beta", gb, 2 * c)?;
-        need("dgamma/dbeta", dgb, 2 * c)?;
-        self.ctx("dy", dy)?;
-        self.ctx("x", x)?;
-        self.ctx("dx", dx)?;
-        self.ctx("stats", stats)?;
-        self.ctx("gamma/beta", gb)?;
-        self.ctx("dgamma/dbeta", dgb)?;
-        if let Some(y) = y {
-            need("y", y, n * c)?;
-            self.ctx("y", y)?;
-        }
         let (gamma, _) = gb.split_at(c);
         let (mut dgamma, mut dbeta) = dgb.split_at_mut(c);
         // SAFETY: every N×C buffer and the 3·C stats were checked, dγ and dβ are the halves of

@@ -5,10 +5,10 @@
 //! gradients), and, all-reduced, into the input gradient. The CPU twin is
 //! `crate::train::parallel::SyncBackend`.
 
-use super::{kernel, need, rows_grid, NnOps, NormBackward, NormForward, COLS, ROWS, THREADS};
+use super::{kernel, rows_grid, NnOps, NormBackward, NormForward, COLS, ROWS, THREADS};
 use crate::cuda::nccl::Nccl;
 use crate::cuda::{alloc, Act};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use cudarc::driver::LaunchConfig;
 
 fn col_grid(c: usize) -> LaunchConfig {
@@ -37,6 +37,7 @@ impl NnOps {
         momentum: f32,
         args: NormForward<'_, A>,
     ) -> Result<()> {
+        self.check_forward(&args)?;
         let NormForward {
             rows: m,
             c,
@@ -49,28 +50,6 @@ impl NnOps {
             mut y,
             stats,
         } = args;
-        if m == 0 || c == 0 {
-            return Err(Error::InvalidConfig(format!(
-                "batch norm over an empty {m}×{c} input"
-            )));
-        }
-        if !(eps > 0.0 && eps.is_finite()) {
-            return Err(Error::InvalidConfig(format!("batch norm eps = {eps}")));
-        }
-        need("x", &x, m * c)?;
-        need("y", &y, m * c)?;
-        need("gamma/beta", &gb, 2 * c)?;
-        need("running statistics", &running, 2 * c)?;
-        need("stats", stats, 2 * c)?;
-        if let Some(r) = &residual {
-            need("residual", r, m * c)?;
-            self.ctx("residual", r)?;
-        }
-        self.ctx("x", &x)?;
-        self.ctx("y", &y)?;
-        self.ctx("gamma/beta", &gb)?;
-        self.ctx("running statistics", &running)?;
-        self.ctx("stats", stats)?;
         let s = self.stream.clone();
         let total = m * comm.world_size();
         let (m64, c64, t64) = (m as i64, c as i64, total as i64);
@@ -149,6 +128,7 @@ impl NnOps {
         comm: &Nccl,
         args: NormBackward<'_, A>,
     ) -> Result<()> {
+        self.check_backward(&args, 2 * args.c)?;
         let NormBackward {
             rows: m,
             c,
@@ -161,31 +141,6 @@ impl NnOps {
             mut dx,
             dres,
         } = args;
-        if m == 0 || c == 0 {
-            return Err(Error::InvalidConfig(format!(
-                "batch norm over an empty {m}×{c} input"
-            )));
-        }
-        need("dy", &dy, m * c)?;
-        need("x", &x, m * c)?;
-        need("dx", &dx, m * c)?;
-        need("stats", stats, 2 * c)?;
-        need("gamma/beta", &gb, 2 * c)?;
-        need("dgamma/dbeta", &dgb, 2 * c)?;
-        self.ctx("dy", &dy)?;
-        self.ctx("x", &x)?;
-        self.ctx("dx", &dx)?;
-        self.ctx("stats", stats)?;
-        self.ctx("gamma/beta", &gb)?;
-        self.ctx("dgamma/dbeta", &dgb)?;
-        if let Some(y) = &y {
-            need("y", y, m * c)?;
-            self.ctx("y", y)?;
-        }
-        if let Some((r, _)) = &dres {
-            need("dres", r, m * c)?;
-            self.ctx("dres", r)?;
-        }
         let s = self.stream.clone();
         let total = m * comm.world_size();
         let (m64, c64) = (m as i64, c as i64);

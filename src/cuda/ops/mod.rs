@@ -317,14 +317,9 @@ impl CudaOps {
         scale: f32,
         c: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
-        let (n, d) = rows_checked(dims)?;
-        check_math::<O>(math)?;
-        check_input("za_hat", za_hat.len(), dims)?;
-        check_input("zb_hat", zb_hat.len(), dims)?;
+        let (n, d) = self.check_hats(math, za_hat, zb_hat, dims)?;
         check_output("c", c.len(), d * d)?;
         let s = self.stream.clone();
-        check_context("za_hat", za_hat, &s)?;
-        check_context("zb_hat", zb_hat, &s)?;
         check_context("c", c, &s)?;
         self.blas.bind(&s)?;
         let (pa, _ga) = za_hat.device_ptr(&s);
@@ -355,6 +350,24 @@ impl CudaOps {
                 d,
             )
         }
+    }
+
+    /// What both correlation GEMMs check of Ẑa and Ẑb: the rows, the element type `math`
+    /// reads, the lengths and the context; returns (N, D).
+    fn check_hats<O: HatElement>(
+        &self,
+        math: Math,
+        za_hat: &impl DevicePtr<O>,
+        zb_hat: &impl DevicePtr<O>,
+        dims: Dims,
+    ) -> Result<(usize, usize)> {
+        let nd = rows_checked(dims)?;
+        check_math::<O>(math)?;
+        check_input("za_hat", za_hat.len(), dims)?;
+        check_input("zb_hat", zb_hat.len(), dims)?;
+        check_context("za_hat", za_hat, &self.stream)?;
+        check_context("zb_hat", zb_hat, &self.stream)?;
+        Ok(nd)
     }
 
     /// `dẐa = Ẑb·Gᵀ / N` and `dẐb = Ẑa·G / N` through cuBLAS, with G = dL/dC (f32, or bf16 under
@@ -389,17 +402,12 @@ impl CudaOps {
         dza_hat: &mut impl DevicePtrMut<f32>,
         dzb_hat: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
-        let (n, d) = rows_checked(dims)?;
-        check_math::<O>(math)?;
+        let (n, d) = self.check_hats(math, za_hat, zb_hat, dims)?;
         check_output("g", g.len(), d * d)?;
-        check_input("za_hat", za_hat.len(), dims)?;
-        check_input("zb_hat", zb_hat.len(), dims)?;
         check_output("dza_hat", dza_hat.len(), n * d)?;
         check_output("dzb_hat", dzb_hat.len(), n * d)?;
         let s = self.stream.clone();
         check_context("g", g, &s)?;
-        check_context("za_hat", za_hat, &s)?;
-        check_context("zb_hat", zb_hat, &s)?;
         check_context("dza_hat", dza_hat, &s)?;
         check_context("dzb_hat", dzb_hat, &s)?;
         self.blas.bind(&s)?;
