@@ -1,6 +1,6 @@
 //! Who trains: one engine, a worker thread per GPU of this machine, one process of a launched
 //! group, or CPU ranks as threads (the data-parallel run's CPU twin). Each rank runs
-//! [`run_rank`] on its share of every batch; rank 0 reports and writes.
+//! the run loop on its share of every batch; rank 0 reports and writes.
 //!
 //! Ranks in one process share one copy of the data and report through rank 0; a rank that fails
 //! ends the run at once with its error (a rank left waiting on the others stays blocked in its
