@@ -5,13 +5,14 @@
 //! Standardization: column sums, then centered squares, each all-reduced in f64 (2·D each), then
 //! the statistics and Ẑ. Direct: this rank's share of C (scaled by 1/(all rows)), all-reduced
 //! (D² floats), then the reduction and this rank's backward GEMMs. Gram: Ẑ all-gathered
-//! (2·N·D in all), the Gram path on the whole batch on every rank, and this rank's rows of its
-//! gradient. Backward: Σ g and Σ g·x̂ all-reduced (4·D), then dz. One host read of an agreement
+//! (2·N·D in all), then this rank's rows of Ga and Gb against the whole batch (n×N each), their
+//! share of ⟨Ga, Gb⟩ summed over the ranks, and the gradient of this rank's rows: the Gram work
+//! splits by rows as on the CPU. Backward: Σ g and Σ g·x̂ all-reduced (4·D), then dz. One host read of an agreement
 //! header before any work (so a refusal on one rank ends the call on all), one of the loss after.
 
 use super::{check_context, Hat, Mats, Workspace};
 use crate::cuda::nccl::{Nccl, NcclType};
-use crate::cuda::ops::{rows_checked, CudaOps};
+use crate::cuda::ops::{rows_checked, CudaOps, GramRows};
 use crate::cuda::{alloc, check_available, check_i32, drv, Element, HatElement};
 use crate::error::{Error, Result};
 use crate::loss::distributed::{agreement_header, check_agreement};
@@ -152,7 +153,6 @@ pub(crate) fn run<T: Element, Dz: DevicePtrMut<T>>(
         mats,
         dhat_a,
         dhat_b,
-        path: ws_path,
         ..
     } = ws;
     let mut bufs = Bufs {
@@ -186,18 +186,10 @@ pub(crate) fn run<T: Element, Dz: DevicePtrMut<T>>(
             })
         }
     }
-    // This rank's rows of dL/dẐ: all of the Direct path's, a block of the Gram path's.
-    let at = if *ws_path == LossPath::Gram {
-        rank * nd
-    } else {
-        0
-    };
+    // dL/dẐ of this rank's rows, on either path.
     if let Some((dza, dzb)) = grads.as_mut() {
         let ops = &*bufs.ops;
-        let (ga, gb) = (
-            bufs.dhat_a.slice(at..at + nd),
-            bufs.dhat_b.slice(at..at + nd),
-        );
+        let (ga, gb) = (bufs.dhat_a.slice(..nd), bufs.dhat_b.slice(..nd));
         ops.std_bwd_sums(&ga, za, &*bufs.stats_a, dims, &mut gs.slice_mut(..2 * d))?;
         ops.std_bwd_sums(&gb, zb, &*bufs.stats_b, dims, &mut gs.slice_mut(2 * d..))?;
         comm.all_reduce_sum_f64(&mut gs)?;
@@ -293,13 +285,24 @@ fn forward<T: Element, O: DirectGrad>(
             let (mut fa, mut fb) = (ha.slice_mut(..total_nd), hb.slice_mut(..total_nd));
             c.comm.all_gather(&*la, &mut fa)?;
             c.comm.all_gather(&*lb, &mut fb)?;
-            let nn = m.total * m.total;
-            let (mut ga, mut gb) = (ga.slice_mut(..nn), gb.slice_mut(..nn));
-            ops.gram(math, &fa, all, &mut ga)?;
-            ops.gram(math, &fb, all, &mut gb)?;
+            // This rank's rows of Ga and Gb against the whole batch; ⟨Ga, Gb⟩ summed over the
+            // ranks; the gradient of this rank's rows.
+            let block = n * m.total;
+            let (mut ga, mut gb) = (ga.slice_mut(..block), gb.slice_mut(..block));
+            ops.gram_rows(math, &*la, n, &fa, all, &mut ga)?;
+            ops.gram_rows(math, &*lb, n, &fb, all, &mut gb)?;
             let grads = c.write_grad.then_some((&mut *b.dhat_a, &mut *b.dhat_b));
             let g16 = g16.as_mut().map(|(x, y)| (x, y));
-            ops.gram_loss(math, &fa, &fb, &mut ga, &mut gb, all, lambda, grads, g16)?;
+            let mut sum = |p: &mut CudaViewMut<'_, f64>| c.comm.all_reduce_sum_f64(p);
+            let rows = GramRows {
+                za: &*la,
+                zb: &*lb,
+                n,
+                sum: Some(&mut sum),
+            };
+            ops.gram_loss_rows(
+                math, rows, &fa, &fb, &mut ga, &mut gb, all, lambda, grads, g16,
+            )?;
         }
     }
     Ok(())

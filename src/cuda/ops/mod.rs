@@ -562,39 +562,58 @@ impl CudaOps {
         dims: Dims,
         g: &mut impl DevicePtrMut<f32>,
     ) -> Result<()> {
-        let (n, d) = dims.checked()?;
+        self.gram_rows(math, z_hat, dims.n, z_hat, dims, g)
+    }
+
+    /// The rows of the Gram matrix that `rows` (`n` rows of ẑ, this rank's) make with every row
+    /// of `all` (N×D): `g = rows·allᵀ`, n×N f32, row-major. With `rows` = `all` it is the whole
+    /// (symmetric) Gram matrix.
+    pub(crate) fn gram_rows<O: HatElement>(
+        &mut self,
+        math: Math,
+        rows: &impl DevicePtr<O>,
+        n: usize,
+        all: &impl DevicePtr<O>,
+        dims: Dims,
+        g: &mut impl DevicePtrMut<f32>,
+    ) -> Result<()> {
+        let (total, d) = dims.checked()?;
         check_math::<O>(math)?;
-        check_input("z_hat", z_hat.len(), dims)?;
-        check_output("g", g.len(), n * n)?;
+        check_input("z_hat", all.len(), dims)?;
+        check_input("z_hat rows", rows.len(), Dims::new(n, d))?;
+        check_output("g", g.len(), n * total)?;
         let s = self.stream.clone();
-        check_context("z_hat", z_hat, &s)?;
+        check_context("z_hat", all, &s)?;
+        check_context("z_hat rows", rows, &s)?;
         check_context("g", g, &s)?;
         self.blas.bind(&s)?;
-        let (pz, _gz) = z_hat.device_ptr(&s);
+        let (pa, _ga) = all.device_ptr(&s);
+        let (pr, _gr) = rows.device_ptr(&s);
         let (pg, _gg) = g.device_ptr_mut(&s);
-        // Column-major, ẑ's buffer is ẑᵀ (D×N): G = (ẑᵀ)ᵀ·ẑᵀ, symmetric.
-        // SAFETY: z holds N×D elements of the type `math` implies and g N×N floats, both in this
-        // context; g is a distinct mutable borrow.
+        // Column-major, a row-major ẑ buffer is ẑᵀ (D×N): gᵀ (N×n) = (allᵀ)ᵀ·rowsᵀ, which is the
+        // row-major n×N block.
+        // SAFETY: `all` holds N×D and `rows` n×D elements of the type `math` implies, g n×N floats
+        // (checked above), all in this context; g is a distinct mutable borrow.
         unsafe {
             self.blas.gemm(
                 math,
-                n,
+                total,
                 n,
                 d,
                 1.0,
                 Operand {
-                    ptr: pz,
+                    ptr: pa,
                     ld: d,
                     trans: true,
                 },
                 Operand {
-                    ptr: pz,
+                    ptr: pr,
                     ld: d,
                     trans: false,
                 },
                 0.0,
                 pg,
-                n,
+                total,
             )
         }
     }
@@ -630,25 +649,63 @@ impl CudaOps {
         grads: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
         g16: Option<(&mut CudaSlice<half::bf16>, &mut CudaSlice<half::bf16>)>,
     ) -> Result<()> {
+        let rows = GramRows {
+            za: za_hat,
+            zb: zb_hat,
+            n: dims.n,
+            sum: None,
+        };
+        self.gram_loss_rows(math, rows, za_hat, zb_hat, ga, gb, dims, lambda, grads, g16)
+    }
+
+    /// [`CudaOps::gram_loss`] for one rank's rows of a gathered batch: `za_all`, `zb_all` hold
+    /// all N rows, `rows` this rank's n of them, `ga`, `gb` their n×N Gram blocks
+    /// ([`CudaOps::gram_rows`]). The ⟨Ga, Gb⟩ partial sums go through `rows.sum` (the ranks'
+    /// all-reduce) before the loss is formed; the gradients are those of this rank's rows (n×D).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gram_loss_rows<O: HatElement, A: DevicePtr<O>, B: DevicePtr<O>>(
+        &mut self,
+        math: Math,
+        rows: GramRows<'_, A, B>,
+        za_all: &impl DevicePtr<O>,
+        zb_all: &impl DevicePtr<O>,
+        ga: &mut (impl DevicePtr<f32> + DevicePtrMut<f32>),
+        gb: &mut (impl DevicePtr<f32> + DevicePtrMut<f32>),
+        dims: Dims,
+        lambda: f32,
+        grads: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
+        g16: Option<(&mut CudaSlice<half::bf16>, &mut CudaSlice<half::bf16>)>,
+    ) -> Result<()> {
+        let GramRows {
+            za: za_rows,
+            zb: zb_rows,
+            n: rn,
+            sum,
+        } = rows;
         let (n, d) = dims.checked()?;
         check_math::<O>(math)?;
-        check_input("za_hat", za_hat.len(), dims)?;
-        check_input("zb_hat", zb_hat.len(), dims)?;
-        check_output("ga", ga.len(), n * n)?;
-        check_output("gb", gb.len(), n * n)?;
-        if !lambda.is_finite() {
+        check_input("za_hat", za_all.len(), dims)?;
+        check_input("zb_hat", zb_all.len(), dims)?;
+        if rn == 0 || rn > n {
             return Err(Error::InvalidConfig(format!(
-                "lambda = {lambda} is not finite"
+                "{rn} rows of a Gram block of a batch of {n}"
             )));
         }
+        check_input("za_hat rows", za_rows.len(), Dims::new(rn, d))?;
+        check_input("zb_hat rows", zb_rows.len(), Dims::new(rn, d))?;
+        check_output("ga", ga.len(), rn * n)?;
+        check_output("gb", gb.len(), rn * n)?;
+        check_lambda(lambda)?;
         let s = self.stream.clone();
-        check_context("za_hat", za_hat, &s)?;
-        check_context("zb_hat", zb_hat, &s)?;
+        check_context("za_hat", za_all, &s)?;
+        check_context("zb_hat", zb_all, &s)?;
+        check_context("za_hat rows", za_rows, &s)?;
+        check_context("zb_hat rows", zb_rows, &s)?;
         check_context("ga", ga, &s)?;
         check_context("gb", gb, &s)?;
         self.gram_scratch(d)?;
         self.blas.bind(&s)?;
-        let (n64, d64, nn64) = (n as i64, d as i64, (n * n) as i64);
+        let (n64, d64, block64) = (n as i64, d as i64, (rn * n) as i64);
         let kernels = self.kernels.clone();
         let GramScratch {
             partials,
@@ -659,24 +716,30 @@ impl CudaOps {
             message: "scratch missing after allocation".into(),
         })?;
 
+        // Cᵢᵢ of the whole batch (every rank computes it: D dot products of length N).
         // SAFETY: Ẑa, Ẑb hold N×D elements (checked above), Cᵢᵢ at least D doubles
         // (gram_scratch); one block column per 32 columns.
         unsafe {
-            kernel::gram_diag::<O>(&kernels, &s, std_launch(d)?, za_hat, zb_hat, cii, n64, d64)?;
+            kernel::gram_diag::<O>(&kernels, &s, std_launch(d)?, za_all, zb_all, cii, n64, d64)?;
         }
 
-        // ⟨Ga, Gb⟩ in f64 partials, then the final one-block reduction.
+        // ⟨Ga, Gb⟩ over this block in f64 partials (summed over the ranks), then the final
+        // one-block reduction. The partials' count depends on the block's size alone, the same
+        // on every rank.
         let per_block = REDUCE_THREADS as usize * REDUCE_ITEMS_PER_THREAD;
-        let blocks = (n * n).div_ceil(per_block).clamp(1, MAX_REDUCE_BLOCKS);
+        let blocks = (rn * n).div_ceil(per_block).clamp(1, MAX_REDUCE_BLOCKS);
         let tf32 = i32::from(math == Math::Tf32 && grads.is_some());
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (REDUCE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: Ga, Gb hold N² floats (checked above) and are distinct mutable borrows; the
+        // SAFETY: Ga, Gb hold n×N floats (checked above) and are distinct mutable borrows; the
         // partials hold MAX_REDUCE_BLOCKS ≥ blocks doubles.
-        unsafe { kernel::gram_dot_partial(&kernels, &s, cfg, ga, gb, partials, nn64, tf32)? };
+        unsafe { kernel::gram_dot_partial(&kernels, &s, cfg, ga, gb, partials, block64, tf32)? };
+        if let Some(sum) = sum {
+            sum(&mut partials.slice_mut(..blocks))?;
+        }
         let one = LaunchConfig {
             grid_dim: (1, 1, 1),
             ..cfg
@@ -700,28 +763,29 @@ impl CudaOps {
         }
 
         let Some((da, db)) = grads else { return Ok(()) };
-        check_output("dza_hat", da.len(), n * d)?;
-        check_output("dzb_hat", db.len(), n * d)?;
+        check_output("dza_hat", da.len(), rn * d)?;
+        check_output("dzb_hat", db.len(), rn * d)?;
         check_context("dza_hat", &*da, &s)?;
         check_context("dzb_hat", &*db, &s)?;
         let scale = (2.0 * f64::from(lambda) / (n as f64 * n as f64)) as f32;
-        // The bf16 GEMMs read the Gram matrices in bf16.
+        // The bf16 GEMMs read the Gram blocks in bf16.
         let g16 = match (math, g16) {
             (Math::Bf16, Some((a16, b16))) => {
-                check_output("ga16", a16.len(), n * n)?;
-                check_output("gb16", b16.len(), n * n)?;
-                let blocks = u32::try_from((n * n).div_ceil(256)).map_err(|_| Error::TooLarge {
-                    what: format!("N×N = {} elements for the bf16 Gram copies", n * n),
-                })?;
+                check_output("ga16", a16.len(), rn * n)?;
+                check_output("gb16", b16.len(), rn * n)?;
+                let blocks =
+                    u32::try_from((rn * n).div_ceil(256)).map_err(|_| Error::TooLarge {
+                        what: format!("n×N = {} elements for the bf16 Gram copies", rn * n),
+                    })?;
                 let cast = LaunchConfig {
                     grid_dim: (blocks, 1, 1),
                     block_dim: (256, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                // SAFETY: Ga and its bf16 copy hold N² elements each (checked above).
-                unsafe { kernel::naive_cast_bf16(&kernels, &s, cast, ga, a16, nn64)? };
+                // SAFETY: Ga and its bf16 copy hold n×N elements each (checked above).
+                unsafe { kernel::naive_cast_bf16(&kernels, &s, cast, ga, a16, block64)? };
                 // SAFETY: as above, for Gb.
-                unsafe { kernel::naive_cast_bf16(&kernels, &s, cast, gb, b16, nn64)? };
+                unsafe { kernel::naive_cast_bf16(&kernels, &s, cast, gb, b16, block64)? };
                 Some((a16, b16))
             }
             (Math::Bf16, None) => {
@@ -732,12 +796,12 @@ impl CudaOps {
             _ => None,
         };
         let init = LaunchConfig {
-            grid_dim: ((n * d).div_ceil(256) as u32, 1, 1),
+            grid_dim: ((rn * d).div_ceil(256) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // dẐa = kᵢ·Ẑb + s·Gb·Ẑa ;  dẐb = kᵢ·Ẑa + s·Ga·Ẑb.
-        let (dims, blas) = ((n, d), &self.blas);
+        // dẐa = kᵢ·Ẑb + s·Gb·Ẑa ;  dẐb = kᵢ·Ẑa + s·Ga·Ẑb, for this block's rows.
+        let (shape, blas) = ((rn, n, d), &self.blas);
         for side in [0, 1] {
             let (pg, _gg) = match (&g16, side) {
                 (Some((_, b16)), 0) => b16.device_ptr(&s),
@@ -747,11 +811,11 @@ impl CudaOps {
             };
             if side == 0 {
                 gram_grad_term(
-                    blas, &kernels, &s, math, dims, scale, init, coef, da, zb_hat, za_hat, pg,
+                    blas, &kernels, &s, math, shape, scale, init, coef, da, zb_rows, za_all, pg,
                 )?;
             } else {
                 gram_grad_term(
-                    blas, &kernels, &s, math, dims, scale, init, coef, db, za_hat, zb_hat, pg,
+                    blas, &kernels, &s, math, shape, scale, init, coef, db, za_rows, zb_all, pg,
                 )?;
             }
         }
@@ -812,7 +876,7 @@ fn gram_grad_term<O: HatElement>(
     kernels: &Kernels,
     s: &Arc<CudaStream>,
     math: Math,
-    (n, d): (usize, usize),
+    (rn, n, d): (usize, usize, usize),
     scale: f32,
     init: LaunchConfig,
     coef: &CudaSlice<f32>,
@@ -821,18 +885,21 @@ fn gram_grad_term<O: HatElement>(
     own: &impl DevicePtr<O>,
     g: u64,
 ) -> Result<()> {
-    // SAFETY: `other` and `out` hold N×D elements and coef D floats (checked by `gram_loss`).
-    unsafe { kernel::gram_grad_init::<O>(kernels, s, init, other, coef, out, n as i64, d as i64)? };
+    // SAFETY: `other` (this block's rows) and `out` hold n×D elements and coef D floats (checked
+    // by `gram_loss_rows`).
+    unsafe {
+        kernel::gram_grad_init::<O>(kernels, s, init, other, coef, out, rn as i64, d as i64)?
+    };
     let (po, _go) = out.device_ptr_mut(s);
     let (pown, _gown) = own.device_ptr(s);
-    // Column-major: outᵀ (D×N) += scale · ownᵀ (D×N) · G (N×N, symmetric).
-    // SAFETY: own holds N×D elements, G N×N (of the type `math` implies), out N×D floats, all in
+    // Column-major: outᵀ (D×n) += scale · ownᵀ (D×N) · Gᵀ (N×n, the row-major n×N block).
+    // SAFETY: own holds N×D elements, G n×N (of the type `math` implies), out n×D floats, all in
     // this context; out is a distinct mutable borrow.
     unsafe {
         blas.gemm(
             math,
             d,
-            n,
+            rn,
             n,
             scale,
             Operand {
@@ -850,6 +917,17 @@ fn gram_grad_term<O: HatElement>(
             d,
         )
     }
+}
+
+/// One rank's rows for [`CudaOps::gram_loss_rows`]: Ẑa and Ẑb of its `n` rows, and how the
+/// ranks' partial sums of ⟨Ga, Gb⟩ are summed (none on one device).
+pub(crate) struct GramRows<'a, A, B> {
+    pub(crate) za: &'a A,
+    pub(crate) zb: &'a B,
+    pub(crate) n: usize,
+    #[allow(clippy::type_complexity)]
+    pub(crate) sum:
+        Option<&'a mut dyn FnMut(&mut cudarc::driver::CudaViewMut<'_, f64>) -> Result<()>>,
 }
 
 /// Stage 1's grid: sized by D alone, so the partial sums (and the loss) are the same run to run.
