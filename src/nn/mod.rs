@@ -9,6 +9,7 @@ mod backend;
 pub mod graph;
 mod layers;
 pub mod resnet;
+pub mod timed;
 
 pub(crate) use backend::{batch_norm_grad_sums, batch_norm_input_grad};
 pub use backend::{Backend, ConvSpec, CpuBackend};

@@ -12,7 +12,8 @@ use crate::cuda::cudnn::AlgoSearch;
 use crate::cuda::drv;
 use crate::error::{Error, Result};
 use crate::nn::resnet::{Arch, ResNetConfig, Stem};
-use crate::nn::Tensor;
+use crate::nn::timed::TimedBackend;
+use crate::nn::{CpuBackend, Tensor};
 use crate::rng::Rng;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -117,6 +118,9 @@ pub struct TrainRow {
     /// Milliseconds per step by phase.
     #[serde(default)]
     pub breakdown_ms: Option<BTreeMap<String, f64>>,
+    /// GFLOP/s of the phases whose work is counted (the CPU's operations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub breakdown_gflops: Option<BTreeMap<String, f64>>,
     /// High-water mark of the device memory pool over the timed steps, in bytes (GPU only).
     #[serde(default)]
     pub peak_mem_bytes: Option<u64>,
@@ -258,6 +262,7 @@ pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
     } else {
         None
     };
+    let mut gflops = None;
     let breakdown = if b.profile_steps > 0 && stream.is_some() {
         say(&format!("profiling {} steps", b.profile_steps));
         engine.set_timing(true);
@@ -280,6 +285,15 @@ pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
             m.insert("data wait (estimated)".into(), (a - med).max(0.0));
         }
         Some(m)
+    } else if b.profile_steps > 0 {
+        say(&format!("profiling {} steps by operation", b.profile_steps));
+        let (m, g) = cpu_breakdown(b, &mut model, &mut opt, &views, lr)?;
+        gflops = Some(g);
+        let mut m = m;
+        if let Some(a) = augment_ms {
+            m.insert("augment (CPU threads, per batch)".into(), a);
+        }
+        Some(m)
     } else {
         augment_ms.map(|a| BTreeMap::from([("augment (CPU threads, per batch)".to_string(), a)]))
     };
@@ -294,7 +308,48 @@ pub fn run(b: &TrainBench, say: &mut dyn FnMut(&str)) -> Result<TrainRow> {
     };
     let mut r = row(b, precision, ms, loss, device, peak);
     r.breakdown_ms = breakdown;
+    r.breakdown_gflops = gflops;
     Ok(r)
+}
+
+/// The CPU step by kind of operation, in milliseconds per step, over `b.profile_steps` steps:
+/// every backend call timed ([`TimedBackend`]), LARS, and the rest of the step (the loss, ReLU,
+/// pooling, residual adds and copies the layers make themselves); and GFLOP/s per kind.
+#[allow(clippy::type_complexity)]
+fn cpu_breakdown(
+    b: &TrainBench,
+    model: &mut BarlowTwins,
+    opt: &mut Lars,
+    views: &[Tensor],
+    (lw, lb): (f32, f32),
+) -> Result<(BTreeMap<String, f64>, BTreeMap<String, f64>)> {
+    let timed = TimedBackend::new(&CpuBackend);
+    let k = b.profile_steps as f64;
+    let mut lars_ms = 0.0;
+    let started = Instant::now();
+    for _ in 0..b.profile_steps {
+        model.forward_backward(&timed, &views[0], &views[1])?;
+        let t = Instant::now();
+        opt.step(model, lw, lb);
+        lars_ms += t.elapsed().as_secs_f64() * 1e3;
+    }
+    let total = started.elapsed().as_secs_f64() * 1e3;
+    let spent = timed.spent();
+    let counted: f64 = spent.values().map(|s| s.ms).sum::<f64>() + lars_ms;
+    let mut ms: BTreeMap<String, f64> = spent
+        .iter()
+        .map(|(kind, s)| (kind.to_string(), s.ms / k))
+        .collect();
+    ms.insert("LARS".into(), lars_ms / k);
+    ms.insert(
+        "loss, ReLU, pooling, adds, copies".into(),
+        (total - counted).max(0.0) / k,
+    );
+    let gflops = spent
+        .iter()
+        .map(|(kind, s)| (kind.to_string(), s.gflops()))
+        .collect();
+    Ok((ms, gflops))
 }
 
 /// The row of `b` from its step times: the median and mean step, the rates, the last loss.
@@ -323,6 +378,7 @@ fn row(
         images_per_s: Some(images_per_s),
         views_per_s: Some(2.0 * images_per_s),
         breakdown_ms: None,
+        breakdown_gflops: None,
         peak_mem_bytes: peak,
         loss: loss.is_finite().then_some(loss),
         device,
@@ -602,9 +658,14 @@ pub fn render(rows: &[TrainRow]) -> String {
                 r.implementation, r.arch, r.image, r.image, r.batch, r.precision
             );
             for (k, v) in b {
+                let rate = r
+                    .breakdown_gflops
+                    .as_ref()
+                    .and_then(|g| g.get(k))
+                    .map_or(String::new(), |g| format!("  {g:>7.1} GFLOP/s"));
                 let _ = writeln!(
                     out,
-                    "  {k:<26} {v:>9.2}  {:>5.1}% of the timed step",
+                    "  {k:<34} {v:>9.2}  {:>5.1}% of the timed step{rate}",
                     100.0 * v / step
                 );
             }
