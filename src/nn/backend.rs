@@ -4,6 +4,7 @@
 //! Every reduction over the batch is split into a fixed number of chunks summed in a fixed order,
 //! so results do not depend on how many threads ran them.
 
+use super::norm;
 use crate::cpu::{matmul, Mat, MatRef};
 use rayon::prelude::*;
 
@@ -107,33 +108,36 @@ pub trait Backend: Sync {
         var: &mut [f32],
     );
 
-    /// `y = (x − mean)·rstd·gamma + beta` per channel, with x̂ written too when given.
+    /// `y = (x − mean)·rstd·γ + β` per channel, plus `residual` when given, clamped at zero when
+    /// `relu`: the whole normalization in one pass.
     #[allow(clippy::too_many_arguments)]
-    fn channel_affine(
+    fn norm_apply(
         &self,
         n: usize,
         c: usize,
         hw: usize,
         x: &[f32],
-        mean: &[f32],
-        rstd: &[f32],
-        gamma: &[f32],
-        beta: &[f32],
+        stats: (&[f32], &[f32]),
+        affine: (&[f32], &[f32]),
+        residual: Option<&[f32]>,
+        relu: bool,
         y: &mut [f32],
-        xhat: Option<&mut [f32]>,
     );
 
-    /// BatchNorm backward from x̂: accumulates dgamma, dbeta and writes dx.
+    /// BatchNorm backward from the norm's input x and its batch statistics (mean, rstd): zeroes dy
+    /// where `relu_out` (the output of a fused ReLU) is not positive, then accumulates dγ, dβ and
+    /// writes dx.
     #[allow(clippy::too_many_arguments)]
     fn batch_norm_backward(
         &self,
         n: usize,
         c: usize,
         hw: usize,
-        xhat: &[f32],
-        rstd: &[f32],
+        x: &[f32],
+        stats: (&[f32], &[f32]),
         gamma: &[f32],
-        dy: &[f32],
+        relu_out: Option<&[f32]>,
+        dy: &mut [f32],
         dx: &mut [f32],
         dgamma: &mut [f32],
         dbeta: &mut [f32],
@@ -458,72 +462,22 @@ impl Backend for CpuBackend {
         mean: &mut [f32],
         var: &mut [f32],
     ) {
-        let m = (n * hw) as f64;
-        mean[..c]
-            .par_iter_mut()
-            .zip(var[..c].par_iter_mut())
-            .enumerate()
-            .for_each(|(ch, (mu, va))| {
-                // Two passes (the variance about the mean, which does not cancel); short f32 sums
-                // per plane, f64 across planes.
-                let plane = |i: usize| &x[(i * c + ch) * hw..][..hw];
-                let s: f64 = (0..n)
-                    .map(|i| f64::from(plane(i).iter().sum::<f32>()))
-                    .sum();
-                let mu64 = s / m;
-                let mu32 = mu64 as f32;
-                let q: f64 = (0..n)
-                    .map(|i| {
-                        f64::from(
-                            plane(i)
-                                .iter()
-                                .map(|&v| (v - mu32) * (v - mu32))
-                                .sum::<f32>(),
-                        )
-                    })
-                    .sum();
-                *mu = mu32;
-                *va = (q / m) as f32;
-            });
+        norm::channel_stats(n, c, hw, x, (n * hw) as f64, &|_| {}, mean, var);
     }
 
-    fn channel_affine(
+    fn norm_apply(
         &self,
         n: usize,
         c: usize,
         hw: usize,
         x: &[f32],
-        mean: &[f32],
-        rstd: &[f32],
-        gamma: &[f32],
-        beta: &[f32],
+        stats: (&[f32], &[f32]),
+        affine: (&[f32], &[f32]),
+        residual: Option<&[f32]>,
+        relu: bool,
         y: &mut [f32],
-        xhat: Option<&mut [f32]>,
     ) {
-        let item = c * hw;
-        let write = |(yi, xi): (&mut [f32], &[f32]), mut hi: Option<&mut [f32]>| {
-            for ch in 0..c {
-                let (m, r, g, b) = (mean[ch], rstd[ch], gamma[ch], beta[ch]);
-                for j in ch * hw..(ch + 1) * hw {
-                    let h = (xi[j] - m) * r;
-                    if let Some(hi) = hi.as_deref_mut() {
-                        hi[j] = h;
-                    }
-                    yi[j] = h * g + b;
-                }
-            }
-        };
-        match xhat {
-            Some(xh) => y[..n * item]
-                .par_chunks_mut(item)
-                .zip(x[..n * item].par_chunks(item))
-                .zip(xh[..n * item].par_chunks_mut(item))
-                .for_each(|(pair, hi)| write(pair, Some(hi))),
-            None => y[..n * item]
-                .par_chunks_mut(item)
-                .zip(x[..n * item].par_chunks(item))
-                .for_each(|pair| write(pair, None)),
-        }
+        norm::apply(n, c, hw, x, stats, affine, residual, relu, y);
     }
 
     fn batch_norm_backward(
@@ -531,86 +485,20 @@ impl Backend for CpuBackend {
         n: usize,
         c: usize,
         hw: usize,
-        xhat: &[f32],
-        rstd: &[f32],
+        x: &[f32],
+        stats: (&[f32], &[f32]),
         gamma: &[f32],
-        dy: &[f32],
+        relu_out: Option<&[f32]>,
+        dy: &mut [f32],
         dx: &mut [f32],
         dgamma: &mut [f32],
         dbeta: &mut [f32],
     ) {
-        let sums = batch_norm_grad_sums(n, c, hw, xhat, dy);
+        let sums = norm::grad_sums(n, c, hw, x, stats, relu_out, dy);
         for ch in 0..c {
             dbeta[ch] += sums[2 * ch] as f32;
             dgamma[ch] += sums[2 * ch + 1] as f32;
         }
-        batch_norm_input_grad(
-            n,
-            c,
-            hw,
-            &sums,
-            (n * hw) as f64,
-            (xhat, rstd, gamma, dy),
-            dx,
-        );
+        norm::input_grad(n, c, hw, &sums, (n * hw) as f64, x, stats, gamma, dy, dx);
     }
-}
-
-/// Per channel of x̂, dy [n, c, hw]: Σ dy and Σ dy·x̂ in f64, as [Σdy, Σdy·x̂] pairs.
-pub(crate) fn batch_norm_grad_sums(
-    n: usize,
-    c: usize,
-    hw: usize,
-    xhat: &[f32],
-    dy: &[f32],
-) -> Vec<f64> {
-    (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let (mut s, mut sx) = (0f64, 0f64);
-            for i in 0..n {
-                let off = (i * c + ch) * hw;
-                for j in off..off + hw {
-                    s += f64::from(dy[j]);
-                    sx += f64::from(dy[j]) * f64::from(xhat[j]);
-                }
-            }
-            [s, sx]
-        })
-        .flatten_iter()
-        .collect()
-}
-
-/// dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂)), the means being `sums` (from
-/// [`batch_norm_grad_sums`], possibly over more rows than these) over `m` values.
-pub(crate) fn batch_norm_input_grad(
-    n: usize,
-    c: usize,
-    hw: usize,
-    sums: &[f64],
-    m: f64,
-    (xhat, rstd, gamma, dy): (&[f32], &[f32], &[f32], &[f32]),
-    dx: &mut [f32],
-) {
-    let item = c * hw;
-    let coef: Vec<(f32, f32, f32)> = (0..c)
-        .map(|ch| {
-            let (s, sx) = (sums[2 * ch], sums[2 * ch + 1]);
-            (gamma[ch] * rstd[ch], (s / m) as f32, (sx / m) as f32)
-        })
-        .collect();
-    dx[..n * item]
-        .par_chunks_mut(item)
-        .zip(
-            dy[..n * item]
-                .par_chunks(item)
-                .zip(xhat[..n * item].par_chunks(item)),
-        )
-        .for_each(|(dxi, (dyi, hi))| {
-            for (ch, &(gr, ms, msx)) in coef.iter().enumerate() {
-                for j in ch * hw..(ch + 1) * hw {
-                    dxi[j] = gr * (dyi[j] - ms - hi[j] * msx);
-                }
-            }
-        });
 }

@@ -7,6 +7,7 @@
 use super::{Backend, Buffer, ConvSpec, Param, Tensor};
 use crate::rng::Rng;
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// 2-D convolution without bias (as every ResNet convolution), square kernel.
 #[derive(Debug, Clone)]
@@ -17,7 +18,7 @@ pub struct Conv2d {
     pub stride: usize,
     /// Zero padding on each side, in pixels.
     pub pad: usize,
-    cache: Vec<(Tensor, ConvSpec)>,
+    cache: Vec<(Arc<Tensor>, ConvSpec)>,
 }
 
 impl Conv2d {
@@ -61,14 +62,20 @@ impl Conv2d {
         }
     }
 
-    /// [N, in_c, H, W] → [N, out_c, Ho, Wo]; a training forward caches the input for the backward.
+    /// [N, in_c, H, W] → [N, out_c, Ho, Wo]; a training forward keeps a copy of the input for
+    /// the backward ([`Conv2d::forward_shared`] keeps a reference instead).
     pub fn forward(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
+        self.forward_shared(be, &Arc::new(x.clone()), train)
+    }
+
+    /// [`Conv2d::forward`] on a shared input, which a training forward keeps without copying.
+    pub fn forward_shared(&mut self, be: &dyn Backend, x: &Arc<Tensor>, train: bool) -> Tensor {
         let spec = self.spec(x);
         let n = x.batch();
         let mut y = Tensor::zeros(&[n, spec.out_c, spec.ho(), spec.wo()]);
         be.conv2d_forward(&spec, n, &x.data, &self.weight.value, &mut y.data);
         if train {
-            self.cache.push((x.clone(), spec));
+            self.cache.push((Arc::clone(x), spec));
         }
         y
     }
@@ -112,7 +119,18 @@ pub struct BatchNorm {
     pub eps: f32,
     /// Weight of each new batch in the running statistics (0.1).
     pub momentum: f32,
-    cache: Vec<(Tensor, Vec<f32>)>,
+    cache: Vec<NormCache>,
+}
+
+/// What a training forward of [`BatchNorm`] keeps for its backward.
+#[derive(Debug, Clone)]
+struct NormCache {
+    /// The norm's input.
+    x: Arc<Tensor>,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+    /// The output, when a ReLU was fused (its mask).
+    out: Option<Arc<Tensor>>,
 }
 
 impl BatchNorm {
@@ -142,6 +160,28 @@ impl BatchNorm {
     /// Normalizes with the batch's statistics when `train` (updating the running ones and caching
     /// for the backward), else with the running statistics.
     pub fn forward(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
+        let y = self.forward_shared(be, &Arc::new(x.clone()), None, false, train);
+        Arc::try_unwrap(y).unwrap_or_else(|y| (*y).clone())
+    }
+
+    /// Batch norm followed by ReLU, in one pass.
+    pub fn forward_relu(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
+        let y = self.forward_shared(be, &Arc::new(x.clone()), None, true, train);
+        // The cache holds the output too (the ReLU's mask), so this copies.
+        Arc::try_unwrap(y).unwrap_or_else(|y| (*y).clone())
+    }
+
+    /// The norm, plus `residual` when given, then ReLU when `relu`, in one pass over a shared
+    /// input. A training forward keeps the input (x̂ is recomputed from it in the backward) and,
+    /// with a ReLU, the output for the mask, both without copying.
+    pub fn forward_shared(
+        &mut self,
+        be: &dyn Backend,
+        x: &Arc<Tensor>,
+        residual: Option<&Tensor>,
+        relu: bool,
+        train: bool,
+    ) -> Arc<Tensor> {
         let (n, c, hw) = Self::dims(x);
         assert_eq!(
             c,
@@ -149,112 +189,91 @@ impl BatchNorm {
             "{}: channel mismatch",
             self.weight.name
         );
+        if let Some(r) = residual {
+            assert_eq!(r.shape, x.shape, "{}: shortcut shape", self.weight.name);
+        }
         let mut y = Tensor::zeros(&x.shape);
-        if train {
-            let (mut mean, mut var) = (vec![0f32; c], vec![0f32; c]);
-            be.channel_stats(n, c, hw, &x.data, &mut mean, &mut var);
-            let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-            let mut xhat = Tensor::zeros(&x.shape);
-            be.channel_affine(
-                n,
-                c,
-                hw,
-                &x.data,
-                &mean,
-                &rstd,
-                &self.weight.value,
-                &self.bias.value,
-                &mut y.data,
-                Some(&mut xhat.data),
-            );
-            let m = (n * hw * be.stat_batches()) as f32;
-            let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
-            let mo = self.momentum;
-            for ch in 0..c {
-                let rm = &mut self.running_mean.value[ch];
-                *rm = (1.0 - mo) * *rm + mo * mean[ch];
-                let rv = &mut self.running_var.value[ch];
-                *rv = (1.0 - mo) * *rv + mo * var[ch] * unbias;
-            }
-            self.num_batches_tracked.value[0] += 1.0;
-            self.cache.push((xhat, rstd));
-        } else {
+        let affine = (self.weight.value.as_slice(), self.bias.value.as_slice());
+        let res = residual.map(|r| r.data.as_slice());
+        if !train {
             let rstd: Vec<f32> = self
                 .running_var
                 .value
                 .iter()
                 .map(|v| 1.0 / (v + self.eps).sqrt())
                 .collect();
-            be.channel_affine(
-                n,
-                c,
-                hw,
-                &x.data,
-                &self.running_mean.value,
-                &rstd,
-                &self.weight.value,
-                &self.bias.value,
-                &mut y.data,
-                None,
-            );
+            let stats = (self.running_mean.value.as_slice(), rstd.as_slice());
+            be.norm_apply(n, c, hw, &x.data, stats, affine, res, relu, &mut y.data);
+            return Arc::new(y);
         }
-        y
-    }
-
-    /// Batch norm followed by ReLU, in one pass; the ReLU's mask is recomputed from x̂ in
-    /// [`BatchNorm::backward_relu`], so nothing more is cached than for the norm alone.
-    pub fn forward_relu(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
-        let mut y = self.forward(be, x, train);
-        y.data.par_iter_mut().for_each(|v| *v = v.max(0.0));
+        let (mut mean, mut var) = (vec![0f32; c], vec![0f32; c]);
+        be.channel_stats(n, c, hw, &x.data, &mut mean, &mut var);
+        let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        be.norm_apply(
+            n,
+            c,
+            hw,
+            &x.data,
+            (&mean, &rstd),
+            affine,
+            res,
+            relu,
+            &mut y.data,
+        );
+        let m = (n * hw * be.stat_batches()) as f32;
+        let unbias = if m > 1.0 { m / (m - 1.0) } else { 1.0 };
+        let mo = self.momentum;
+        for ch in 0..c {
+            let rm = &mut self.running_mean.value[ch];
+            *rm = (1.0 - mo) * *rm + mo * mean[ch];
+            let rv = &mut self.running_var.value[ch];
+            *rv = (1.0 - mo) * *rv + mo * var[ch] * unbias;
+        }
+        self.num_batches_tracked.value[0] += 1.0;
+        let y = Arc::new(y);
+        self.cache.push(NormCache {
+            x: Arc::clone(x),
+            mean,
+            rstd,
+            out: relu.then(|| Arc::clone(&y)),
+        });
         y
     }
 
     /// Backward of [`BatchNorm::forward_relu`].
     pub fn backward_relu(&mut self, be: &dyn Backend, dy: &Tensor) -> Tensor {
-        let (xhat, _) = self
-            .cache
-            .last()
-            .expect("BatchNorm::backward_relu without a training forward");
-        let (_, c, hw) = Self::dims(dy);
-        let (g, b) = (&self.weight.value, &self.bias.value);
-        let mut masked = dy.clone();
-        masked
-            .data
-            .par_chunks_mut(c * hw)
-            .zip(xhat.data.par_chunks(c * hw))
-            .for_each(|(d, h)| {
-                for ch in 0..c {
-                    for j in ch * hw..(ch + 1) * hw {
-                        if h[j] * g[ch] + b[ch] <= 0.0 {
-                            d[j] = 0.0;
-                        }
-                    }
-                }
-            });
-        self.backward(be, &masked)
+        self.backward_owned(be, dy.clone()).0
     }
 
     /// Accumulates dL/dγ and dL/dβ; returns dL/dx.
     pub fn backward(&mut self, be: &dyn Backend, dy: &Tensor) -> Tensor {
-        let (xhat, rstd) = self
+        self.backward_owned(be, dy.clone()).0
+    }
+
+    /// Backward of the last training forward, taking dy by value: accumulates dL/dγ and dL/dβ
+    /// and returns dL/dx and dy as it reached the norm (zeroed where a fused ReLU clamped: the
+    /// gradient a residual's shortcut receives).
+    pub fn backward_owned(&mut self, be: &dyn Backend, mut dy: Tensor) -> (Tensor, Tensor) {
+        let cache = self
             .cache
             .pop()
             .expect("BatchNorm::backward without a training forward");
-        let (n, c, hw) = Self::dims(dy);
+        let (n, c, hw) = Self::dims(&dy);
         let mut dx = Tensor::zeros(&dy.shape);
         be.batch_norm_backward(
             n,
             c,
             hw,
-            &xhat.data,
-            &rstd,
+            &cache.x.data,
+            (&cache.mean, &cache.rstd),
             &self.weight.value,
-            &dy.data,
+            cache.out.as_ref().map(|o| o.data.as_slice()),
+            &mut dy.data,
             &mut dx.data,
             &mut self.weight.grad,
             &mut self.bias.grad,
         );
-        dx
+        (dx, dy)
     }
 
     pub(crate) fn visit(&mut self, p: &mut dyn FnMut(&mut Param)) {

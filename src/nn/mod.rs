@@ -8,12 +8,15 @@
 mod backend;
 pub mod graph;
 mod layers;
+mod norm;
 pub mod resnet;
 pub mod timed;
 
-pub(crate) use backend::{batch_norm_grad_sums, batch_norm_input_grad};
 pub use backend::{Backend, ConvSpec, CpuBackend};
 pub use layers::{BatchNorm, Conv2d, Linear, MaxPool, Relu};
+pub(crate) use norm::{
+    channel_stats, grad_sums as batch_norm_grad_sums, input_grad as batch_norm_input_grad,
+};
 
 /// A dense f32 tensor, row-major over `shape` (NCHW for images, NC for features).
 #[derive(Debug, Clone, PartialEq)]

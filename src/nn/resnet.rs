@@ -3,8 +3,9 @@
 
 use super::graph::{Graph, Op};
 use super::layers::{global_avg_pool, global_avg_pool_backward};
-use super::{Backend, BatchNorm, Buffer, Conv2d, Linear, MaxPool, Param, Relu, Tensor, Visit};
+use super::{Backend, BatchNorm, Buffer, Conv2d, Linear, MaxPool, Param, Tensor, Visit};
 use crate::rng::Rng;
+use std::sync::Arc;
 
 /// Which ResNet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -67,8 +68,8 @@ impl ResNetConfig {
 #[derive(Debug, Clone)]
 enum Layer {
     Conv(Conv2d),
-    /// A norm; the ReLU is kept apart only after a residual add (otherwise it is fused).
-    Norm(Box<BatchNorm>, Option<Relu>),
+    /// A norm, with its shortcut's add and its ReLU fused.
+    Norm(Box<BatchNorm>),
     MaxPool(MaxPool),
     /// The shapes pooled by training forwards, for the backward.
     AvgPool(Vec<Vec<usize>>),
@@ -97,13 +98,10 @@ impl Network {
                 Op::Conv(c) => Layer::Conv(Conv2d::new(
                     &n.name, c.in_c, c.out_c, c.k, c.stride, c.pad, rng,
                 )),
-                Op::Norm { residual, relu, .. } => {
+                Op::Norm { residual, .. } => {
                     let gamma = if residual.is_some() { 0.0 } else { 1.0 };
                     let bn = BatchNorm::new(&n.name, graph.channels[n.y], gamma);
-                    Layer::Norm(
-                        Box::new(bn),
-                        (relu && residual.is_some()).then(Relu::default),
-                    )
+                    Layer::Norm(Box::new(bn))
                 }
                 Op::MaxPool => Layer::MaxPool(MaxPool::default()),
                 Op::AvgPool => Layer::AvgPool(Vec::new()),
@@ -121,43 +119,27 @@ impl Network {
     }
 
     fn forward(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
-        let mut values: Vec<Option<Tensor>> = vec![None; self.graph.channels.len()];
+        // Values are shared, not copied, between the nodes that read them and the caches that
+        // keep them for the backward.
+        let mut values: Vec<Option<Arc<Tensor>>> = vec![None; self.graph.channels.len()];
+        values[0] = Some(Arc::new(x.clone()));
         for (i, (n, layer)) in self.graph.nodes.iter().zip(&mut self.layers).enumerate() {
-            let get = |v: usize| {
-                if v == 0 {
-                    x
-                } else {
-                    values[v].as_ref().expect("value computed")
-                }
-            };
+            let get = |v: usize| values[v].as_ref().expect("value computed");
             let input = get(n.x);
             let y = match (layer, n.op) {
-                (Layer::Conv(c), _) => c.forward(be, input, train),
-                (
-                    Layer::Norm(bn, relu),
-                    Op::Norm {
-                        residual, relu: r, ..
-                    },
-                ) => match residual {
-                    Some(res) => {
-                        let mut y = bn.forward(be, input, train);
-                        add_assign(&mut y, get(res));
-                        match relu {
-                            Some(relu) => relu.forward(y, train),
-                            None => y,
-                        }
-                    }
-                    None if r => bn.forward_relu(be, input, train),
-                    None => bn.forward(be, input, train),
-                },
-                (Layer::MaxPool(mp), _) => mp.forward(input, train),
+                (Layer::Conv(c), _) => Arc::new(c.forward_shared(be, input, train)),
+                (Layer::Norm(bn), Op::Norm { residual, relu, .. }) => {
+                    let res = residual.map(|r| get(r).as_ref());
+                    bn.forward_shared(be, input, res, relu, train)
+                }
+                (Layer::MaxPool(mp), _) => Arc::new(mp.forward(input, train)),
                 (Layer::AvgPool(shapes), _) => {
                     if train {
                         shapes.push(input.shape.clone());
                     }
-                    global_avg_pool(input)
+                    Arc::new(global_avg_pool(input))
                 }
-                (Layer::Linear(l), _) => l.forward(be, input, train),
+                (Layer::Linear(l), _) => Arc::new(l.forward(be, input, train)),
                 (Layer::Norm(..), _) => unreachable!("a norm layer stands for a norm node"),
             };
             values[n.y] = Some(y);
@@ -167,9 +149,10 @@ impl Network {
                 }
             }
         }
-        values[self.graph.output()]
+        let out = values[self.graph.output()]
             .take()
-            .unwrap_or_else(|| x.clone())
+            .expect("the output is computed");
+        Arc::try_unwrap(out).unwrap_or_else(|o| (*o).clone())
     }
 
     /// Backward from dL/d(output); parameter gradients accumulate. Returns dL/d(input) when
@@ -186,24 +169,13 @@ impl Network {
             let want = n.x != 0 || need_dx;
             let dx = match (layer, n.op) {
                 (Layer::Conv(c), _) => c.backward(be, &g, want),
-                (
-                    Layer::Norm(bn, relu),
-                    Op::Norm {
-                        residual, relu: r, ..
-                    },
-                ) => match residual {
-                    Some(res) => {
-                        let g = match relu {
-                            Some(relu) => relu.backward(g),
-                            None => g,
-                        };
-                        let dx = bn.backward(be, &g);
+                (Layer::Norm(bn), Op::Norm { residual, .. }) => {
+                    let (dx, g) = bn.backward_owned(be, g);
+                    if let Some(res) = residual {
                         add(&mut grads, res, g);
-                        Some(dx)
                     }
-                    None if r => Some(bn.backward_relu(be, &g)),
-                    None => Some(bn.backward(be, &g)),
-                },
+                    Some(dx)
+                }
                 (Layer::MaxPool(mp), _) => Some(mp.backward(&g)),
                 (Layer::AvgPool(shapes), _) => {
                     let shape = shapes.pop().expect("backward without a training forward");
@@ -226,7 +198,7 @@ impl Visit for Network {
         for &i in &self.graph.param_order {
             match &mut self.layers[i] {
                 Layer::Conv(c) => f(&mut c.weight),
-                Layer::Norm(bn, _) => bn.visit(f),
+                Layer::Norm(bn) => bn.visit(f),
                 Layer::Linear(l) => l.visit(f),
                 Layer::MaxPool(_) | Layer::AvgPool(_) => {}
             }
@@ -235,7 +207,7 @@ impl Visit for Network {
 
     fn buffers_mut(&mut self, f: &mut dyn FnMut(&mut Buffer)) {
         for &i in &self.graph.param_order {
-            if let Layer::Norm(bn, _) = &mut self.layers[i] {
+            if let Layer::Norm(bn) = &mut self.layers[i] {
                 bn.visit_buffers(f);
             }
         }

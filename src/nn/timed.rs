@@ -149,23 +149,23 @@ impl Backend for TimedBackend<'_> {
         })
     }
 
-    fn channel_affine(
+    fn norm_apply(
         &self,
         n: usize,
         c: usize,
         hw: usize,
         x: &[f32],
-        mean: &[f32],
-        rstd: &[f32],
-        gamma: &[f32],
-        beta: &[f32],
+        stats: (&[f32], &[f32]),
+        affine: (&[f32], &[f32]),
+        residual: Option<&[f32]>,
+        relu: bool,
         y: &mut [f32],
-        xhat: Option<&mut [f32]>,
     ) {
-        let flops = 4.0 * (n * c * hw) as f64;
-        self.time("batch norm apply", flops, || {
+        // Subtract, scale, shift, then the shortcut's add and the clamp when fused.
+        let per = 4.0 + f64::from(u8::from(residual.is_some())) + f64::from(u8::from(relu));
+        self.time("batch norm apply", per * (n * c * hw) as f64, || {
             self.inner
-                .channel_affine(n, c, hw, x, mean, rstd, gamma, beta, y, xhat)
+                .norm_apply(n, c, hw, x, stats, affine, residual, relu, y)
         })
     }
 
@@ -174,19 +174,20 @@ impl Backend for TimedBackend<'_> {
         n: usize,
         c: usize,
         hw: usize,
-        xhat: &[f32],
-        rstd: &[f32],
+        x: &[f32],
+        stats: (&[f32], &[f32]),
         gamma: &[f32],
-        dy: &[f32],
+        relu_out: Option<&[f32]>,
+        dy: &mut [f32],
         dx: &mut [f32],
         dgamma: &mut [f32],
         dbeta: &mut [f32],
     ) {
-        // Two sums per element, then four operations for dx.
-        let flops = 7.0 * (n * c * hw) as f64;
+        // Two sums per element (one centred), then five operations for dx.
+        let flops = 9.0 * (n * c * hw) as f64;
         self.time("batch norm backward", flops, || {
             self.inner
-                .batch_norm_backward(n, c, hw, xhat, rstd, gamma, dy, dx, dgamma, dbeta)
+                .batch_norm_backward(n, c, hw, x, stats, gamma, relu_out, dy, dx, dgamma, dbeta)
         })
     }
 }

@@ -7,9 +7,8 @@
 
 use crate::collective::Collective;
 use crate::error::{Error, Result};
-use crate::nn::{batch_norm_grad_sums, batch_norm_input_grad};
+use crate::nn::{batch_norm_grad_sums, batch_norm_input_grad, channel_stats};
 use crate::nn::{Backend, ConvSpec};
-use rayon::prelude::*;
 use std::sync::Mutex;
 
 /// A backend whose batch statistics span every rank of `group`: the sums behind each batch
@@ -52,27 +51,6 @@ impl<'a> SyncBackend<'a> {
             *err = Some(e);
         }
     }
-}
-
-/// Per-channel Σ f(x) over the planes of x [n, c, hw]: short f32 sums per plane, f64 across.
-fn channel_sums(
-    n: usize,
-    c: usize,
-    hw: usize,
-    x: &[f32],
-    f: impl Fn(usize, f32) -> f32 + Sync,
-) -> Vec<f64> {
-    (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            (0..n)
-                .map(|i| {
-                    let plane = &x[(i * c + ch) * hw..][..hw];
-                    f64::from(plane.iter().map(|&v| f(ch, v)).sum::<f32>())
-                })
-                .sum()
-        })
-        .collect()
 }
 
 impl Backend for SyncBackend<'_> {
@@ -138,33 +116,23 @@ impl Backend for SyncBackend<'_> {
         var: &mut [f32],
     ) {
         let m = (n * hw * self.group.world_size()) as f64;
-        let mut s = channel_sums(n, c, hw, x, |_, v| v);
-        self.sum(&mut s);
-        let mu: Vec<f32> = s.iter().map(|s| (s / m) as f32).collect();
-        let mut q = channel_sums(n, c, hw, x, |ch, v| (v - mu[ch]) * (v - mu[ch]));
-        self.sum(&mut q);
-        mean[..c].copy_from_slice(&mu);
-        var[..c]
-            .iter_mut()
-            .zip(&q)
-            .for_each(|(v, q)| *v = (q / m) as f32);
+        channel_stats(n, c, hw, x, m, &|s| self.sum(s), mean, var);
     }
 
-    fn channel_affine(
+    fn norm_apply(
         &self,
         n: usize,
         c: usize,
         hw: usize,
         x: &[f32],
-        mean: &[f32],
-        rstd: &[f32],
-        gamma: &[f32],
-        beta: &[f32],
+        stats: (&[f32], &[f32]),
+        affine: (&[f32], &[f32]),
+        residual: Option<&[f32]>,
+        relu: bool,
         y: &mut [f32],
-        xhat: Option<&mut [f32]>,
     ) {
         self.inner
-            .channel_affine(n, c, hw, x, mean, rstd, gamma, beta, y, xhat)
+            .norm_apply(n, c, hw, x, stats, affine, residual, relu, y)
     }
 
     /// dγ and dβ are this rank's sums (the gradients are summed over the ranks afterwards); dx
@@ -174,21 +142,22 @@ impl Backend for SyncBackend<'_> {
         n: usize,
         c: usize,
         hw: usize,
-        xhat: &[f32],
-        rstd: &[f32],
+        x: &[f32],
+        stats: (&[f32], &[f32]),
         gamma: &[f32],
-        dy: &[f32],
+        relu_out: Option<&[f32]>,
+        dy: &mut [f32],
         dx: &mut [f32],
         dgamma: &mut [f32],
         dbeta: &mut [f32],
     ) {
-        let mut sums = batch_norm_grad_sums(n, c, hw, xhat, dy);
+        let mut sums = batch_norm_grad_sums(n, c, hw, x, stats, relu_out, dy);
         for ch in 0..c {
             dbeta[ch] += sums[2 * ch] as f32;
             dgamma[ch] += sums[2 * ch + 1] as f32;
         }
         self.sum(&mut sums);
         let m = (n * hw * self.group.world_size()) as f64;
-        batch_norm_input_grad(n, c, hw, &sums, m, (xhat, rstd, gamma, dy), dx);
+        batch_norm_input_grad(n, c, hw, &sums, m, x, stats, gamma, dy, dx);
     }
 }
