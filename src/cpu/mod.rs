@@ -3,6 +3,7 @@
 //!
 //! All matrices are row-major; Z is N×D, C is D×D.
 
+pub mod conv;
 mod gemm;
 pub mod gram;
 pub mod reference;

@@ -5,7 +5,11 @@
 //! so results do not depend on how many threads ran them.
 
 use super::norm;
+use crate::cpu::conv::{self, Conv3, Isa};
 use crate::cpu::{matmul, Mat, MatRef};
+
+/// Fewest channels (in and out) for which the direct 3×3 kernel runs instead of im2col + GEMM.
+const DIRECT_MIN_C: usize = 16;
 use rayon::prelude::*;
 
 /// Geometry of a 2-D convolution (square kernel, no bias, groups = 1, NCHW).
@@ -35,6 +39,20 @@ impl ConvSpec {
     /// Output width.
     pub fn wo(&self) -> usize {
         (self.w + 2 * self.pad - self.k) / self.stride + 1
+    }
+    /// The direct kernel's shape, when this convolution is one it runs (3×3, stride 1, padding
+    /// 1, with enough channels on both sides to fill its tiles; the rest unfold into a GEMM).
+    fn direct(&self) -> Option<Conv3> {
+        (self.k == 3
+            && self.stride == 1
+            && self.pad == 1
+            && self.in_c.min(self.out_c) >= DIRECT_MIN_C)
+            .then_some(Conv3 {
+                ci: self.in_c,
+                co: self.out_c,
+                h: self.h,
+                w: self.w,
+            })
     }
     fn is_pointwise(&self) -> bool {
         self.k == 1 && self.stride == 1 && self.pad == 0
@@ -245,6 +263,9 @@ impl Backend for CpuBackend {
     }
 
     fn conv2d_forward(&self, spec: &ConvSpec, n: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
+        if let Some(s) = spec.direct() {
+            return conv::forward(Isa::detect(), &s, n, x, w, y);
+        }
         let in_len = spec.in_c * spec.h * spec.w;
         let hw = spec.ho() * spec.wo();
         let out_len = spec.out_c * hw;
@@ -310,6 +331,9 @@ impl Backend for CpuBackend {
             }
             other => other,
         };
+        if let (Some(s), None) = (spec.direct(), &dx) {
+            return conv::backward_filter(Isa::detect(), &s, n, x, dy, dw);
+        }
         let in_len = spec.in_c * spec.h * spec.w;
         let hw = spec.ho() * spec.wo();
         let out_len = spec.out_c * hw;

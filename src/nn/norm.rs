@@ -318,10 +318,10 @@ mod tests {
             })
             .collect();
         let (mut db_ref, mut dg_ref) = (vec![0f64; c], vec![0f64; c]);
-        for k in 0..len {
+        for (k, g) in g_ref.iter().enumerate() {
             let ch = (k / hw) % c;
-            db_ref[ch] += g_ref[k];
-            dg_ref[ch] += g_ref[k] * xh(k);
+            db_ref[ch] += g;
+            dg_ref[ch] += g * xh(k);
         }
         let dx_ref: Vec<f64> = (0..len)
             .map(|k| {

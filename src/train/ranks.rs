@@ -134,7 +134,7 @@ pub(crate) fn run(
 }
 
 fn check_split(cfg: &TrainConfig, world: usize) -> Result<()> {
-    if cfg.batch_size % world != 0 {
+    if !cfg.batch_size.is_multiple_of(world) {
         return Err(Error::InvalidConfig(format!(
             "a batch of {} images does not split evenly over {world} ranks; choose a multiple \
              of {world}",

@@ -478,7 +478,7 @@ impl CudaOps {
         let dd = check_dd(d)?;
         check_output("c", c.len(), dd)?;
         check_lambda(lambda)?;
-        let vec = d % 4 == 0 && aligned16_mut(c, &self.stream);
+        let vec = d.is_multiple_of(4) && aligned16_mut(c, &self.stream);
         let cfg = reduce_launch(d, vec);
         // SAFETY: c holds D×D floats (checked above); the partials hold 2·MAX_REDUCE_BLOCKS ≥
         // 2·blocks floats; vec is set only when d % 4 == 0 and C is 16-byte aligned.
@@ -513,7 +513,7 @@ impl CudaOps {
         check_output("grad", grad.len(), dd)?;
         check_lambda(lambda)?;
         let s = &self.stream;
-        let vec = d % 4 == 0 && aligned16(c, s) && aligned16_mut(grad, s);
+        let vec = d.is_multiple_of(4) && aligned16(c, s) && aligned16_mut(grad, s);
         let cfg = reduce_launch(d, vec);
         // SAFETY: c and grad hold D×D elements (checked above), grad a distinct mutable borrow;
         // the partials hold 2·MAX_REDUCE_BLOCKS ≥ 2·blocks floats; vec is set only when d % 4 ==
