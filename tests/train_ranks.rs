@@ -84,38 +84,42 @@ impl Progress for Said {
 
 #[test]
 fn two_cpu_ranks_take_the_steps_of_one_rank_and_resume_exactly() {
+    // One epoch on one rank and on two. Only the first epoch is compared across rank counts: in
+    // the second, at the warm-up's higher rates, runs whose rounding differs (as it does with the
+    // split of the batch) part as any two trainings do — seen here as one step's loss moving by
+    // 1e-5 after the step before agreed to 1e-8, then 1e-3 within a few steps. A rank out of step
+    // differs from the first step on.
     let one = tmpdir("one");
-    let two = tmpdir("two");
-    let s1 = run::train(&tiny(), &one, None, &mut Quiet).unwrap();
+    let split = tmpdir("split");
+    let s1 = run::train(&tiny().epochs(1), &one, None, &mut Quiet).unwrap();
     let mut said = Said::default();
-    let s2 = run::train_with(&tiny(), &Ranks::CpuThreads(2), &two, None, &mut said).unwrap();
-    assert_eq!((s1.steps, s2.steps), (20, 20));
+    let s2 = run::train_with(
+        &tiny().epochs(1),
+        &Ranks::CpuThreads(2),
+        &split,
+        None,
+        &mut said,
+    )
+    .unwrap();
+    assert_eq!((s1.steps, s2.steps), (10, 10));
     assert!(
         said.0.iter().any(|m| m.contains("2 ranks of 32 images")),
         "{:?}",
         said.0
     );
-
-    // Rank 0 alone wrote: one line per step and per evaluation, not one per rank.
-    let (l1, l2) = (losses(&one), losses(&two));
-    assert_eq!(l2.len(), 20);
-    assert_eq!(events(&two, "knn").len(), 3);
-    assert_eq!(world_of(&two.join("checkpoint.safetensors")), 2);
-    assert_eq!(world_of(&one.join("checkpoint.safetensors")), 1);
-
-    // The same steps: the sums only round differently over another split of the batch.
+    let (l1, l2) = (losses(&one), losses(&split));
+    assert_eq!(l2.len(), 10);
     for (i, (a, b)) in l1.iter().zip(&l2).enumerate() {
-        let tol = 1e-5;
         assert!(
-            (a - b).abs() <= tol * a.abs(),
+            (a - b).abs() <= 1e-6 * a.abs(),
             "step {}: one rank {a}, two ranks {b}",
             i + 1
         );
     }
-    let (t1, t2) = (
-        tensors(&one.join("checkpoint.safetensors")),
-        tensors(&two.join("checkpoint.safetensors")),
-    );
+    let ckpt = split.join("checkpoint.safetensors");
+    assert_eq!(world_of(&ckpt), 2);
+    assert_eq!(world_of(&one.join("checkpoint.safetensors")), 1);
+    let (t1, t2) = (tensors(&one.join("checkpoint.safetensors")), tensors(&ckpt));
     assert_eq!(t1.len(), t2.len());
     for ((n1, a), (n2, b)) in t1.iter().zip(&t2) {
         assert_eq!(n1, n2);
@@ -132,21 +136,24 @@ fn two_cpu_ranks_take_the_steps_of_one_rank_and_resume_exactly() {
         let tol = if n1.starts_with("mu.") { 1e-2 } else { 1e-4 };
         assert!(
             diff <= tol * norm.max(0.1),
-            "{n1}: difference {diff:.3e} of norm {norm:.3e} after 20 steps"
+            "{n1}: difference {diff:.3e} of norm {norm:.3e} after 10 steps"
         );
     }
 
+    // Two epochs straight on two ranks: rank 0 alone wrote, one line per step and evaluation.
+    let two = tmpdir("two");
+    let full = run::train_with(&tiny(), &Ranks::CpuThreads(2), &two, None, &mut Quiet).unwrap();
+    assert_eq!(full.steps, 20);
+    let lfull = losses(&two);
+    assert_eq!(lfull.len(), 20);
+    assert_eq!(events(&two, "knn").len(), 3);
+    assert_eq!(
+        &lfull[..10],
+        &l2[..],
+        "the same two ranks take the same first epoch"
+    );
+
     // Stopped after one epoch and resumed on two ranks: bit-identical to the straight run.
-    let split = tmpdir("split");
-    run::train_with(
-        &tiny().epochs(1),
-        &Ranks::CpuThreads(2),
-        &split,
-        None,
-        &mut Quiet,
-    )
-    .unwrap();
-    let ckpt = split.join("checkpoint.safetensors");
     let r = run::train_with(
         &tiny(),
         &Ranks::CpuThreads(2),
@@ -155,14 +162,16 @@ fn two_cpu_ranks_take_the_steps_of_one_rank_and_resume_exactly() {
         &mut Quiet,
     )
     .unwrap();
-    assert_eq!(r.final_loss.to_bits(), s2.final_loss.to_bits());
+    assert_eq!(r.final_loss.to_bits(), full.final_loss.to_bits());
+    let straight = tensors(&two.join("checkpoint.safetensors"));
     let resumed = tensors(&ckpt);
-    for ((n, a), (_, b)) in t2.iter().zip(&resumed) {
+    for ((n, a), (_, b)) in straight.iter().zip(&resumed) {
         assert!(a == b, "{n} differs after resuming on two ranks");
     }
-    assert_eq!(losses(&split), l2);
+    assert_eq!(losses(&split), lfull);
 
-    // Resumed on one rank from the two-rank checkpoint of epoch 1: said, and the same run.
+    // Resumed on one rank from the two-rank checkpoint of epoch 1: said, and the same run (its
+    // first step from the same parameters agrees to rounding; later ones part as above).
     let again = tmpdir("again");
     run::train_with(
         &tiny().epochs(1),
@@ -180,7 +189,15 @@ fn two_cpu_ranks_take_the_steps_of_one_rank_and_resume_exactly() {
         "{:?}",
         said.0
     );
-    assert!((r.final_loss - s2.final_loss).abs() <= 1e-5 * s2.final_loss.abs());
+    assert_eq!(r.steps, 20);
+    let la = losses(&again);
+    assert_eq!(la.len(), 20);
+    assert!(
+        (la[10] - lfull[10]).abs() <= 1e-6 * lfull[10].abs(),
+        "step 11 on one rank {} after two ranks' epoch, {} on two",
+        la[10],
+        lfull[10]
+    );
     assert_eq!(world_of(&ckpt), 1);
     for d in [one, two, split, again] {
         std::fs::remove_dir_all(&d).unwrap();
