@@ -455,3 +455,25 @@ fn image_folder_splits_share_labels_and_channels_and_refuse_giant_headers() {
     assert!(e.to_string().contains("zebra"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn resizing_bytes_gives_the_values_of_resizing_their_floats() {
+    let mut rng = Rng::new(9);
+    let (h, w, c) = (11, 13, 3);
+    let bytes: Vec<u8> = (0..h * w * c)
+        .map(|_| (rng.uniform() * 256.0) as u8)
+        .collect();
+    let floats: Vec<f32> = bytes.iter().map(|&v| f32::from(v) / 255.0).collect();
+    let crop = Crop {
+        top: 2,
+        left: 3,
+        h: 7,
+        w: 9,
+    };
+    for size in [4, 9, 16] {
+        let a = resize_crop(&bytes, w, c, crop, size);
+        let b = resize_crop(&floats, w, c, crop, size);
+        assert_eq!(a, b, "size {size}");
+        assert!(a.iter().any(|&v| v > 0.0 && v < 1.0));
+    }
+}

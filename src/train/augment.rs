@@ -1,6 +1,7 @@
 //! The paper's two asymmetric views: random resized crop (bicubic), horizontal flip, colour jitter
 //! (p 0.8), grayscale (p 0.2), Gaussian blur (p 1.0 / 0.1), solarization (p 0.0 / 0.2), then
-//! per-channel normalization. Images are processed as f32 HWC in [0, 1]; each sample draws from
+//! per-channel normalization. The crop is resized straight from the u8 image (nothing outside it is
+//! converted), then processed as f32 HWC in [0, 1]; each sample draws from
 //! its own generator seeded by (seed, epoch, index, view), so batches are the same whatever the
 //! thread count.
 
@@ -185,8 +186,40 @@ fn weights(in_len: usize, out_len: usize) -> Vec<(usize, Vec<f32>)> {
         .collect()
 }
 
-/// Bicubic resize of the `crop` of an f32 HWC image to size × size (values clamped to [0, 1]).
-pub fn resize_crop(src: &[f32], w: usize, c: usize, crop: Crop, size: usize) -> Vec<f32> {
+/// A source pixel of [`resize_crop`]: f32 in [0, 1], or u8 read as v/255 (so only the crop's
+/// pixels are ever converted, and an image is never copied to f32 whole).
+pub trait Pixel: Copy {
+    /// The value in [0, 1].
+    fn value(self) -> f32;
+}
+
+impl Pixel for f32 {
+    #[inline]
+    fn value(self) -> f32 {
+        self
+    }
+}
+
+/// v/255 for every byte, the same values a division gives.
+const UNIT: [f32; 256] = {
+    let mut t = [0f32; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = i as f32 / 255.0;
+        i += 1;
+    }
+    t
+};
+
+impl Pixel for u8 {
+    #[inline]
+    fn value(self) -> f32 {
+        UNIT[usize::from(self)]
+    }
+}
+
+/// Bicubic resize of the `crop` of an HWC image to size × size (values clamped to [0, 1]).
+pub fn resize_crop<P: Pixel>(src: &[P], w: usize, c: usize, crop: Crop, size: usize) -> Vec<f32> {
     let wx = weights(crop.w, size);
     let wy = weights(crop.h, size);
     // Horizontal pass over the crop's rows, then vertical.
@@ -197,7 +230,7 @@ pub fn resize_crop(src: &[f32], w: usize, c: usize, crop: Crop, size: usize) -> 
             for ch in 0..c {
                 let mut acc = 0f32;
                 for (k, wt) in ws.iter().enumerate() {
-                    acc += wt * row[(lo + k) * c + ch];
+                    acc += wt * row[(lo + k) * c + ch].value();
                 }
                 tmp[(y * size + ox) * c + ch] = acc;
             }
@@ -372,10 +405,6 @@ pub fn solarize(img: &mut [f32]) {
     });
 }
 
-fn to_f32(img: &Image) -> Vec<f32> {
-    img.data.iter().map(|&v| f32::from(v) / 255.0).collect()
-}
-
 /// HWC [0, 1] → normalized CHW, written into `out`.
 fn normalize_into(img: &[f32], size: usize, c: usize, cfg: &AugmentConfig, out: &mut [f32]) {
     for ch in 0..c {
@@ -389,9 +418,8 @@ fn normalize_into(img: &[f32], size: usize, c: usize, cfg: &AugmentConfig, out: 
 /// One augmented view of `img`, as normalized CHW.
 pub fn view(img: &Image, cfg: &AugmentConfig, kind: ViewKind, rng: &mut Rng, out: &mut [f32]) {
     let c = img.c;
-    let src = to_f32(img);
     let crop = crop_params(rng, img.h, img.w, cfg.scale);
-    let mut x = resize_crop(&src, img.w, c, crop, cfg.size);
+    let mut x = resize_crop(&img.data, img.w, c, crop, cfg.size);
     if rng.uniform() < 0.5 {
         hflip(&mut x, cfg.size, c);
     }
@@ -413,14 +441,13 @@ pub fn view(img: &Image, cfg: &AugmentConfig, kind: ViewKind, rng: &mut Rng, out
 
 /// The evaluation view: the whole image resized to size × size, normalized, no randomness.
 pub fn eval_view(img: &Image, cfg: &AugmentConfig, out: &mut [f32]) {
-    let src = to_f32(img);
     let crop = Crop {
         top: 0,
         left: 0,
         h: img.h,
         w: img.w,
     };
-    let x = resize_crop(&src, img.w, img.c, crop, cfg.size);
+    let x = resize_crop(&img.data, img.w, img.c, crop, cfg.size);
     normalize_into(&x, cfg.size, img.c, cfg, out);
 }
 
