@@ -1,5 +1,5 @@
-//! Direct 3×3, stride-1, padding-1 convolutions on the CPU: forward and weight gradient (the input
-//! gradient of such a convolution is a forward one with flipped, transposed weights).
+//! Direct 3×3, padding-1 convolutions of stride 1 or 2 on the CPU: forward and weight gradient (the
+//! input gradient of a stride-1 one is a forward one with flipped, transposed weights).
 //!
 //! Each image is copied once into a zero-padded channels-last buffer, so every output position
 //! reads its 3×3×C patch without bounds checks or an unfolded copy. A register tile of R output
@@ -79,7 +79,7 @@ impl Isa {
     }
 }
 
-/// A 3×3, stride-1, padding-1 convolution of `ci` to `co` channels over h×w images.
+/// A 3×3, padding-1 convolution of `ci` to `co` channels over h×w images.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv3 {
     /// Input channels.
@@ -90,6 +90,8 @@ pub struct Conv3 {
     pub h: usize,
     /// Image width.
     pub w: usize,
+    /// Step between output positions (1 or 2).
+    pub stride: usize,
 }
 
 /// Sizes of the padded, channels-last layout for an instruction set.
@@ -111,8 +113,17 @@ struct Layout {
 }
 
 impl Conv3 {
+    /// Output height.
+    pub fn ho(&self) -> usize {
+        (self.h - 1) / self.stride + 1
+    }
+    /// Output width.
+    pub fn wo(&self) -> usize {
+        (self.w - 1) / self.stride + 1
+    }
+
     fn layout(&self, isa: Isa) -> Layout {
-        let (lanes, fwd, dw) = isa.tiles(self.co, self.w);
+        let (lanes, fwd, dw) = isa.tiles(self.co, self.wo());
         let block = lanes * fwd.0.max(dw.0);
         let cop = self.co.div_ceil(block) * block;
         let cip = self.ci.div_ceil(dw.1) * dw.1;
@@ -121,7 +132,9 @@ impl Conv3 {
             cop,
             cip,
             pw,
-            plen: (self.h + 2) * pw + fwd.1 + 2,
+            // The last forward tile reads up to (wo − 1 + R − 1)·stride + 2 columns into its
+            // last row.
+            plen: (self.h + 2) * pw + (fwd.1 + 2) * self.stride + 2,
             lanes,
             fwd,
             dw,
@@ -163,8 +176,8 @@ macro_rules! tiles {
         ///
         /// # Safety
         /// `x` points at the tile's first position (top-left tap) of a padded image with
-        /// positions `cip` floats apart and rows `pw` positions apart, readable for the tile's
-        /// R positions plus 2 columns and 2 rows; `w` at the tile's first output channel of
+        /// positions `cip` floats apart and rows `pw` positions apart, the tile's positions
+        /// `step` floats apart, readable for the tile's R positions plus 2 columns and 2 rows; `w` at the tile's first output channel of
         /// packed weights with rows `cop` apart, readable for NV vectors; `out` holds R·NV·lanes.
         $(#[$attr])*
         #[allow(clippy::too_many_arguments)]
@@ -172,8 +185,7 @@ macro_rules! tiles {
             x: *const f32,
             w: *const f32,
             ci: usize,
-            cip: usize,
-            pw: usize,
+            (cip, step, pw): (usize, usize, usize),
             cop: usize,
             out: &mut [f32],
         ) {
@@ -187,7 +199,7 @@ macro_rules! tiles {
                         b[v] = $load(wt.add(c * cop + v * $lanes));
                     }
                     for r in 0..R {
-                        let a = $splat(*xt.add(r * cip + c));
+                        let a = $splat(*xt.add(r * step + c));
                         for v in 0..NV {
                             acc[r][v] = $fma(a, b[v], acc[r][v]);
                         }
@@ -201,8 +213,8 @@ macro_rules! tiles {
             }
         }
 
-        /// acc[r][v] += Σ over `images` padded images and their h×w positions of
-        /// x[position + tap][r] · dy[position][v].
+        /// acc[r][v] += Σ over `images` padded images and their h×w output positions of
+        /// x[stride·position + tap][r] · dy[position][v].
         ///
         /// # Safety
         /// `x` points at input channel r = 0 of the tap's offset in the first padded image
@@ -216,7 +228,7 @@ macro_rules! tiles {
             x: *const f32,
             dy: *const f32,
             images: usize,
-            (h, w): (usize, usize),
+            (h, w, stride): (usize, usize, usize),
             (cip, pw, plen): (usize, usize, usize),
             cop: usize,
             acc_out: &mut [f32],
@@ -227,7 +239,7 @@ macro_rules! tiles {
                 let di = dy.add(i * h * w * cop);
                 for y in 0..h {
                     for xx in 0..w {
-                        let xp = xi.add((y * pw + xx) * cip);
+                        let xp = xi.add((y * pw + xx) * stride * cip);
                         let dp = di.add((y * w + xx) * cop);
                         let mut b: [$vec; NV] = [$zero; NV];
                         for v in 0..NV {
@@ -312,28 +324,29 @@ mod portable {
 unsafe fn forward_tile(
     isa: Isa,
     l: &Layout,
+    stride: usize,
     x: *const f32,
     w: *const f32,
     ci: usize,
     out: &mut [f32],
 ) {
-    let (cip, pw, cop) = (l.cip, l.pw, l.cop);
+    let (geo, cop) = ((l.cip, stride * l.cip, l.pw), l.cop);
     // SAFETY: forwarded from the caller; the tile's R and NV are the layout's.
     unsafe {
         match (isa, l.fwd) {
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, (4, _)) => avx512::forward_tile::<4, 4>(x, w, ci, cip, pw, cop, out),
+            (Isa::Avx512, (4, _)) => avx512::forward_tile::<4, 4>(x, w, ci, geo, cop, out),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, (2, 7)) => avx512::forward_tile::<7, 2>(x, w, ci, cip, pw, cop, out),
+            (Isa::Avx512, (2, 7)) => avx512::forward_tile::<7, 2>(x, w, ci, geo, cop, out),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, (2, _)) => avx512::forward_tile::<4, 2>(x, w, ci, cip, pw, cop, out),
+            (Isa::Avx512, (2, _)) => avx512::forward_tile::<4, 2>(x, w, ci, geo, cop, out),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, (_, 7)) => avx512::forward_tile::<7, 1>(x, w, ci, cip, pw, cop, out),
+            (Isa::Avx512, (_, 7)) => avx512::forward_tile::<7, 1>(x, w, ci, geo, cop, out),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, _) => avx512::forward_tile::<8, 1>(x, w, ci, cip, pw, cop, out),
+            (Isa::Avx512, _) => avx512::forward_tile::<8, 1>(x, w, ci, geo, cop, out),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, _) => avx2::forward_tile::<4, 2>(x, w, ci, cip, pw, cop, out),
-            _ => portable::forward_tile::<4, 2>(x, w, ci, cip, pw, cop, out),
+            (Isa::Avx2, _) => avx2::forward_tile::<4, 2>(x, w, ci, geo, cop, out),
+            _ => portable::forward_tile::<4, 2>(x, w, ci, geo, cop, out),
         }
     }
 }
@@ -351,7 +364,7 @@ unsafe fn filter_tile(
     images: usize,
     out: &mut [f32],
 ) {
-    let hw = (s.h, s.w);
+    let hw = (s.ho(), s.wo(), s.stride);
     let geo = (l.cip, l.pw, l.plen);
     // SAFETY: forwarded from the caller; the tile's R and NV are the layout's.
     unsafe {
@@ -379,8 +392,8 @@ unsafe fn filter_tile(
 /// When `isa` is not available on this CPU or a slice is shorter than its shape.
 pub fn forward(isa: Isa, s: &Conv3, n: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
     assert!(isa.available(), "{isa:?} is not available on this CPU");
-    let hw = s.h * s.w;
-    let (in_len, out_len) = (s.ci * hw, s.co * hw);
+    let (hw, ohw, wo) = (s.h * s.w, s.ho() * s.wo(), s.wo());
+    let (in_len, out_len) = (s.ci * hw, s.co * ohw);
     assert!(x.len() >= n * in_len && y.len() >= n * out_len && w.len() >= s.co * s.ci * 9);
     let l = s.layout(isa);
     let wp = pack_weights(s, &l, w);
@@ -392,20 +405,22 @@ pub fn forward(isa: Isa, s: &Conv3, n: usize, x: &[f32], w: &[f32], y: &mut [f32
             || (vec![0f32; l.plen * l.cip], vec![0f32; rows * block]),
             |(pad, tile), (yi, xi)| {
                 pad_image(s, &l, xi, pad);
-                for oy in 0..s.h {
-                    for ox in (0..s.w).step_by(rows) {
-                        for co0 in (0..l.cop).step_by(block) {
-                            // SAFETY: the tile reads positions up to (oy+2)·pw + ox + R + 1 <
-                            // plen and channels below ci ≤ cip of the padded image, and NV
-                            // vectors from column co0 < cop of the packed weights' 9·ci rows;
-                            // `tile` holds R·NV·lanes; `isa` was checked above.
+                for oy in 0..s.ho() {
+                    for ox in (0..wo).step_by(rows) {
+                        // cop is a whole number of blocks, so the last block stays inside it.
+                        for co0 in (0..s.co).step_by(block) {
+                            // SAFETY: the tile reads positions up to (oy·stride + 2)·pw +
+                            // (ox + R − 1)·stride + 2 < plen and channels below ci ≤ cip of the
+                            // padded image, and NV vectors from column co0 < cop of the packed
+                            // weights' 9·ci rows; `tile` holds R·NV·lanes; `isa` was checked.
                             unsafe {
-                                let xp = pad.as_ptr().add((oy * l.pw + ox) * l.cip);
-                                forward_tile(isa, &l, xp, wp.as_ptr().add(co0), s.ci, tile);
+                                let xp = pad.as_ptr().add((oy * l.pw + ox) * s.stride * l.cip);
+                                let wq = wp.as_ptr().add(co0);
+                                forward_tile(isa, &l, s.stride, xp, wq, s.ci, tile);
                             }
-                            for r in 0..rows.min(s.w - ox) {
+                            for r in 0..rows.min(wo - ox) {
                                 for k in 0..block.min(s.co - co0) {
-                                    yi[(co0 + k) * hw + oy * s.w + ox + r] = tile[r * block + k];
+                                    yi[(co0 + k) * ohw + oy * wo + ox + r] = tile[r * block + k];
                                 }
                             }
                         }
@@ -425,8 +440,8 @@ const CHUNKS: usize = 16;
 /// When `isa` is not available on this CPU or a slice is shorter than its shape.
 pub fn backward_filter(isa: Isa, s: &Conv3, n: usize, x: &[f32], dy: &[f32], dw: &mut [f32]) {
     assert!(isa.available(), "{isa:?} is not available on this CPU");
-    let hw = s.h * s.w;
-    let (in_len, out_len) = (s.ci * hw, s.co * hw);
+    let (hw, ohw) = (s.h * s.w, s.ho() * s.wo());
+    let (in_len, out_len) = (s.ci * hw, s.co * ohw);
     assert!(x.len() >= n * in_len && dy.len() >= n * out_len && dw.len() >= s.co * s.ci * 9);
     let l = s.layout(isa);
     let (block, rows) = (l.dw.0 * l.lanes, l.dw.1);
@@ -435,7 +450,7 @@ pub fn backward_filter(isa: Isa, s: &Conv3, n: usize, x: &[f32], dy: &[f32], dw:
     let partial = |first: usize| -> Vec<f32> {
         let images = per.min(n - first);
         let mut pads = vec![0f32; images * plen];
-        let mut dyt = vec![0f32; images * hw * l.cop];
+        let mut dyt = vec![0f32; images * ohw * l.cop];
         for i in 0..images {
             let img = first + i;
             pad_image(
@@ -444,9 +459,9 @@ pub fn backward_filter(isa: Isa, s: &Conv3, n: usize, x: &[f32], dy: &[f32], dw:
                 &x[img * in_len..][..in_len],
                 &mut pads[i * plen..][..plen],
             );
-            let (src, dst) = (&dy[img * out_len..][..out_len], &mut dyt[i * hw * l.cop..]);
+            let (src, dst) = (&dy[img * out_len..][..out_len], &mut dyt[i * ohw * l.cop..]);
             for o in 0..s.co {
-                for (p, &v) in src[o * hw..][..hw].iter().enumerate() {
+                for (p, &v) in src[o * ohw..][..ohw].iter().enumerate() {
                     dst[p * l.cop + o] = v;
                 }
             }
@@ -456,8 +471,8 @@ pub fn backward_filter(isa: Isa, s: &Conv3, n: usize, x: &[f32], dy: &[f32], dw:
         for t in 0..9 {
             for c0 in (0..l.cip).step_by(rows) {
                 for co0 in (0..l.cop).step_by(block) {
-                    // SAFETY: for every image the tile reads positions (y+ky)·pw + x + kx <
-                    // plen at channels c0 + r < cip of the padded images, and NV vectors at
+                    // SAFETY: for every image the tile reads positions (y·stride + ky)·pw +
+                    // x·stride + kx < plen at channels c0 + r < cip of the padded images, and NV vectors at
                     // column co0 < cop of every position of the channels-last gradients;
                     // `tile` holds R·NV·lanes; `isa` was checked above.
                     unsafe {
@@ -504,16 +519,19 @@ mod tests {
     /// Float64 reference: y[n][o][y][x] and dw[o][c][ky][kx].
     fn reference(s: &Conv3, n: usize, x: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f64>, Vec<f64>) {
         let (h, wd) = (s.h as isize, s.w as isize);
-        let mut y = vec![0f64; n * s.co * s.h * s.w];
+        let (ho, wo) = (s.ho(), s.wo());
+        let mut y = vec![0f64; n * s.co * ho * wo];
         let mut dw = vec![0f64; s.co * s.ci * 9];
         for i in 0..n {
             for o in 0..s.co {
-                for oy in 0..h {
-                    for ox in 0..wd {
-                        let yi = ((i * s.co + o) * s.h + oy as usize) * s.w + ox as usize;
+                for oy in 0..ho as isize {
+                    for ox in 0..wo as isize {
+                        let yi = ((i * s.co + o) * ho + oy as usize) * wo + ox as usize;
+                        let st = s.stride as isize;
                         for c in 0..s.ci {
                             for t in 0..9 {
-                                let (iy, ix) = (oy + t as isize / 3 - 1, ox + t as isize % 3 - 1);
+                                let iy = oy * st + t as isize / 3 - 1;
+                                let ix = ox * st + t as isize % 3 - 1;
                                 if iy < 0 || iy >= h || ix < 0 || ix >= wd {
                                     continue;
                                 }
@@ -552,7 +570,7 @@ mod tests {
     #[test]
     fn tiles_match_a_float64_reference_on_every_instruction_set() {
         // Between them every tile of every instruction set runs (forward rows of 4, 7 and 8;
-        // 1, 2 and 4 vectors).
+        // 1, 2 and 4 vectors), at strides 1 and 2 (odd and even sides).
         let shapes = [
             (
                 3,
@@ -561,6 +579,7 @@ mod tests {
                     co: 7,
                     h: 5,
                     w: 6,
+                    stride: 1,
                 },
             ),
             (
@@ -570,6 +589,7 @@ mod tests {
                     co: 13,
                     h: 3,
                     w: 14,
+                    stride: 1,
                 },
             ),
             (
@@ -579,6 +599,7 @@ mod tests {
                     co: 40,
                     h: 7,
                     w: 7,
+                    stride: 1,
                 },
             ),
             (
@@ -588,6 +609,7 @@ mod tests {
                     co: 70,
                     h: 2,
                     w: 5,
+                    stride: 1,
                 },
             ),
             (
@@ -597,6 +619,7 @@ mod tests {
                     co: 17,
                     h: 1,
                     w: 1,
+                    stride: 1,
                 },
             ),
             (
@@ -606,6 +629,37 @@ mod tests {
                     co: 32,
                     h: 4,
                     w: 9,
+                    stride: 1,
+                },
+            ),
+            (
+                3,
+                Conv3 {
+                    ci: 6,
+                    co: 19,
+                    h: 7,
+                    w: 9,
+                    stride: 2,
+                },
+            ),
+            (
+                2,
+                Conv3 {
+                    ci: 33,
+                    co: 66,
+                    h: 14,
+                    w: 13,
+                    stride: 2,
+                },
+            ),
+            (
+                18,
+                Conv3 {
+                    ci: 16,
+                    co: 32,
+                    h: 2,
+                    w: 1,
+                    stride: 2,
                 },
             ),
         ];
@@ -618,7 +672,7 @@ mod tests {
             for (n, s) in shapes {
                 let x = randn(&mut rng, n * s.ci * s.h * s.w);
                 let w = randn(&mut rng, s.co * s.ci * 9);
-                let dy = randn(&mut rng, n * s.co * s.h * s.w);
+                let dy = randn(&mut rng, n * s.co * s.ho() * s.wo());
                 let (y_ref, dw_ref) = reference(&s, n, &x, &w, &dy);
                 let mut y = vec![f32::NAN; y_ref.len()];
                 forward(isa, &s, n, &x, &w, &mut y);

@@ -40,19 +40,17 @@ impl ConvSpec {
     pub fn wo(&self) -> usize {
         (self.w + 2 * self.pad - self.k) / self.stride + 1
     }
-    /// The direct kernel's shape, when this convolution is one it runs (3×3, stride 1, padding
-    /// 1, with enough channels on both sides to fill its tiles; the rest unfold into a GEMM).
+    /// The direct kernel's shape, when this convolution is one it runs (3×3, padding 1, stride 1
+    /// or 2, with enough channels on both sides to fill its tiles; the rest unfold into a GEMM).
     fn direct(&self) -> Option<Conv3> {
-        (self.k == 3
-            && self.stride == 1
-            && self.pad == 1
-            && self.in_c.min(self.out_c) >= DIRECT_MIN_C)
-            .then_some(Conv3 {
-                ci: self.in_c,
-                co: self.out_c,
-                h: self.h,
-                w: self.w,
-            })
+        let fits = self.k == 3 && self.pad == 1 && (self.stride == 1 || self.stride == 2);
+        (fits && self.in_c.min(self.out_c) >= DIRECT_MIN_C).then_some(Conv3 {
+            ci: self.in_c,
+            co: self.out_c,
+            h: self.h,
+            w: self.w,
+            stride: self.stride,
+        })
     }
     fn is_pointwise(&self) -> bool {
         self.k == 1 && self.stride == 1 && self.pad == 0
@@ -331,9 +329,17 @@ impl Backend for CpuBackend {
             }
             other => other,
         };
-        if let (Some(s), None) = (spec.direct(), &dx) {
-            return conv::backward_filter(Isa::detect(), &s, n, x, dy, dw);
-        }
+        // The direct kernel takes the weight gradient; what input gradient is left unfolds.
+        let want_dw = match spec.direct() {
+            Some(s) => {
+                conv::backward_filter(Isa::detect(), &s, n, x, dy, dw);
+                if dx.is_none() {
+                    return;
+                }
+                false
+            }
+            None => true,
+        };
         let in_len = spec.in_c * spec.h * spec.w;
         let hw = spec.ho() * spec.wo();
         let out_len = spec.out_c * hw;
@@ -344,29 +350,31 @@ impl Backend for CpuBackend {
         let work = |ci: usize, dx_chunk: Option<&mut [f32]>| -> Vec<f32> {
             let start = ci * per;
             let end = (start + per).min(n);
-            let mut dwp = vec![0f32; wlen];
+            let mut dwp = vec![0f32; if want_dw { wlen } else { 0 }];
             let mut col = Vec::new();
             let mut dcol = Vec::new();
             let mut dx_chunk = dx_chunk;
             for i in start..end {
                 let xi = &x[i * in_len..(i + 1) * in_len];
                 let dyi = &dy[i * out_len..(i + 1) * out_len];
-                let src: &[f32] = if spec.is_pointwise() {
-                    xi
-                } else {
-                    col.resize(kk * hw, 0.0);
-                    im2col(spec, xi, &mut col);
-                    &col
-                };
-                // dw += dy_i · colᵀ
-                matmul(
-                    Mat::new(&mut dwp, spec.out_c, kk, kk as isize, 1),
-                    MatRef::new(dyi, spec.out_c, hw, hw as isize, 1),
-                    MatRef::new(src, hw, kk, 1, hw as isize),
-                    1.0,
-                    true,
-                    false,
-                );
+                if want_dw {
+                    let src: &[f32] = if spec.is_pointwise() {
+                        xi
+                    } else {
+                        col.resize(kk * hw, 0.0);
+                        im2col(spec, xi, &mut col);
+                        &col
+                    };
+                    // dw += dy_i · colᵀ
+                    matmul(
+                        Mat::new(&mut dwp, spec.out_c, kk, kk as isize, 1),
+                        MatRef::new(dyi, spec.out_c, hw, hw as isize, 1),
+                        MatRef::new(src, hw, kk, 1, hw as isize),
+                        1.0,
+                        true,
+                        false,
+                    );
+                }
                 if let Some(dxc) = dx_chunk.as_deref_mut() {
                     let dxi = &mut dxc[(i - start) * in_len..(i - start + 1) * in_len];
                     let wt = MatRef::new(w, kk, spec.out_c, 1, kk as isize);
