@@ -10,7 +10,10 @@ use barlow::nn::graph::{Graph, Op};
 use barlow::nn::resnet::{Arch, ResNetConfig, Stem};
 use barlow::nn::{Backend, ConvSpec, CpuBackend};
 use barlow::rng::Rng;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+};
 use std::time::Duration;
 
 fn batch() -> usize {
@@ -41,14 +44,20 @@ fn randn(rng: &mut Rng, len: usize) -> Vec<f32> {
     (0..len).map(|_| rng.normal() as f32).collect()
 }
 
+/// A group of short measurements (each layer runs for milliseconds).
+fn group<'a>(c: &'a mut Criterion, name: &str) -> BenchmarkGroup<'a, WallTime> {
+    let mut g = c.benchmark_group(name);
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    g
+}
+
 fn conv(c: &mut Criterion) {
     let n = batch();
     let be = CpuBackend;
     let mut rng = Rng::new(1);
-    let mut g = c.benchmark_group("conv_cpu");
-    g.sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2));
+    let mut g = group(c, "conv_cpu");
     for (name, s) in convs() {
         let x = randn(&mut rng, n * s.in_c * s.h * s.w);
         let w = randn(&mut rng, s.out_c * s.in_c * s.k * s.k);
@@ -85,10 +94,7 @@ fn norm(c: &mut Criterion) {
     let n = batch();
     let be = CpuBackend;
     let mut rng = Rng::new(2);
-    let mut g = c.benchmark_group("norm_cpu");
-    g.sample_size(10)
-        .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2));
+    let mut g = group(c, "norm_cpu");
     for (ch, side) in [(16, 28), (32, 14), (64, 7), (128, 4)] {
         let hw = side * side;
         let len = n * ch * hw;

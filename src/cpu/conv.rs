@@ -430,9 +430,6 @@ pub fn forward(isa: Isa, s: &Conv3, n: usize, x: &[f32], w: &[f32], y: &mut [f32
         );
 }
 
-/// Fixed number of batch chunks of the weight gradient's partial sums.
-const CHUNKS: usize = 16;
-
 /// dw += dL/dw for `n` NCHW images x and output gradients dy, dw OIHW. Partial sums per fixed
 /// chunk of images, added in order, so the result does not depend on the thread count.
 ///
@@ -445,7 +442,7 @@ pub fn backward_filter(isa: Isa, s: &Conv3, n: usize, x: &[f32], dy: &[f32], dw:
     assert!(x.len() >= n * in_len && dy.len() >= n * out_len && dw.len() >= s.co * s.ci * 9);
     let l = s.layout(isa);
     let (block, rows) = (l.dw.0 * l.lanes, l.dw.1);
-    let per = n.div_ceil(CHUNKS).max(1);
+    let per = super::batch_chunk(n);
     let plen = l.plen * l.cip;
     let partial = |first: usize| -> Vec<f32> {
         let images = per.min(n - first);

@@ -10,6 +10,13 @@ pub mod reference;
 
 pub(crate) use gemm::{matmul, Mat, MatRef};
 
+/// Images per chunk when a reduction over a batch of `n` is split into at most 16 contiguous
+/// chunks whose partial sums are added in order: a fixed split, so results do not depend on how
+/// many threads ran them.
+pub(crate) fn batch_chunk(n: usize) -> usize {
+    n.div_ceil(16).max(1)
+}
+
 use crate::error::Result;
 use crate::shape::{check_input, check_output, Dims};
 use crate::LossValue;

@@ -6,7 +6,7 @@
 
 use super::norm;
 use crate::cpu::conv::{self, Conv3, Isa};
-use crate::cpu::{matmul, Mat, MatRef};
+use crate::cpu::{batch_chunk, matmul, Mat, MatRef};
 
 /// Fewest channels (in and out) for which the direct 3×3 kernel runs instead of im2col + GEMM.
 const DIRECT_MIN_C: usize = 16;
@@ -164,9 +164,6 @@ pub trait Backend: Sync {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBackend;
 
-/// Fixed number of batch chunks for reductions over the batch (independent of thread count).
-const CHUNKS: usize = 16;
-
 /// The output columns `ox` whose input column `ox·s − p + kx` lies inside `0..w`, as a range.
 fn valid_cols(wo: usize, w: usize, s: usize, p: usize, kx: usize) -> (usize, usize) {
     // ox·s + kx ≥ p  and  ox·s + kx − p ≤ w − 1
@@ -248,11 +245,6 @@ fn col2im(spec: &ConvSpec, col: &[f32], dx: &mut [f32]) {
             }
         }
     }
-}
-
-/// Splits `0..n` into at most CHUNKS contiguous ranges.
-fn chunk_len(n: usize) -> usize {
-    n.div_ceil(CHUNKS).max(1)
 }
 
 impl Backend for CpuBackend {
@@ -344,7 +336,7 @@ impl Backend for CpuBackend {
         let hw = spec.ho() * spec.wo();
         let out_len = spec.out_c * hw;
         let kk = spec.col_rows();
-        let per = chunk_len(n);
+        let per = batch_chunk(n);
         let wlen = spec.out_c * kk;
         // One dw partial per chunk of images; dx is written per image inside its chunk.
         let work = |ci: usize, dx_chunk: Option<&mut [f32]>| -> Vec<f32> {

@@ -8,10 +8,8 @@
 //! across planes; the backward's, which cancel, are f64 throughout. Both run over a fixed split of
 //! the batch, so they do not depend on how many threads ran them.
 
+use crate::cpu::batch_chunk;
 use rayon::prelude::*;
-
-/// Fixed number of batch chunks the sums are split into (independent of the thread count).
-const CHUNKS: usize = 16;
 
 /// Σ of a plane in 16 f32 lanes (vectorizes; short sums, so f32 is accurate enough).
 #[inline]
@@ -47,11 +45,6 @@ fn lane_sum2_f64(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
     acc.iter().sum()
 }
 
-/// Images per chunk of the fixed split.
-fn per_chunk(n: usize) -> usize {
-    n.div_ceil(CHUNKS).max(1)
-}
-
 /// Adds per-chunk partials in chunk order.
 fn add_partials(partials: Vec<Vec<f64>>, len: usize) -> Vec<f64> {
     let mut out = vec![0f64; len];
@@ -70,7 +63,7 @@ pub(crate) fn channel_sums(
     f: impl Fn(usize, f32) -> f32 + Sync,
 ) -> Vec<f64> {
     let item = c * hw;
-    let per = per_chunk(n);
+    let per = batch_chunk(n);
     let partials = x[..n * item]
         .par_chunks(per * item)
         .map(|xs| {
@@ -174,7 +167,7 @@ pub(crate) fn grad_sums(
     dy: &mut [f32],
 ) -> Vec<f64> {
     let item = c * hw;
-    let per = per_chunk(n);
+    let per = batch_chunk(n);
     let chunk = |ci: usize, dys: &mut [f32]| {
         let mut s = vec![0f64; 2 * c];
         for (k, dyi) in dys.chunks_exact_mut(item).enumerate() {
