@@ -73,7 +73,12 @@ fn conv(c: &mut Criterion) {
         );
         g.throughput(Throughput::Elements(flops as u64));
         g.bench_function(BenchmarkId::new("forward", &id), |b| {
-            b.iter(|| be.conv2d_forward(&s, n, &x, &w, &mut y))
+            b.iter(|| be.conv2d_forward(&s, n, &x, &w, &mut y, None))
+        });
+        // As in training: the output's per-plane moments for the batch norm, on the way.
+        let mut mo = vec![0f32; n * s.out_c * 3];
+        g.bench_function(BenchmarkId::new("forward+moments", &id), |b| {
+            b.iter(|| be.conv2d_forward(&s, n, &x, &w, &mut y, Some(&mut mo)))
         });
         // The first convolution needs no input gradient (as in training).
         let need_dx = name != "conv1";
@@ -103,14 +108,14 @@ fn norm(c: &mut Criterion) {
         let beta = randn(&mut rng, ch);
         let (mut mean, mut var) = (vec![0f32; ch], vec![0f32; ch]);
         let mut y = vec![0f32; len];
-        let dy0 = randn(&mut rng, len);
+        let mut dy = randn(&mut rng, len);
         let mut dx = vec![0f32; len];
         let (mut dg, mut db) = (vec![0f32; ch], vec![0f32; ch]);
         let id = format!("{side}x{side}x{ch}");
         g.throughput(Throughput::Elements(len as u64));
         g.bench_function(BenchmarkId::new("forward+relu", &id), |b| {
             b.iter(|| {
-                be.channel_stats(n, ch, hw, &x, &mut mean, &mut var);
+                be.channel_stats(n, ch, hw, &x, None, &mut mean, &mut var);
                 let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
                 be.norm_apply(
                     n,
@@ -126,10 +131,8 @@ fn norm(c: &mut Criterion) {
             })
         });
         let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();
-        let mut dy = dy0.clone();
         g.bench_function(BenchmarkId::new("backward+relu", &id), |b| {
             b.iter(|| {
-                dy.copy_from_slice(&dy0);
                 be.batch_norm_backward(
                     n,
                     ch,

@@ -124,7 +124,7 @@ fn conv_case<A: Act>(s: &Arc<CudaStream>, spec: ConvSpec, n: usize, seed: u64) {
     let dy = round::<A>(&randn(&mut rng, n * spec.out_c * ho * wo));
     let be = CpuBackend;
     let mut y = vec![0f32; n * spec.out_c * ho * wo];
-    be.conv2d_forward(&spec, n, &x, &w, &mut y);
+    be.conv2d_forward(&spec, n, &x, &w, &mut y, None);
     let mut dx = vec![0f32; x.len()];
     let mut dw = vec![0f32; w.len()];
     be.conv2d_backward(&spec, n, &x, &w, &dy, Some(&mut dx), &mut dw);

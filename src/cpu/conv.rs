@@ -12,6 +12,8 @@
 //! chunk of images (weight gradient) and cost one pass over data that each element of which feeds
 //! hundreds of multiply-adds.
 
+use super::moments::{for_each_image, image_moments};
+use super::pool::Scratch;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -386,11 +388,21 @@ unsafe fn filter_tile(
     }
 }
 
-/// y = conv(x, w) for `n` NCHW images, weights OIHW; every element of y is written.
+/// y = conv(x, w) for `n` NCHW images, weights OIHW; every element of y is written. When
+/// `moments` is given ([n, co, 3]), each image's per-plane moments go there as soon as it is
+/// written (Σx, Σ(x − c) and Σ(x − c)² per plane, c its rounded mean).
 ///
 /// # Panics
 /// When `isa` is not available on this CPU or a slice is shorter than its shape.
-pub fn forward(isa: Isa, s: &Conv3, n: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
+pub fn forward(
+    isa: Isa,
+    s: &Conv3,
+    n: usize,
+    x: &[f32],
+    w: &[f32],
+    y: &mut [f32],
+    moments: Option<&mut [f32]>,
+) {
     assert!(isa.available(), "{isa:?} is not available on this CPU");
     let (hw, ohw, wo) = (s.h * s.w, s.ho() * s.wo(), s.wo());
     let (in_len, out_len) = (s.ci * hw, s.co * ohw);
@@ -398,36 +410,40 @@ pub fn forward(isa: Isa, s: &Conv3, n: usize, x: &[f32], w: &[f32], y: &mut [f32
     let l = s.layout(isa);
     let wp = pack_weights(s, &l, w);
     let (block, rows) = (l.fwd.0 * l.lanes, l.fwd.1);
-    y[..n * out_len]
-        .par_chunks_mut(out_len)
-        .zip(x[..n * in_len].par_chunks(in_len))
-        .for_each_init(
-            || (vec![0f32; l.plen * l.cip], vec![0f32; rows * block]),
-            |(pad, tile), (yi, xi)| {
-                pad_image(s, &l, xi, pad);
-                for oy in 0..s.ho() {
-                    for ox in (0..wo).step_by(rows) {
-                        // cop is a whole number of blocks, so the last block stays inside it.
-                        for co0 in (0..s.co).step_by(block) {
-                            // SAFETY: the tile reads positions up to (oy·stride + 2)·pw +
-                            // (ox + R − 1)·stride + 2 < plen and channels below ci ≤ cip of the
-                            // padded image, and NV vectors from column co0 < cop of the packed
-                            // weights' 9·ci rows; `tile` holds R·NV·lanes; `isa` was checked.
-                            unsafe {
-                                let xp = pad.as_ptr().add((oy * l.pw + ox) * s.stride * l.cip);
-                                let wq = wp.as_ptr().add(co0);
-                                forward_tile(isa, &l, s.stride, xp, wq, s.ci, tile);
-                            }
-                            for r in 0..rows.min(wo - ox) {
-                                for k in 0..block.min(s.co - co0) {
-                                    yi[(co0 + k) * ohw + oy * wo + ox + r] = tile[r * block + k];
-                                }
+    for_each_image(
+        n,
+        (y, out_len),
+        (x, in_len),
+        moments.map(|m| (m, s.co)),
+        || (Scratch::take(l.plen * l.cip), vec![0f32; rows * block]),
+        |(pad, tile), yi, xi, mi| {
+            pad_image(s, &l, xi, pad);
+            for oy in 0..s.ho() {
+                for ox in (0..wo).step_by(rows) {
+                    // cop is a whole number of blocks, so the last block stays inside it.
+                    for co0 in (0..s.co).step_by(block) {
+                        // SAFETY: the tile reads positions up to (oy·stride + 2)·pw +
+                        // (ox + R − 1)·stride + 2 < plen and channels below ci ≤ cip of the
+                        // padded image, and NV vectors from column co0 < cop of the packed
+                        // weights' 9·ci rows; `tile` holds R·NV·lanes; `isa` was checked.
+                        unsafe {
+                            let xp = pad.as_ptr().add((oy * l.pw + ox) * s.stride * l.cip);
+                            let wq = wp.as_ptr().add(co0);
+                            forward_tile(isa, &l, s.stride, xp, wq, s.ci, tile);
+                        }
+                        for r in 0..rows.min(wo - ox) {
+                            for k in 0..block.min(s.co - co0) {
+                                yi[(co0 + k) * ohw + oy * wo + ox + r] = tile[r * block + k];
                             }
                         }
                     }
                 }
-            },
-        );
+            }
+            if let Some(mi) = mi {
+                image_moments(ohw, yi, mi);
+            }
+        },
+    );
 }
 
 /// dw += dL/dw for `n` NCHW images x and output gradients dy, dw OIHW. Partial sums per fixed
@@ -444,10 +460,11 @@ pub fn backward_filter(isa: Isa, s: &Conv3, n: usize, x: &[f32], dy: &[f32], dw:
     let (block, rows) = (l.dw.0 * l.lanes, l.dw.1);
     let per = super::batch_chunk(n);
     let plen = l.plen * l.cip;
-    let partial = |first: usize| -> Vec<f32> {
+    let partial = |first: usize| -> Scratch {
         let images = per.min(n - first);
-        let mut pads = vec![0f32; images * plen];
-        let mut dyt = vec![0f32; images * ohw * l.cop];
+        // Every padded image is filled in full; the gradients' channels past co stay zero.
+        let mut pads = Scratch::take(images * plen);
+        let mut dyt = Scratch::zeroed(images * ohw * l.cop);
         for i in 0..images {
             let img = first + i;
             pad_image(
@@ -463,7 +480,8 @@ pub fn backward_filter(isa: Isa, s: &Conv3, n: usize, x: &[f32], dy: &[f32], dw:
                 }
             }
         }
-        let mut part = vec![0f32; 9 * l.cip * l.cop];
+        // Every row of every tap is copied from a tile below.
+        let mut part = Scratch::take(9 * l.cip * l.cop);
         let mut tile = vec![0f32; rows * block];
         for t in 0..9 {
             for c0 in (0..l.cip).step_by(rows) {
@@ -485,7 +503,7 @@ pub fn backward_filter(isa: Isa, s: &Conv3, n: usize, x: &[f32], dy: &[f32], dw:
         }
         part
     };
-    let partials: Vec<Vec<f32>> = (0..n)
+    let partials: Vec<Scratch> = (0..n)
         .step_by(per)
         .collect::<Vec<_>>()
         .into_par_iter()
@@ -493,7 +511,7 @@ pub fn backward_filter(isa: Isa, s: &Conv3, n: usize, x: &[f32], dy: &[f32], dw:
         .collect();
     let mut sum = vec![0f32; 9 * l.cip * l.cop];
     for p in &partials {
-        sum.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+        sum.iter_mut().zip(p.iter()).for_each(|(a, b)| *a += b);
     }
     for o in 0..s.co {
         for c in 0..s.ci {
@@ -507,6 +525,7 @@ pub fn backward_filter(isa: Isa, s: &Conv3, n: usize, x: &[f32], dy: &[f32], dw:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::moments::{channel_squares, channel_sums, PER_PLANE};
     use crate::rng::Rng;
 
     fn randn(rng: &mut Rng, len: usize) -> Vec<f32> {
@@ -672,9 +691,29 @@ mod tests {
                 let dy = randn(&mut rng, n * s.co * s.ho() * s.wo());
                 let (y_ref, dw_ref) = reference(&s, n, &x, &w, &dy);
                 let mut y = vec![f32::NAN; y_ref.len()];
-                forward(isa, &s, n, &x, &w, &mut y);
+                let mut mo = vec![f32::NAN; n * s.co * PER_PLANE];
+                forward(isa, &s, n, &x, &w, &mut y, Some(&mut mo));
                 let e = max_rel(&y, &y_ref);
                 assert!(e <= 1e-5, "{isa:?} {s:?}: forward error {e:.2e}");
+                // The moments gathered on the way give the batch statistics of the output.
+                let (ohw, m) = (s.ho() * s.wo(), (n * s.ho() * s.wo()) as f64);
+                let mean: Vec<f32> = channel_sums(s.co, &mo)
+                    .iter()
+                    .map(|v| (v / m) as f32)
+                    .collect();
+                let var: Vec<f64> = channel_squares(s.co, ohw, &mo, &mean)
+                    .iter()
+                    .map(|q| q / m)
+                    .collect();
+                for ch in 0..s.co {
+                    let vals = (0..n).flat_map(|i| &y_ref[(i * s.co + ch) * ohw..][..ohw]);
+                    let mu = vals.clone().sum::<f64>() / m;
+                    let va = vals.map(|v| (v - mu).powi(2)).sum::<f64>() / m;
+                    let scale = va.sqrt();
+                    let em = (f64::from(mean[ch]) - mu).abs() / scale;
+                    let ev = (var[ch] - va).abs() / va;
+                    assert!(em <= 1e-5 && ev <= 1e-5, "{isa:?} {s:?}: moments of {ch}");
+                }
                 let dw0 = randn(&mut rng, dw_ref.len());
                 let mut dw = dw0.clone();
                 backward_filter(isa, &s, n, &x, &dy, &mut dw);

@@ -3,9 +3,50 @@
 //!
 //! All matrices are row-major; Z is N×D, C is D×D.
 
+/// Defines `fn $name(args)` running `$body` compiled for AVX-512 or AVX2+FMA when the CPU has
+/// them, else for the build's baseline: plain loops over 16 f32 lanes then vectorize at the full
+/// width of the machine. No fast-math: the results are the same bits on every instruction set.
+#[cfg(feature = "train")]
+macro_rules! vectorized {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            fn avx512($($arg: $ty),*) {
+                body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2($($arg: $ty),*) {
+                body($($arg),*)
+            }
+            match $crate::cpu::conv::Isa::detect() {
+                // SAFETY: detect() found these features on the running CPU.
+                #[cfg(target_arch = "x86_64")]
+                $crate::cpu::conv::Isa::Avx512 => unsafe { avx512($($arg),*) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                $crate::cpu::conv::Isa::Avx2 => unsafe { avx2($($arg),*) },
+                _ => body($($arg),*),
+            }
+        }
+    };
+}
+#[cfg(feature = "train")]
+pub(crate) use vectorized;
+
+// The trainer's CPU engine: direct convolutions, batch-norm moments, recycled buffers.
+#[cfg(feature = "train")]
 pub mod conv;
 mod gemm;
 pub mod gram;
+#[cfg(feature = "train")]
+pub(crate) mod moments;
+#[cfg(feature = "train")]
+pub(crate) mod pool;
 pub mod reference;
 
 pub(crate) use gemm::{matmul, Mat, MatRef};
@@ -13,6 +54,7 @@ pub(crate) use gemm::{matmul, Mat, MatRef};
 /// Images per chunk when a reduction over a batch of `n` is split into at most 16 contiguous
 /// chunks whose partial sums are added in order: a fixed split, so results do not depend on how
 /// many threads ran them.
+#[cfg(feature = "train")]
 pub(crate) fn batch_chunk(n: usize) -> usize {
     n.div_ceil(16).max(1)
 }

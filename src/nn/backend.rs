@@ -6,6 +6,8 @@
 
 use super::norm;
 use crate::cpu::conv::{self, Conv3, Isa};
+use crate::cpu::moments::{for_each_image, image_moments};
+use crate::cpu::pool::Scratch;
 use crate::cpu::{batch_chunk, matmul, Mat, MatRef};
 
 /// Fewest channels (in and out) for which the direct 3×3 kernel runs instead of im2col + GEMM.
@@ -61,7 +63,9 @@ impl ConvSpec {
     }
 }
 
-/// The operations layers delegate. Shapes are given explicitly; buffers are row-major.
+/// The operations layers delegate. Shapes are given explicitly; buffers are row-major. Outputs
+/// (`y`, `dx`, `moments`) arrive holding anything and are written in full; gradients of
+/// parameters (`dw`, `db`, `dgamma`, `dbeta`) accumulate.
 pub trait Backend: Sync {
     /// A short name for logs (`cpu`, `cuda`).
     fn name(&self) -> &'static str;
@@ -72,8 +76,18 @@ pub trait Backend: Sync {
         1
     }
 
-    /// `y[n] = conv(x[n], w)`, y of shape [n, out_c, ho, wo].
-    fn conv2d_forward(&self, spec: &ConvSpec, n: usize, x: &[f32], w: &[f32], y: &mut [f32]);
+    /// `y[n] = conv(x[n], w)`, y of shape [n, out_c, ho, wo]; when `moments` is given, also the
+    /// per-plane moments of y ([n, out_c, 3], see [`channel_stats`](Backend::channel_stats)),
+    /// gathered while each image is still in cache.
+    fn conv2d_forward(
+        &self,
+        spec: &ConvSpec,
+        n: usize,
+        x: &[f32],
+        w: &[f32],
+        y: &mut [f32],
+        moments: Option<&mut [f32]>,
+    );
 
     /// Accumulates dL/dw into `dw` and, when given, writes dL/dx into `dx`.
     #[allow(clippy::too_many_arguments)]
@@ -113,13 +127,16 @@ pub trait Backend: Sync {
         db: Option<&mut [f32]>,
     );
 
-    /// Per-channel batch statistics of x [n, c, hw]: biased mean and variance.
+    /// Per-channel batch statistics of x [n, c, hw]: biased mean and variance, from the
+    /// per-plane moments the convolution that wrote x gathered, or from x when there are none.
+    #[allow(clippy::too_many_arguments)]
     fn channel_stats(
         &self,
         n: usize,
         c: usize,
         hw: usize,
         x: &[f32],
+        moments: Option<&[f32]>,
         mean: &mut [f32],
         var: &mut [f32],
     );
@@ -252,22 +269,32 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
-    fn conv2d_forward(&self, spec: &ConvSpec, n: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
+    fn conv2d_forward(
+        &self,
+        spec: &ConvSpec,
+        n: usize,
+        x: &[f32],
+        w: &[f32],
+        y: &mut [f32],
+        moments: Option<&mut [f32]>,
+    ) {
         if let Some(s) = spec.direct() {
-            return conv::forward(Isa::detect(), &s, n, x, w, y);
+            return conv::forward(Isa::detect(), &s, n, x, w, y, moments);
         }
         let in_len = spec.in_c * spec.h * spec.w;
         let hw = spec.ho() * spec.wo();
         let out_len = spec.out_c * hw;
         let kk = spec.col_rows();
-        y[..n * out_len]
-            .par_chunks_mut(out_len)
-            .zip(x[..n * in_len].par_chunks(in_len))
-            .for_each_init(Vec::new, |col, (yi, xi)| {
+        for_each_image(
+            n,
+            (y, out_len),
+            (x, in_len),
+            moments.map(|m| (m, spec.out_c)),
+            || Scratch::take(if spec.is_pointwise() { 0 } else { kk * hw }),
+            |col, yi, xi, mi| {
                 let src: &[f32] = if spec.is_pointwise() {
                     xi
                 } else {
-                    col.resize(kk * hw, 0.0);
                     im2col(spec, xi, col);
                     col
                 };
@@ -279,7 +306,11 @@ impl Backend for CpuBackend {
                     false,
                     false,
                 );
-            });
+                if let Some(mi) = mi {
+                    image_moments(hw, yi, mi);
+                }
+            },
+        );
     }
 
     fn conv2d_backward(
@@ -298,7 +329,7 @@ impl Backend for CpuBackend {
         let dx = match dx {
             Some(dx) if spec.stride == 1 && spec.k > 1 && 2 * spec.pad == spec.k - 1 => {
                 let k = spec.k;
-                let mut wt = vec![0f32; w.len()];
+                let mut wt = Scratch::take(w.len());
                 for o in 0..spec.out_c {
                     for c in 0..spec.in_c {
                         for ky in 0..k {
@@ -316,7 +347,7 @@ impl Backend for CpuBackend {
                     w: spec.wo(),
                     ..*spec
                 };
-                self.conv2d_forward(&tspec, n, dy, &wt, dx);
+                self.conv2d_forward(&tspec, n, dy, &wt, dx, None);
                 None
             }
             other => other,
@@ -339,12 +370,13 @@ impl Backend for CpuBackend {
         let per = batch_chunk(n);
         let wlen = spec.out_c * kk;
         // One dw partial per chunk of images; dx is written per image inside its chunk.
-        let work = |ci: usize, dx_chunk: Option<&mut [f32]>| -> Vec<f32> {
+        let work = |ci: usize, dx_chunk: Option<&mut [f32]>| -> Scratch {
             let start = ci * per;
             let end = (start + per).min(n);
-            let mut dwp = vec![0f32; if want_dw { wlen } else { 0 }];
-            let mut col = Vec::new();
-            let mut dcol = Vec::new();
+            let mut dwp = Scratch::zeroed(if want_dw { wlen } else { 0 });
+            let unfolded = if spec.is_pointwise() { 0 } else { kk * hw };
+            let mut col = Scratch::take(if want_dw { unfolded } else { 0 });
+            let mut dcol = Scratch::take(if dx_chunk.is_some() { unfolded } else { 0 });
             let mut dx_chunk = dx_chunk;
             for i in start..end {
                 let xi = &x[i * in_len..(i + 1) * in_len];
@@ -353,7 +385,6 @@ impl Backend for CpuBackend {
                     let src: &[f32] = if spec.is_pointwise() {
                         xi
                     } else {
-                        col.resize(kk * hw, 0.0);
                         im2col(spec, xi, &mut col);
                         &col
                     };
@@ -381,7 +412,6 @@ impl Backend for CpuBackend {
                             false,
                         );
                     } else {
-                        dcol.resize(kk * hw, 0.0);
                         matmul(
                             Mat::new(&mut dcol, kk, hw, hw as isize, 1),
                             wt,
@@ -397,7 +427,7 @@ impl Backend for CpuBackend {
             dwp
         };
         let chunks = n.div_ceil(per);
-        let partials: Vec<Vec<f32>> = match dx {
+        let partials: Vec<Scratch> = match dx {
             Some(dx) => dx[..n * in_len]
                 .par_chunks_mut(per * in_len)
                 .enumerate()
@@ -409,7 +439,7 @@ impl Backend for CpuBackend {
                 .collect(),
         };
         for p in &partials {
-            for (a, b) in dw.iter_mut().zip(p) {
+            for (a, b) in dw.iter_mut().zip(p.iter()) {
                 *a += b;
             }
         }
@@ -483,10 +513,12 @@ impl Backend for CpuBackend {
         c: usize,
         hw: usize,
         x: &[f32],
+        moments: Option<&[f32]>,
         mean: &mut [f32],
         var: &mut [f32],
     ) {
-        norm::channel_stats(n, c, hw, x, (n * hw) as f64, &|_| {}, mean, var);
+        let m = (n * hw) as f64;
+        norm::channel_stats(n, c, hw, x, moments, m, &|_| {}, mean, var);
     }
 
     fn norm_apply(

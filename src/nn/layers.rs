@@ -5,6 +5,8 @@
 //! is its own batch, with its own BatchNorm statistics, as in the reference training code).
 
 use super::{Backend, Buffer, ConvSpec, Param, Tensor};
+use crate::cpu::moments::PER_PLANE;
+use crate::cpu::pool::Scratch;
 use crate::rng::Rng;
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -65,15 +67,28 @@ impl Conv2d {
     /// [N, in_c, H, W] → [N, out_c, Ho, Wo]; a training forward keeps a copy of the input for
     /// the backward ([`Conv2d::forward_shared`] keeps a reference instead).
     pub fn forward(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
-        self.forward_shared(be, &Arc::new(x.clone()), train)
+        self.forward_shared(be, &Arc::new(x.clone()), train, None)
     }
 
-    /// [`Conv2d::forward`] on a shared input, which a training forward keeps without copying.
-    pub fn forward_shared(&mut self, be: &dyn Backend, x: &Arc<Tensor>, train: bool) -> Tensor {
+    /// [`Conv2d::forward`] on a shared input, which a training forward keeps without copying;
+    /// with `moments`, also the output's per-plane moments for the batch norm that follows.
+    pub fn forward_shared(
+        &mut self,
+        be: &dyn Backend,
+        x: &Arc<Tensor>,
+        train: bool,
+        moments: Option<&mut PlaneMoments>,
+    ) -> Tensor {
         let spec = self.spec(x);
         let n = x.batch();
-        let mut y = Tensor::zeros(&[n, spec.out_c, spec.ho(), spec.wo()]);
-        be.conv2d_forward(&spec, n, &x.data, &self.weight.value, &mut y.data);
+        let mut y = Tensor::for_overwrite(&[n, spec.out_c, spec.ho(), spec.wo()]);
+        let mo = moments.map(|m| {
+            m.images = n;
+            m.channels = spec.out_c;
+            m.data = Scratch::take(n * spec.out_c * PER_PLANE);
+            &mut *m.data
+        });
+        be.conv2d_forward(&spec, n, &x.data, &self.weight.value, &mut y.data, mo);
         if train {
             self.cache.push((Arc::clone(x), spec));
         }
@@ -87,7 +102,7 @@ impl Conv2d {
             .pop()
             .expect("Conv2d::backward without a training forward");
         let n = x.batch();
-        let mut dx = need_dx.then(|| Tensor::zeros(&x.shape));
+        let mut dx = need_dx.then(|| Tensor::for_overwrite(&x.shape));
         be.conv2d_backward(
             &spec,
             n,
@@ -99,6 +114,16 @@ impl Conv2d {
         );
         dx
     }
+}
+
+/// The per-plane moments of a convolution's output (for each image and channel, three sums),
+/// gathered while the convolution writes it so that the batch norm reading it skips its own pass
+/// for the statistics.
+#[derive(Debug, Clone, Default)]
+pub struct PlaneMoments {
+    images: usize,
+    channels: usize,
+    data: Scratch,
 }
 
 /// Batch normalization over [N, C, H, W] (or [N, C]): batch statistics in training, running
@@ -160,24 +185,29 @@ impl BatchNorm {
     /// Normalizes with the batch's statistics when `train` (updating the running ones and caching
     /// for the backward), else with the running statistics.
     pub fn forward(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
-        let y = self.forward_shared(be, &Arc::new(x.clone()), None, false, train);
+        let y = self.forward_shared(be, &Arc::new(x.clone()), None, None, false, train);
         Arc::try_unwrap(y).unwrap_or_else(|y| (*y).clone())
     }
 
     /// Batch norm followed by ReLU, in one pass.
     pub fn forward_relu(&mut self, be: &dyn Backend, x: &Tensor, train: bool) -> Tensor {
-        let y = self.forward_shared(be, &Arc::new(x.clone()), None, true, train);
+        let y = self.forward_shared(be, &Arc::new(x.clone()), None, None, true, train);
         // The cache holds the output too (the ReLU's mask), so this copies.
         Arc::try_unwrap(y).unwrap_or_else(|y| (*y).clone())
     }
 
     /// The norm, plus `residual` when given, then ReLU when `relu`, in one pass over a shared
     /// input. A training forward keeps the input (x̂ is recomputed from it in the backward) and,
-    /// with a ReLU, the output for the mask, both without copying.
+    /// with a ReLU, the output for the mask, both without copying; it takes its statistics from
+    /// `moments` when the convolution that wrote x gathered them.
+    ///
+    /// # Panics
+    /// When x, `residual` or `moments` do not match the layer or each other.
     pub fn forward_shared(
         &mut self,
         be: &dyn Backend,
         x: &Arc<Tensor>,
+        moments: Option<&PlaneMoments>,
         residual: Option<&Tensor>,
         relu: bool,
         train: bool,
@@ -192,7 +222,7 @@ impl BatchNorm {
         if let Some(r) = residual {
             assert_eq!(r.shape, x.shape, "{}: shortcut shape", self.weight.name);
         }
-        let mut y = Tensor::zeros(&x.shape);
+        let mut y = Tensor::for_overwrite(&x.shape);
         let affine = (self.weight.value.as_slice(), self.bias.value.as_slice());
         let res = residual.map(|r| r.data.as_slice());
         if !train {
@@ -206,8 +236,17 @@ impl BatchNorm {
             be.norm_apply(n, c, hw, &x.data, stats, affine, res, relu, &mut y.data);
             return Arc::new(y);
         }
+        let mo = moments.map(|m| {
+            assert_eq!(
+                (m.images, m.channels),
+                (n, c),
+                "{}: moments of another tensor",
+                self.weight.name
+            );
+            &*m.data
+        });
         let (mut mean, mut var) = (vec![0f32; c], vec![0f32; c]);
-        be.channel_stats(n, c, hw, &x.data, &mut mean, &mut var);
+        be.channel_stats(n, c, hw, &x.data, mo, &mut mean, &mut var);
         let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
         be.norm_apply(
             n,
@@ -259,7 +298,7 @@ impl BatchNorm {
             .pop()
             .expect("BatchNorm::backward without a training forward");
         let (n, c, hw) = Self::dims(&dy);
-        let mut dx = Tensor::zeros(&dy.shape);
+        let mut dx = Tensor::for_overwrite(&dy.shape);
         be.batch_norm_backward(
             n,
             c,
@@ -333,7 +372,7 @@ impl Linear {
             "{}: input width mismatch",
             self.weight.name
         );
-        let mut y = Tensor::zeros(&[n, out]);
+        let mut y = Tensor::for_overwrite(&[n, out]);
         be.linear_forward(
             n,
             &x.data,
@@ -355,7 +394,7 @@ impl Linear {
             .pop()
             .expect("Linear::backward without a training forward");
         let n = x.batch();
-        let mut dx = need_dx.then(|| Tensor::zeros(&x.shape));
+        let mut dx = need_dx.then(|| Tensor::for_overwrite(&x.shape));
         be.linear_backward(
             n,
             &x.data,

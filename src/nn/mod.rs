@@ -12,14 +12,20 @@ mod norm;
 pub mod resnet;
 pub mod timed;
 
+use crate::cpu::pool;
+pub use crate::cpu::pool::PoolStats;
+
 pub use backend::{Backend, ConvSpec, CpuBackend};
-pub use layers::{BatchNorm, Conv2d, Linear, MaxPool, Relu};
+pub use layers::{BatchNorm, Conv2d, Linear, MaxPool, PlaneMoments, Relu};
 pub(crate) use norm::{
     channel_stats, grad_sums as batch_norm_grad_sums, input_grad as batch_norm_input_grad,
 };
 
 /// A dense f32 tensor, row-major over `shape` (NCHW for images, NC for features).
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Its buffer comes from, and goes back to, a process-wide pool of large buffers, so a training
+/// step reuses the previous step's memory instead of allocating (see [`buffer_stats`]).
+#[derive(Debug, PartialEq)]
 pub struct Tensor {
     /// Dimensions, outermost first.
     pub shape: Vec<usize>,
@@ -27,12 +33,43 @@ pub struct Tensor {
     pub data: Vec<f32>,
 }
 
+impl Clone for Tensor {
+    fn clone(&self) -> Self {
+        let mut data = pool::take(self.data.len());
+        data.copy_from_slice(&self.data);
+        Self {
+            shape: self.shape.clone(),
+            data,
+        }
+    }
+}
+
+impl Drop for Tensor {
+    fn drop(&mut self) {
+        pool::give(std::mem::take(&mut self.data));
+    }
+}
+
+/// What the pool of tensor buffers has done since the process started: after a training step
+/// has run once, the steps that follow take every buffer from it.
+pub fn buffer_stats() -> PoolStats {
+    pool::stats()
+}
+
 impl Tensor {
     /// A tensor of zeros.
     pub fn zeros(shape: &[usize]) -> Self {
         Self {
             shape: shape.to_vec(),
-            data: vec![0.0; shape.iter().product()],
+            data: pool::zeroed(shape.iter().product()),
+        }
+    }
+
+    /// A tensor whose contents are unspecified (a reused buffer), for outputs written in full.
+    pub(crate) fn for_overwrite(shape: &[usize]) -> Self {
+        Self {
+            shape: shape.to_vec(),
+            data: pool::take(shape.iter().product()),
         }
     }
 

@@ -1,48 +1,39 @@
 //! The CPU batch norm in as few passes over the activations as the arithmetic allows: statistics
-//! in two reads of x (a sum, then the squares about the mean, which do not cancel), one pass that
-//! normalizes, adds the shortcut and clamps, and a backward of one pass for the sums (masking the
-//! gradient by the fused ReLU on the way) and one for the input gradient. x̂ is never stored: the
-//! backward recomputes it from x and the batch statistics.
+//! from per-plane moments (gathered by the convolution that wrote x, or in one read of x here),
+//! one pass that normalizes, adds the shortcut and clamps, and a backward of one pass for the sums
+//! (masking the gradient by the fused ReLU on the way) and one for the input gradient. x̂ is never
+//! stored: the backward recomputes it from x and the batch statistics.
 //!
 //! The statistics' sums are f32 within a plane (at most a few thousand values, in 16 lanes) and f64
-//! across planes; the backward's, which cancel, are f64 throughout. Both run over a fixed split of
-//! the batch, so they do not depend on how many threads ran them.
+//! across planes, in image order; the backward's, which cancel, are f64 throughout, over a fixed
+//! split of the batch. Neither depends on how many threads ran them.
 
-use crate::cpu::batch_chunk;
+use crate::cpu::moments::{channel_squares, channel_sums, image_moments, PER_PLANE};
+use crate::cpu::pool::Scratch;
+use crate::cpu::{batch_chunk, vectorized};
 use rayon::prelude::*;
 
-/// Σ of a plane in 16 f32 lanes (vectorizes; short sums, so f32 is accurate enough).
-#[inline]
-fn lane_sum(p: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut acc = [0f32; 16];
-    let mut it = p.chunks_exact(16);
-    for c in &mut it {
-        for k in 0..16 {
-            acc[k] += f(c[k]);
-        }
-    }
-    for (k, &v) in it.remainder().iter().enumerate() {
-        acc[k] += f(v);
-    }
-    acc.iter().sum()
-}
-
-/// Σ over a plane of f(a, b) for two planes of equal length, in 8 f64 lanes: the backward's sums
-/// cancel to a small fraction of their terms, so they are kept exact to f64 rounding.
-#[inline]
-fn lane_sum2_f64(a: &[f32], b: &[f32], f: impl Fn(f64, f64) -> f64) -> f64 {
-    let mut acc = [0f64; 8];
-    let mut ia = a.chunks_exact(8);
-    let mut ib = b.chunks_exact(8);
-    for (ca, cb) in (&mut ia).zip(&mut ib) {
+/// Σg and Σg·(v − m) over a plane of gradients g and inputs v, in 8 f64 lanes each: the
+/// backward's sums cancel to a small fraction of their terms, so they are kept exact to f64
+/// rounding.
+#[inline(always)]
+fn grad_plane_sums(g: &[f32], x: &[f32], m: f64) -> (f64, f64) {
+    let (mut s, mut sx) = ([0f64; 8], [0f64; 8]);
+    let mut ig = g.chunks_exact(8);
+    let mut ix = x.chunks_exact(8);
+    for (cg, cx) in (&mut ig).zip(&mut ix) {
         for k in 0..8 {
-            acc[k] += f(f64::from(ca[k]), f64::from(cb[k]));
+            let gk = f64::from(cg[k]);
+            s[k] += gk;
+            sx[k] += gk * (f64::from(cx[k]) - m);
         }
     }
-    for (k, (&u, &v)) in ia.remainder().iter().zip(ib.remainder()).enumerate() {
-        acc[k] += f(f64::from(u), f64::from(v));
+    for (k, (&u, &v)) in ig.remainder().iter().zip(ix.remainder()).enumerate() {
+        let gk = f64::from(u);
+        s[k] += gk;
+        sx[k] += gk * (f64::from(v) - m);
     }
-    acc.iter().sum()
+    (s.iter().sum(), sx.iter().sum())
 }
 
 /// Adds per-chunk partials in chunk order.
@@ -54,51 +45,40 @@ fn add_partials(partials: Vec<Vec<f64>>, len: usize) -> Vec<f64> {
     out
 }
 
-/// Per channel of x [n, c, hw]: Σ f(ch, x) (f32 per plane, f64 across planes).
-pub(crate) fn channel_sums(
-    n: usize,
-    c: usize,
-    hw: usize,
-    x: &[f32],
-    f: impl Fn(usize, f32) -> f32 + Sync,
-) -> Vec<f64> {
-    let item = c * hw;
-    let per = batch_chunk(n);
-    let partials = x[..n * item]
-        .par_chunks(per * item)
-        .map(|xs| {
-            let mut s = vec![0f64; c];
-            for xi in xs.chunks_exact(item) {
-                for (ch, plane) in xi.chunks_exact(hw).enumerate() {
-                    s[ch] += f64::from(lane_sum(plane, |v| f(ch, v)));
-                }
-            }
-            s
-        })
-        .collect();
-    add_partials(partials, c)
-}
-
 /// Biased batch mean and variance per channel of x [n, c, hw], over `m` values (n·hw here; more
-/// when `reduce` sums the partial sums over other ranks' rows).
+/// when `reduce` sums the partial sums over other ranks' rows), from the per-plane moments of x:
+/// those a convolution gathered while writing x, or else computed here in one read of x.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn channel_stats(
     n: usize,
     c: usize,
     hw: usize,
     x: &[f32],
+    moments: Option<&[f32]>,
     m: f64,
     reduce: &dyn Fn(&mut [f64]),
     mean: &mut [f32],
     var: &mut [f32],
 ) {
-    let mut s = channel_sums(n, c, hw, x, |_, v| v);
+    let len = n * c * PER_PLANE;
+    let own;
+    let moments = match moments {
+        Some(mo) => &mo[..len],
+        None => {
+            let mut mo = Scratch::take(len);
+            mo.par_chunks_mut(c * PER_PLANE)
+                .zip(x[..n * c * hw].par_chunks(c * hw))
+                .for_each(|(mi, xi)| image_moments(hw, xi, mi));
+            own = mo;
+            &own
+        }
+    };
+    let mut s = channel_sums(c, moments);
     reduce(&mut s);
     for (mu, s) in mean[..c].iter_mut().zip(&s) {
         *mu = (s / m) as f32;
     }
-    let mu = &mean[..c];
-    let mut q = channel_sums(n, c, hw, x, |ch, v| (v - mu[ch]) * (v - mu[ch]));
+    let mut q = channel_squares(c, hw, moments, &mean[..c]);
     reduce(&mut q);
     for (va, q) in var[..c].iter_mut().zip(&q) {
         *va = (q / m) as f32;
@@ -121,9 +101,36 @@ pub(crate) fn apply(
 ) {
     let item = c * hw;
     let lo = if relu { 0.0 } else { f32::NEG_INFINITY };
-    let row = |yi: &mut [f32], xi: &[f32], ri: Option<&[f32]>| {
-        for ch in 0..c {
-            let (m, a, b) = (mean[ch], rstd[ch] * gamma[ch], beta[ch]);
+    let scale: Vec<f32> = rstd[..c].iter().zip(gamma).map(|(r, g)| r * g).collect();
+    let (y, x) = (&mut y[..n * item], &x[..n * item]);
+    let (m, a, b) = (&mean[..c], scale.as_slice(), &beta[..c]);
+    match residual {
+        Some(r) => y
+            .par_chunks_mut(item)
+            .zip(x.par_chunks(item))
+            .zip(r[..n * item].par_chunks(item))
+            .for_each(|((yi, xi), ri)| apply_image(hw, xi, Some(ri), m, a, b, lo, yi)),
+        None => y
+            .par_chunks_mut(item)
+            .zip(x.par_chunks(item))
+            .for_each(|(yi, xi)| apply_image(hw, xi, None, m, a, b, lo, yi)),
+    }
+}
+
+vectorized! {
+    /// One image of [`apply`]: y = max((x − mean)·scale + β (+ r), lo), scale = rstd·γ.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_image(
+        hw: usize,
+        xi: &[f32],
+        ri: Option<&[f32]>,
+        mean: &[f32],
+        scale: &[f32],
+        beta: &[f32],
+        lo: f32,
+        yi: &mut [f32],
+    ) {
+        for (ch, ((&m, &a), &b)) in mean.iter().zip(scale).zip(beta).enumerate() {
             let span = ch * hw..(ch + 1) * hw;
             let (yp, xp) = (&mut yi[span.clone()], &xi[span.clone()]);
             match ri {
@@ -139,18 +146,6 @@ pub(crate) fn apply(
                 }
             }
         }
-    };
-    let (y, x) = (&mut y[..n * item], &x[..n * item]);
-    match residual {
-        Some(r) => y
-            .par_chunks_mut(item)
-            .zip(x.par_chunks(item))
-            .zip(r[..n * item].par_chunks(item))
-            .for_each(|((yi, xi), ri)| row(yi, xi, Some(ri))),
-        None => y
-            .par_chunks_mut(item)
-            .zip(x.par_chunks(item))
-            .for_each(|(yi, xi)| row(yi, xi, None)),
     }
 }
 
@@ -172,20 +167,8 @@ pub(crate) fn grad_sums(
         let mut s = vec![0f64; 2 * c];
         for (k, dyi) in dys.chunks_exact_mut(item).enumerate() {
             let i = ci * per + k;
-            let xi = &x[i * item..][..item];
-            if let Some(out) = relu_out {
-                // A select, not a branch: the mask is as unpredictable as the signs.
-                for (g, &o) in dyi.iter_mut().zip(&out[i * item..][..item]) {
-                    *g = if o > 0.0 { *g } else { 0.0 };
-                }
-            }
-            for ch in 0..c {
-                let span = ch * hw..(ch + 1) * hw;
-                let (gp, xp) = (&dyi[span.clone()], &xi[span]);
-                let m = f64::from(mean[ch]);
-                s[2 * ch] += lane_sum2_f64(gp, gp, |g, _| g);
-                s[2 * ch + 1] += lane_sum2_f64(gp, xp, |g, v| g * (v - m));
-            }
+            let out = relu_out.map(|o| &o[i * item..][..item]);
+            grad_image(hw, &x[i * item..][..item], out, &mean[..c], dyi, &mut s);
         }
         s
     };
@@ -199,6 +182,32 @@ pub(crate) fn grad_sums(
         sums[2 * ch + 1] *= f64::from(rstd[ch]);
     }
     sums
+}
+
+vectorized! {
+    /// One image of [`grad_sums`]: dy masked by the fused ReLU's output, then its
+    /// [Σdy, Σdy·(x − mean)] per channel added to `s`.
+    fn grad_image(
+        hw: usize,
+        xi: &[f32],
+        relu_out: Option<&[f32]>,
+        mean: &[f32],
+        dyi: &mut [f32],
+        s: &mut [f64],
+    ) {
+        if let Some(out) = relu_out {
+            // A select, not a branch: the mask is as unpredictable as the signs.
+            for (g, &o) in dyi.iter_mut().zip(out) {
+                *g = if o > 0.0 { *g } else { 0.0 };
+            }
+        }
+        for (ch, &m) in mean.iter().enumerate() {
+            let span = ch * hw..(ch + 1) * hw;
+            let (sg, sx) = grad_plane_sums(&dyi[span.clone()], &xi[span], f64::from(m));
+            s[2 * ch] += sg;
+            s[2 * ch + 1] += sx;
+        }
+    }
 }
 
 /// dx = γ·rstd·(dy − mean(dy) − x̂·mean(dy·x̂)), the means being `sums` (from [`grad_sums`],
@@ -231,19 +240,30 @@ pub(crate) fn input_grad(
         .par_chunks_mut(item)
         .zip(dy[..n * item].par_chunks(item))
         .zip(x[..n * item].par_chunks(item))
-        .for_each(|((dxi, dyi), xi)| {
-            for (ch, &(gr, ms, msx)) in coef.iter().enumerate() {
-                let span = ch * hw..(ch + 1) * hw;
-                let mu = mean[ch];
-                for ((d, &g), &v) in dxi[span.clone()]
-                    .iter_mut()
-                    .zip(&dyi[span.clone()])
-                    .zip(&xi[span])
-                {
-                    *d = gr * (g - ms - (v - mu) * msx);
-                }
+        .for_each(|((dxi, dyi), xi)| input_grad_image(hw, &coef, &mean[..c], dyi, xi, dxi));
+}
+
+vectorized! {
+    /// One image of [`input_grad`], coef being (γ·rstd, mean(dy), mean(dy·x̂)·rstd) per channel.
+    fn input_grad_image(
+        hw: usize,
+        coef: &[(f32, f32, f32)],
+        mean: &[f32],
+        dyi: &[f32],
+        xi: &[f32],
+        dxi: &mut [f32],
+    ) {
+        for (ch, (&(gr, ms, msx), &mu)) in coef.iter().zip(mean).enumerate() {
+            let span = ch * hw..(ch + 1) * hw;
+            for ((d, &g), &v) in dxi[span.clone()]
+                .iter_mut()
+                .zip(&dyi[span.clone()])
+                .zip(&xi[span])
+            {
+                *d = gr * (g - ms - (v - mu) * msx);
             }
-        });
+        }
+    }
 }
 
 #[cfg(test)]
@@ -324,7 +344,7 @@ mod tests {
             .collect();
 
         let (mut mean, mut var) = (vec![f32::NAN; c], vec![f32::NAN; c]);
-        channel_stats(n, c, hw, &x, m, &|_| {}, &mut mean, &mut var);
+        channel_stats(n, c, hw, &x, None, m, &|_| {}, &mut mean, &mut var);
         close(&mean, &mu, "mean");
         close(&var, &va, "var");
         let rstd: Vec<f32> = var.iter().map(|v| 1.0 / (v + 1e-5).sqrt()).collect();

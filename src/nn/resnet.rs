@@ -3,7 +3,9 @@
 
 use super::graph::{Graph, Op};
 use super::layers::{global_avg_pool, global_avg_pool_backward};
-use super::{Backend, BatchNorm, Buffer, Conv2d, Linear, MaxPool, Param, Tensor, Visit};
+use super::{
+    Backend, BatchNorm, Buffer, Conv2d, Linear, MaxPool, Param, PlaneMoments, Tensor, Visit,
+};
 use crate::rng::Rng;
 use std::sync::Arc;
 
@@ -122,15 +124,23 @@ impl Network {
         // Values are shared, not copied, between the nodes that read them and the caches that
         // keep them for the backward.
         let mut values: Vec<Option<Arc<Tensor>>> = vec![None; self.graph.channels.len()];
+        // A training convolution's output comes with its per-plane moments for the norm after it.
+        let mut moments: Vec<Option<PlaneMoments>> = vec![None; values.len()];
         values[0] = Some(Arc::new(x.clone()));
         for (i, (n, layer)) in self.graph.nodes.iter().zip(&mut self.layers).enumerate() {
             let get = |v: usize| values[v].as_ref().expect("value computed");
             let input = get(n.x);
             let y = match (layer, n.op) {
-                (Layer::Conv(c), _) => Arc::new(c.forward_shared(be, input, train)),
+                (Layer::Conv(c), _) => {
+                    let mut mo = train.then(PlaneMoments::default);
+                    let y = c.forward_shared(be, input, train, mo.as_mut());
+                    moments[n.y] = mo;
+                    Arc::new(y)
+                }
                 (Layer::Norm(bn), Op::Norm { residual, relu, .. }) => {
                     let res = residual.map(|r| get(r).as_ref());
-                    bn.forward_shared(be, input, res, relu, train)
+                    let mo = moments[n.x].take();
+                    bn.forward_shared(be, input, mo.as_ref(), res, relu, train)
                 }
                 (Layer::MaxPool(mp), _) => Arc::new(mp.forward(input, train)),
                 (Layer::AvgPool(shapes), _) => {

@@ -77,9 +77,17 @@ impl Backend for TimedBackend<'_> {
         self.inner.stat_batches()
     }
 
-    fn conv2d_forward(&self, spec: &ConvSpec, n: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
+    fn conv2d_forward(
+        &self,
+        spec: &ConvSpec,
+        n: usize,
+        x: &[f32],
+        w: &[f32],
+        y: &mut [f32],
+        moments: Option<&mut [f32]>,
+    ) {
         self.time("conv forward", conv_flops(spec, n), || {
-            self.inner.conv2d_forward(spec, n, x, w, y)
+            self.inner.conv2d_forward(spec, n, x, w, y, moments)
         })
     }
 
@@ -139,13 +147,16 @@ impl Backend for TimedBackend<'_> {
         c: usize,
         hw: usize,
         x: &[f32],
+        moments: Option<&[f32]>,
         mean: &mut [f32],
         var: &mut [f32],
     ) {
-        // A sum and a centered square per element.
-        let flops = 4.0 * (n * c * hw) as f64;
+        // Three sums per element for the moments (unless the convolution gathered them), then a
+        // few operations per plane to combine them.
+        let per_plane = if moments.is_some() { 0 } else { 5 * hw };
+        let flops = ((per_plane + 8) * n * c) as f64;
         self.time("batch norm statistics", flops, || {
-            self.inner.channel_stats(n, c, hw, x, mean, var)
+            self.inner.channel_stats(n, c, hw, x, moments, mean, var)
         })
     }
 
@@ -212,11 +223,11 @@ mod tests {
         let x: Vec<f32> = (0..n * 3 * 6 * 7).map(|i| (i % 11) as f32 - 5.0).collect();
         let w: Vec<f32> = (0..5 * 3 * 9).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
         let mut want = vec![f32::NAN; n * 5 * 6 * 7];
-        CpuBackend.conv2d_forward(&spec, n, &x, &w, &mut want);
+        CpuBackend.conv2d_forward(&spec, n, &x, &w, &mut want, None);
         let timed = TimedBackend::new(&CpuBackend);
         let mut got = vec![f32::NAN; want.len()];
-        timed.conv2d_forward(&spec, n, &x, &w, &mut got);
-        timed.conv2d_forward(&spec, n, &x, &w, &mut got);
+        timed.conv2d_forward(&spec, n, &x, &w, &mut got, None);
+        timed.conv2d_forward(&spec, n, &x, &w, &mut got, None);
         assert_eq!(got, want);
         let s = timed.spent()["conv forward"];
         assert_eq!(s.calls, 2);

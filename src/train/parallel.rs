@@ -62,8 +62,16 @@ impl Backend for SyncBackend<'_> {
         self.group.world_size()
     }
 
-    fn conv2d_forward(&self, spec: &ConvSpec, n: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
-        self.inner.conv2d_forward(spec, n, x, w, y)
+    fn conv2d_forward(
+        &self,
+        spec: &ConvSpec,
+        n: usize,
+        x: &[f32],
+        w: &[f32],
+        y: &mut [f32],
+        moments: Option<&mut [f32]>,
+    ) {
+        self.inner.conv2d_forward(spec, n, x, w, y, moments)
     }
 
     fn conv2d_backward(
@@ -105,18 +113,19 @@ impl Backend for SyncBackend<'_> {
         self.inner.linear_backward(n, x, w, dy, out, dx, dw, db)
     }
 
-    /// The two passes of the CPU backend's statistics, each one's sums added over the ranks.
+    /// The CPU backend's statistics, the sums of each of its two steps added over the ranks.
     fn channel_stats(
         &self,
         n: usize,
         c: usize,
         hw: usize,
         x: &[f32],
+        moments: Option<&[f32]>,
         mean: &mut [f32],
         var: &mut [f32],
     ) {
         let m = (n * hw * self.group.world_size()) as f64;
-        channel_stats(n, c, hw, x, m, &|s| self.sum(s), mean, var);
+        channel_stats(n, c, hw, x, moments, m, &|s| self.sum(s), mean, var);
     }
 
     fn norm_apply(
