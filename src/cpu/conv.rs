@@ -1,11 +1,12 @@
-//! Direct 3×3, padding-1 convolutions of stride 1 or 2 on the CPU: forward and weight gradient (the
-//! input gradient of a stride-1 one is a forward one with flipped, transposed weights).
+//! Direct 3×3, padding-1 convolutions of stride 1 or 2 on the CPU: forward, input gradient and
+//! weight gradient.
 //!
 //! Each image is copied once into a zero-padded channels-last buffer, so every output position
 //! reads its 3×3×C patch without bounds checks or an unfolded copy. A register tile of R output
 //! positions × NV vectors of output channels accumulates over the 9 taps and the input channels
-//! (forward), or of R input channels × NV vectors of output channels over every position of a
-//! chunk of images (weight gradient). The tiles are written once per instruction set (AVX-512,
+//! (forward; the input gradient runs the same tile over dy with the taps of each stride phase),
+//! or of R input channels × NV vectors of output channels over every position of a chunk of
+//! images (weight gradient). The tiles are written once per instruction set (AVX-512,
 //! AVX2 with FMA, and a portable one that every target builds), chosen at run time.
 //!
 //! The tensors outside are NCHW and OIHW: the channels-last copies are per image (forward) or per
@@ -174,27 +175,29 @@ fn pack_weights(s: &Conv3, l: &Layout, w: &[f32]) -> Vec<f32> {
 /// The tiles, written once over an instruction set's vector type and operations.
 macro_rules! tiles {
     ([$(#[$attr:meta])*], $vec:ty, $lanes:expr, $zero:expr, $load:path, $splat:path, $fma:path, $store:path) => {
-        /// acc[r][v] = Σ over 9 taps and `ci` channels of x[r-th position + tap][c] · w[tap][c][v].
+        /// acc[r][v] = Σ over the taps and `ci` channels of x[tap + r·step + c] · w[tap][c][v],
+        /// each tap an (x offset, w offset) pair in floats.
         ///
         /// # Safety
-        /// `x` points at the tile's first position (top-left tap) of a padded image with
-        /// positions `cip` floats apart and rows `pw` positions apart, the tile's positions
-        /// `step` floats apart, readable for the tile's R positions plus 2 columns and 2 rows; `w` at the tile's first output channel of
-        /// packed weights with rows `cop` apart, readable for NV vectors; `out` holds R·NV·lanes.
+        /// `x` plus every tap's x offset points at a padded image readable for the tile's R
+        /// positions `step` floats apart and `ci` channels each; `w` plus every tap's w offset
+        /// at packed weights with rows `cop` apart, readable for `ci` rows of NV vectors; `out`
+        /// holds R·NV·lanes.
         $(#[$attr])*
         #[allow(clippy::too_many_arguments)]
         pub(super) unsafe fn forward_tile<const R: usize, const NV: usize>(
             x: *const f32,
             w: *const f32,
             ci: usize,
-            (cip, step, pw): (usize, usize, usize),
+            taps: &[(usize, usize)],
+            step: usize,
             cop: usize,
             out: &mut [f32],
         ) {
             let mut acc: [[$vec; NV]; R] = [[$zero; NV]; R];
-            for t in 0..9 {
-                let xt = x.add(((t / 3) * pw + t % 3) * cip);
-                let wt = w.add(t * ci * cop);
+            for &(xo, wo) in taps {
+                let xt = x.add(xo);
+                let wt = w.add(wo);
                 for c in 0..ci {
                     let mut b: [$vec; NV] = [$zero; NV];
                     for v in 0..NV {
@@ -319,36 +322,38 @@ mod portable {
     tiles!([], V, 8, [0f32; 8], load, splat, fma, store);
 }
 
-/// Runs the forward tile of `isa` with the layout's shape.
+/// Runs the forward tile of `isa` with the layout's shape over `taps`, positions `step` apart.
 ///
 /// # Safety
 /// As [`avx512::forward_tile`], and `isa` is available on this CPU.
+#[allow(clippy::too_many_arguments)]
 unsafe fn forward_tile(
     isa: Isa,
     l: &Layout,
-    stride: usize,
+    taps: &[(usize, usize)],
+    step: usize,
     x: *const f32,
     w: *const f32,
     ci: usize,
     out: &mut [f32],
 ) {
-    let (geo, cop) = ((l.cip, stride * l.cip, l.pw), l.cop);
+    let cop = l.cop;
     // SAFETY: forwarded from the caller; the tile's R and NV are the layout's.
     unsafe {
         match (isa, l.fwd) {
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, (4, _)) => avx512::forward_tile::<4, 4>(x, w, ci, geo, cop, out),
+            (Isa::Avx512, (4, _)) => avx512::forward_tile::<4, 4>(x, w, ci, taps, step, cop, out),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, (2, 7)) => avx512::forward_tile::<7, 2>(x, w, ci, geo, cop, out),
+            (Isa::Avx512, (2, 7)) => avx512::forward_tile::<7, 2>(x, w, ci, taps, step, cop, out),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, (2, _)) => avx512::forward_tile::<4, 2>(x, w, ci, geo, cop, out),
+            (Isa::Avx512, (2, _)) => avx512::forward_tile::<4, 2>(x, w, ci, taps, step, cop, out),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, (_, 7)) => avx512::forward_tile::<7, 1>(x, w, ci, geo, cop, out),
+            (Isa::Avx512, (_, 7)) => avx512::forward_tile::<7, 1>(x, w, ci, taps, step, cop, out),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, _) => avx512::forward_tile::<8, 1>(x, w, ci, geo, cop, out),
+            (Isa::Avx512, _) => avx512::forward_tile::<8, 1>(x, w, ci, taps, step, cop, out),
             #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, _) => avx2::forward_tile::<4, 2>(x, w, ci, geo, cop, out),
-            _ => portable::forward_tile::<4, 2>(x, w, ci, geo, cop, out),
+            (Isa::Avx2, _) => avx2::forward_tile::<4, 2>(x, w, ci, taps, step, cop, out),
+            _ => portable::forward_tile::<4, 2>(x, w, ci, taps, step, cop, out),
         }
     }
 }
@@ -410,6 +415,8 @@ pub fn forward(
     let l = s.layout(isa);
     let wp = pack_weights(s, &l, w);
     let (block, rows) = (l.fwd.0 * l.lanes, l.fwd.1);
+    let taps: [(usize, usize); 9] =
+        std::array::from_fn(|t| (((t / 3) * l.pw + t % 3) * l.cip, t * s.ci * l.cop));
     for_each_image(
         n,
         (y, out_len),
@@ -429,7 +436,8 @@ pub fn forward(
                         unsafe {
                             let xp = pad.as_ptr().add((oy * l.pw + ox) * s.stride * l.cip);
                             let wq = wp.as_ptr().add(co0);
-                            forward_tile(isa, &l, s.stride, xp, wq, s.ci, tile);
+                            let step = s.stride * l.cip;
+                            forward_tile(isa, &l, &taps, step, xp, wq, s.ci, tile);
                         }
                         for r in 0..rows.min(wo - ox) {
                             for k in 0..block.min(s.co - co0) {
@@ -441,6 +449,98 @@ pub fn forward(
             }
             if let Some(mi) = mi {
                 image_moments(ohw, yi, mi);
+            }
+        },
+    );
+}
+
+/// dx = dL/dx for `n` NCHW output gradients dy, weights OIHW; every element of dx is written.
+///
+/// Input positions split into stride × stride phases by their parity; within a phase each
+/// position takes the same taps (one of the 3×3 at stride 2 for an even row, two for an odd one),
+/// at fixed offsets in dy: a stride-1 correlation of the padded, channels-last dy with those taps
+/// of the transposed weights, run by the forward's tiles. Nothing is unfolded and no zero is
+/// multiplied.
+///
+/// # Panics
+/// When `isa` is not available on this CPU or a slice is shorter than its shape.
+pub fn backward_input(isa: Isa, s: &Conv3, n: usize, w: &[f32], dy: &[f32], dx: &mut [f32]) {
+    assert!(isa.available(), "{isa:?} is not available on this CPU");
+    let (hw, ohw) = (s.h * s.w, s.ho() * s.wo());
+    let (in_len, out_len) = (s.ci * hw, s.co * ohw);
+    assert!(dx.len() >= n * in_len && dy.len() >= n * out_len && w.len() >= s.co * s.ci * 9);
+    // The transposed problem: co channels in, ci out, over the ho×wo gradient.
+    let t = Conv3 {
+        ci: s.co,
+        co: s.ci,
+        h: s.ho(),
+        w: s.wo(),
+        stride: 1,
+    };
+    let l = t.layout(isa);
+    let mut wp = vec![0f32; 9 * s.co * l.cop];
+    for o in 0..s.co {
+        for c in 0..s.ci {
+            for k in 0..9 {
+                wp[(k * s.co + o) * l.cop + c] = w[(o * s.ci + c) * 9 + k];
+            }
+        }
+    }
+    // Phase (py, px): input rows iy ≡ py, columns ix ≡ px (mod stride). Tap (ky, kx) reaches
+    // it from output row (iy + 1 − ky)/stride when that divides, which is padded row
+    // iy/stride + 1 + (py + 1 − ky)/stride: an offset of 0, 1 or 2 rows from the tile's own.
+    let st = s.stride as isize;
+    let offset = |p: usize, k: usize| -> Option<usize> {
+        let d = p as isize + 1 - k as isize;
+        (d.rem_euclid(st) == 0).then(|| (1 + d.div_euclid(st)) as usize)
+    };
+    // (py, px, taps as (x offset, w offset) pairs)
+    type Phase = (usize, usize, Vec<(usize, usize)>);
+    let phases: Vec<Phase> = (0..s.stride * s.stride)
+        .map(|ph| {
+            let (py, px) = (ph / s.stride, ph % s.stride);
+            let taps = (0..9)
+                .filter_map(|k| {
+                    let (ry, rx) = (offset(py, k / 3)?, offset(px, k % 3)?);
+                    Some(((ry * l.pw + rx) * l.cip, k * s.co * l.cop))
+                })
+                .collect();
+            (py, px, taps)
+        })
+        .collect();
+    let (block, rows) = (l.fwd.0 * l.lanes, l.fwd.1);
+    for_each_image(
+        n,
+        (dx, in_len),
+        (dy, out_len),
+        None,
+        || (Scratch::take(l.plen * l.cip), vec![0f32; rows * block]),
+        |(pad, tile), dxi, dyi, _| {
+            pad_image(&t, &l, dyi, pad);
+            for (py, px, taps) in &phases {
+                let (ny, nx) = ((s.h - py).div_ceil(s.stride), (s.w - px).div_ceil(s.stride));
+                for a in 0..ny {
+                    for b in (0..nx).step_by(rows) {
+                        for c0 in (0..s.ci).step_by(block) {
+                            // SAFETY: a < ny ≤ ho and b < nx ≤ wo, so the tile reads padded rows
+                            // up to a + 2 ≤ ho + 1 and columns up to b + R − 1 + 2, inside plen
+                            // (its slack covers the last tile's overrun), channels below
+                            // co ≤ cip; weights of tap rows below 9·co, NV vectors from column
+                            // c0 < cop; `tile` holds R·NV·lanes; `isa` was checked.
+                            unsafe {
+                                let xp = pad.as_ptr().add((a * l.pw + b) * l.cip);
+                                let wq = wp.as_ptr().add(c0);
+                                forward_tile(isa, &l, taps, l.cip, xp, wq, s.co, tile);
+                            }
+                            for r in 0..rows.min(nx - b) {
+                                let at = (a * s.stride + py) * s.w + (b + r) * s.stride + px;
+                                for k in 0..block.min(s.ci - c0) {
+                                    dxi[(c0 + k) * hw + at] = tile[r * block + k];
+                                }
+                            }
+                        }
+                    }
+                }
             }
         },
     );
@@ -533,11 +633,19 @@ mod tests {
     }
 
     /// Float64 reference: y[n][o][y][x] and dw[o][c][ky][kx].
-    fn reference(s: &Conv3, n: usize, x: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    /// y, dw and dx in float64, straight from the definition.
+    fn reference(
+        s: &Conv3,
+        n: usize,
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         let (h, wd) = (s.h as isize, s.w as isize);
         let (ho, wo) = (s.ho(), s.wo());
         let mut y = vec![0f64; n * s.co * ho * wo];
         let mut dw = vec![0f64; s.co * s.ci * 9];
+        let mut dx = vec![0f64; x.len()];
         for i in 0..n {
             for o in 0..s.co {
                 for oy in 0..ho as isize {
@@ -551,19 +659,19 @@ mod tests {
                                 if iy < 0 || iy >= h || ix < 0 || ix >= wd {
                                     continue;
                                 }
-                                let xv = f64::from(
-                                    x[((i * s.ci + c) * s.h + iy as usize) * s.w + ix as usize],
-                                );
+                                let xi = ((i * s.ci + c) * s.h + iy as usize) * s.w + ix as usize;
+                                let xv = f64::from(x[xi]);
                                 let wi = (o * s.ci + c) * 9 + t;
                                 y[yi] += xv * f64::from(w[wi]);
                                 dw[wi] += xv * f64::from(dy[yi]);
+                                dx[xi] += f64::from(w[wi]) * f64::from(dy[yi]);
                             }
                         }
                     }
                 }
             }
         }
-        (y, dw)
+        (y, dw, dx)
     }
 
     fn max_rel(got: &[f32], want: &[f64]) -> f64 {
@@ -689,7 +797,7 @@ mod tests {
                 let x = randn(&mut rng, n * s.ci * s.h * s.w);
                 let w = randn(&mut rng, s.co * s.ci * 9);
                 let dy = randn(&mut rng, n * s.co * s.ho() * s.wo());
-                let (y_ref, dw_ref) = reference(&s, n, &x, &w, &dy);
+                let (y_ref, dw_ref, dx_ref) = reference(&s, n, &x, &w, &dy);
                 let mut y = vec![f32::NAN; y_ref.len()];
                 let mut mo = vec![f32::NAN; n * s.co * PER_PLANE];
                 forward(isa, &s, n, &x, &w, &mut y, Some(&mut mo));
@@ -720,6 +828,10 @@ mod tests {
                 let delta: Vec<f32> = dw.iter().zip(&dw0).map(|(a, b)| a - b).collect();
                 let e = max_rel(&delta, &dw_ref);
                 assert!(e <= 1e-5, "{isa:?} {s:?}: weight gradient error {e:.2e}");
+                let mut dx = vec![f32::NAN; x.len()];
+                backward_input(isa, &s, n, &w, &dy, &mut dx);
+                let e = max_rel(&dx, &dx_ref);
+                assert!(e <= 1e-5, "{isa:?} {s:?}: input gradient error {e:.2e}");
                 ran += 1;
             }
         }

@@ -323,6 +323,13 @@ impl Backend for CpuBackend {
         dx: Option<&mut [f32]>,
         dw: &mut [f32],
     ) {
+        if let Some(s) = spec.direct() {
+            conv::backward_filter(Isa::detect(), &s, n, x, dy, dw);
+            if let Some(dx) = dx {
+                conv::backward_input(Isa::detect(), &s, n, w, dy, dx);
+            }
+            return;
+        }
         // A "same" stride-1 convolution's input gradient is a forward convolution of dy with the
         // flipped, transposed kernel: one efficient GEMM per image instead of a thin GEMM plus
         // col2im.
@@ -352,17 +359,6 @@ impl Backend for CpuBackend {
             }
             other => other,
         };
-        // The direct kernel takes the weight gradient; what input gradient is left unfolds.
-        let want_dw = match spec.direct() {
-            Some(s) => {
-                conv::backward_filter(Isa::detect(), &s, n, x, dy, dw);
-                if dx.is_none() {
-                    return;
-                }
-                false
-            }
-            None => true,
-        };
         let in_len = spec.in_c * spec.h * spec.w;
         let hw = spec.ho() * spec.wo();
         let out_len = spec.out_c * hw;
@@ -373,31 +369,29 @@ impl Backend for CpuBackend {
         let work = |ci: usize, dx_chunk: Option<&mut [f32]>| -> Scratch {
             let start = ci * per;
             let end = (start + per).min(n);
-            let mut dwp = Scratch::zeroed(if want_dw { wlen } else { 0 });
+            let mut dwp = Scratch::zeroed(wlen);
             let unfolded = if spec.is_pointwise() { 0 } else { kk * hw };
-            let mut col = Scratch::take(if want_dw { unfolded } else { 0 });
+            let mut col = Scratch::take(unfolded);
             let mut dcol = Scratch::take(if dx_chunk.is_some() { unfolded } else { 0 });
             let mut dx_chunk = dx_chunk;
             for i in start..end {
                 let xi = &x[i * in_len..(i + 1) * in_len];
                 let dyi = &dy[i * out_len..(i + 1) * out_len];
-                if want_dw {
-                    let src: &[f32] = if spec.is_pointwise() {
-                        xi
-                    } else {
-                        im2col(spec, xi, &mut col);
-                        &col
-                    };
-                    // dw += dy_i · colᵀ
-                    matmul(
-                        Mat::new(&mut dwp, spec.out_c, kk, kk as isize, 1),
-                        MatRef::new(dyi, spec.out_c, hw, hw as isize, 1),
-                        MatRef::new(src, hw, kk, 1, hw as isize),
-                        1.0,
-                        true,
-                        false,
-                    );
-                }
+                let src: &[f32] = if spec.is_pointwise() {
+                    xi
+                } else {
+                    im2col(spec, xi, &mut col);
+                    &col
+                };
+                // dw += dy_i · colᵀ
+                matmul(
+                    Mat::new(&mut dwp, spec.out_c, kk, kk as isize, 1),
+                    MatRef::new(dyi, spec.out_c, hw, hw as isize, 1),
+                    MatRef::new(src, hw, kk, 1, hw as isize),
+                    1.0,
+                    true,
+                    false,
+                );
                 if let Some(dxc) = dx_chunk.as_deref_mut() {
                     let dxi = &mut dxc[(i - start) * in_len..(i - start + 1) * in_len];
                     let wt = MatRef::new(w, kk, spec.out_c, 1, kk as isize);
