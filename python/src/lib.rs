@@ -1,0 +1,171 @@
+//! The compiled half of the `barlow` Python package: the fused loss on tensors' memory, handed
+//! over as data pointers by the Python wrapper (`barlow/__init__.py`), which checks dtype, device,
+//! shape and contiguity before calling and keeps the tensors alive across the call.
+
+use barlow::cpu::reference;
+use barlow::{BarlowTwinsLoss, Dims, Error, LossConfig, LossPath, Math};
+use pyo3::exceptions::{PyFloatingPointError, PyMemoryError, PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+
+/// barlow's error as the Python exception a caller would catch for it, with barlow's message.
+fn to_py(e: Error) -> PyErr {
+    let msg = e.to_string();
+    match e {
+        Error::ShapeMismatch { .. }
+        | Error::BatchTooSmall { .. }
+        | Error::EmptyFeatures
+        | Error::TooLarge { .. }
+        | Error::BufferTooSmall { .. }
+        | Error::WrongContext { .. }
+        | Error::InvalidConfig(_) => PyValueError::new_err(msg),
+        Error::NonFinite { .. } => PyFloatingPointError::new_err(msg),
+        Error::OutOfHostMemory { .. } | Error::OutOfDeviceMemory { .. } => {
+            PyMemoryError::new_err(msg)
+        }
+        _ => PyRuntimeError::new_err(msg),
+    }
+}
+
+/// A loss configuration and its workspaces (one per process object; calls take turns).
+#[pyclass(frozen)]
+struct Loss {
+    inner: BarlowTwinsLoss,
+    lambda: f64,
+    eps: f64,
+}
+
+/// (total, on-diagonal term, off-diagonal term already × λ)
+type Terms = (f64, f64, f64);
+
+#[pymethods]
+impl Loss {
+    #[new]
+    fn new(lambd: f32, eps: f32, math: &str, path: &str) -> PyResult<Self> {
+        let math = match math {
+            "f32" => Math::F32,
+            "tf32" => Math::Tf32,
+            "bf16" => Math::Bf16,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "math must be \"f32\", \"tf32\" or \"bf16\", not {other:?}"
+                )))
+            }
+        };
+        let path = match path {
+            "auto" => LossPath::Auto,
+            "direct" => LossPath::Direct,
+            "gram" => LossPath::Gram,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "path must be \"auto\", \"direct\" or \"gram\", not {other:?}"
+                )))
+            }
+        };
+        let config = LossConfig::default()
+            .lambda(lambd)
+            .eps(eps)
+            .math(math)
+            .path(path);
+        Ok(Self {
+            inner: BarlowTwinsLoss::new(config).map_err(to_py)?,
+            lambda: f64::from(lambd),
+            eps: f64::from(eps),
+        })
+    }
+
+    /// The loss of two contiguous f32 N×D CPU buffers at `za` and `zb`; with `dza` and `dzb`
+    /// (N×D f32 each), also dL/dZ there.
+    #[pyo3(signature = (za, zb, n, d, dza=None, dzb=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_f32(
+        &self,
+        py: Python<'_>,
+        za: usize,
+        zb: usize,
+        n: usize,
+        d: usize,
+        dza: Option<usize>,
+        dzb: Option<usize>,
+    ) -> PyResult<Terms> {
+        let len = n
+            .checked_mul(d)
+            .ok_or_else(|| PyValueError::new_err("N×D overflows"))?;
+        let dims = Dims::new(n, d);
+        py.detach(|| {
+            // SAFETY: the wrapper passes data pointers of live, contiguous f32 CPU tensors of
+            // N×D elements each (it checks dtype, device, shape and contiguity, and holds the
+            // tensors until this returns); the gradients are fresh tensors, distinct from the
+            // inputs.
+            let (a, b) = unsafe {
+                (
+                    std::slice::from_raw_parts(za as *const f32, len),
+                    std::slice::from_raw_parts(zb as *const f32, len),
+                )
+            };
+            let v = match (dza, dzb) {
+                (Some(ga), Some(gb)) => {
+                    // SAFETY: as above.
+                    let (ga, gb) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(ga as *mut f32, len),
+                            std::slice::from_raw_parts_mut(gb as *mut f32, len),
+                        )
+                    };
+                    self.inner.forward_backward_cpu(a, b, dims, ga, gb)
+                }
+                _ => self.inner.forward_cpu(a, b, dims),
+            }
+            .map_err(to_py)?;
+            Ok((v.total, v.on_diag, v.off_diag))
+        })
+    }
+
+    /// As `cpu_f32` on float64 buffers, through the float64 reference (for gradcheck).
+    #[pyo3(signature = (za, zb, n, d, dza=None, dzb=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_f64(
+        &self,
+        py: Python<'_>,
+        za: usize,
+        zb: usize,
+        n: usize,
+        d: usize,
+        dza: Option<usize>,
+        dzb: Option<usize>,
+    ) -> PyResult<Terms> {
+        let len = n
+            .checked_mul(d)
+            .ok_or_else(|| PyValueError::new_err("N×D overflows"))?;
+        py.detach(|| {
+            // SAFETY: as in `cpu_f32`, for f64 tensors.
+            let (a, b) = unsafe {
+                (
+                    std::slice::from_raw_parts(za as *const f64, len),
+                    std::slice::from_raw_parts(zb as *const f64, len),
+                )
+            };
+            let r = reference::forward_backward(a, b, Dims::new(n, d), self.lambda, self.eps)
+                .map_err(to_py)?;
+            if !r.total.is_finite() {
+                return Err(PyFloatingPointError::new_err(
+                    "the loss is not finite (non-finite or overflowing inputs)",
+                ));
+            }
+            if let (Some(ga), Some(gb)) = (dza, dzb) {
+                // SAFETY: as in `cpu_f32`.
+                unsafe {
+                    std::slice::from_raw_parts_mut(ga as *mut f64, len).copy_from_slice(&r.grad_za);
+                    std::slice::from_raw_parts_mut(gb as *mut f64, len).copy_from_slice(&r.grad_zb);
+                }
+            }
+            Ok((r.total, r.on_diag, r.off_diag))
+        })
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Loss>()?;
+    m.add("BUILT_WITH_KERNELS", barlow::built_with_kernels())?;
+    Ok(())
+}
