@@ -26,6 +26,12 @@ fn to_py(e: Error) -> PyErr {
     }
 }
 
+/// N·D, the elements of one view, or an error when it overflows.
+fn elements(n: usize, d: usize) -> PyResult<usize> {
+    n.checked_mul(d)
+        .ok_or_else(|| PyValueError::new_err("N×D overflows"))
+}
+
 /// A loss configuration and its workspaces (one per process object; calls take turns).
 #[pyclass(frozen)]
 struct Loss {
@@ -87,9 +93,7 @@ impl Loss {
         dza: Option<usize>,
         dzb: Option<usize>,
     ) -> PyResult<Terms> {
-        let len = n
-            .checked_mul(d)
-            .ok_or_else(|| PyValueError::new_err("N×D overflows"))?;
+        let len = elements(n, d)?;
         let dims = Dims::new(n, d);
         py.detach(|| {
             // SAFETY: the wrapper passes data pointers of live, contiguous f32 CPU tensors of
@@ -133,9 +137,7 @@ impl Loss {
         dza: Option<usize>,
         dzb: Option<usize>,
     ) -> PyResult<Terms> {
-        let len = n
-            .checked_mul(d)
-            .ok_or_else(|| PyValueError::new_err("N×D overflows"))?;
+        let len = elements(n, d)?;
         py.detach(|| {
             // SAFETY: as in `cpu_f32`, for f64 tensors.
             let (a, b) = unsafe {
