@@ -256,7 +256,11 @@ CUresult device_free(uintptr_t p, Stream* on, const char* what) {
   return CUDA_SUCCESS;
 }
 
-// The thread pool that runs blocks, GEMM tiles and convolution slices.
+// The thread pool that runs blocks, GEMM tiles and convolution slices. A run is open from its
+// start until the caller has claimed or finished its own share of the items; only a worker that
+// joins while it is open takes items, and the run ends when those workers are done. A worker that
+// wakes late, after the run closed, joins nothing: reading the job then would race with the next
+// run's setup (a stale function, or an item index claimed from one run and executed in the next).
 struct Pool {
   std::mutex m;
   std::condition_variable wake, done;
@@ -266,6 +270,7 @@ struct Pool {
   size_t n = 0;
   std::atomic<size_t> next{0};
   size_t active = 0;
+  bool open = false;
   uint64_t generation = 0;
 
   Pool() {
@@ -273,7 +278,9 @@ struct Pool {
     for (size_t i = 1; i < k; ++i) threads.emplace_back([this] { work(); });
     for (auto& t : threads) t.detach();
   }
-  void drain() {
+  // The job is read once, under the lock, while the run is open; it cannot change until this
+  // worker is done, because the run waits for every worker that joined it.
+  static void drain(std::atomic<size_t>& next, size_t n, void (*f)(size_t, void*), void* arg) {
     for (size_t i; (i = next.fetch_add(1)) < n;) f(i, arg);
   }
   void work() {
@@ -282,9 +289,13 @@ struct Pool {
       std::unique_lock<std::mutex> g(m);
       wake.wait(g, [&] { return generation != seen; });
       seen = generation;
+      if (!open) continue;
       ++active;
+      void (*fn)(size_t, void*) = f;
+      void* a = arg;
+      size_t count = n;
       g.unlock();
-      drain();
+      drain(next, count, fn, a);
       g.lock();
       if (--active == 0) done.notify_all();
     }
@@ -299,11 +310,13 @@ struct Pool {
     arg = a;
     n = count;
     next = 0;
+    open = true;
     ++generation;
     wake.notify_all();
     g.unlock();
-    drain();
+    drain(next, count, fn, a);
     g.lock();
+    open = false;
     done.wait(g, [&] { return active == 0; });
   }
 };
