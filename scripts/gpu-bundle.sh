@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds everything the GPU checks need into one folder that runs on a GPU host with no Rust
 # toolchain and no network: the test binaries, the criterion bench binary, the `barlow` CLI, the
-# PyTorch reference scripts, CIFAR-10 when available, and run.sh (see scripts/gpu-run.sh).
+# PyTorch reference scripts, the Python extension with its CUDA tests, CIFAR-10 when available,
+# and run.sh (see scripts/gpu-run.sh).
 #
 #   scripts/gpu-bundle.sh [OUT_DIR]      default: target/gpu-bundle
 #   then, on the GPU host:  bash OUT_DIR/run.sh [REPORT_DIR]
@@ -49,8 +50,17 @@ for line in open(src):
     seen.add(dest)
     shutil.copy2(m["executable"], dest)
 PY
+# The Python extension (python/), built as a plain extension module (no maturin needed), beside
+# its package source, its CUDA tests and their reference code.
+echo "gpu-bundle: building the Python extension" >&2
+(cd python && PYO3_BUILD_EXTENSION_MODULE=1 PYO3_PYTHON=${PYO3_PYTHON:-python3} \
+  CARGO_TARGET_DIR=../target/python cargo build --release --locked)
 cp target/release/barlow "$out/barlow"
 cp benches/pytorch/*.py "$out/pytorch/"
+mkdir -p "$out/python/barlow" "$out/python/tests"
+cp python/barlow/__init__.py "$out/python/barlow/"
+cp target/python/release/lib_native.so "$out/python/barlow/_native.abi3.so"
+cp python/tests/test_cuda.py python/tests/reference.py python/tests/native_cuda.py "$out/python/tests/"
 cp scripts/gpu-run.sh "$out/run.sh"
 # CIFAR-10 for the short GPU training run, when a copy is at hand (BARLOW_CIFAR10_TGZ, or the
 # data folder beside the checkout).

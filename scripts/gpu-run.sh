@@ -8,6 +8,7 @@
 #   bash run.sh [REPORT_DIR]
 #   env: BENCH_ARGS   extra arguments for `barlow bench loss` (e.g. "--n 2048 --d 8192")
 #        PT_COMPILE_N / PT_COMPILE_D   the (smaller) grid timed under torch.compile
+#        EXT_N / EXT_D   the grid of the Python extension against the official loss
 #        ONLY=tests,sanitizer,loss,train   the sections to run (default: all of them)
 #        TRAIN_BENCH_ARGS   extra arguments for `barlow bench train`
 #        PT_TRAIN_MODE=eager|compile|both   the PyTorch training-step modes (default both)
@@ -106,6 +107,26 @@ for t in "$bin"/tests/*; do
   fi
 done
 grep -h '^CIFAR-10 GPU run' "$report"/test-*.log 2>/dev/null | tee -a "$summary"
+# The Python extension: its CUDA entry point through the driver API (no PyTorch needed), then on
+# PyTorch's CUDA tensors (python/tests/test_cuda.py, run as a script).
+if PYTHONPATH="$here/python/barlow" python3 "$here/python/tests/native_cuda.py" \
+    >"$report/test-python-native.log" 2>&1; then
+  note "PASS  python extension, driver API  ($(tail -n 1 "$report/test-python-native.log"))"
+else
+  fail "python extension, driver API (see test-python-native.log)"
+  tail -n 30 "$report/test-python-native.log"
+fi
+if python3 -c 'import torch; assert torch.cuda.is_available()' >/dev/null 2>&1; then
+  if PYTHONPATH="$here/python${PYTHONPATH:+:$PYTHONPATH}" BARLOW_REQUIRE_GPU=1 \
+      python3 "$here/python/tests/test_cuda.py" >"$report/test-python-cuda.log" 2>&1; then
+    note "PASS  python extension  ($(tail -n 1 "$report/test-python-cuda.log"))"
+  else
+    fail "python extension (see test-python-cuda.log)"
+    tail -n 30 "$report/test-python-cuda.log"
+  fi
+else
+  note "PyTorch with CUDA not importable: the Python extension's CUDA tests not run"
+fi
 fi
 
 if want sanitizer; then
@@ -174,6 +195,19 @@ if want loss; then
   else
     fail "barlow bench loss --path direct,gram (see gram.log)"
     tail -n 20 "$report/gram.log"
+  fi
+  # The Python extension against the official loss code (eager and torch.compile), in one process.
+  if python3 -c 'import torch; assert torch.cuda.is_available()' >/dev/null 2>&1; then
+    note ""
+    note "== Python extension vs the official loss (same process)"
+    if PYTHONPATH="$here/python${PYTHONPATH:+:$PYTHONPATH}" python3 "$here/pytorch/extension.py" \
+        --device cuda --n "${EXT_N:-2048}" --d "${EXT_D:-2048,8192}" \
+        --out "$report/extension.jsonl" 2>"$report/extension.log"; then
+      grep -A 100 '^ *N  *D  *math' "$report/extension.log" | tee -a "$summary"
+    else
+      fail "extension benchmark (see extension.log)"
+      tail -n 20 "$report/extension.log"
+    fi
   fi
   if [ "${RUN_CRITERION:-0}" = 1 ]; then
     "$bin/benches/loss" --bench >"$report/criterion.log" 2>&1 || fail "criterion benches"

@@ -28,6 +28,17 @@ trap 'rm -rf "$work"' EXIT
 cargo test --release --no-run --test gpu_loss --test gpu_train --test gpu_nccl || exit 1
 cargo build --release --bin barlow || exit 1
 cargo bench --no-run --bench loss || exit 1
+# The Python extension's own tests (a PyO3 crate's test binary links libpython).
+pytarget=$PWD/target/python
+pyglue=$(cd python && PYO3_PYTHON=${PYO3_PYTHON:-python3} CARGO_TARGET_DIR=$pytarget \
+  cargo test --release --locked --no-run 2>&1 | tee /dev/stderr \
+  | sed -n 's/^ *Executable unittests src\/lib.rs (\(.*\))$/\1/p')
+pyglue=$(cd python && realpath "$pyglue")
+# ...and the module itself, importable without PyTorch (no libpython link, as maturin builds it).
+(cd python && PYO3_BUILD_EXTENSION_MODULE=1 PYO3_PYTHON=${PYO3_PYTHON:-python3} \
+  CARGO_TARGET_DIR=$pytarget cargo build --release --locked) || exit 1
+mkdir -p "$work/pymod" && cp "$pytarget/release/lib_native.so" "$work/pymod/_native.abi3.so"
+[ -x "$pyglue" ] || { echo "test-vgpu: building the Python extension's tests failed"; exit 1; }
 selftest=$work/selftest
 c++ -std=c++20 -O1 -g -I .cuda/nvidia/cu13/include -o "$selftest" tests/vgpu/selftest.cpp \
   -L "$lib" -lvgpu -Wl,-rpath,"$lib" -pthread || exit 1
@@ -63,6 +74,22 @@ run_tests() {
 }
 run_tests "cudnnFind" --test gpu_loss --test gpu_train --test gpu_nccl
 BARLOW_CUDNN_FIND=0 run_tests "heuristics" --test gpu_train
+
+# The Python extension's CUDA glue (python/src/device.rs) with a stream of the test's own standing
+# in for PyTorch's: each call forks from it and joins back, which the device checks.
+if "$pyglue" --nocapture >"$work/py.log" 2>&1 && grep -q '^test result: ok. 2 passed' "$work/py.log"; then
+  pass "Python extension: CUDA tensors through PyTorch's stream (2 tests)"
+else
+  fail "Python extension's device tests"; tail -n 20 "$work/py.log"
+fi
+# The module's CUDA entry point called from Python, on buffers and a stream made through the
+# driver API (python/tests/native_cuda.py; no PyTorch, whose CUDA runtime the device cannot host).
+if PYTHONPATH=$work/pymod ${PYO3_PYTHON:-python3} python/tests/native_cuda.py >"$work/pyn.log" 2>&1 \
+  && grep -q '^native cuda: 4 cases and 2 errors passed' "$work/pyn.log"; then
+  pass "Python extension: the CUDA entry point from Python (f32, bf16, f16, errors)"
+else
+  fail "Python extension's CUDA entry point"; tail -n 20 "$work/pyn.log"
+fi
 
 if cargo bench --bench loss -- --test loss_cuda >"$work/bench.log" 2>&1 && grep -q 'loss_cuda on the virtual CUDA device' "$work/bench.log"; then
   pass "criterion CUDA groups (tiny shape)"

@@ -12,6 +12,7 @@ Prints one JSON line per measurement, in the row format `barlow bench loss --wit
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -43,6 +44,36 @@ def inputs(torch, n, d, device, seed):
     z1 = shift + scale * torch.randn(n, d, generator=g)
     z2 = 0.8 * z1 + 0.5 * torch.randn(n, d, generator=g) + 0.1
     return (z1.to(device).requires_grad_(True), z2.to(device).requires_grad_(True))
+
+
+def timed(torch, args, step):
+    """Runs `step` args.warmup times, then args.repeats timed times (CUDA events on a GPU);
+    returns {"median_ms", "min_ms", "peak_bytes"} (peak on a GPU only)."""
+    cuda = args.device == "cuda"
+    for _ in range(args.warmup):
+        step()
+    peak = None
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = int(torch.cuda.max_memory_allocated())
+    times = []
+    for _ in range(args.repeats):
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "peak_bytes": peak}
 
 
 def measure(torch, args, n, d, math, compiled):
@@ -80,30 +111,7 @@ def measure(torch, args, n, d, math, compiled):
             loss.backward()
             return loss
 
-        for _ in range(args.warmup):
-            step()
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            row["peak_bytes"] = int(torch.cuda.max_memory_allocated())
-        times = []
-        for _ in range(args.repeats):
-            if cuda:
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - t) * 1e3)
-        row["median_ms"] = statistics.median(times)
-        row["min_ms"] = min(times)
+        row.update(timed(torch, args, step))
     except torch.cuda.OutOfMemoryError:
         row["status"] = "oom"
     except RuntimeError as e:  # CPU allocators report exhaustion as RuntimeError
@@ -114,12 +122,13 @@ def measure(torch, args, n, d, math, compiled):
     return row
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(doc, n, d):
+    """The options loss.py and extension.py share, with default grids `n` and `d`."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    p.add_argument("--n", default="256,512,1024,2048,4096")
-    p.add_argument("--d", default="1024,2048,4096,8192,16384")
-    p.add_argument("--math", default="f32,tf32,bf16")
+    p.add_argument("--n", default=n)
+    p.add_argument("--d", default=d)
+    p.add_argument("--math", default="f32,tf32,bf16", help="on a GPU; the CPU runs f32")
     p.add_argument("--modes", default="eager,compile", help="eager, compile or both")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
@@ -127,7 +136,27 @@ def main():
     p.add_argument("--lambd", type=float, default=0.0051)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="-", help="JSON-lines output file ('-': stdout)")
-    args = p.parse_args()
+    return p
+
+
+class Rows:
+    """JSON lines to stdout, or to a file written whole (temporary file, then renamed)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.file = sys.stdout if path == "-" else open(path + ".tmp", "w")
+
+    def write(self, row):
+        print(json.dumps(row), file=self.file, flush=True)
+
+    def close(self):
+        if self.file is not sys.stdout:
+            self.file.close()
+            os.replace(self.path + ".tmp", self.path)
+
+
+def main():
+    args = parser(__doc__, "256,512,1024,2048,4096", "1024,2048,4096,8192,16384").parse_args()
 
     import torch
 
@@ -136,21 +165,17 @@ def main():
         return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    out = sys.stdout if args.out == "-" else open(args.out + ".tmp", "w")
+    out = Rows(args.out)
     maths = args.math.split(",") if args.device == "cuda" else ["f32"]
     for n in map(int, args.n.split(",")):
         for d in map(int, args.d.split(",")):
             for math in maths:
                 for mode in args.modes.split(","):
                     row = measure(torch, args, n, d, math, mode == "compile")
-                    print(json.dumps(row), file=out, flush=True)
+                    out.write(row)
                     print(f"pytorch {mode} N={n} D={d} {math}: {row['median_ms']} ms {row['status']}",
                           file=sys.stderr)
-    if out is not sys.stdout:
-        out.close()
-        import os
-
-        os.replace(args.out + ".tmp", args.out)
+    out.close()
     return 0
 
 

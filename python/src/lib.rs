@@ -2,8 +2,12 @@
 //! over as data pointers by the Python wrapper (`barlow/__init__.py`), which checks dtype, device,
 //! shape and contiguity before calling and keeps the tensors alive across the call.
 
+mod device;
+
 use barlow::cpu::reference;
 use barlow::{BarlowTwinsLoss, Dims, Error, LossConfig, LossPath, Math};
+use device::{Call, Devices};
+use half::{bf16, f16};
 use pyo3::exceptions::{PyFloatingPointError, PyMemoryError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -32,10 +36,13 @@ fn elements(n: usize, d: usize) -> PyResult<usize> {
         .ok_or_else(|| PyValueError::new_err("N×D overflows"))
 }
 
-/// A loss configuration and its workspaces (one per process object; calls take turns).
+/// A loss configuration and its workspaces (one on the host, one per CUDA device; calls take
+/// turns).
 #[pyclass(frozen)]
 struct Loss {
     inner: BarlowTwinsLoss,
+    config: LossConfig,
+    devices: Devices,
     lambda: f64,
     eps: f64,
 }
@@ -74,6 +81,8 @@ impl Loss {
             .path(path);
         Ok(Self {
             inner: BarlowTwinsLoss::new(config).map_err(to_py)?,
+            config,
+            devices: Devices::default(),
             lambda: f64::from(lambd),
             eps: f64::from(eps),
         })
@@ -161,6 +170,61 @@ impl Loss {
                 }
             }
             Ok((r.total, r.on_diag, r.off_diag))
+        })
+    }
+
+    /// Queues the loss of two contiguous N×D CUDA buffers of `dtype` ("float32", "bfloat16",
+    /// "float16") on device `ordinal` after the work on PyTorch's stream `stream`, writing
+    /// [total, on-diagonal, off-diagonal, non-finite flag] (the first `out_len`, f32) to `out`
+    /// and, with `dza` and `dzb`, dL/dZ there; PyTorch's later work on `stream` is ordered after
+    /// it. Returns without waiting for the device.
+    #[pyo3(signature = (dtype, ordinal, stream, za, zb, n, d, out, out_len, dza=None, dzb=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn cuda(
+        &self,
+        py: Python<'_>,
+        dtype: &str,
+        ordinal: usize,
+        stream: u64,
+        za: u64,
+        zb: u64,
+        n: usize,
+        d: usize,
+        out: u64,
+        out_len: usize,
+        dza: Option<u64>,
+        dzb: Option<u64>,
+    ) -> PyResult<()> {
+        elements(n, d)?;
+        let call = Call {
+            ordinal,
+            stream,
+            za,
+            zb,
+            dims: Dims::new(n, d),
+            out,
+            out_len,
+            grads: dza.zip(dzb),
+        };
+        py.detach(|| {
+            // SAFETY: the wrapper passes data pointers of live, contiguous CUDA tensors of device
+            // `ordinal` with the sizes and dtype given (it checks dtype, device, shape and
+            // contiguity), fresh tensors for `out` and the gradients, and PyTorch's current
+            // stream of that device, which PyTorch keeps alive; the tensors are used on that
+            // stream, so PyTorch's caching allocator reuses their memory only after this work.
+            unsafe {
+                match dtype {
+                    "float32" => self.devices.run::<f32>(&self.config, &call),
+                    "bfloat16" => self.devices.run::<bf16>(&self.config, &call),
+                    "float16" => self.devices.run::<f16>(&self.config, &call),
+                    other => {
+                        return Err(PyValueError::new_err(format!(
+                            "CUDA tensors must be float32, bfloat16 or float16, not {other}"
+                        )))
+                    }
+                }
+            }
+            .map_err(to_py)
         })
     }
 }
