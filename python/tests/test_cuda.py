@@ -41,12 +41,12 @@ CASES = [
 
 
 def on_device(z, dtype):
-    return z.to(DEV, dtype).requires_grad_()
+    return z.detach().to(DEV, dtype).requires_grad_()
 
 
 def truth(z1, z2):
     """The official loss and its gradients, run in float64 on the device."""
-    a, b = z1.to(DEV).requires_grad_(), z2.to(DEV).requires_grad_()
+    a, b = z1.detach().to(DEV).requires_grad_(), z2.detach().to(DEV).requires_grad_()
     want, on, off = official(a, b)
     ga, gb = torch.autograd.grad(want, [a, b])
     r, _, _ = reference(a.detach(), b.detach())
@@ -67,7 +67,7 @@ def check(n, d, kw, dtype, tol, **config):
     on, off = loss_fn.last_terms
     assert abs(got.item() - want.item()) <= tol * abs(want.item()), (got.item(), want.item())
     assert abs(on.item() - want_on.item()) <= tol * abs(want.item())
-    assert abs(off.item() - 0.0051 * want_off.item()) <= tol * abs(want.item())
+    assert abs(off.item() - want_off.item()) <= tol * abs(want.item())
     assert loss_fn.last_non_finite.item() == 0.0
     assert a.grad.dtype == dtype and b.grad.dtype == dtype
     assert rel(a.grad, g1) <= tol, rel(a.grad, g1)

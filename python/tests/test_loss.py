@@ -37,7 +37,12 @@ def test_value_and_gradients_match_the_official_loss_and_float64(n, d, kw):
     on, off = loss_fn.last_terms
     assert abs(on.item() - want_on.item()) <= 1e-5 * abs(want.item())
     assert abs(off.item() - want_off.item()) <= 1e-5 * abs(want.item())
+    assert loss_fn.last_non_finite.item() == 0.0
     assert rel(a.grad, g1) <= 1e-5 and rel(b.grad, g2) <= 1e-5
+    # The terms alone, without gradients, are the same.
+    t_on, t_off = loss_fn.terms(a, b)
+    assert abs(t_on.item() - on.item()) <= 1e-6 * abs(want.item())
+    assert abs(t_off.item() - off.item()) <= 1e-6 * abs(want.item())
 
     # The official f32 code, on the same inputs, lands as close to the float64 truth.
     oa = z1.float().requires_grad_()
