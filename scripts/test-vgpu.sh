@@ -30,9 +30,10 @@ cargo build --release --bin barlow || exit 1
 cargo bench --no-run --bench loss || exit 1
 # The Python extension's own tests (a PyO3 crate's test binary links libpython).
 pytarget=$PWD/target/python
-pyglue=$(cd python && PYO3_PYTHON=${PYO3_PYTHON:-python3} CARGO_TARGET_DIR=$pytarget \
-  cargo test --release --locked --no-run 2>&1 | tee /dev/stderr \
-  | sed -n 's/^ *Executable unittests src\/lib.rs (\(.*\))$/\1/p')
+(cd python && PYO3_PYTHON=${PYO3_PYTHON:-python3} CARGO_TARGET_DIR=$pytarget \
+  cargo test --release --locked --no-run) >"$work/pybuild.log" 2>&1
+cat "$work/pybuild.log"
+pyglue=$(sed -n 's/^ *Executable unittests src\/lib.rs (\(.*\))$/\1/p' "$work/pybuild.log")
 pyglue=$(cd python && realpath "$pyglue")
 # ...and the module itself, importable without PyTorch (no libpython link, as maturin builds it).
 (cd python && PYO3_BUILD_EXTENSION_MODULE=1 PYO3_PYTHON=${PYO3_PYTHON:-python3} \
