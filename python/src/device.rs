@@ -162,12 +162,19 @@ impl Devices {
     pub unsafe fn run<T: Element>(&self, config: &LossConfig, call: &Call) -> Result<()> {
         barlow::cuda::check_available()?;
         let mut slots = lock(&self.slots);
-        if slots.len() <= call.ordinal {
-            slots.resize_with(call.ordinal + 1, || None);
+        if slots.get(call.ordinal).is_none_or(Option::is_none) {
+            // Made first: it checks that the device exists before the table grows to it.
+            let on = OnDevice::new(call.ordinal, *config)?;
+            if slots.len() <= call.ordinal {
+                slots.resize_with(call.ordinal + 1, || None);
+            }
+            slots[call.ordinal] = Some(on);
         }
-        let on = match &mut slots[call.ordinal] {
-            Some(on) => on,
-            empty => empty.insert(OnDevice::new(call.ordinal, *config)?),
+        let Some(Some(on)) = slots.get_mut(call.ordinal) else {
+            return Err(Error::NoDevice(format!(
+                "device {} was not opened",
+                call.ordinal
+            )));
         };
         let ctx = on.stream.context();
         ctx.bind_to_thread()
@@ -392,8 +399,10 @@ mod tests {
             Err(Error::BufferTooSmall { .. })
         ));
         let mut far = call(4, 4);
-        far.ordinal = 99;
-        assert!(matches!(run(&far), Err(Error::NoDevice(_))));
+        for ordinal in [99, usize::MAX] {
+            far.ordinal = ordinal;
+            assert!(matches!(run(&far), Err(Error::NoDevice(_))));
+        }
         stream.synchronize().unwrap();
     }
 }
