@@ -62,30 +62,26 @@ pub enum Error {
         /// The loss that came out (NaN or ±infinity).
         total: f64,
     },
-    /// The run was asked to stop (Ctrl-C in the CLI).
-    #[error(
-        "interrupted after step {step}; the checkpoint of the last finished epoch is kept \
-         (continue with --resume)"
-    )]
+    /// The run was asked to stop (Ctrl-C or SIGTERM in the CLI).
+    #[error("interrupted after step {step}; {}", interrupted_note(.kept))]
     Interrupted {
         /// The last step that finished.
         step: usize,
+        /// Whether a checkpoint of an earlier epoch exists to resume from.
+        kept: bool,
     },
-    /// Training diverged: the loss stopped being a finite number.
-    #[error(
-        "training diverged at step {step}: the loss became {loss}; lower the base learning rates \
-         (--lr-weights {lr_weights}, --lr-biases {lr_biases}) or warm up longer \
-         (--warmup-epochs); the checkpoint of the last finished epoch is kept"
-    )]
+    /// Training or an evaluation diverged: a loss, a weight, a feature or a logit stopped being
+    /// a finite number. No accuracy or checkpoint comes from such values.
+    #[error("{what} diverged at {at}: {value}; {advice}")]
     Diverged {
-        /// The step whose loss was not finite.
-        step: usize,
-        /// That loss.
-        loss: f64,
-        /// The base learning rate of the weights.
-        lr_weights: f32,
-        /// The base learning rate of biases and norm parameters.
-        lr_biases: f32,
+        /// What diverged: `training`, `the linear probe`, `evaluation`.
+        what: String,
+        /// Where: `step 12`, `the end of epoch 2`, `probe epoch 3`.
+        at: String,
+        /// The value that stopped being finite, e.g. `the loss became NaN`.
+        value: String,
+        /// What to lower, and what was kept.
+        advice: String,
     },
     /// A buffer could not be allocated on the host.
     #[error("out of memory while {during} ({bytes} bytes); use a smaller N or D, or the Gram path for large D")]
@@ -107,7 +103,10 @@ pub enum Error {
     #[error("built without CUDA kernels: install nvcc (scripts/install-nvcc.sh) and rebuild")]
     NoKernels,
     /// libcuda (the NVIDIA driver) could not be loaded.
-    #[error("no CUDA driver: libcuda could not be loaded (is an NVIDIA driver installed?)")]
+    #[error(
+        "no CUDA driver: libcuda could not be loaded, lacks the driver's entry points, or failed \
+         to initialise (is an NVIDIA driver installed?)"
+    )]
     NoCudaDriver,
     /// libcublas could not be loaded.
     #[error("cuBLAS not found: libcublas could not be loaded (install the CUDA toolkit or put its lib folder on LD_LIBRARY_PATH)")]
@@ -179,6 +178,15 @@ pub enum Error {
         /// What went wrong.
         message: String,
     },
+}
+
+fn interrupted_note(kept: &bool) -> &'static str {
+    if *kept {
+        "the checkpoint of the last finished epoch is kept (continue with --resume)"
+    } else {
+        "no epoch had finished, so there is no checkpoint to resume from, and the run's files \
+         were removed"
+    }
 }
 
 /// Shorthand for `Result<T, barlow::Error>`.

@@ -30,12 +30,88 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
-/// Memory the system can give this process now (`MemAvailable` on Linux), if known.
+/// Memory the system can give this process now, if known: the least of the machine's
+/// `MemAvailable`, what the cgroup's `memory.max` leaves (containers), and what the
+/// address-space limit (`ulimit -v`) leaves of this process's address space.
 pub fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib.saturating_mul(1024))
+    let field = |text: &str, key: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..].split_whitespace().next()?.parse().ok()
+    };
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let mut free = field(&meminfo, "MemAvailable:")?.saturating_mul(1024);
+    let read_u64 =
+        |p: &str| -> Option<u64> { std::fs::read_to_string(p).ok()?.trim().parse().ok() };
+    if let (Some(max), Some(used)) = (
+        read_u64("/sys/fs/cgroup/memory.max"),
+        read_u64("/sys/fs/cgroup/memory.current"),
+    ) {
+        free = free.min(max.saturating_sub(used));
+    }
+    if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
+        // "Max address space   <soft>   <hard>   bytes"
+        let soft = field(&limits, "Max address space");
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        if let (Some(limit), Some(size_kib)) = (soft, field(&status, "VmSize:")) {
+            free = free.min(limit.saturating_sub(size_kib.saturating_mul(1024)));
+        }
+    }
+    Some(free)
+}
+
+/// Serde for paths that may not be UTF-8: a string when they are, else `{"unix": [bytes]}`.
+#[cfg(feature = "train")]
+pub mod os_path {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::path::{Path, PathBuf};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Text(String),
+        Bytes { unix: Vec<u8> },
+    }
+
+    /// Writes `p`.
+    pub fn serialize<S: Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
+        match p.to_str() {
+            Some(t) => Repr::Text(t.to_string()),
+            None => Repr::Bytes {
+                unix: bytes_of(p).map_err(serde::ser::Error::custom)?,
+            },
+        }
+        .serialize(s)
+    }
+
+    /// Reads a path written by [`serialize`].
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+        match Repr::deserialize(d)? {
+            Repr::Text(t) => Ok(PathBuf::from(t)),
+            Repr::Bytes { unix } => from_bytes(unix).map_err(serde::de::Error::custom),
+        }
+    }
+
+    #[cfg(unix)]
+    fn bytes_of(p: &Path) -> Result<Vec<u8>, &'static str> {
+        use std::os::unix::ffi::OsStrExt;
+        Ok(p.as_os_str().as_bytes().to_vec())
+    }
+
+    #[cfg(not(unix))]
+    fn bytes_of(_: &Path) -> Result<Vec<u8>, &'static str> {
+        Err("a path that is not valid Unicode cannot be saved on this system")
+    }
+
+    #[cfg(unix)]
+    fn from_bytes(b: Vec<u8>) -> Result<PathBuf, &'static str> {
+        use std::os::unix::ffi::OsStringExt;
+        Ok(PathBuf::from(std::ffi::OsString::from_vec(b)))
+    }
+
+    #[cfg(not(unix))]
+    fn from_bytes(_: Vec<u8>) -> Result<PathBuf, &'static str> {
+        Err("a path saved as Unix bytes cannot be used on this system")
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,8 @@ mod progress;
 mod train;
 
 use bench::BenchCommand;
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use eval::EvalCommand;
 use std::process::ExitCode;
 use train::TrainArgs;
@@ -55,25 +56,63 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let command = Cli::command();
+    let matches = command.clone().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The options typed on the command line (not defaults), for those that may not be combined.
+    let given: Vec<String> = matches
+        .subcommand()
+        .and_then(|(name, m)| {
+            let sub = command.find_subcommand(name)?;
+            Some(
+                sub.get_arguments()
+                    .map(|a| a.get_id().as_str())
+                    .filter(|id| m.value_source(id) == Some(ValueSource::CommandLine))
+                    .map(str::to_string)
+                    .collect(),
+            )
+        })
+        .unwrap_or_default();
     env::install_logger();
-    progress::install_interrupt_handler();
-    let result = match cli.command {
+    let result: Result<(), Failure> = match cli.command {
         Command::Info => {
             info::info();
             Ok(())
         }
-        Command::Train(args) => train::train(*args),
-        Command::Eval(EvalCommand::Knn(args)) => eval::eval_knn(args),
-        Command::Eval(EvalCommand::Linear(args)) => eval::eval_linear(args),
+        Command::Train(args) => {
+            // Only a run stops gracefully (after its step, keeping its checkpoint); elsewhere
+            // Ctrl-C ends the process at once.
+            progress::install_interrupt_handler();
+            train::train(*args, &given)
+        }
+        Command::Eval(EvalCommand::Knn(args)) => eval::eval_knn(args).map_err(Failure::Run),
+        Command::Eval(EvalCommand::Linear(args)) => eval::eval_linear(args).map_err(Failure::Run),
         Command::Bench(BenchCommand::Loss(args)) => bench::bench_loss(args),
         Command::Bench(BenchCommand::Train(args)) => bench::bench_train(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Err(Failure::Usage(e)) => {
+            eprintln!("barlow: {e}");
+            // As for options refused while parsing.
+            ExitCode::from(2)
+        }
+        Err(Failure::Run(e)) => {
             eprintln!("barlow: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Why a command failed: options that cannot go together (exit status 2, like an option refused
+/// while parsing), or the work itself (exit status 1).
+pub(crate) enum Failure {
+    Usage(String),
+    Run(String),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Self {
+        Failure::Run(e)
     }
 }

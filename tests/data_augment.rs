@@ -477,3 +477,184 @@ fn resizing_bytes_gives_the_values_of_resizing_their_floats() {
         assert!(a.iter().any(|&v| v > 0.0 && v < 1.0));
     }
 }
+
+fn png(path: &std::path::Path, w: u32, h: u32, shade: u8) {
+    image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8 * 7, y as u8 * 5, shade]))
+        .save(path)
+        .unwrap();
+}
+
+/// Runs `f` on another thread, failing if it has not returned within `secs`.
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .expect("did not return in time (blocked on a file?)")
+}
+
+#[test]
+#[cfg(unix)]
+fn only_regular_files_are_opened_and_hidden_folders_are_ignored() {
+    let dir = tmpdir("fifo");
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(dir.join("train").join(class)).unwrap();
+        std::fs::create_dir_all(dir.join("test").join(class)).unwrap();
+        for k in 0..3 {
+            png(
+                &dir.join("train").join(class).join(format!("{k}.png")),
+                6,
+                5,
+                k,
+            );
+            png(
+                &dir.join("test").join(class).join(format!("{k}.png")),
+                6,
+                5,
+                k,
+            );
+        }
+    }
+    // A named pipe with an image's name: opening it would wait for a writer forever.
+    let fifo = dir.join("train/a/pipe.png");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    // An empty hidden folder beside the classes (left by a notebook) and a hidden file.
+    std::fs::create_dir_all(dir.join("test/.ipynb_checkpoints")).unwrap();
+    std::fs::write(dir.join("train/b/._0.png"), b"resource fork").unwrap();
+    let d = dir.clone();
+    let s = within(60, move || data::open(&d, data::DEFAULT_IMAGE_MEMORY)).unwrap();
+    assert_eq!((s.train.len(), s.test.len()), (6, 6));
+    assert_eq!(s.train.skipped, 1, "the pipe is counted as skipped");
+    assert_eq!(s.test.classes, vec!["a", "b"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+#[cfg(unix)]
+fn names_that_are_not_utf8_are_kept_as_the_os_gives_them() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tmpdir("utf8");
+    let root = dir.join(std::ffi::OsStr::from_bytes(b"data-\xff"));
+    let class = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    for split in ["train", "test"] {
+        for c in [class, std::ffi::OsStr::new("plain")] {
+            let d = root.join(split).join(c);
+            std::fs::create_dir_all(&d).unwrap();
+            for k in 0..2 {
+                png(&d.join(format!("{k}.png")), 4, 4, k);
+            }
+        }
+    }
+    let s = data::open(&root, data::DEFAULT_IMAGE_MEMORY).unwrap();
+    assert_eq!((s.train.len(), s.test.len()), (4, 4));
+    assert_eq!(s.train.skipped, 0);
+    assert_eq!(s.train.classes, vec!["caf\u{fffd}", "plain"]);
+    // The path survives a run's saved configuration.
+    let cfg = barlow::train::run::TrainConfig::default().data(root.clone());
+    let json = serde_json::to_string(&cfg).unwrap();
+    let back: barlow::train::run::TrainConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.data, root);
+    // The command line takes such a path too, and names it when it does not exist.
+    let missing = dir.join(std::ffi::OsStr::from_bytes(b"gone-\xfe"));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_barlow"))
+        .args(["train", "--device", "cpu", "--data"])
+        .arg(&missing)
+        .arg("--out")
+        .arg(dir.join("run"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no such file or folder"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn unusable_layouts_say_which_are_accepted() {
+    let dir = tmpdir("layouts");
+    // train/ of classes without test/ or val/.
+    std::fs::create_dir_all(dir.join("train/a")).unwrap();
+    png(&dir.join("train/a/0.png"), 4, 4, 0);
+    let e = data::open(&dir, data::DEFAULT_IMAGE_MEMORY).unwrap_err();
+    assert!(e.to_string().contains("no test/ or val/"), "{e}");
+    assert!(e.to_string().contains("accepted layouts"), "{e}");
+    // One folder of classes with fewer than ten images: no test split can be held out.
+    let few = tmpdir("few");
+    std::fs::create_dir_all(few.join("a")).unwrap();
+    for k in 0..9 {
+        png(&few.join(format!("a/{k}.png")), 4, 4, k);
+    }
+    let e = data::open(&few, data::DEFAULT_IMAGE_MEMORY).unwrap_err();
+    assert!(e.to_string().contains("too few"), "{e}");
+    // An empty folder.
+    let empty = tmpdir("layouts-empty");
+    let e = data::open(&empty, data::DEFAULT_IMAGE_MEMORY).unwrap_err();
+    assert!(e.to_string().contains("accepted layouts"), "{e}");
+    for d in [dir, few, empty] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn max_train_limits_what_is_read_and_the_crop_follows_the_common_size() {
+    let dir = tmpdir("max-train");
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(dir.join("test").join(class)).unwrap();
+        png(&dir.join("test").join(class).join("0.png"), 8, 8, 0);
+        std::fs::create_dir_all(dir.join("train").join(class)).unwrap();
+    }
+    // 40 training files, of which --max-train 4 keeps every 10th (0, 10, 20, 30): the others
+    // are not images at all, so reading any of them would count as skipped.
+    for i in 0..40 {
+        let p = dir
+            .join("train")
+            .join(if i < 20 { "a" } else { "b" })
+            .join(format!("{i:02}.png"));
+        if i % 10 == 0 {
+            // The first file alphabetically is an odd size; the rest share 8×8.
+            let side = if i == 0 { 30 } else { 8 };
+            png(&p, side, side, i as u8);
+        } else {
+            std::fs::write(&p, b"not decoded").unwrap();
+        }
+    }
+    let s = data::open_with(&dir, data::DEFAULT_IMAGE_MEMORY, 4).unwrap();
+    assert_eq!((s.train.len(), s.train.skipped), (4, 0));
+    assert_eq!(s.train.labels, vec![0, 0, 1, 1]);
+    assert_eq!(AugmentConfig::for_dataset(&s.train, None).size, 8);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn idx_files_of_several_gzip_members_are_read_and_errors_name_the_file() {
+    use std::io::Write;
+    let dir = tmpdir("idx-members");
+    let gz = |bytes: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let images = idx(3, &[4, 2, 2], &(0..16).collect::<Vec<u8>>());
+    let labels = idx(1, &[4], &[0, 1, 2, 1]);
+    // Two members end to end, split mid-payload, as `cat a.gz b.gz` makes them.
+    let mut two = gz(&images[..10]);
+    two.extend(gz(&images[10..]));
+    for split in ["train", "t10k"] {
+        std::fs::write(dir.join(format!("{split}-images-idx3-ubyte.gz")), &two).unwrap();
+        std::fs::write(
+            dir.join(format!("{split}-labels-idx1-ubyte.gz")),
+            gz(&labels),
+        )
+        .unwrap();
+    }
+    let s = data::open(&dir, data::DEFAULT_IMAGE_MEMORY).unwrap();
+    assert_eq!(s.train.len(), 4);
+    assert_eq!(s.train.image(3).data, vec![12, 13, 14, 15]);
+    // A truncated labels file is named in the message.
+    std::fs::write(dir.join("t10k-labels-idx1-ubyte.gz"), gz(&labels[..9])).unwrap();
+    let e = data::open(&dir, data::DEFAULT_IMAGE_MEMORY).unwrap_err();
+    assert!(e.to_string().contains("t10k-labels-idx1-ubyte.gz"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

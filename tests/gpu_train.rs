@@ -1159,7 +1159,7 @@ fn short_run_trains_on_the_device() {
         return;
     };
     let cfg = TrainConfig::default()
-        .data(data.to_string_lossy().into_owned())
+        .data(data.to_path_buf())
         .arch(Arch::Resnet18)
         .stem(Some(Stem::Small))
         .width(32)

@@ -158,7 +158,7 @@ fn two_cpu_ranks_take_the_steps_of_one_rank_and_resume_exactly() {
         &tiny(),
         &Ranks::CpuThreads(2),
         &split,
-        Some(&ckpt),
+        Some(&run::Resume::new(&ckpt).epochs(Some(2))),
         &mut Quiet,
     )
     .unwrap();
@@ -183,7 +183,13 @@ fn two_cpu_ranks_take_the_steps_of_one_rank_and_resume_exactly() {
     .unwrap();
     let ckpt = again.join("checkpoint.safetensors");
     let mut said = Said::default();
-    let r = run::train(&tiny(), &again, Some(&ckpt), &mut said).unwrap();
+    let r = run::train(
+        &tiny(),
+        &again,
+        Some(&run::Resume::new(&ckpt).epochs(Some(2))),
+        &mut said,
+    )
+    .unwrap();
     assert!(
         said.0.iter().any(|m| m.contains("written by 2 rank(s)")),
         "{:?}",

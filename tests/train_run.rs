@@ -70,7 +70,13 @@ fn a_resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     let first = tiny().epochs(1);
     run::train(&first, &split, None, &mut Quiet).unwrap();
     let ckpt = split.join("checkpoint.safetensors");
-    let s2 = run::train(&tiny(), &split, Some(&ckpt), &mut Quiet).unwrap();
+    let s2 = run::train(
+        &tiny(),
+        &split,
+        Some(&run::Resume::new(&ckpt).epochs(Some(2))),
+        &mut Quiet,
+    )
+    .unwrap();
     assert_eq!(s2.steps, 20);
     let (a, b) = (
         tensors(&straight.join("checkpoint.safetensors")),
@@ -305,9 +311,9 @@ fn a_diverging_run_stops_with_an_error_naming_the_step() {
     let o = out.clone();
     let r = within(300, move || run::train(&cfg, &o, None, &mut Quiet));
     match r {
-        Err(e @ Error::Diverged { step, .. }) => {
-            assert!(step >= 1);
+        Err(e @ Error::Diverged { .. }) => {
             let text = e.to_string();
+            assert!(text.contains("training diverged at step"), "{text}");
             assert!(text.contains("--lr-weights"), "{text}");
         }
         other => panic!("expected a divergence error, got {other:?}"),
@@ -319,6 +325,23 @@ fn a_diverging_run_stops_with_an_error_naming_the_step() {
     }
     assert!(!out.join("checkpoint.safetensors").exists());
     std::fs::remove_dir_all(&out).unwrap();
+
+    // One step per epoch: the only update is the last, with no loss after it to show the
+    // blow-up. The weights (or the features the kNN monitor takes from them) do.
+    let last = tmpdir("diverge-last");
+    let cfg = tiny()
+        .lr_weights(1e30)
+        .lr_biases(1e30)
+        .epochs(1)
+        .warmup_epochs(Some(0))
+        .max_train(64);
+    let o = last.clone();
+    match within(300, move || run::train(&cfg, &o, None, &mut Quiet)) {
+        Err(e @ Error::Diverged { .. }) => assert!(e.to_string().contains("diverged"), "{e}"),
+        other => panic!("expected a divergence after the last update, got {other:?}"),
+    }
+    assert!(!last.join("checkpoint.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&last);
 }
 
 #[test]
@@ -390,7 +413,10 @@ fn a_stop_request_ends_the_run_after_the_step_keeping_the_last_checkpoint() {
     // 10 steps an epoch: stopping after step 12 keeps epoch 1's checkpoint.
     let mut p = StopAt { at: 12, seen: 0 };
     match run::train(&tiny(), &out, None, &mut p) {
-        Err(Error::Interrupted { step: 12 }) => {}
+        Err(Error::Interrupted {
+            step: 12,
+            kept: true,
+        }) => {}
         other => panic!("expected an interruption after step 12, got {other:?}"),
     }
     let l = checkpoint::load(&out.join("checkpoint.safetensors")).unwrap();
@@ -444,7 +470,8 @@ fn ctrl_c_stops_the_cli_with_exit_status_130() {
     assert_eq!(status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted after step"), "{err}");
     assert!(!out.join(".barlow.lock").exists());
-    std::fs::remove_dir_all(&out).unwrap();
+    // Stopped within the first epoch, the run removed its folder itself.
+    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
@@ -469,4 +496,42 @@ fn a_data_thread_failure_ends_the_run_with_an_error() {
     }
     assert!(!out.join(".barlow.lock").exists());
     let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn a_resumed_run_records_each_step_once_and_a_stop_before_any_checkpoint_leaves_nothing() {
+    let out = tmpdir("dedupe");
+    // Stopped after step 12 of 20: epoch 1's checkpoint (step 10) is kept, steps 11 and 12 are
+    // in the metrics and will be taken again.
+    let mut p = StopAt { at: 12, seen: 0 };
+    assert!(run::train(&tiny(), &out, None, &mut p).is_err());
+    let ckpt = out.join("checkpoint.safetensors");
+    run::train(&tiny(), &out, Some(&run::Resume::new(&ckpt)), &mut Quiet).unwrap();
+    let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "step")
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=20).collect::<Vec<_>>());
+    std::fs::remove_dir_all(&out).unwrap();
+
+    // Stopped within the first epoch: nothing to resume, so nothing is left in the way.
+    let early = tmpdir("early-stop");
+    let mut p = StopAt { at: 3, seen: 0 };
+    match run::train(&tiny(), &early, None, &mut p) {
+        Err(
+            e @ Error::Interrupted {
+                step: 3,
+                kept: false,
+            },
+        ) => {
+            assert!(e.to_string().contains("no checkpoint"), "{e}")
+        }
+        other => panic!("expected an interruption without a checkpoint, got {other:?}"),
+    }
+    assert!(!early.exists(), "the stopped run left its folder");
+    run::train(&tiny().epochs(1), &early, None, &mut Quiet).unwrap();
+    std::fs::remove_dir_all(&early).unwrap();
 }

@@ -289,3 +289,112 @@ fn knn_and_linear_probe_classify_separable_features() {
         );
     }
 }
+
+/// The kNN vote in float64 log space: for each test row, the class whose k nearest bank rows
+/// have the largest log Σ exp(s / t) (ties to the lower class).
+#[allow(clippy::too_many_arguments)]
+fn knn_reference(
+    bank: &[f32],
+    yb: &[u32],
+    test: &[f32],
+    yt: &[u32],
+    dim: usize,
+    classes: usize,
+    k: usize,
+    t: f64,
+) -> f64 {
+    let mut hits = 0;
+    for (row, &label) in test.chunks_exact(dim).zip(yt) {
+        let mut sims: Vec<(f64, u32)> = bank
+            .chunks_exact(dim)
+            .zip(yb)
+            .map(|(b, &l)| {
+                let s: f64 = b
+                    .iter()
+                    .zip(row)
+                    .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                    .sum();
+                (s, l)
+            })
+            .collect();
+        sims.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let top = &sims[..k];
+        let best = (0..classes)
+            .map(|c| {
+                let logs: Vec<f64> = top
+                    .iter()
+                    .filter(|s| s.1 as usize == c)
+                    .map(|s| s.0 / t)
+                    .collect();
+                let m = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let lse = if m.is_finite() {
+                    m + logs.iter().map(|l| (l - m).exp()).sum::<f64>().ln()
+                } else {
+                    f64::NEG_INFINITY
+                };
+                (c, lse)
+            })
+            .fold((0, f64::NEG_INFINITY), |a, b| if b.1 > a.1 { b } else { a });
+        hits += usize::from(best.0 as u32 == label);
+    }
+    hits as f64 / yt.len() as f64
+}
+
+#[test]
+fn knn_votes_stay_finite_at_every_temperature() {
+    use barlow::train::eval::knn_top1;
+    let mut rng = Rng::new(41);
+    let (dim, classes) = (16, 5);
+    let sample = |rng: &mut Rng, n: usize| {
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        for i in 0..n {
+            let c = i % classes;
+            let mut v: Vec<f32> = (0..dim).map(|_| 0.6 * rng.normal() as f32).collect();
+            v[c] += 1.0;
+            let norm = v.iter().map(|a| a * a).sum::<f32>().sqrt();
+            x.extend(v.iter().map(|a| a / norm));
+            y.push(c as u32);
+        }
+        (x, y)
+    };
+    let (xb, yb) = sample(&mut rng, 300);
+    let (xt, yt) = sample(&mut rng, 150);
+    let nearest = knn_top1(&xb, &yb, &xt, &yt, dim, classes, 1, 0.1).unwrap();
+    for t in [1e-4, 3e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0] {
+        let acc = knn_top1(&xb, &yb, &xt, &yt, dim, classes, 20, t as f32).unwrap();
+        let want = knn_reference(&xb, &yb, &xt, &yt, dim, classes, 20, f64::from(t as f32));
+        // A test row whose top two class scores tie to rounding may go either way.
+        assert!(
+            (acc - want).abs() <= 1.5 / yt.len() as f64,
+            "t = {t}: {acc} against the float64 log-space vote {want}"
+        );
+        assert!(acc > 0.35, "t = {t}: {acc} (chance is 0.2)");
+    }
+    // As t falls the vote tends to the nearest neighbour's.
+    let tiny = knn_top1(&xb, &yb, &xt, &yt, dim, classes, 20, 1e-4).unwrap();
+    assert_eq!(tiny, nearest);
+}
+
+#[test]
+fn a_probe_or_features_that_diverge_give_an_error_not_an_accuracy() {
+    use barlow::train::eval::{knn_top1, linear_probe, ProbeConfig};
+    let mut rng = Rng::new(5);
+    let (dim, classes) = (6, 3);
+    let x: Vec<f32> = (0..60 * dim).map(|_| rng.normal() as f32).collect();
+    let y: Vec<u32> = (0..60).map(|i| (i % classes) as u32).collect();
+    let cfg = ProbeConfig::default().epochs(3).batch(16).lr(1e30);
+    let r = linear_probe(&x, &y, &x, &y, dim, classes, cfg, |_, _| {});
+    match r {
+        Err(e @ barlow::Error::Diverged { .. }) => {
+            assert!(e.to_string().contains("--lr"), "{e}")
+        }
+        other => panic!("expected a divergence, got {other:?}"),
+    }
+    let mut bad = x.clone();
+    bad[7] = f32::NAN;
+    let r = knn_top1(&bad, &y, &x, &y, dim, classes, 5, 0.1);
+    assert!(matches!(r, Err(barlow::Error::Diverged { .. })), "{r:?}");
+    let r = linear_probe(&x, &y, &bad, &y, dim, classes, cfg.lr(0.1), |_, _| {});
+    assert!(matches!(r, Err(barlow::Error::Diverged { .. })), "{r:?}");
+}

@@ -1,6 +1,7 @@
 //! `barlow bench loss` and `barlow bench train`.
 
 use super::args::*;
+use crate::Failure;
 use barlow::bench::{self, Repeats, Row};
 use barlow::{Dims, Math};
 use clap::{Subcommand, ValueEnum};
@@ -40,21 +41,21 @@ pub(crate) struct BenchTrainArgs {
     #[arg(long, value_enum)]
     stem: Option<StemArg>,
     /// Image size (square).
-    #[arg(long)]
+    #[arg(long, value_parser = crop)]
     image: Option<usize>,
-    #[arg(long)]
+    #[arg(long, value_parser = batch)]
     batch: Option<usize>,
     /// First-stage width (64 in torchvision).
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     width: Option<usize>,
     /// Projector widths, comma-separated.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = positive)]
     projector: Vec<usize>,
     /// Untimed steps first.
     #[arg(long, default_value_t = 10)]
     warmup: usize,
     /// Timed steps (median and mean reported).
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = positive)]
     steps: usize,
     /// Steps profiled per phase after the timed ones (GPU; 0: no breakdown).
     #[arg(long, default_value_t = 5)]
@@ -85,11 +86,12 @@ pub(crate) struct LossArgs {
     /// 256,1024 on the CPU].
     #[arg(long, value_delimiter = ',')]
     d: Vec<usize>,
-    /// Precisions, comma-separated: f32, tf32, bf16 (GPU only; the CPU computes in f32).
-    #[arg(long, value_delimiter = ',', default_value = "f32,tf32,bf16")]
+    /// Precisions, comma-separated: f32, tf32, bf16 [default: all three on the GPU; the CPU
+    /// computes in f32 only].
+    #[arg(long, value_delimiter = ',', value_parser = math_arg)]
     math: Vec<String>,
     /// Loss paths to time, comma-separated: auto, direct, gram.
-    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    #[arg(long, value_delimiter = ',', default_value = "auto", value_parser = path_arg)]
     path: Vec<String>,
     /// Skip the naive and plain-GEMM baselines (GPU).
     #[arg(long)]
@@ -111,6 +113,46 @@ pub(crate) struct LossArgs {
     seed: u64,
 }
 
+fn math_arg(s: &str) -> Result<String, String> {
+    bench::parse_math(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn path_arg(s: &str) -> Result<String, String> {
+    bench::parse_path(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// Refuses, before any work, a `--json` file that could not be written (its folder missing or
+/// read-only) and `--with` files that cannot be read.
+fn check_files(json: Option<&std::path::Path>, with: &[PathBuf]) -> Result<(), Failure> {
+    if let Some(path) = json {
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let probe = dir.join(format!(".barlow-write-test.{}", std::process::id()));
+        match std::fs::File::create(&probe) {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&probe);
+            }
+            Err(e) => {
+                return Err(Failure::Usage(format!(
+                    "--json {}: cannot write into {}: {e}",
+                    path.display(),
+                    dir.display()
+                )))
+            }
+        }
+    }
+    for p in with {
+        std::fs::metadata(p).map_err(|e| Failure::Usage(format!("--with {}: {e}", p.display())))?;
+    }
+    Ok(())
+}
+
 /// Writes one JSON object per row, atomically.
 pub(crate) fn write_json_lines<T: serde::Serialize>(
     path: &std::path::Path,
@@ -125,14 +167,15 @@ pub(crate) fn write_json_lines<T: serde::Serialize>(
         .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
-pub(crate) fn bench_train(a: BenchTrainArgs) -> Result<(), String> {
+pub(crate) fn bench_train(a: BenchTrainArgs) -> Result<(), Failure> {
     use barlow::train::bench::{self as tb, TrainBench};
     if a.gpus > 1 && matches!(a.device, Device::Cpu) {
-        return Err(format!(
+        return Err(Failure::Usage(format!(
             "--gpus {} times GPUs; it needs --device cuda or auto",
             a.gpus
-        ));
+        )));
     }
+    check_files(a.json.as_deref(), &a.with)?;
     let mut rows = Vec::new();
     for p in &a.preset {
         let mut b = match p {
@@ -173,6 +216,7 @@ pub(crate) fn bench_train(a: BenchTrainArgs) -> Result<(), String> {
             rows.push(row);
         }
     }
+    // The measured rows are written before anything that could still fail.
     if let Some(path) = &a.json {
         write_json_lines(path, &rows)?;
     }
@@ -184,7 +228,15 @@ pub(crate) fn bench_train(a: BenchTrainArgs) -> Result<(), String> {
     Ok(())
 }
 
-pub(crate) fn bench_loss(args: LossArgs) -> Result<(), String> {
+pub(crate) fn bench_loss(args: LossArgs) -> Result<(), Failure> {
+    check_files(args.json.as_deref(), &args.with)?;
+    if args.device == Device::Cpu && args.math.iter().any(|m| m != "f32") {
+        return Err(Failure::Usage(
+            "--math other than f32 needs a GPU (the CPU computes in f32); leave --math out with \
+             --device cpu"
+                .into(),
+        ));
+    }
     let stream = match args.device {
         Device::Cpu => None,
         Device::Cuda => Some(
@@ -231,11 +283,16 @@ pub(crate) fn bench_loss(args: LossArgs) -> Result<(), String> {
         args.d.clone()
     };
     let maths: Vec<Math> = if gpu {
-        args.math
-            .iter()
-            .map(|m| bench::parse_math(m))
-            .collect::<Result<_, _>>()
-            .map_err(|e| e.to_string())?
+        let all = ["f32", "tf32", "bf16"].map(String::from).to_vec();
+        (if args.math.is_empty() {
+            &all
+        } else {
+            &args.math
+        })
+        .iter()
+        .map(|m| bench::parse_math(m))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?
     } else {
         vec![Math::F32]
     };
@@ -253,7 +310,7 @@ pub(crate) fn bench_loss(args: LossArgs) -> Result<(), String> {
         .iter()
         .flat_map(|&n| ds.iter().map(move |&d| Dims::new(n, d)))
     {
-        dims.checked().map_err(|e| e.to_string())?;
+        dims.checked().map_err(|e| Failure::Usage(e.to_string()))?;
     }
 
     let mut rows: Vec<Row> = Vec::new();

@@ -1,26 +1,30 @@
-//! The training progress bar and Ctrl-C: the first asks the run to stop after its step.
+//! The training progress bar and Ctrl-C: the first Ctrl-C or SIGTERM asks the run to stop after
+//! its step; a second ends the process.
 
 /// Set by the first Ctrl-C; a run stops after its current step.
 pub(crate) static INTERRUPTED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
 pub(crate) extern "C" fn on_interrupt(_: libc::c_int) {
-    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-    // A second Ctrl-C ends the process at once.
-    // SAFETY: signal() is async-signal-safe; SIG_DFL restores the default action.
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_DFL);
+    // A second Ctrl-C (or SIGTERM) ends the process at once: by its own hand, since as PID 1 (in a
+    // container) the default action of both signals is to do nothing.
+    if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(130) };
     }
 }
 
 pub(crate) fn install_interrupt_handler() {
     #[cfg(unix)]
-    // SAFETY: the handler only stores to an atomic and calls signal(), both async-signal-safe.
+    // SAFETY: the handler only touches an atomic and calls _exit(), both async-signal-safe.
+    // SIGTERM (what `docker stop` and `kill` send) is handled like Ctrl-C.
     unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t,
-        );
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            libc::signal(
+                sig,
+                on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            );
+        }
     }
 }
 

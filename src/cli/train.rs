@@ -3,6 +3,7 @@
 use super::args::*;
 use super::plot::plot_metrics;
 use super::progress::Bar;
+use crate::Failure;
 use barlow::train::ranks::Ranks;
 use std::path::PathBuf;
 
@@ -11,7 +12,7 @@ pub(crate) struct TrainArgs {
     /// Dataset: builtin, fashion-mnist (/usr/share/datasets/fashion-mnist), or a folder
     /// (ImageFolder with train/ and test/ or val/, IDX files, or CIFAR-10 binary batches).
     #[arg(long, default_value = "builtin")]
-    data: String,
+    data: PathBuf,
     /// Backbone.
     #[arg(long, value_enum, default_value_t = ArchArg::Resnet18)]
     arch: ArchArg,
@@ -61,7 +62,9 @@ pub(crate) struct TrainArgs {
     /// refused (resume that run with --resume instead).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue the run saved in this checkpoint (its settings are kept; --epochs may extend it).
+    /// Continue the run saved in this checkpoint, in its own folder, with its saved settings:
+    /// only --epochs (to extend it), --data (a dataset that moved), --device, --precision and
+    /// --gpus may be given. With --out NEW, start a new run from the checkpoint instead.
     #[arg(long)]
     resume: Option<PathBuf>,
     /// Compute device: auto picks the first GPU when one works (and says which), else the CPU.
@@ -102,7 +105,34 @@ pub(crate) fn timestamp() -> String {
     )
 }
 
-pub(crate) fn train(a: TrainArgs) -> Result<(), String> {
+/// Options a resume may give: what extends the run, where its data is now, and the machine.
+const RESUMABLE: [&str; 7] = [
+    "resume",
+    "out",
+    "epochs",
+    "data",
+    "device",
+    "precision",
+    "gpus",
+];
+
+pub(crate) fn train(a: TrainArgs, given: &[String]) -> Result<(), Failure> {
+    if a.resume.is_some() {
+        if let Some(id) = given.iter().find(|g| !RESUMABLE.contains(&g.as_str())) {
+            return Err(Failure::Usage(format!(
+                "--{} cannot be given with --resume: a resumed run keeps the settings it was \
+                 saved with (only --epochs, --data, --device, --precision, --gpus and --out may \
+                 be given); to train with other settings, start a new run without --resume",
+                id.replace('_', "-")
+            )));
+        }
+    }
+    let resume = a.resume.as_ref().map(|r| {
+        let given = |id: &str| given.iter().any(|g| g == id);
+        barlow::train::run::Resume::new(r)
+            .epochs(given("epochs").then_some(a.epochs))
+            .data(given("data").then(|| a.data.clone()))
+    });
     let cfg = barlow::train::run::TrainConfig::default()
         .device(a.device.into())
         .precision(a.precision.into())
@@ -126,10 +156,11 @@ pub(crate) fn train(a: TrainArgs) -> Result<(), String> {
         .image_memory(crate::env::image_memory()?);
     let out = match (&a.out, &a.resume) {
         (Some(o), _) => o.clone(),
+        // The run's own folder; `checkpoint.safetensors` alone means the current one.
         (None, Some(r)) => r
             .parent()
-            .map(|p| p.to_path_buf())
-            .unwrap_or_else(|| PathBuf::from(".")),
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), |p| p.to_path_buf()),
         // The process id keeps runs started in the same second apart.
         (None, None) => {
             PathBuf::from("runs").join(format!("{}-{}", timestamp(), std::process::id()))
@@ -137,20 +168,27 @@ pub(crate) fn train(a: TrainArgs) -> Result<(), String> {
     };
     let launch = barlow::collective::Launch::from_vars(|k| std::env::var(k).ok())
         .map_err(|e| e.to_string())?;
+    if let (Some(l), Device::Cpu) = (&launch, a.device) {
+        return Err(Failure::Usage(format!(
+            "the launcher's variables (RANK, WORLD_SIZE = {}, ...) start a rank of a GPU group, \
+             but --device cpu was given; unset them to train on the CPU, or use --device cuda",
+            l.world_size
+        )));
+    }
     let ranks = match (launch, a.gpus) {
         (Some(l), 1) => Ranks::Launched(l),
         (Some(l), n) => {
-            return Err(format!(
+            return Err(Failure::Usage(format!(
                 "--gpus {n} given inside a launched group (WORLD_SIZE={}): the launcher starts \
                  a process per GPU, so leave --gpus out",
                 l.world_size
-            ))
+            )))
         }
         (None, 1) => Ranks::One,
         (None, n) => Ranks::Gpus(n),
     };
     let mut bar = Bar::default();
-    let result = barlow::train::run::train_with(&cfg, &ranks, &out, a.resume.as_deref(), &mut bar);
+    let result = barlow::train::run::train_with(&cfg, &ranks, &out, resume.as_ref(), &mut bar);
     if result.is_err() && ranks.world() > 1 {
         // Other ranks may still wait on the one that failed: end them with the process.
         if let Err(e) = &result {
@@ -174,7 +212,8 @@ pub(crate) fn train(a: TrainArgs) -> Result<(), String> {
             eprintln!("barlow: {e}");
             std::process::exit(130);
         }
-        Err(e) => return Err(e.to_string()),
+        Err(e @ barlow::Error::InvalidConfig(_)) => return Err(Failure::Usage(e.to_string())),
+        Err(e) => return Err(Failure::Run(e.to_string())),
     };
     if let Ranks::Launched(l) = &ranks {
         if l.rank != 0 {

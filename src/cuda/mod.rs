@@ -154,7 +154,8 @@ mod sealed {
     impl Sealed for half::f16 {}
 }
 
-/// Checks that the kernels were compiled in and that libcuda can be loaded.
+/// Checks that the kernels were compiled in and that libcuda can be loaded and initialised.
+/// The driver is probed once per process.
 pub fn check_available() -> Result<()> {
     availability(fatbin::built(), driver_present)
 }
@@ -171,22 +172,75 @@ fn availability(kernels: bool, driver: impl FnOnce() -> bool) -> Result<()> {
     Ok(())
 }
 
-/// File names of library `lib` as cudarc's loader tries them: unversioned, `.so.1`, and the
-/// CUDA majors 9 to 13 (and their Windows forms). Written out here because cudarc exposes its list
-/// only in its dynamic-loading mode.
+/// File names of library `lib` in the order cudarc's loader tries them (it keeps the first that
+/// opens): unversioned, the Windows forms, the CUDA majors 13 down to 9, then `.so.1`. Written
+/// out here because cudarc exposes its list only in its dynamic-loading mode.
 fn library_names(lib: &str) -> Vec<String> {
     use std::env::consts::{DLL_PREFIX, DLL_SUFFIX};
     let mut names = vec![
         format!("{DLL_PREFIX}{lib}{DLL_SUFFIX}"),
         format!("{DLL_PREFIX}{lib}64{DLL_SUFFIX}"),
-        format!("{DLL_PREFIX}{lib}{DLL_SUFFIX}.1"),
     ];
-    for major in 9..=13 {
-        names.push(format!("{DLL_PREFIX}{lib}{DLL_SUFFIX}.{major}"));
+    for major in (9..=13).rev() {
         names.push(format!("{DLL_PREFIX}{lib}64_{major}{DLL_SUFFIX}"));
         names.push(format!("{DLL_PREFIX}{lib}64_{major}0_0{DLL_SUFFIX}"));
     }
+    for major in (9..=13).rev() {
+        names.push(format!("{DLL_PREFIX}{lib}{DLL_SUFFIX}.{major}"));
+    }
+    names.push(format!("{DLL_PREFIX}{lib}{DLL_SUFFIX}.1"));
     names
+}
+
+/// Driver entry points the crate's CUDA code reaches through cudarc. cudarc panics on the first
+/// call of one its library lacks, so a library without all of them is no driver here.
+const DRIVER_SYMBOLS: [&str; 24] = [
+    "cuInit",
+    "cuDriverGetVersion",
+    "cuDeviceGetCount",
+    "cuDeviceGet",
+    "cuDeviceGetName",
+    "cuDeviceGetAttribute",
+    "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuCtxSetCurrent",
+    "cuCtxGetCurrent",
+    "cuStreamCreate",
+    "cuStreamSynchronize",
+    "cuStreamWaitEvent",
+    "cuMemAllocAsync",
+    "cuMemFreeAsync",
+    "cuMemcpyHtoDAsync_v2",
+    "cuMemcpyDtoHAsync_v2",
+    "cuModuleLoadData",
+    "cuModuleGetFunction",
+    "cuLaunchKernel",
+    "cuEventCreate",
+    "cuEventRecord",
+    "cuGetErrorString",
+    "cuMemGetInfo_v2",
+];
+
+/// Whether `lib` is a CUDA driver: it has every entry point the crate uses, and `cuInit`
+/// succeeds (or finds no device, which `device_count` then reports).
+fn is_driver(lib: &libloading::Library) -> bool {
+    // SAFETY: looking a symbol up runs no code of the library; the pointers are not called.
+    let complete = DRIVER_SYMBOLS
+        .iter()
+        .all(|s| unsafe { lib.get::<unsafe extern "C" fn()>(s.as_bytes()) }.is_ok());
+    if !complete {
+        return false;
+    }
+    // SAFETY: cuInit has this signature in every CUDA driver (CUresult cuInit(unsigned int)),
+    // takes flags that must be 0, and may be called any number of times.
+    let code = unsafe {
+        match lib.get::<unsafe extern "C" fn(std::ffi::c_uint) -> std::ffi::c_int>(b"cuInit") {
+            Ok(init) => init(0),
+            Err(_) => return false,
+        }
+    };
+    const CUDA_ERROR_NO_DEVICE: std::ffi::c_int = 100;
+    code == 0 || code == CUDA_ERROR_NO_DEVICE
 }
 
 /// Whether one of the file names cudarc would try for `libs` can be opened. In the linking modes
@@ -199,8 +253,28 @@ pub(crate) fn library_present(libs: &[&str]) -> bool {
     })
 }
 
+/// Whether the library cudarc would load as the driver is one. A library of that name that is
+/// not a driver (or lacks an entry point) would make cudarc panic, so it counts as no driver.
 fn driver_present() -> bool {
-    library_present(&["cuda", "nvcuda"])
+    static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PRESENT.get_or_init(|| {
+        for name in library_names("cuda")
+            .into_iter()
+            .chain(library_names("nvcuda"))
+        {
+            // SAFETY: opening a CUDA library runs only its initializers, which have no
+            // preconditions.
+            if let Ok(lib) = unsafe { libloading::Library::new(&name) } {
+                let ok = is_driver(&lib);
+                if ok {
+                    // Initialised: kept loaded for the process, as cudarc keeps its own handle.
+                    std::mem::forget(lib);
+                }
+                return ok;
+            }
+        }
+        false
+    })
 }
 
 fn check_driver() -> Result<()> {

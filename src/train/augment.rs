@@ -56,11 +56,21 @@ impl AugmentConfig {
     /// The recipe for a dataset: crop to the image size, scale 0.08–1 for large images and
     /// 0.2–1 for small ones, blur kernel a tenth of the side, the dataset's pixel statistics.
     pub fn for_dataset(ds: &Dataset, size: Option<usize>) -> Self {
+        // The most common shorter side (ties: the smaller) over up to 1,000 images spread
+        // across the set, so one odd file cannot set the crop for all.
         let side = if ds.is_empty() {
             32
         } else {
-            let (h, w) = ds.dims(0);
-            h.min(w)
+            let step = ds.len().div_ceil(1000).max(1);
+            let mut counts = std::collections::BTreeMap::<usize, usize>::new();
+            for i in (0..ds.len()).step_by(step) {
+                let (h, w) = ds.dims(i);
+                *counts.entry(h.min(w)).or_default() += 1;
+            }
+            counts
+                .iter()
+                .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+                .map_or(32, |(&side, _)| side)
         };
         let size = size.unwrap_or(if side > 64 { 224 } else { side });
         let scale = if size >= 96 { (0.08, 1.0) } else { (0.2, 1.0) };

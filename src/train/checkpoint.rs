@@ -137,6 +137,34 @@ pub fn load(path: &Path) -> Result<Loaded> {
     })
 }
 
+/// The run state of the checkpoint at `path`, read from its header alone (the tensors are not
+/// read).
+pub fn read_state(path: &Path) -> Result<serde_json::Value> {
+    use std::io::Read;
+    let bad = |reason: String| Error::Checkpoint {
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let len = u64::from_le_bytes(len);
+    // safetensors refuses headers above 100 MB as well.
+    if len > 100_000_000 {
+        return Err(bad(format!("header of {len} bytes")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| bad(format!("truncated header: {e}")))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    let text = header["__metadata__"][STATE_KEY].as_str().ok_or_else(|| {
+        bad("no barlow run state in the metadata (not written by barlow?)".into())
+    })?;
+    serde_json::from_str(text).map_err(|e| bad(format!("run state: {e}")))
+}
+
 impl Loaded {
     /// The tensor `name`, checked against what the model holds there: its shape, its type
     /// (f32, or the int64 count torchvision keeps for `num_batches_tracked`) and finite values.

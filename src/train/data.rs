@@ -260,6 +260,17 @@ const FASHION_CLASSES: [&str; 10] = [
 /// Where the full Fashion-MNIST lands with Debian's `dataset-fashion-mnist`.
 pub const SYSTEM_FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 
+/// The layouts a dataset folder may have, for messages about one that has none of them.
+pub const LAYOUTS: &str = "accepted layouts: DIR/train/<class>/<images> with DIR/test/ or \
+    DIR/val/ beside it; DIR/<class>/<images> (every 10th image held out for testing); IDX files \
+    (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz] and the t10k pair); CIFAR-10 \
+    binary batches (data_batch_1.bin ... and test_batch.bin); images are .jpg, .jpeg or .png";
+
+/// Whether `spec` names a built-in dataset (`builtin`, `fashion-mnist`) rather than a folder.
+pub fn is_builtin_name(spec: &Path) -> bool {
+    spec == Path::new("builtin") || spec == Path::new("fashion-mnist")
+}
+
 /// Opens a dataset by name or path:
 /// * `builtin` — the Fashion-MNIST sample compiled into the binary (10,000 train, 2,000 test);
 /// * `fashion-mnist` — the full set from [`SYSTEM_FASHION_MNIST`];
@@ -268,18 +279,27 @@ pub const SYSTEM_FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
 /// * a folder with `train/` and `test/` (or `val/`) of class folders, or of class folders
 ///   directly (then every 10th image is held out as the test split) — ImageFolder, held in
 ///   memory when its decoded images fit in `image_memory` bytes ([`DEFAULT_IMAGE_MEMORY`] is a
-///   good default), else decoded from its files as views are made.
-pub fn open(spec: &str, image_memory: usize) -> Result<Splits> {
-    match spec {
-        "builtin" => {
+///   good default) and in the memory the machine has free, else decoded from its files as views
+///   are made. Only regular files are read (pipes, sockets and devices are skipped and
+///   counted), hidden files and folders are ignored, and names need not be UTF-8.
+pub fn open(spec: impl AsRef<Path>, image_memory: usize) -> Result<Splits> {
+    open_with(spec, image_memory, 0)
+}
+
+/// [`open`], keeping at most `max_train` training images (0: all), every k-th so classes stay
+/// balanced; an image folder reads and decodes only those.
+pub fn open_with(spec: impl AsRef<Path>, image_memory: usize, max_train: usize) -> Result<Splits> {
+    let spec = spec.as_ref();
+    let mut s = match spec.to_str() {
+        Some("builtin") => {
             let train = idx_from_bytes("builtin", BUILTIN[0], BUILTIN[1])?;
             let test = idx_from_bytes("builtin", BUILTIN[2], BUILTIN[3])?;
-            Ok(Splits {
+            Splits {
                 train: named(train),
                 test: named(test),
-            })
+            }
         }
-        "fashion-mnist" => {
+        Some("fashion-mnist") => {
             let dir = Path::new(SYSTEM_FASHION_MNIST);
             if !dir.is_dir() {
                 return Err(Error::dataset(
@@ -287,10 +307,10 @@ pub fn open(spec: &str, image_memory: usize) -> Result<Splits> {
                     "not installed (apt-get install dataset-fashion-mnist), or use --data builtin",
                 ));
             }
-            open_idx_dir(dir)
+            open_idx_dir(dir)?
         }
-        path => {
-            let dir = Path::new(path);
+        _ => {
+            let dir = spec;
             if !dir.exists() {
                 return Err(Error::dataset(dir, "no such file or folder"));
             }
@@ -298,17 +318,23 @@ pub fn open(spec: &str, image_memory: usize) -> Result<Splits> {
                 return Err(Error::dataset(dir, "not a folder"));
             }
             if find_idx(dir, "train").is_some() {
-                open_idx_dir(dir)
+                open_idx_dir(dir)?
             } else if dir.join("data_batch_1.bin").is_file() {
-                Ok(Splits {
+                Splits {
                     train: cifar_bin(dir, true)?,
                     test: cifar_bin(dir, false)?,
-                })
+                }
             } else {
-                image_folder_splits(dir, image_memory)
+                let budget = crate::io::available_memory()
+                    .map_or(image_memory, |free| image_memory.min(free as usize));
+                image_folder_splits(dir, budget, max_train)?
             }
         }
+    };
+    if max_train > 0 {
+        s.train = s.train.subsample(max_train);
     }
+    Ok(s)
 }
 
 fn named(mut d: Dataset) -> Dataset {
@@ -337,8 +363,10 @@ fn open_idx_dir(dir: &Path) -> Result<Splits> {
     let (vi, vl) = find_idx(dir, "t10k")
         .ok_or_else(|| Error::dataset(dir, "no t10k-images-idx3-ubyte[.gz]"))?;
     let read = |p: &Path| std::fs::read(p).map_err(|e| Error::io(p, e));
-    let train = idx_from_bytes(&dir.display().to_string(), &read(&ti)?, &read(&tl)?)?;
-    let test = idx_from_bytes(&dir.display().to_string(), &read(&vi)?, &read(&vl)?)?;
+    let name = |p: &Path| p.display().to_string();
+    let source = dir.display().to_string();
+    let train = idx_files(&source, [&name(&ti), &name(&tl)], &read(&ti)?, &read(&tl)?)?;
+    let test = idx_files(&source, [&name(&vi), &name(&vl)], &read(&vi)?, &read(&vl)?)?;
     Ok(Splits {
         train: named(train),
         test: named(test),
@@ -348,7 +376,8 @@ fn open_idx_dir(dir: &Path) -> Result<Splits> {
 fn gunzip_if_needed(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
     if bytes.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(bytes).read_to_end(&mut out)?;
+        // Every member, as zcat reads them: a file may be several gzip streams end to end.
+        flate2::read::MultiGzDecoder::new(bytes).read_to_end(&mut out)?;
         Ok(out)
     } else {
         Ok(bytes.to_vec())
@@ -389,12 +418,22 @@ fn idx_parse<'a>(src: &str, b: &'a [u8]) -> Result<(Vec<usize>, &'a [u8])> {
 
 /// IDX images (N×H×W) and labels (N) from file contents, gzipped or not.
 pub fn idx_from_bytes(src: &str, images: &[u8], labels: &[u8]) -> Result<Dataset> {
+    idx_files(src, [src, src], images, labels)
+}
+
+/// [`idx_from_bytes`] with the images' and labels' file names for messages.
+fn idx_files(
+    src: &str,
+    [inames, lnames]: [&str; 2],
+    images: &[u8],
+    labels: &[u8],
+) -> Result<Dataset> {
     let images = gunzip_if_needed(images)
-        .map_err(|e| Error::dataset(src, format!("cannot gunzip images: {e}")))?;
+        .map_err(|e| Error::dataset(inames, format!("cannot gunzip images: {e}")))?;
     let labels = gunzip_if_needed(labels)
-        .map_err(|e| Error::dataset(src, format!("cannot gunzip labels: {e}")))?;
-    let (idims, ipx) = idx_parse(src, &images)?;
-    let (ldims, lb) = idx_parse(src, &labels)?;
+        .map_err(|e| Error::dataset(lnames, format!("cannot gunzip labels: {e}")))?;
+    let (idims, ipx) = idx_parse(inames, &images)?;
+    let (ldims, lb) = idx_parse(lnames, &labels)?;
     if idims.len() != 3 || ldims.len() != 1 || idims[0] != ldims[0] {
         return Err(Error::dataset(
             src,
@@ -492,26 +531,56 @@ pub fn cifar_bin(dir: &Path, train: bool) -> Result<Dataset> {
     ))
 }
 
-fn image_folder_splits(dir: &Path, budget: usize) -> Result<Splits> {
+fn image_folder_splits(dir: &Path, budget: usize, max_train: usize) -> Result<Splits> {
     let test_dir = ["test", "val"]
         .iter()
         .map(|s| dir.join(s))
         .find(|p| p.is_dir());
     if dir.join("train").is_dir() {
-        if let Some(t) = test_dir {
-            // Labels and channels are the training split's: the test split is read against
-            // them, not numbered and converted on its own.
-            let train = image_folder(&dir.join("train"), budget)?;
-            let test = image_folder_like(&t, budget, Some(&train))?;
-            return Ok(Splits { train, test });
+        let Some(t) = test_dir else {
+            return Err(Error::dataset(
+                dir,
+                format!("has train/ but no test/ or val/ beside it; {LAYOUTS}"),
+            ));
+        };
+        // Labels and channels are the training split's: the test split is read against them,
+        // not numbered and converted on its own.
+        let root = dir.join("train");
+        let listed = list_class_files(&root, None)?;
+        let train = load_files(&root, subsampled(listed, max_train), budget, None)?;
+        let root = t;
+        let listed = list_class_files(&root, Some(&train.classes))?;
+        let test = load_files(&root, listed, budget, Some(&train))?;
+        return Ok(Splits { train, test });
+    }
+    // One folder of classes: every 10th file is held out as the test split, chosen from the
+    // file list, so neither split is a copy of the other.
+    let listed = list_class_files(dir, None)?;
+    let n = listed.files.len();
+    if n < 10 {
+        return Err(Error::dataset(
+            dir,
+            format!(
+                "{n} image file(s) is too few to hold out every 10th as a test split (10 or more \
+                 are needed, or give train/ and test/ folders)"
+            ),
+        ));
+    }
+    let (mut train_files, mut test_files) = (Vec::new(), Vec::new());
+    for (i, f) in listed.files.into_iter().enumerate() {
+        if i % 10 == 9 {
+            test_files.push(f);
+        } else {
+            train_files.push(f);
         }
     }
-    // One folder of classes: hold out every 10th image as the test split.
-    let all = image_folder(dir, budget)?;
-    let held =
-        |held: bool| -> Vec<usize> { (0..all.len()).filter(|i| (i % 10 == 9) == held).collect() };
-    let test = all.selected(&held(true));
-    let train = all.selected(&held(false));
+    let part = |files| Listed {
+        classes: listed.classes.clone(),
+        files,
+        irregular: listed.irregular,
+    };
+    let train = load_files(dir, subsampled(part(train_files), max_train), budget, None)?;
+    let test = load_files(dir, part(test_files), budget, Some(&train))?;
     Ok(Splits { train, test })
 }
 
@@ -521,61 +590,121 @@ fn image_folder_splits(dir: &Path, budget: usize) -> Result<Splits> {
 /// `budget` bytes (estimated from the file headers), they are decoded from their files on use
 /// instead of once up front.
 pub fn image_folder(root: &Path, budget: usize) -> Result<Dataset> {
-    image_folder_like(root, budget, None)
+    let listed = list_class_files(root, None)?;
+    load_files(root, listed, budget, None)
 }
 
-/// An ImageFolder read against `like`'s class list and channel count when given (a test split
-/// against its training split): a class folder `like` lacks is an error, a class it has but
-/// `root` lacks is simply absent.
-fn image_folder_like(root: &Path, budget: usize, like: Option<&Dataset>) -> Result<Dataset> {
+/// The image files of a class-folder tree, each with its label.
+struct Listed {
+    classes: Vec<String>,
+    files: Vec<(PathBuf, u32)>,
+    /// Entries with an image's name that are not regular files (pipes, sockets, devices).
+    irregular: usize,
+}
+
+/// At most `n` of the files (all when `n` is 0), every k-th so classes stay balanced.
+fn subsampled(mut l: Listed, n: usize) -> Listed {
+    let len = l.files.len();
+    if n > 0 && n < len {
+        let keep: Vec<usize> = (0..n).map(|i| i * len / n).collect();
+        l.files = keep.iter().map(|&i| l.files[i].clone()).collect();
+    }
+    l
+}
+
+fn hidden(name: &std::ffi::OsStr) -> bool {
+    name.as_encoded_bytes().first() == Some(&b'.')
+}
+
+/// Lists `root`'s class folders (hidden ones ignored; names kept as the OS gives them, shown
+/// lossily) and their image files. Against `like` (a test split read against its training
+/// split's classes) a class folder `like` lacks is an error, and labels are `like`'s.
+fn list_class_files(root: &Path, like: Option<&[String]>) -> Result<Listed> {
     let rd = std::fs::read_dir(root).map_err(|e| Error::io(root, e))?;
-    let mut classes: Vec<String> = rd
+    let mut found: Vec<std::ffi::OsString> = rd
         .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_dir())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|e| !hidden(&e.file_name()) && e.path().is_dir())
+        .map(|e| e.file_name())
         .collect();
-    classes.sort();
-    if classes.is_empty() {
+    found.sort();
+    if found.is_empty() {
         return Err(Error::dataset(
             root,
-            "no class folders (expected root/<class>/<image files>)",
+            format!("no class folders (expected <class>/<image files> inside); {LAYOUTS}"),
         ));
     }
-    let found = classes;
-    let classes = match like {
+    let shown = |c: &std::ffi::OsStr| c.to_string_lossy().into_owned();
+    let classes: Vec<String> = match like {
         Some(l) => {
-            if let Some(c) = found.iter().find(|c| !l.classes.contains(c)) {
+            if let Some(c) = found.iter().find(|c| !l.contains(&shown(c))) {
                 return Err(Error::dataset(
                     root,
-                    format!("class folder `{c}` is not among the training split's classes"),
+                    format!(
+                        "class folder `{}` is not among the training split's classes",
+                        shown(c)
+                    ),
                 ));
             }
-            l.classes.clone()
+            l.to_vec()
         }
-        None => found.clone(),
+        None => found.iter().map(|c| shown(c)).collect(),
     };
     let mut files: Vec<(PathBuf, u32)> = Vec::new();
+    let mut irregular = 0;
     for c in &found {
-        let ci = classes.iter().position(|k| k == c).unwrap_or(0);
+        let ci = classes.iter().position(|k| *k == shown(c)).unwrap_or(0);
         let dir = root.join(c);
         let mut fs: Vec<PathBuf> = std::fs::read_dir(&dir)
             .map_err(|e| Error::io(&dir, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter_map(|e| e.ok())
+            .filter(|e| !hidden(&e.file_name()))
+            .map(|e| e.path())
             .filter(|p| {
                 p.extension().and_then(|x| x.to_str()).is_some_and(|x| {
                     matches!(x.to_ascii_lowercase().as_str(), "jpg" | "jpeg" | "png")
                 })
             })
             .collect();
+        // Opening a pipe would wait for a writer forever: only regular files (symbolic links
+        // followed) are read.
+        let before = fs.len();
+        fs.retain(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file()));
+        irregular += before - fs.len();
         fs.sort();
         files.extend(fs.into_iter().map(|p| (p, ci as u32)));
+    }
+    if irregular > 0 {
+        log::warn!(
+            "{irregular} entries in {} named like images are not regular files (pipes, sockets, \
+             devices or broken links) and were skipped",
+            root.display()
+        );
     }
     if files.is_empty() {
         return Err(Error::dataset(
             root,
-            "no .jpg, .jpeg or .png files in the class folders",
+            format!("no .jpg, .jpeg or .png files in the class folders; {LAYOUTS}"),
         ));
     }
+    Ok(Listed {
+        classes,
+        files,
+        irregular,
+    })
+}
+
+/// Reads the listed files as a dataset, against `like`'s channel count when given.
+fn load_files(
+    root: &Path,
+    listed: Listed,
+    budget: usize,
+    like: Option<&Dataset>,
+) -> Result<Dataset> {
+    let Listed {
+        classes,
+        files,
+        irregular,
+    } = listed;
     // Headers first: sizes and channels, without decoding.
     let headers: Vec<Option<(u32, u32, usize)>> =
         files.par_iter().map(|(p, _)| header(p).ok()).collect();
@@ -595,7 +724,7 @@ fn image_folder_like(root: &Path, budget: usize, like: Option<&Dataset>) -> Resu
         let mut paths = Vec::new();
         let mut dims = Vec::new();
         let mut labels = Vec::new();
-        let mut skipped = 0;
+        let mut skipped = irregular;
         for (hd, (path, label)) in headers.into_iter().zip(&files) {
             match hd {
                 Some((h, w, _)) => {
@@ -641,7 +770,7 @@ fn image_folder_like(root: &Path, budget: usize, like: Option<&Dataset>) -> Resu
     let decoded: Vec<Option<Image>> = files.par_iter().map(|(p, _)| decode(p).ok()).collect();
     let mut images = Vec::new();
     let mut labels = Vec::new();
-    let mut skipped = 0;
+    let mut skipped = irregular;
     for (img, (path, label)) in decoded.into_iter().zip(&files) {
         match img {
             Some(i) => {

@@ -11,7 +11,8 @@ use crate::nn::{Backend, Tensor};
 use crate::rng::Rng;
 use rayon::prelude::*;
 
-/// Backbone features (evaluation mode) of every image of `ds`, L2-normalized when `unit`.
+/// Backbone features (evaluation mode) of every image of `ds`, L2-normalized when `unit`;
+/// [`Error::Diverged`] when one is not finite.
 pub fn features(
     be: &dyn Backend,
     net: &mut ResNet,
@@ -19,9 +20,9 @@ pub fn features(
     aug: &AugmentConfig,
     batch: usize,
     unit: bool,
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
     let mut f = |x: &Tensor| -> crate::Result<Tensor> { Ok(net.forward(be, x, false)) };
-    features_with(ds, aug, batch, unit, &mut f).unwrap_or_default()
+    features_with(ds, aug, batch, unit, &mut f)
 }
 
 /// [`features`] through any feature extractor (the CPU backbone or a device copy of it).
@@ -39,6 +40,16 @@ pub fn features_with(
         let x = eval_batch(ds, chunk, aug);
         let y = net(&x)?;
         f = y.item_len();
+        if let Some(i) = y.data.iter().position(|v| !v.is_finite()) {
+            return Err(Error::Diverged {
+                what: "the backbone".into(),
+                at: format!("image {} of {}", chunk[i / f.max(1)], ds.source),
+                value: format!("a feature came out as {}", y.data[i]),
+                advice: "its weights are too large to evaluate (the run that made them \
+                         diverged: lower its learning rates, or use an earlier checkpoint)"
+                    .into(),
+            });
+        }
         out.extend_from_slice(&y.data);
     }
     if unit && f > 0 {
@@ -97,9 +108,16 @@ pub fn knn_top1(
                 let row = &sim[i * nb..(i + 1) * nb];
                 let mut order: Vec<usize> = (0..nb).collect();
                 order.select_nth_unstable_by(k - 1, |&a, &b| row[b].total_cmp(&row[a]));
+                // exp(s / t) scaled by exp(-max s / t): the same vote, but the largest weight
+                // is 1, so no temperature > 0 overflows; at small t the nearest neighbour wins.
+                let top = order[..k]
+                    .iter()
+                    .map(|&j| f64::from(row[j]))
+                    .fold(f64::NEG_INFINITY, f64::max);
                 let mut votes = vec![0f64; classes];
                 for &j in &order[..k] {
-                    votes[bank_labels[j] as usize] += (f64::from(row[j]) / f64::from(t)).exp();
+                    votes[bank_labels[j] as usize] +=
+                        ((f64::from(row[j]) - top) / f64::from(t)).exp();
                 }
                 let pred = votes
                     .iter()
@@ -122,6 +140,15 @@ fn check_features(name: &str, x: &[f32], labels: &[u32], dim: usize, classes: us
             x.len(),
             labels.len()
         )));
+    }
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Diverged {
+            what: "evaluation".into(),
+            at: format!("{name} feature row {}", i / dim),
+            value: format!("the feature is {}", x[i]),
+            advice: "no accuracy comes from non-finite features (the backbone's run diverged?)"
+                .into(),
+        });
     }
     if let Some(l) = labels.iter().find(|&&l| l as usize >= classes) {
         return Err(Error::InvalidConfig(format!(
@@ -304,10 +331,23 @@ pub fn linear_probe(
             }
             step += 1;
         }
-        progress(epoch, loss_sum / n as f64);
+        let loss = loss_sum / n as f64;
+        let weights_ok = w.iter().chain(&b).all(|v| v.is_finite());
+        if !(loss.is_finite() && weights_ok) {
+            return Err(probe_diverged(epoch + 1, loss, cfg.lr));
+        }
+        progress(epoch, loss);
     }
     let nt = test_labels.len();
     let z = logits(&xte, &w, &b, nt);
+    if let Some(v) = z.iter().find(|v| !v.is_finite()) {
+        return Err(Error::Diverged {
+            what: "the linear probe".into(),
+            at: "the test set".into(),
+            value: format!("a logit came out as {v}"),
+            advice: format!("lower its learning rate (--lr {})", cfg.lr),
+        });
+    }
     let hits = z
         .chunks_exact(classes)
         .zip(test_labels)
@@ -320,4 +360,17 @@ pub fn linear_probe(
         })
         .count();
     Ok(hits as f64 / nt as f64)
+}
+
+fn probe_diverged(epoch: usize, loss: f64, lr: f32) -> Error {
+    Error::Diverged {
+        what: "the linear probe".into(),
+        at: format!("probe epoch {epoch}"),
+        value: if loss.is_finite() {
+            "a classifier weight became infinite or NaN".into()
+        } else {
+            format!("the loss became {loss}")
+        },
+        advice: format!("lower its learning rate (--lr {lr}); no accuracy was computed"),
+    }
 }

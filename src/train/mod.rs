@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod cuda;
 pub mod data;
 pub mod eval;
+pub mod folder;
 pub mod lars;
 pub mod model;
 pub mod parallel;

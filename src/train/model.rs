@@ -73,7 +73,10 @@ impl ModelConfig {
         let bytes = params * 16.0;
         if crate::io::available_memory().is_some_and(|free| bytes > free as f64) {
             return Err(Error::OutOfHostMemory {
-                during: format!("building a model of about {:.0} M parameters", params / 1e6),
+                during: format!(
+                    "building a model of about {:.0} M parameters (lower --projector or --width)",
+                    params / 1e6
+                ),
                 bytes: bytes as usize,
             });
         }

@@ -8,7 +8,7 @@
 //! launched group get rank 0's configuration, start step and NCCL id over the rendezvous, so
 //! only rank 0 needs the checkpoint of a resumed run.
 
-use super::run::{run_rank, DeviceChoice, Progress, Quiet, Setup, Summary, TrainConfig};
+use super::run::{run_rank, DeviceChoice, Progress, Quiet, Resume, Setup, Summary, TrainConfig};
 use crate::collective::{Collective, Launch, LocalGroup, DEFAULT_TIMEOUT};
 use crate::cuda::nccl::NcclId;
 use crate::error::{Error, Result};
@@ -79,7 +79,7 @@ pub(crate) fn run(
     cfg: &TrainConfig,
     ranks: &Ranks,
     out: &Path,
-    resume: Option<&Path>,
+    resume: Option<&Resume>,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
     let world = ranks.world();
@@ -155,7 +155,7 @@ fn launched(
     cfg: &TrainConfig,
     l: &Launch,
     out: &Path,
-    resume: Option<&Path>,
+    resume: Option<&Resume>,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
     let member = |id: NcclId| Member {
@@ -179,6 +179,14 @@ fn launched(
         l.share(|| Ok(payload), DEFAULT_TIMEOUT)?;
         run_rank(&setup, member(id), out, progress)
     } else {
+        progress.message(&format!(
+            "rank {} of {}: waiting for rank 0 at {}:{} (at most {} s)",
+            l.rank,
+            l.world_size,
+            l.master_addr,
+            l.master_port,
+            DEFAULT_TIMEOUT.as_secs()
+        ));
         let bytes = l.share(|| Ok(Vec::new()), DEFAULT_TIMEOUT)?;
         let handout: Handout = serde_json::from_slice(&bytes).map_err(|e| Error::Collective {
             during: format!("reading rank 0's run state on rank {}", l.rank),

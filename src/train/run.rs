@@ -10,6 +10,7 @@ use super::checkpoint;
 use super::cuda::{DeviceOptions, DeviceTrainer};
 use super::data::{self, Dataset, Splits};
 use super::eval::{features_with, knn_top1};
+use super::folder::{self, append_metric, RunFolder};
 use super::ranks::{Link, Member, Ranks};
 use super::{BarlowTwins, Lars, LarsConfig, ModelConfig, Schedule};
 use crate::collective::Collective;
@@ -20,7 +21,6 @@ use crate::nn::resnet::{Arch, ResNetConfig, Stem};
 use crate::nn::{CpuBackend, Tensor};
 use crate::rng::Rng;
 use crate::LossValue;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
@@ -30,8 +30,10 @@ use std::time::Instant;
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct TrainConfig {
-    /// `builtin`, `fashion-mnist`, or a dataset folder (see [`data::open`]).
-    pub data: String,
+    /// `builtin`, `fashion-mnist`, or a dataset folder (see [`data::open`]); a folder is
+    /// stored as an absolute path when a run starts. Any OS path works, UTF-8 or not.
+    #[serde(with = "crate::io::os_path")]
+    pub data: PathBuf,
     /// Backbone architecture.
     pub arch: Arch,
     /// `None`: small for images up to 64 pixels, ImageNet otherwise.
@@ -120,7 +122,7 @@ pub enum Precision {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            data: "builtin".into(),
+            data: PathBuf::from("builtin"),
             arch: Arch::Resnet18,
             stem: None,
             width: 16,
@@ -150,7 +152,7 @@ impl Default for TrainConfig {
 }
 
 setters!(TrainConfig {
-    data: String,
+    data: PathBuf,
     arch: Arch,
     stem: Option<Stem>,
     width: usize,
@@ -488,10 +490,7 @@ impl RunFiles {
 
 /// Opens the training and test splits as the config says.
 pub fn load_data(cfg: &TrainConfig) -> Result<Splits> {
-    let mut s = data::open(&cfg.data, cfg.image_memory)?;
-    if cfg.max_train > 0 {
-        s.train = s.train.subsample(cfg.max_train);
-    }
+    let s = data::open_with(&cfg.data, cfg.image_memory, cfg.max_train)?;
     if s.train.len() < cfg.batch_size {
         return Err(Error::dataset(
             &cfg.data,
@@ -646,121 +645,47 @@ fn check_step_memory(m: &ModelConfig, batch: usize, c_in: usize, crop: usize) ->
     }
 }
 
-fn same_folder(a: Option<&Path>, b: &Path) -> bool {
-    let a = a
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
+/// What continues a saved run: its checkpoint, and the settings a resume may change. Every other
+/// setting is the saved run's.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Resume {
+    /// The checkpoint: the latest of the run when it continues in its own folder; any of its
+    /// checkpoints when a new run starts from it in a folder that holds no run.
+    pub checkpoint: PathBuf,
+    /// Extends the run to this many epochs (`None`: the saved count).
+    pub epochs: Option<usize>,
+    /// Where the run's dataset is now, when it moved (`None`: the saved path).
+    pub data: Option<PathBuf>,
+}
+
+impl Resume {
+    /// Continues the run of `checkpoint` with its saved settings.
+    pub fn new(checkpoint: impl Into<PathBuf>) -> Self {
+        Self {
+            checkpoint: checkpoint.into(),
+            ..Self::default()
+        }
     }
 }
 
-/// The files a run writes; a folder holding any of them belongs to a run.
-const RUN_FILES: [&str; 3] = ["checkpoint.safetensors", "metrics.jsonl", "curves.png"];
-const LOCK: &str = ".barlow.lock";
-
-/// A run folder claimed by this process: created if missing; refused while another live process
-/// holds it, or when it holds another run's files (unless this run continues that one). Stale
-/// temporaries of killed writers are removed. The lock file goes when this value is dropped.
-struct RunFolder {
-    lock: PathBuf,
-}
-
-fn process_alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only asks whether the process exists and may be signalled; nothing is sent.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
-impl RunFolder {
-    fn claim(out: &Path, continuing: bool) -> Result<RunFolder> {
-        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-        let lock = out.join(LOCK);
-        let mut attempts = 0;
-        loop {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&lock)
-            {
-                Ok(mut f) => {
-                    write!(f, "{}", std::process::id()).map_err(|e| Error::io(&lock, e))?;
-                    break;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 3 => {
-                    attempts += 1;
-                    let holder = std::fs::read_to_string(&lock)
-                        .ok()
-                        .and_then(|t| t.trim().parse::<i32>().ok());
-                    if let Some(pid) = holder.filter(|&p| p > 0 && process_alive(p)) {
-                        return Err(Error::InvalidConfig(format!(
-                            "{} is in use by another barlow process (pid {pid}); choose another \
-                             --out",
-                            out.display()
-                        )));
-                    }
-                    // Left by a process that no longer runs.
-                    let _ = std::fs::remove_file(&lock);
-                }
-                Err(e) => return Err(Error::io(&lock, e)),
-            }
-        }
-        let claim = RunFolder { lock };
-        if !continuing {
-            if let Some(f) = RUN_FILES.iter().find(|f| out.join(f).exists()) {
-                return Err(Error::InvalidConfig(format!(
-                    "{} already holds a run ({f}); choose another --out, or --resume its \
-                     checkpoint to continue it",
-                    out.display()
-                )));
-            }
-        }
-        // Temporaries (`.<name>.tmp.<pid>`, see io::write_atomic) whose writer is gone.
-        if let Ok(rd) = std::fs::read_dir(out) {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let pid = name
-                    .strip_prefix('.')
-                    .and_then(|n| n.rsplit_once(".tmp."))
-                    .and_then(|(_, p)| p.parse::<i32>().ok());
-                if pid.is_some_and(|p| p as u32 == std::process::id() || !process_alive(p)) {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
-        Ok(claim)
-    }
-}
-
-impl Drop for RunFolder {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.lock);
-    }
-}
-
-/// Appends one JSON line. A failed write (a full disk) is cut back off, so the file never ends in
-/// half a line.
-fn append_metric(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| Error::io(path, e))?;
-    let before = f.metadata().map_err(|e| Error::io(path, e))?.len();
-    let line = format!("{v}\n");
-    f.write_all(line.as_bytes()).map_err(|e| {
-        let _ = f.set_len(before);
-        Error::io(path, e)
-    })
-}
+setters!(Resume {
+    epochs: Option<usize>,
+    data: Option<PathBuf>,
+});
 
 /// Trains as `cfg` says, writing into `out`. With `resume`, continues the run saved in that
-/// checkpoint (its configuration wins over `cfg`, except `epochs`, which may extend the run).
+/// checkpoint with the settings it was saved with (only those [`Resume`] holds may change);
+/// `cfg` then gives only what belongs to the machine (device, precision, algorithm search,
+/// image memory).
+///
+/// A run writes only into its own folder: a new run needs a folder that holds no run, and a
+/// resumed one continues in its folder only from that run's latest checkpoint (a checkpoint of
+/// another run, or an older snapshot, is refused; in a new folder it starts a new run).
 pub fn train(
     cfg: &TrainConfig,
     out: &Path,
-    resume: Option<&Path>,
+    resume: Option<&Resume>,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
     train_with(cfg, &Ranks::One, out, resume, progress)
@@ -775,10 +700,29 @@ pub fn train_with(
     cfg: &TrainConfig,
     ranks: &Ranks,
     out: &Path,
-    resume: Option<&Path>,
+    resume: Option<&Resume>,
     progress: &mut dyn Progress,
 ) -> Result<Summary> {
     super::ranks::run(cfg, ranks, out, resume, progress)
+}
+
+/// The run a run folder holds: its id, and the run and step it started from when it began from
+/// another run's checkpoint.
+#[derive(Debug, Clone)]
+pub(crate) struct Identity {
+    pub(crate) id: String,
+    pub(crate) parent: Option<(Option<String>, u64)>,
+}
+
+impl Identity {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "parent": self.parent.as_ref().map(|(id, step)| serde_json::json!({
+                "id": id, "step": step
+            })),
+        })
+    }
 }
 
 /// What every rank of a run shares: the configuration as resolved (a resumed run's wins), the
@@ -793,30 +737,145 @@ pub(crate) struct Setup {
     pub(crate) step: usize,
     /// The world size the resumed checkpoint was written by.
     pub(crate) saved_world: Option<usize>,
-    /// Whether `out` is the resumed run's own folder.
-    pub(crate) continuing: bool,
+    /// How rank 0 uses the run folder (checked again once it holds the lock).
+    pub(crate) intent: OwnedIntent,
+    pub(crate) identity: Identity,
+}
+
+/// [`folder::Intent`] with owned parts, so a [`Setup`] can carry it.
+pub(crate) enum OwnedIntent {
+    New,
+    Resume {
+        checkpoint: PathBuf,
+        id: Option<String>,
+        step: u64,
+    },
+}
+
+impl OwnedIntent {
+    pub(crate) fn borrow(&self) -> folder::Intent<'_> {
+        match self {
+            OwnedIntent::New => folder::Intent::New,
+            OwnedIntent::Resume {
+                checkpoint,
+                id,
+                step,
+            } => folder::Intent::Resume {
+                checkpoint,
+                id: id.as_deref(),
+                step: *step,
+            },
+        }
+    }
+}
+
+/// A dataset folder as an absolute path, so a run resumed from another working directory finds
+/// it; the names of built-in datasets stay as they are.
+fn absolute_data(data: &Path) -> PathBuf {
+    if data::is_builtin_name(data) {
+        return data.to_path_buf();
+    }
+    std::path::absolute(data).unwrap_or_else(|_| data.to_path_buf())
+}
+
+/// What identifies a run's dataset, kept in its checkpoints so a moved dataset (`--data` on a
+/// resume) can be checked against it.
+fn data_summary(s: &Splits) -> serde_json::Value {
+    // FNV-1a over the labels and the first images (a hash that never changes between builds).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    };
+    for l in &s.train.labels {
+        eat(&l.to_le_bytes());
+    }
+    for i in 0..s.train.len().min(8) {
+        eat(&s.train.image(i).data);
+    }
+    serde_json::json!({
+        "train": s.train.len(),
+        "classes": s.train.classes,
+        "fingerprint": format!("{h:016x}"),
+    })
 }
 
 impl Setup {
-    /// Resolves `cfg` against the checkpoint at `resume` and opens the data.
-    pub(crate) fn new(cfg: &TrainConfig, out: &Path, resume: Option<&Path>) -> Result<Setup> {
-        let loaded = resume.map(checkpoint::load).transpose()?;
+    /// Resolves `cfg` against the checkpoint `resume` names, checks `out` against the run it
+    /// continues, and opens the data.
+    pub(crate) fn new(cfg: &TrainConfig, out: &Path, resume: Option<&Resume>) -> Result<Setup> {
+        let loaded = resume
+            .map(|r| checkpoint::load(&r.checkpoint))
+            .transpose()?;
         let bad = |l: &checkpoint::Loaded, what: &str, e: serde_json::Error| Error::Checkpoint {
             path: l.path.clone(),
             reason: format!("{what}: {e}"),
         };
-        let resolved = match &loaded {
-            Some(l) => {
+        let (resolved, intent) = match (&loaded, resume) {
+            (Some(l), Some(r)) => {
                 let mut saved: TrainConfig = serde_json::from_value(l.state["train"].clone())
                     .map_err(|e| bad(l, "train configuration", e))?;
-                saved.epochs = cfg.epochs.max(saved.epochs);
+                let done = l.state["epoch"].as_u64().unwrap_or(0) as usize;
+                if let Some(n) = r.epochs {
+                    if n < saved.epochs {
+                        return Err(Error::InvalidConfig(format!(
+                            "--epochs {n} is fewer than the {} epochs the run was started \
+                             with; a resume may only extend a run",
+                            saved.epochs
+                        )));
+                    }
+                    saved.epochs = n;
+                }
+                if done >= saved.epochs {
+                    return Err(Error::InvalidConfig(format!(
+                        "the run of {} already finished its {} epoch(s); give --epochs with \
+                         more to extend it",
+                        r.checkpoint.display(),
+                        saved.epochs
+                    )));
+                }
+                if let Some(d) = &r.data {
+                    saved.data = absolute_data(d);
+                }
                 saved.local_from(cfg);
-                saved
+                let (id, step) = folder::checkpoint_run(&l.state);
+                let intent = OwnedIntent::Resume {
+                    checkpoint: r.checkpoint.clone(),
+                    id,
+                    step,
+                };
+                (saved, intent)
             }
-            None => cfg.clone(),
+            _ => {
+                let mut fresh = cfg.clone();
+                fresh.data = absolute_data(&cfg.data);
+                (fresh, OwnedIntent::New)
+            }
         };
         validate(&resolved)?;
+        // Refused before the data is read; checked again once the folder is locked.
+        let use_ = folder::check(out, &intent.borrow())?;
         let splits = load_data(&resolved)?;
+        if let Some(l) = &loaded {
+            let saved = &l.state["data"];
+            let now = data_summary(&splits);
+            if !saved.is_null() && *saved != now {
+                return Err(Error::dataset(
+                    &resolved.data,
+                    format!(
+                        "does not hold the dataset the run trained on ({} training images in \
+                         classes {}, fingerprint {}; the run had {} in {}, fingerprint {})",
+                        now["train"],
+                        now["classes"],
+                        now["fingerprint"],
+                        saved["train"],
+                        saved["classes"],
+                        saved["fingerprint"]
+                    ),
+                ));
+            }
+        }
         let aug = match &loaded {
             Some(l) => serde_json::from_value(l.state["augment"].clone())
                 .map_err(|e| bad(l, "augment configuration", e))?,
@@ -828,15 +887,38 @@ impl Setup {
         let saved_world = loaded
             .as_ref()
             .map(|l| l.state["world"].as_u64().unwrap_or(1) as usize);
+        let identity = match (&intent, use_) {
+            (OwnedIntent::Resume { id: Some(id), .. }, folder::Use::Continue) => Identity {
+                id: id.clone(),
+                parent: loaded
+                    .as_ref()
+                    .and_then(|l| l.state["run"]["parent"].as_object().cloned())
+                    .map(|p| {
+                        (
+                            p.get("id").and_then(|v| v.as_str()).map(str::to_string),
+                            p.get("step").and_then(|v| v.as_u64()).unwrap_or(0),
+                        )
+                    }),
+            },
+            (OwnedIntent::Resume { id, step, .. }, folder::Use::Fresh) => Identity {
+                id: folder::new_run_id(),
+                parent: Some((id.clone(), *step)),
+            },
+            _ => Identity {
+                id: folder::new_run_id(),
+                parent: None,
+            },
+        };
         Ok(Setup {
             mcfg: model_config(&resolved, &splits.train, &aug),
             cfg: resolved,
             aug,
             splits,
-            continuing: resume.is_some_and(|r| same_folder(r.parent(), out)),
             loaded,
             step,
             saved_world,
+            intent,
+            identity,
         })
     }
 
@@ -872,7 +954,11 @@ impl Setup {
             loaded: None,
             step: state["step"].as_u64().unwrap_or(0) as usize,
             saved_world: None,
-            continuing: false,
+            intent: OwnedIntent::New,
+            identity: Identity {
+                id: String::new(),
+                parent: None,
+            },
         })
     }
 }
@@ -954,8 +1040,19 @@ pub(crate) fn run_rank(
     if matches!(engine, Engine::Cpu | Engine::CpuRank(_)) {
         check_step_memory(mcfg, local_batch, c_in, aug.size)?;
     }
-    let _claim = if lead {
-        Some(RunFolder::claim(out, setup.continuing)?)
+    let claim = if lead {
+        let claim = RunFolder::claim(out, &setup.intent.borrow())?;
+        match claim.use_ {
+            folder::Use::Fresh => {
+                let mut identity = setup.identity.json();
+                identity["format"] = 1.into();
+                identity["data"] = cfg.data.display().to_string().into();
+                claim.write_identity(&identity)?;
+            }
+            // Steps after the resumed checkpoint are taken again: their old lines go.
+            folder::Use::Continue => folder::truncate_metrics(&files.metrics(), step as u64)?,
+        }
+        Some(claim)
     } else {
         None
     };
@@ -977,7 +1074,7 @@ pub(crate) fn run_rank(
     }
     progress.message(&format!(
         "data {}: {} train / {} test images of {}x{}x{}, crop {}; {:?} width {} ({} stem), projector {:?}; batch {}, {} epochs of {} steps",
-        cfg.data,
+        cfg.data.display(),
         splits.train.len(),
         splits.test.len(),
         splits.train.dims(0).0,
@@ -1048,11 +1145,11 @@ pub(crate) fn run_rank(
             let trained = (|| -> Result<()> {
                 for (y1, y2) in rx.iter() {
                     let (lw, lb) = schedule.lr(step);
-                    let diverged = |loss| Error::Diverged {
-                        step: step + 1,
-                        loss,
-                        lr_weights: cfg.lr_weights,
-                        lr_biases: cfg.lr_biases,
+                    let diverged = |loss: f64| Error::Diverged {
+                        what: "training".into(),
+                        at: format!("step {}", step + 1),
+                        value: format!("the loss became {loss}"),
+                        advice: lower_rates(cfg),
                     };
                     // Non-finite activations reach the loss as non-finite inputs: the same story.
                     let v = match engine.step(&mut model, &mut opt, &y1, &y2, (lw, lb)) {
@@ -1077,7 +1174,7 @@ pub(crate) fn run_rank(
                             "lr": lw, "pairs_per_s": rate}),
                     )?;
                     if progress.stop_requested() {
-                        return Err(Error::Interrupted { step });
+                        return Err(Error::Interrupted { step, kept: true });
                     }
                 }
                 Ok(())
@@ -1089,6 +1186,13 @@ pub(crate) fn run_rank(
             trained?;
             joined.map_err(|_| Error::dataset(&cfg.data, "the data thread panicked"))
         });
+        if let Err(Error::Interrupted { step, .. }) = result {
+            let kept = files.checkpoint().exists();
+            if let (false, Some(c)) = (kept, &claim) {
+                c.discard_unfinished();
+            }
+            return Err(Error::Interrupted { step, kept });
+        }
         result?;
         if !lead {
             continue;
@@ -1102,6 +1206,8 @@ pub(crate) fn run_rank(
         }
         engine.sync(&mut model, &mut opt)?;
         let done = epoch + 1;
+        // The last update of the epoch has no loss after it to show a blow-up: the weights do.
+        check_weights(&mut model, done, cfg)?;
         if (cfg.knn_every > 0 && done % cfg.knn_every == 0) || done == cfg.epochs {
             knn_final = knn.top1(&mut engine, &mut model, aug)?;
             progress.message(&format!(
@@ -1115,6 +1221,8 @@ pub(crate) fn run_rank(
         }
         let mut state = state_json(cfg, mcfg, aug, step, done);
         state["world"] = world.into();
+        state["run"] = setup.identity.json();
+        state["data"] = data_summary(splits);
         checkpoint::save(&files.checkpoint(), &mut model, &opt, &state)?;
     }
     progress.finish();
@@ -1128,6 +1236,39 @@ pub(crate) fn run_rank(
         steps: step,
         images_per_second,
     })
+}
+
+fn lower_rates(cfg: &TrainConfig) -> String {
+    format!(
+        "lower the base learning rates (--lr-weights {}, --lr-biases {}) or warm up longer \
+         (--warmup-epochs); the checkpoint of the last finished epoch is kept",
+        cfg.lr_weights, cfg.lr_biases
+    )
+}
+
+/// [`Error::Diverged`] when a parameter or buffer of `model` is not finite at the end of epoch
+/// `epoch`.
+fn check_weights(model: &mut BarlowTwins, epoch: usize, cfg: &TrainConfig) -> Result<()> {
+    use crate::nn::Visit;
+    let mut bad: Option<(String, f32)> = None;
+    let mut look = |name: &str, v: &[f32]| {
+        if bad.is_none() {
+            if let Some(x) = v.iter().find(|x| !x.is_finite()) {
+                bad = Some((name.to_string(), *x));
+            }
+        }
+    };
+    model.params_mut(&mut |p| look(&p.name, &p.value));
+    model.buffers_mut(&mut |b| look(&b.name, &b.value));
+    match bad {
+        None => Ok(()),
+        Some((name, x)) => Err(Error::Diverged {
+            what: "training".into(),
+            at: format!("the end of epoch {epoch}"),
+            value: format!("{name} holds {x}"),
+            advice: lower_rates(cfg),
+        }),
+    }
 }
 
 fn validate(cfg: &TrainConfig) -> Result<()> {
@@ -1155,17 +1296,4 @@ fn validate(cfg: &TrainConfig) -> Result<()> {
         return bad("kNN needs k >= 1 and a temperature > 0".into());
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    #[cfg(target_os = "linux")]
-    fn a_metrics_write_on_a_full_disk_is_an_error() {
-        // /dev/full fails every write with "no space left on device".
-        let e = append_metric(Path::new("/dev/full"), &serde_json::json!({"step": 1})).unwrap_err();
-        assert!(matches!(e, Error::Io { .. }), "{e}");
-    }
 }
