@@ -216,15 +216,16 @@ pub(crate) fn bench_train(a: BenchTrainArgs) -> Result<(), Failure> {
             rows.push(row);
         }
     }
-    // The measured rows are written before anything that could still fail.
+    let mut table = rows.clone();
+    for path in &a.with {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        table.extend(tb::read_rows(&text).map_err(|e| format!("{}: {e}", path.display()))?);
+    }
+    // The table first: a file that cannot be written does not take the measurements with it.
+    print!("{}", tb::render(&table));
     if let Some(path) = &a.json {
         write_json_lines(path, &rows)?;
     }
-    for path in &a.with {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        rows.extend(tb::read_rows(&text).map_err(|e| format!("{}: {e}", path.display()))?);
-    }
-    print!("{}", tb::render(&rows));
     Ok(())
 }
 
@@ -343,14 +344,16 @@ pub(crate) fn bench_loss(args: LossArgs) -> Result<(), Failure> {
             }
         }
     }
-    if let Some(path) = &args.json {
-        write_json_lines(path, &rows)?;
-    }
+    let mut table = rows.clone();
     for path in &args.with {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        rows.extend(bench::read_rows(&text).map_err(|e| format!("{}: {e}", path.display()))?);
+        table.extend(bench::read_rows(&text).map_err(|e| format!("{}: {e}", path.display()))?);
     }
-    print!("{}", bench::render_table(&rows));
+    // The table first: a file that cannot be written does not take the measurements with it.
+    print!("{}", bench::render_table(&table));
+    if let Some(path) = &args.json {
+        write_json_lines(path, &rows)?;
+    }
     Ok(())
 }

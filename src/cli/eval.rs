@@ -19,7 +19,7 @@ pub(crate) struct EvalArgs {
     checkpoint: PathBuf,
     /// Dataset [default: the one the run trained on].
     #[arg(long)]
-    data: Option<String>,
+    data: Option<PathBuf>,
     /// Neighbours.
     #[arg(long, default_value_t = 20, value_parser = positive)]
     k: usize,
@@ -38,7 +38,7 @@ pub(crate) struct LinearArgs {
     checkpoint: PathBuf,
     /// Dataset [default: the one the run trained on].
     #[arg(long)]
-    data: Option<String>,
+    data: Option<PathBuf>,
     /// Epochs over the frozen features.
     #[arg(long, default_value_t = 30, value_parser = positive)]
     epochs: usize,
@@ -56,7 +56,7 @@ pub(crate) struct LinearArgs {
 /// Loads a checkpoint's model and the dataset it names (or `data`).
 pub(crate) fn load_for_eval(
     path: &std::path::Path,
-    data: Option<String>,
+    data: Option<PathBuf>,
 ) -> Result<
     (
         barlow::train::BarlowTwins,
@@ -71,12 +71,15 @@ pub(crate) fn load_for_eval(
         .map_err(|e| format!("{}: model configuration: {e}", path.display()))?;
     let aug = serde_json::from_value(l.state["augment"].clone())
         .map_err(|e| format!("{}: augment configuration: {e}", path.display()))?;
-    let data = data.unwrap_or_else(|| {
-        l.state["train"]["data"]
-            .as_str()
-            .unwrap_or("builtin")
-            .to_string()
-    });
+    let data = match data {
+        Some(d) => d,
+        None => {
+            let saved: barlow::train::run::TrainConfig =
+                serde_json::from_value(l.state["train"].clone())
+                    .map_err(|e| format!("{}: train configuration: {e}", path.display()))?;
+            saved.data
+        }
+    };
     let mut model =
         BarlowTwins::new(mcfg, &mut barlow::rng::Rng::new(0)).map_err(|e| e.to_string())?;
     l.restore_model(&mut model).map_err(|e| e.to_string())?;
@@ -91,9 +94,10 @@ pub(crate) fn load_for_eval(
             }
         };
         return Err(format!(
-            "{}: the model takes {} images but {data} holds {} images; evaluate it on data like \
+            "{}: the model takes {} images but {} holds {} images; evaluate it on data like \
              what it was trained on",
             path.display(),
+            data.display(),
             name(want),
             name(have)
         ));

@@ -647,6 +647,18 @@ fn check_step_memory(m: &ModelConfig, batch: usize, c_in: usize, crop: usize) ->
 
 /// What continues a saved run: its checkpoint, and the settings a resume may change. Every other
 /// setting is the saved run's.
+///
+/// ```no_run
+/// use barlow::train::run::{train, Quiet, Resume, TrainConfig};
+/// use std::path::Path;
+///
+/// let run = Path::new("runs/first");
+/// train(&TrainConfig::default().epochs(2), run, None, &mut Quiet)?;
+/// // Later: the same run, extended to 4 epochs, in its own folder.
+/// let more = Resume::new(run.join("checkpoint.safetensors")).epochs(Some(4));
+/// train(&TrainConfig::default(), run, Some(&more), &mut Quiet)?;
+/// # Ok::<(), barlow::Error>(())
+/// ```
 #[derive(Debug, Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub struct Resume {
