@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the virtual CUDA device (tests/vgpu) into one shared library, target/vgpu/libvgpu.so, with
-# the names the CUDA loader looks for (libcuda.so, libcublas.so, libcudnn.so, libnccl.so) as links to it, so
-# they share one state. Put target/vgpu on LD_LIBRARY_PATH to run a program on it.
+# the names real installations ship (libcuda.so.1, libcublas.so.13, libcudnn.so.9, libnccl.so.2)
+# as links to it, so they share one state. Put target/vgpu on LD_LIBRARY_PATH to run a program on it.
 #
 #   scripts/build-vgpu.sh            prints the folder to put on LD_LIBRARY_PATH
 #
@@ -47,5 +47,9 @@ if [[ ! -f $lib || $newest -nt $lib ]]; then
   "$cxx" -shared -pthread -Wl,-z,nodelete -o "$lib.tmp" "${objs[@]}"
   mv "$lib.tmp" "$lib"
 fi
-for name in libcuda.so libcuda.so.1 libcublas.so libcudnn.so libcurand.so libnccl.so libnccl.so.2; do ln -sf libvgpu.so "$out/$name"; done
+# Only the names real installations ship (the driver's libcuda.so.1, the CUDA 13 wheels'
+# libcublas.so.13, cuDNN 9, NCCL 2), so a loader that looks for another name fails here as it
+# would there. Links of other names from earlier builds go.
+rm -f "$out"/libcuda.so "$out"/libcublas.so "$out"/libcudnn.so "$out"/libnccl.so
+for name in libcuda.so.1 libcublas.so.13 libcudnn.so.9 libcurand.so libnccl.so.2; do ln -sf libvgpu.so "$out/$name"; done
 echo "$out"

@@ -46,9 +46,10 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/GPU: /' | tee -a "$summary"
 
 # CUDA libraries: the system's, plus those inside a Python installation (nvidia/*/lib) when the
-# system lacks cuBLAS or cuDNN.
+# system lacks the versions barlow loads (cuBLAS of CUDA 13, cuDNN 9): a CUDA 12 cuBLAS or a
+# cuDNN 8 does not count.
 libdirs=()
-if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so' || ! ldconfig -p 2>/dev/null | grep -q 'libcudnn\.so'; then
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so\.13 ' || ! ldconfig -p 2>/dev/null | grep -q 'libcudnn\.so\.9 '; then
   for py in python3 python; do
     command -v "$py" >/dev/null 2>&1 || continue
     while IFS= read -r d; do libdirs+=("$d"); done < <("$py" - <<'PY' 2>/dev/null
@@ -70,10 +71,10 @@ if [ ${#libdirs[@]} -gt 0 ]; then
   export LD_LIBRARY_PATH="$(IFS=:; echo "${libdirs[*]}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   note "CUDA libraries from Python: ${libdirs[*]}"
 fi
-# NCCL ships as libnccl.so.2 (in the system or the nvidia-nccl wheel); the loader looks for
-# libnccl.so, so a link to it goes on the path. Without NCCL the multi-GPU tests skip.
-if ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so '; then
-  nccl=$(ldconfig -p 2>/dev/null | awk '/libnccl\.so\.2 /{print $NF; exit}')
+# NCCL ships as libnccl.so.2 (in the system or the nvidia-nccl wheel), the name barlow loads; the
+# wheel's folder goes on the path when the system has none. Without NCCL the multi-GPU tests skip.
+if ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so\.2 '; then
+  nccl=
   for d in "${libdirs[@]}"; do
     [ -z "$nccl" ] && [ -f "$d/libnccl.so.2" ] && nccl=$d/libnccl.so.2
   done
@@ -81,9 +82,7 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libnccl\.so '; then
     nccl=$(python3 -c 'import glob, nvidia, os; print(next(iter(sorted(glob.glob(os.path.join(nvidia.__path__[0], "nccl", "lib", "libnccl.so.2")))), ""))' 2>/dev/null || true)
   fi
   if [ -n "$nccl" ]; then
-    mkdir -p "$bin/nccl"
-    ln -sf "$nccl" "$bin/nccl/libnccl.so"
-    export LD_LIBRARY_PATH="$bin/nccl${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export LD_LIBRARY_PATH="$(dirname "$nccl")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     note "NCCL: $nccl"
   else
     note "NCCL: not found; the multi-GPU tests will skip"

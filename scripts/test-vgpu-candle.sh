@@ -17,7 +17,10 @@ export NVCC BARLOW_REQUIRE_KERNELS=1 CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export PATH="$(dirname "$NVCC"):$PATH"
 lib=$(bash scripts/build-vgpu.sh)
 mkdir -p "$lib/link-only"
-for n in libnvrtc.so libcublasLt.so libcudart.so; do ln -sf ../libvgpu.so "$lib/link-only/$n"; done
+# candle links CUDA at build time, by the development names (libcuda.so, libcublas.so, ...), which
+# its binary then asks for at run time: those names live here, apart from the names real
+# installations ship that barlow's own loader must find.
+for n in libcuda.so libcublas.so libnvrtc.so libcublasLt.so libcudart.so; do ln -sf ../libvgpu.so "$lib/link-only/$n"; done
 
 export CARGO_TARGET_DIR=target/candle-vgpu
 export RUSTFLAGS="-L $lib -L $lib/link-only -C link-arg=-Wl,--unresolved-symbols=ignore-all -C link-arg=-Wl,-z,lazy"
@@ -45,7 +48,7 @@ comm -23 <(nm -D --undefined-only "$bin" | awk '{print $2}' | sed 's/@.*//' | so
   >"$stubs"
 "${CC:-cc}" -shared -fPIC -o "$lib/libvgpu_unmodelled.so" "$stubs"
 
-LD_LIBRARY_PATH=$lib LD_PRELOAD=$lib/libvgpu_unmodelled.so BARLOW_REQUIRE_GPU=1 \
+LD_LIBRARY_PATH=$lib:$lib/link-only LD_PRELOAD=$lib/libvgpu_unmodelled.so BARLOW_REQUIRE_GPU=1 \
   "$bin" --nocapture 2>&1 | tee "$CARGO_TARGET_DIR/candle_op.log"
 status=${PIPESTATUS[0]}
 if grep -q '^vgpu: ' "$CARGO_TARGET_DIR/candle_op.log"; then

@@ -19,12 +19,15 @@ status=${PIPESTATUS[0]}
 
 passed=$(grep -Eo '^test result: .* ([0-9]+) passed' "$log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '^test result: .*; ([0-9]+) failed' "$log" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
-skipped=$(grep -c '^SKIP: ' "$log")
+# Test threads print concurrently, so a SKIP line can start after another test's "test ... ok":
+# every SKIP is counted wherever it stands in a line.
+skips=$(grep -oE 'SKIP: .*' "$log")
+skipped=$(printf '%s' "$skips" | grep -c 'SKIP: ')
 echo
 if [ "$skipped" -gt 0 ]; then
   echo "Skipped (they checked nothing):"
-  grep '^SKIP: ' "$log" | sed 's/^/  /'
-  if grep -q '^SKIP: .*CUDA' "$log"; then
+  printf '%s\n' "$skips" | sed 's/^/  /'
+  if printf '%s' "$skips" | grep -q 'CUDA'; then
     echo "(without a GPU, bash scripts/test-vgpu.sh runs the GPU tests on the virtual CUDA device)"
   fi
 fi

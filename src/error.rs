@@ -115,7 +115,7 @@ pub enum Error {
     #[error("cuDNN not found: libcudnn could not be loaded (install cuDNN 9 for CUDA 13, e.g. the nvidia-cudnn-cu13 wheel, and put its lib folder on LD_LIBRARY_PATH)")]
     NoCudnn,
     /// libnccl could not be loaded.
-    #[error("NCCL not found: libnccl.so could not be loaded (install NCCL, e.g. the nvidia-nccl-cu13 wheel, and put a libnccl.so link to its libnccl.so.2 on LD_LIBRARY_PATH)")]
+    #[error("NCCL not found: neither libnccl.so.2 nor libnccl.so could be loaded with NCCL's entry points (install NCCL, e.g. the nvidia-nccl-cu13 wheel or Debian's libnccl2, and put its lib folder on LD_LIBRARY_PATH)")]
     NoNccl,
     /// The driver found no usable CUDA device.
     #[error("no CUDA device: {0}")]

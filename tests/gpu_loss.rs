@@ -839,5 +839,29 @@ fn on_device_loss_is_capturable_in_a_cuda_graph() {
             assert_close_grad(&format!("{w} dza"), &down(&s, &dza), &r.grad_za, sa, 1e-5);
             assert_close_grad(&format!("{w} dzb"), &down(&s, &dzb), &r.grad_zb, sb, 1e-5);
         }
+
+        // A larger shape needs a larger workspace: refused while capturing (growing allocates
+        // and frees), with the capture left intact; outside a capture it grows.
+        let (n2, d2) = (2 * n + 3, d + 7);
+        let big = Dims::new(n2, d2);
+        let za = rng.matrix(n2, d2);
+        let zb = rng.correlated(&za, 0.5);
+        let (a2, b2) = (up(&s, &za), up(&s, &zb));
+        let (mut ga, mut gb) = (poisoned::<f32>(&s, n2 * d2), poisoned::<f32>(&s, n2 * d2));
+        s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL)
+            .unwrap();
+        let refused =
+            loss.forward_backward_on_device(&s, &a2, &b2, big, &mut ga, &mut gb, &mut out);
+        let ended = s.end_capture(CUgraphInstantiate_flags(0));
+        match refused {
+            Err(Error::InvalidConfig(m)) => assert!(m.contains("capturing"), "{what}: {m}"),
+            other => panic!("{what}: growing during a capture gave {other:?}"),
+        }
+        assert!(ended.is_ok(), "{what}: the refused call broke the capture");
+        let v = loss
+            .forward_backward(&s, &a2, &b2, big, &mut ga, &mut gb)
+            .unwrap();
+        let r = reference::forward_backward(&to_f64(&za), &to_f64(&zb), big, LAMBDA, EPS).unwrap();
+        assert_loss_close(&format!("{what} grown"), v, &r, LAMBDA, 1e-5);
     }
 }

@@ -41,7 +41,9 @@ __device__ void bn_stats_partial(const T* __restrict__ x, float* __restrict__ pa
       const float v = to_f32(x[r * c + col]) - shift;
       cnt += 1.f;
       const float delta = v - mean;
-      mean += delta / cnt;
+      // A correctly rounded reciprocal instead of a division: the division's slow path is a
+      // call whose saved registers spill on sm_90.
+      mean += delta * __frcp_rn(cnt);
       m2 += delta * (v - mean);
     }
   }

@@ -244,13 +244,22 @@ fn is_driver(lib: &libloading::Library) -> bool {
 }
 
 /// Whether one of the file names cudarc would try for `libs` can be opened. In the linking modes
-/// the library is already in the process, so this holds there as well.
+/// the library is already in the process, so this holds there as well. Probed once per process
+/// (a probe walks every name through every folder of the library path).
 pub(crate) fn library_present(libs: &[&str]) -> bool {
-    libs.iter().flat_map(|l| library_names(l)).any(|name| {
+    static SEEN: std::sync::Mutex<Vec<(String, bool)>> = std::sync::Mutex::new(Vec::new());
+    let key = libs.join(",");
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(&(_, present)) = seen.iter().find(|(k, _)| *k == key) {
+        return present;
+    }
+    let present = libs.iter().flat_map(|l| library_names(l)).any(|name| {
         // SAFETY: opening a CUDA library runs only its initializers, which have no
         // preconditions; the handle is closed at once and no symbol is looked up.
         unsafe { libloading::Library::new(name) }.is_ok()
-    })
+    });
+    seen.push((key, present));
+    present
 }
 
 /// Whether the library cudarc would load as the driver is one. A library of that name that is

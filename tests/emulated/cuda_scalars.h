@@ -56,6 +56,9 @@ inline float __uint_as_float(unsigned u) {
   return f;
 }
 
+// The correctly rounded reciprocal: what IEEE division of 1 by x gives.
+inline float __frcp_rn(float x) { return 1.0f / x; }
+
 struct alignas(16) float4 {
   float x, y, z, w;
 };

@@ -39,8 +39,21 @@ enum Mats {
     },
 }
 
-/// Device buffers for one (N, D, math, path); reused while a call fits in them.
+/// Makes its context current when dropped, so the buffers declared after it are freed there (a
+/// loss object may be dropped on any thread, after work on any device).
+struct BindOnDrop(Arc<cudarc::driver::CudaContext>);
+
+impl Drop for BindOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.bind_to_thread();
+    }
+}
+
+/// Device buffers for one (N, D, math, path); reused while a call fits in them. The kernels and
+/// the cuBLAS handle (`ops`) outlive a resize: destroying a handle synchronizes the device.
 pub(crate) struct Workspace {
+    /// First, so it is dropped before the buffers.
+    _bind: BindOnDrop,
     ops: CudaOps,
     ctx: usize,
     math: Math,
@@ -79,7 +92,14 @@ pub fn workspace_bytes(dims: Dims, math: Math, path: LossPath) -> usize {
 }
 
 impl Workspace {
-    fn new(stream: &Arc<CudaStream>, dims: Dims, math: Math, path: LossPath) -> Result<Self> {
+    /// New buffers for the shape; `ops` is the previous workspace's on this context, kept.
+    fn new(
+        stream: &Arc<CudaStream>,
+        dims: Dims,
+        math: Math,
+        path: LossPath,
+        ops: Option<CudaOps>,
+    ) -> Result<Self> {
         let (n, d) = (dims.n, dims.d);
         let nd = n * d;
         let what = "allocating the loss workspace";
@@ -91,7 +111,14 @@ impl Workspace {
             other => other,
         };
         let bf = math == Math::Bf16;
-        let build = || -> Result<Self> {
+        let ops = match ops {
+            Some(mut ops) => {
+                ops.set_stream(stream)?;
+                ops
+            }
+            None => CudaOps::new(stream)?,
+        };
+        let build = move || -> Result<Self> {
             let hat = if bf {
                 Hat::Bf16(alloc(stream, nd, what)?, alloc(stream, nd, what)?)
             } else {
@@ -117,7 +144,8 @@ impl Workspace {
                 },
             };
             Ok(Self {
-                ops: CudaOps::new(stream)?,
+                _bind: BindOnDrop(stream.context().clone()),
+                ops,
                 ctx: stream.context().cu_ctx() as usize,
                 math,
                 path,
@@ -156,9 +184,29 @@ impl Workspace {
             .as_ref()
             .is_some_and(|w| w.fits(stream, dims, math, path))
         {
-            // Free the old buffers before asking for new ones.
-            drop(slot.take());
-            *slot = Some(Workspace::new(stream, dims, math, path)?);
+            use cudarc::driver::sys::CUstreamCaptureStatus;
+            let capturing = stream
+                .capture_status()
+                .map_err(super::drv("asking whether the stream is capturing"))?;
+            if capturing != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+                return Err(Error::InvalidConfig(format!(
+                    "the loss needs a larger workspace (N = {}, D = {}, {math:?}, {path:?}) while \
+                     its stream is capturing a CUDA graph; run the loss once at this shape before \
+                     capturing",
+                    dims.n, dims.d
+                )));
+            }
+            // Free the old buffers before asking for new ones; keep the kernels and the cuBLAS
+            // handle when the context is the same.
+            let ctx = stream.context().cu_ctx() as usize;
+            let ops = match slot.take() {
+                Some(old) if old.ctx == ctx => {
+                    let Workspace { ops, .. } = old;
+                    Some(ops)
+                }
+                _ => None,
+            };
+            *slot = Some(Workspace::new(stream, dims, math, path, ops)?);
         }
         match slot.as_mut() {
             Some(w) => Ok(w),
@@ -167,14 +215,6 @@ impl Workspace {
                 message: "workspace missing after allocation".into(),
             }),
         }
-    }
-}
-
-impl Drop for Workspace {
-    /// The buffers are freed on their stream in the current context, which must be theirs
-    /// (a loss object may be dropped on any thread, after work on any device).
-    fn drop(&mut self) {
-        let _ = self.ops.stream().context().bind_to_thread();
     }
 }
 
