@@ -25,7 +25,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 # Build everything with the ordinary environment first; only the runs see the virtual device.
-cargo test --release --no-run --test gpu_loss --test gpu_train --test gpu_nccl || exit 1
+cargo test --release --no-run --test gpu_loss --test gpu_train --test gpu_nccl --test gpu_audit || exit 1
 cargo build --release --bin barlow || exit 1
 cargo bench --no-run --bench loss || exit 1
 # The Python extension's own tests (a PyO3 crate's test binary links libpython).
@@ -63,8 +63,9 @@ run_tests() {
   local p f s
   p=$(grep -Eo '^test result: .* ([0-9]+) passed' "$work/t.log" | grep -Eo '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
   f=$(grep -Eo '^test result: .*; ([0-9]+) failed' "$work/t.log" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
-  s=$(grep -c '^SKIP: ' "$work/t.log")
-  grep -E '^test .* \.\.\. |^vgpu: |panicked|^SKIP: ' "$work/t.log" | sed "s/^/      [$what] /"
+  # Test threads print concurrently: a SKIP counts wherever it stands in a line.
+  s=$(grep -o 'SKIP: ' "$work/t.log" | wc -l)
+  grep -E '^test .* \.\.\. |^vgpu: |panicked|SKIP: ' "$work/t.log" | sed "s/^/      [$what] /"
   passed=$((passed + p - s))
   failed=$((failed + f))
   skipped=$((skipped + s))
@@ -75,6 +76,11 @@ run_tests() {
 }
 run_tests "cudnnFind" --test gpu_loss --test gpu_train --test gpu_nccl
 BARLOW_CUDNN_FIND=0 run_tests "heuristics" --test gpu_train
+# The launch audit: every kernel's grid at the paper's shapes (kernels and GEMMs recorded, not
+# run), against an H100's 132 SMs; its table goes into the log.
+: >"$work/launches.log"
+RUST_TEST_THREADS=1 VGPU_LAUNCH_LOG=$work/launches.log VGPU_SKIP_COMPUTE=1 run_tests "launch audit" --test gpu_audit
+awk '/^kernel  /{on=1} on && /^test /{on=0} on' "$work/t.log" | sed 's/^/      /'
 
 # The Python extension's CUDA glue (python/src/device.rs) with a stream of the test's own standing
 # in for PyTorch's: each call forks from it and joins back, which the device checks.

@@ -173,24 +173,34 @@ impl Plan {
     }
 }
 
-/// Picks from cuDNN's ranked candidates: the first deterministic one that succeeded and fits the
-/// cap, else the first that succeeded and fits.
+/// A candidate of cuDNN's ranking: algorithm, status, workspace bytes, determinism, math type,
+/// and the milliseconds it took when the ranking timed it (cudnnFind*; not above 0 otherwise).
 type Ranked<A> = (
     A,
     sys::cudnnStatus_t,
     usize,
     sys::cudnnDeterminism_t,
     sys::cudnnMathType_t,
+    f32,
 );
 
+/// Picks from cuDNN's ranked candidates: the fastest deterministic one that succeeded and fits
+/// the cap (by measured time where the ranking timed them, else in the ranking's order), else the
+/// fastest that succeeded and fits.
 fn choose<A: Copy>(ranked: &[Ranked<A>], what: &str) -> Result<(A, sys::cudnnMathType_t)> {
     let ok =
         |r: &&Ranked<A>| r.1 == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && r.2 <= WORKSPACE_CAP;
-    ranked
-        .iter()
-        .filter(ok)
-        .find(|r| r.3 == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC)
-        .or_else(|| ranked.iter().find(ok))
+    // Untimed candidates sort after timed ones and keep their order among themselves.
+    let time = |r: &Ranked<A>| if r.5 > 0.0 { r.5 } else { f32::INFINITY };
+    let fastest = |deterministic: bool| {
+        ranked
+            .iter()
+            .filter(ok)
+            .filter(|r| !deterministic || r.3 == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC)
+            .min_by(|a, b| time(a).total_cmp(&time(b)))
+    };
+    fastest(true)
+        .or_else(|| fastest(false))
         .map(|r| (r.0, r.4))
         .ok_or_else(|| Error::Cudnn {
             during: format!("choosing a {what} algorithm"),
@@ -353,7 +363,16 @@ impl<A: Act> Convolutions<A> {
                     result = status(&format!("ranking {} algorithms", $what))(st).and_then(|()| {
                         let ranked: Vec<_> = perf[..(count.max(0) as usize).min(N)]
                             .iter()
-                            .map(|p| (p.algo, p.status, p.memory, p.determinism, p.mathType))
+                            .map(|p| {
+                                (
+                                    p.algo,
+                                    p.status,
+                                    p.memory,
+                                    p.determinism,
+                                    p.mathType,
+                                    p.time,
+                                )
+                            })
                             .collect();
                         choose(&ranked, $what)
                     });
@@ -652,5 +671,50 @@ impl<A: Act> Drop for Convolutions<A> {
         unsafe {
             sys::cudnnDestroy(self.handle);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sys::cudnnDeterminism_t::{CUDNN_DETERMINISTIC, CUDNN_NON_DETERMINISTIC};
+    use sys::cudnnMathType_t::CUDNN_DEFAULT_MATH;
+    use sys::cudnnStatus_t::{CUDNN_STATUS_NOT_SUPPORTED, CUDNN_STATUS_SUCCESS};
+
+    #[test]
+    fn the_fastest_deterministic_algorithm_that_fits_is_chosen() {
+        let c = |a: u32, ok: bool, mem: usize, det: bool, ms: f32| -> Ranked<u32> {
+            let st = if ok {
+                CUDNN_STATUS_SUCCESS
+            } else {
+                CUDNN_STATUS_NOT_SUPPORTED
+            };
+            let d = if det {
+                CUDNN_DETERMINISTIC
+            } else {
+                CUDNN_NON_DETERMINISTIC
+            };
+            (a, st, mem, d, CUDNN_DEFAULT_MATH, ms)
+        };
+        // Out of time order: the fastest deterministic is 3, not the first listed (1).
+        let timed = [
+            c(1, true, 0, true, 2.0),
+            c(2, true, 0, false, 0.5),
+            c(3, true, 0, true, 1.0),
+            c(4, false, 0, true, 0.1),
+            c(5, true, WORKSPACE_CAP + 1, true, 0.2),
+        ];
+        assert_eq!(choose(&timed, "t").unwrap().0, 3);
+        // Untimed (heuristics): the ranking's order.
+        let untimed = [
+            c(7, true, 0, false, -1.0),
+            c(8, true, 0, true, -1.0),
+            c(9, true, 0, true, -1.0),
+        ];
+        assert_eq!(choose(&untimed, "t").unwrap().0, 8);
+        // No deterministic one: the fastest that works.
+        let none = [c(1, true, 0, false, 3.0), c(2, true, 0, false, 1.0)];
+        assert_eq!(choose(&none, "t").unwrap().0, 2);
+        assert!(choose(&[c(1, false, 0, true, 1.0)], "t").is_err());
     }
 }

@@ -343,6 +343,7 @@ EXPORT const char* cublasGetStatusName(cublasStatus_t s) {
 EXPORT const char* cublasGetStatusString(cublasStatus_t s) { return status_text(s); }
 
 EXPORT cublasStatus_t cublasCreate_v2(cublasHandle_t* handle) {
+  vgpu::audit_event("cublasCreate");
   std::lock_guard<std::recursive_mutex> g(vgpu::lock());
   if (!handle) return CUBLAS_STATUS_INVALID_VALUE;
   vgpu::Context* ctx = vgpu::current();
@@ -355,6 +356,7 @@ EXPORT cublasStatus_t cublasCreate_v2(cublasHandle_t* handle) {
 }
 
 EXPORT cublasStatus_t cublasDestroy_v2(cublasHandle_t handle) {
+  vgpu::audit_event("cublasDestroy");
   std::lock_guard<std::recursive_mutex> g(vgpu::lock());
   if (!live(handle)) return CUBLAS_STATUS_NOT_INITIALIZED;
   handles().erase(handle);
@@ -485,6 +487,7 @@ EXPORT cublasStatus_t cublasGemmEx(cublasHandle_t handle, cublasOperation_t tran
     }
     return 0;
   };
+  if (vgpu::skip_compute()) return CUBLAS_STATUS_SUCCESS;
   if (!vgpu::captured(s, run)) run(s);
   return CUBLAS_STATUS_SUCCESS;
 }

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -158,7 +159,45 @@ const Kernel* find_kernel(const char* name) {
 
 
 int launch(const Kernel* k, const LaunchShape& shape, Stream* s, void** params) {
+  audit_launch(k->name, shape);
+  if (skip_compute()) return 0;
   return k->launch(shape, s, params, mutation().swap == k);
+}
+
+namespace {
+FILE* audit_file() {
+  static FILE* f = [] {
+    const char* path = getenv("VGPU_LAUNCH_LOG");
+    return path && *path ? fopen(path, "a") : nullptr;
+  }();
+  return f;
+}
+std::mutex audit_mutex;
+}  // namespace
+
+bool skip_compute() {
+  static const bool skip = [] {
+    const char* v = getenv("VGPU_SKIP_COMPUTE");
+    return v && strcmp(v, "1") == 0;
+  }();
+  return skip;
+}
+
+void audit_launch(const char* kernel, const LaunchShape& sh) {
+  FILE* f = audit_file();
+  if (!f) return;
+  std::lock_guard<std::mutex> lk(audit_mutex);
+  fprintf(f, "launch %s %u %u %u %u %u %u %u\n", kernel, sh.grid[0], sh.grid[1], sh.grid[2],
+          sh.block[0], sh.block[1], sh.block[2], sh.shared);
+  fflush(f);
+}
+
+void audit_event(const char* what) {
+  FILE* f = audit_file();
+  if (!f) return;
+  std::lock_guard<std::mutex> lk(audit_mutex);
+  fprintf(f, "event %s\n", what);
+  fflush(f);
 }
 
 const Mutation& mutation() {

@@ -127,6 +127,15 @@ struct LaunchShape {
 // Validates the arguments against the kernel's signature and runs it. Returns a CUresult.
 int launch(const Kernel* k, const LaunchShape& shape, Stream* s, void** params);
 
+// The launch audit. With VGPU_LAUNCH_LOG=<file>, every kernel launch is appended to the file as
+// `launch <kernel> <gx> <gy> <gz> <bx> <by> <bz> <shared bytes>`, and library events (a cuBLAS
+// handle made or destroyed) as `event <what>`. With VGPU_SKIP_COMPUTE=1 kernels and GEMMs are
+// recorded but not run, so shapes far too large to emulate can be driven for their launches
+// (their outputs then hold whatever the buffers held).
+bool skip_compute();
+void audit_launch(const char* kernel, const LaunchShape& shape);
+void audit_event(const char* what);
+
 // A deliberate fault from VGPU_MUTATE, to prove a test suite notices a wrong launch or GEMM:
 // `swap:<kernel>` exchanges the first two pointer arguments with one pointee type (const or not)
 // in every launch of that kernel; `transpose` flips op(A) of every cublasGemmEx. Read once; an

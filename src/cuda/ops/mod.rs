@@ -934,7 +934,13 @@ pub(crate) struct GramRows<'a, A, B> {
 fn reduce_launch(d: usize, vec: bool) -> LaunchConfig {
     let items = if vec { d * d / 4 } else { d * d };
     let per_block = REDUCE_THREADS as usize * REDUCE_ITEMS_PER_THREAD;
-    let blocks = items.div_ceil(per_block).clamp(1, MAX_REDUCE_BLOCKS);
+    // At least four blocks per SM of an H100 (132 SMs) while every thread still has an item, so
+    // a small C (D = 2048) does not leave SMs idle.
+    let floor = (4 * 132).min(items.div_ceil(REDUCE_THREADS as usize));
+    let blocks = items
+        .div_ceil(per_block)
+        .max(floor)
+        .clamp(1, MAX_REDUCE_BLOCKS);
     LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (REDUCE_THREADS, 1, 1),
