@@ -69,26 +69,54 @@ __device__ void bn_stats_partial(const T* __restrict__ x, float* __restrict__ pa
   partial[2 * chunks * c + at] = q;
 }
 
+// The final merges give each channel MERGE_LANES threads (MERGE_CHANNELS channels to a block of
+// MERGE_THREADS): lane l merges chunks l, l + MERGE_LANES, ... in order, then the lanes are
+// merged pairwise in a fixed tree (l with l + 16, then l + 8, ...). The order is the same on every
+// run, and each thread walks 1/32 of the chunks instead of all of them.
+constexpr int MERGE_LANES = 32;
+constexpr int MERGE_THREADS = 256;
+constexpr int MERGE_CHANNELS = MERGE_THREADS / MERGE_LANES;
+
+// Chan's merge of the partial (nb, mb, qb) into (n, mu, q): counts, means and M2 of shifted values.
+__device__ __forceinline__ void chan_merge(double& n, double& mu, double& q, double nb, double mb,
+                                           double qb) {
+  if (nb == 0.0) return;
+  const double tot = n + nb;
+  const double delta = mb - mu;
+  mu += delta * (nb / tot);
+  q += qb + delta * delta * (n * nb / tot);
+  n = tot;
+}
+
 template <typename T>
 __device__ void bn_stats_final(const T* __restrict__ x, const float* __restrict__ partial,
                                int64_t chunks, int64_t m, int64_t c, float eps, float momentum,
                                int update_running, float* __restrict__ mean_out,
                                float* __restrict__ rstd_out, float* __restrict__ running_mean,
                                float* __restrict__ running_var) {
-  const int64_t col = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (col >= c) return;
+  __shared__ double s_n[MERGE_THREADS];
+  __shared__ double s_mu[MERGE_THREADS];
+  __shared__ double s_q[MERGE_THREADS];
+  const int t = threadIdx.x, lane = t % MERGE_LANES;
+  const int64_t col = (int64_t)blockIdx.x * MERGE_CHANNELS + t / MERGE_LANES;
   double n = 0.0, mu = 0.0, q = 0.0;
-  for (int64_t k = 0; k < chunks; ++k) {
-    const double nb = partial[k * c + col];
-    if (nb == 0.0) continue;
-    const double mb = partial[chunks * c + k * c + col];
-    const double qb = partial[2 * chunks * c + k * c + col];
-    const double tot = n + nb;
-    const double delta = mb - mu;
-    mu += delta * (nb / tot);
-    q += qb + delta * delta * (n * nb / tot);
-    n = tot;
+  if (col < c) {
+    for (int64_t k = lane; k < chunks; k += MERGE_LANES) {
+      chan_merge(n, mu, q, partial[k * c + col], partial[chunks * c + k * c + col],
+                 partial[2 * chunks * c + k * c + col]);
+    }
   }
+  s_n[t] = n;
+  s_mu[t] = mu;
+  s_q[t] = q;
+  __syncthreads();
+  for (int s = MERGE_LANES / 2; s > 0; s /= 2) {
+    if (lane < s) chan_merge(s_n[t], s_mu[t], s_q[t], s_n[t + s], s_mu[t + s], s_q[t + s]);
+    __syncthreads();
+  }
+  if (lane != 0 || col >= c) return;
+  q = s_q[t];
+  mu = s_mu[t];
   const float var = (float)(q / (double)m);
   const float mean = (float)((double)to_f32(x[col]) + mu);
   mean_out[col] = mean;
@@ -166,13 +194,30 @@ __device__ void bn_bwd_partial(const T* __restrict__ dy, const T* __restrict__ y
 __device__ void bn_bwd_final(const float* __restrict__ partial, int64_t chunks, int64_t m,
                              int64_t c, float* __restrict__ dgamma, float* __restrict__ dbeta,
                              float* __restrict__ coef) {
-  const int64_t col = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (col >= c) return;
+  __shared__ double s_sum[MERGE_THREADS];
+  __shared__ double s_dot[MERGE_THREADS];
+  const int t = threadIdx.x, lane = t % MERGE_LANES;
+  const int64_t col = (int64_t)blockIdx.x * MERGE_CHANNELS + t / MERGE_LANES;
   double sum = 0.0, dot = 0.0;
-  for (int64_t k = 0; k < chunks; ++k) {
-    sum += partial[k * c + col];
-    dot += partial[chunks * c + k * c + col];
+  if (col < c) {
+    for (int64_t k = lane; k < chunks; k += MERGE_LANES) {
+      sum += partial[k * c + col];
+      dot += partial[chunks * c + k * c + col];
+    }
   }
+  s_sum[t] = sum;
+  s_dot[t] = dot;
+  __syncthreads();
+  for (int s = MERGE_LANES / 2; s > 0; s /= 2) {
+    if (lane < s) {
+      s_sum[t] += s_sum[t + s];
+      s_dot[t] += s_dot[t + s];
+    }
+    __syncthreads();
+  }
+  if (lane != 0 || col >= c) return;
+  sum = s_sum[t];
+  dot = s_dot[t];
   dbeta[col] += (float)sum;
   dgamma[col] += (float)dot;
   coef[col] = (float)(sum / (double)m);
@@ -272,8 +317,9 @@ extern "C" __global__ void bn_eval_stats(const float* running_mean, const float*
   rstd[col] = 1.f / sqrtf(running_var[col] + eps);
 }
 
-extern "C" __global__ void bn_bwd_final(const float* partial, int64_t chunks, int64_t m, int64_t c,
-                                        float* dgamma, float* dbeta, float* coef) {
+extern "C" __global__ void __launch_bounds__(barlow::MERGE_THREADS)
+    bn_bwd_final(const float* partial, int64_t chunks, int64_t m, int64_t c, float* dgamma,
+                 float* dbeta, float* coef) {
   barlow::bn_bwd_final(partial, chunks, m, c, dgamma, dbeta, coef);
 }
 
@@ -300,7 +346,7 @@ BARLOW_BN_SYNC(bf16, __nv_bfloat16)
       bn_stats_partial_##SUF(const T* x, float* partial, int64_t m, int64_t c, int64_t rpc) {   \
     barlow::bn_stats_partial<T>(x, partial, m, c, rpc);                                        \
   }                                                                                            \
-  extern "C" __global__ void bn_stats_final_##SUF(                                             \
+  extern "C" __global__ void __launch_bounds__(barlow::MERGE_THREADS) bn_stats_final_##SUF(  \
       const T* x, const float* partial, int64_t chunks, int64_t m, int64_t c, float eps,       \
       float momentum, int update_running, float* mean, float* rstd, float* running_mean,       \
       float* running_var) {                                                                    \

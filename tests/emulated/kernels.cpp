@@ -179,7 +179,8 @@ void test_batch_norm(int64_t m, int64_t c, int64_t rows, bool residual, bool rel
   auto rm = rmean, rv = rvar;
   emu_launch({unsigned((c + 31) / 32), unsigned(chunks)}, {32, 8},
              [&] { Bn<T>::partial(xt.data(), partial.data(), m, c, rows); });
-  emu_launch({unsigned((c + 255) / 256)}, {256}, [&] {
+  // The final merges: 32 threads per channel, 8 channels a block (batchnorm.cu, merge_grid).
+  emu_launch({unsigned((c + 7) / 8)}, {256}, [&] {
     Bn<T>::final_(xt.data(), partial.data(), chunks, m, c, eps, momentum, 1, mean.data(),
                   rstd.data(), rm.data(), rv.data());
   });
@@ -224,7 +225,7 @@ void test_batch_norm(int64_t m, int64_t c, int64_t rows, bool residual, bool rel
     Bn<T>::bwd_partial(dyt.data(), relu ? yt.data() : nullptr, xt.data(), mean.data(),
                        rstd.data(), bpart.data(), m, c, rows);
   });
-  emu_launch({unsigned((c + 255) / 256)}, {256},
+  emu_launch({unsigned((c + 7) / 8)}, {256},
              [&] { bn_bwd_final(bpart.data(), chunks, m, c, dg.data(), db.data(), coef.data()); });
   rows_launch(m, c, [&] {
     Bn<T>::bwd_apply(dyt.data(), relu ? yt.data() : nullptr, xt.data(), mean.data(), rstd.data(),

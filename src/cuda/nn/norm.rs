@@ -181,12 +181,13 @@ impl NnOps {
                     )?;
                 }
                 // SAFETY: the partial sums just written; mean, rstd and the running statistics
-                // are C-float halves of their 2·C buffers; one thread per channel.
+                // are C-float halves of their 2·C buffers; merge_grid gives the kernel its
+                // 256-thread blocks of 32 threads per channel, covering every channel.
                 unsafe {
                     kernel::bn_stats_final::<A>(
                         &self.kernels,
                         &s,
-                        small,
+                        merge_grid(c),
                         x,
                         partial,
                         chunks as i64,
@@ -290,18 +291,13 @@ impl NnOps {
                 rows as i64,
             )?;
         }
-        let small = LaunchConfig {
-            grid_dim: (c.div_ceil(THREADS as usize) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: dγ and dβ are the two C-float halves of dgb, coef holds 2·C floats; one thread
-        // per channel.
+        // SAFETY: dγ and dβ are the two C-float halves of dgb, coef holds 2·C floats; merge_grid
+        // gives the kernel its 256-thread blocks of 32 threads per channel, covering every channel.
         unsafe {
             kernel::bn_bwd_final(
                 &self.kernels,
                 &s,
-                small,
+                merge_grid(c),
                 partial,
                 chunks as i64,
                 m64,
@@ -452,5 +448,15 @@ impl NnOps {
                 c as i64,
             )
         }
+    }
+}
+
+/// The final merges' launch (`bn_stats_final`, `bn_bwd_final` in batchnorm.cu): blocks of
+/// MERGE_THREADS = 256 threads, MERGE_LANES = 32 to a channel, so 8 channels a block.
+fn merge_grid(c: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (c.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
