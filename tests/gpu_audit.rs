@@ -39,8 +39,6 @@ const FIXED_WORK: &[(&str, &str)] = &[
 /// across blocks). Listed so that the audit fails when a new kernel is narrow or one of these
 /// is widened without leaving this list.
 const TOO_NARROW_YET: &[&str] = &[
-    "gram_diag_bf16",
-    "gram_diag_f32",
     "standardize_bwd_f32",
     "standardize_fwd_f32_bf16",
     "standardize_fwd_f32_f32",

@@ -8,15 +8,21 @@
 
 namespace barlow {
 
+// Partial dot products Σₙ a[n,i]·b[n,i] over the rows of chunk blockIdx.y (rows_per_chunk rows
+// each), into part[chunk·D + i]: the grid spans columns and row chunks, so a short D still fills
+// the GPU. gram_final adds the chunks in order and divides by N.
 template <typename T>
 __device__ void gram_diag(const T* __restrict__ a, const T* __restrict__ b,
-                          double* __restrict__ cii, int64_t n, int64_t d) {
+                          double* __restrict__ part, int64_t n, int64_t d,
+                          int64_t rows_per_chunk) {
   __shared__ double s[ROWS][COLS];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t col = (int64_t)blockIdx.x * COLS + tx;
+  const int64_t r0 = (int64_t)blockIdx.y * rows_per_chunk;
+  const int64_t r1 = min(n, r0 + rows_per_chunk);
   double acc = 0.0;
   if (col < d) {
-    for (int64_t r = ty; r < n; r += ROWS) {
+    for (int64_t r = r0 + ty; r < r1; r += ROWS) {
       acc += (double)to_f32(a[r * d + col]) * (double)to_f32(b[r * d + col]);
     }
   }
@@ -24,7 +30,7 @@ __device__ void gram_diag(const T* __restrict__ a, const T* __restrict__ b,
   __syncthreads();
   if (ty == 0 && col < d) {
     for (int k = 1; k < ROWS; ++k) acc += s[k][tx];
-    cii[col] = acc / (double)n;
+    part[(int64_t)blockIdx.y * d + col] = acc;
   }
 }
 
@@ -40,14 +46,15 @@ constexpr int GRAM_THREADS = 256;
 }  // namespace barlow
 
 extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS)
-    gram_diag_f32(const float* a, const float* b, double* cii, int64_t n, int64_t d) {
-  barlow::gram_diag<float>(a, b, cii, n, d);
+    gram_diag_f32(const float* a, const float* b, double* part, int64_t n, int64_t d,
+                  int64_t rows_per_chunk) {
+  barlow::gram_diag<float>(a, b, part, n, d, rows_per_chunk);
 }
 
 extern "C" __global__ void __launch_bounds__(barlow::COLS * barlow::ROWS)
-    gram_diag_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b, double* cii, int64_t n,
-                   int64_t d) {
-  barlow::gram_diag<__nv_bfloat16>(a, b, cii, n, d);
+    gram_diag_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b, double* part, int64_t n,
+                   int64_t d, int64_t rows_per_chunk) {
+  barlow::gram_diag<__nv_bfloat16>(a, b, part, n, d, rows_per_chunk);
 }
 
 // Per-block partial sums of ga ⊙ gb (len = N²), in f64; the grid depends only on len. With
@@ -70,15 +77,18 @@ extern "C" __global__ void __launch_bounds__(barlow::GRAM_THREADS)
   if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
-// One block: out = [on, λ·off, total]; coef[i] = kᵢ for the gradients.
+// One block: out = [on, λ·off, total]; coef[i] = kᵢ for the gradients. Cᵢᵢ is the sum of
+// gram_diag's `chunks` partial dots (in chunk order) over N.
 extern "C" __global__ void __launch_bounds__(barlow::GRAM_THREADS)
-    gram_final(const double* partials, int64_t blocks, const double* cii, int64_t n, int64_t d,
-               double lambda, double* out, float* coef) {
+    gram_final(const double* partials, int64_t blocks, const double* cii, int64_t chunks,
+               int64_t n, int64_t d, double lambda, double* out, float* coef) {
   __shared__ double scratch[barlow::GRAM_THREADS];
   double dot = 0.0, on = 0.0, diag_sq = 0.0;
   for (int64_t b = threadIdx.x; b < blocks; b += blockDim.x) dot += partials[b];
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-    const double c = cii[i];
+    double sum = 0.0;
+    for (int64_t k = 0; k < chunks; ++k) sum += cii[k * d + i];
+    const double c = sum / (double)n;
     on += (1.0 - c) * (1.0 - c);
     diag_sq += c * c;
     coef[i] = (float)((2.0 * (c - 1.0) - 2.0 * lambda * c) / (double)n);

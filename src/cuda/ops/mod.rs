@@ -99,15 +99,16 @@ pub(crate) mod kernel {
             = "loss_reduce_final";
         /// Copies the last loss into caller-owned memory.
         fn loss_publish(out: &f64, dst: &mut f32, slots: i64) = "loss_publish";
-        /// Cᵢᵢ column by column, in f64 (gram.cu).
-        fn gram_diag<T: HatElement>(a: &T, b: &T, cii: &mut f64, n: i64, d: i64)
-            = hat(T::HAT, "gram_diag_f32", "gram_diag_bf16");
+        /// Cᵢᵢ's partial dots per chunk of rows, in f64 (gram.cu).
+        fn gram_diag<T: HatElement>(
+            a: &T, b: &T, part: &mut f64, n: i64, d: i64, rows_per_chunk: i64,
+        ) = hat(T::HAT, "gram_diag_f32", "gram_diag_bf16");
         /// ⟨Ga, Gb⟩ partial sums; rounds both to TF32 in place when `tf32`.
         fn gram_dot_partial(ga: &mut f32, gb: &mut f32, partials: &mut f64, len: i64, tf32: i32)
             = "gram_dot_partial";
         /// Both terms from ⟨Ga, Gb⟩ and Cᵢᵢ, and the per-column coefficients kᵢ.
         fn gram_final(
-            partials: &f64, blocks: i64, cii: &f64, n: i64, d: i64, lambda: f64,
+            partials: &f64, blocks: i64, cii: &f64, chunks: i64, n: i64, d: i64, lambda: f64,
             out: &mut f64, coef: &mut f32,
         ) = "gram_final";
         /// `out = kᵢ·other`, the first term of the Gram path's gradient.
@@ -618,14 +619,20 @@ impl CudaOps {
         }
     }
 
-    fn gram_scratch(&mut self, d: usize) -> Result<()> {
-        let fits = self.gram.as_ref().is_some_and(|g| g.cii.len() >= d);
+    /// Scratch for D columns whose Cᵢᵢ comes in `chunks` partial dots each.
+    fn gram_scratch(&mut self, d: usize, chunks: usize) -> Result<()> {
+        let fits = self
+            .gram
+            .as_ref()
+            .is_some_and(|g| g.cii.len() >= chunks * d && g.coef.len() >= d);
         if !fits {
             let s = self.stream.clone();
             let what = "allocating Gram-path scratch";
+            // Freed before the larger one is made.
+            self.gram = None;
             self.gram = Some(GramScratch {
                 partials: alloc(&s, MAX_REDUCE_BLOCKS, what)?,
-                cii: alloc(&s, d, what)?,
+                cii: alloc(&s, chunks * d, what)?,
                 coef: alloc(&s, d, what)?,
             });
         }
@@ -703,7 +710,10 @@ impl CudaOps {
         check_context("zb_hat rows", zb_rows, &s)?;
         check_context("ga", ga, &s)?;
         check_context("gb", gb, &s)?;
-        self.gram_scratch(d)?;
+        let diag = diag_launch(n, d)?;
+        let chunks = diag.grid_dim.1 as usize;
+        let rows_per_chunk = n.div_ceil(chunks) as i64;
+        self.gram_scratch(d, chunks)?;
         self.blas.bind(&s)?;
         let (n64, d64, block64) = (n as i64, d as i64, (rn * n) as i64);
         let kernels = self.kernels.clone();
@@ -716,11 +726,23 @@ impl CudaOps {
             message: "scratch missing after allocation".into(),
         })?;
 
-        // Cᵢᵢ of the whole batch (every rank computes it: D dot products of length N).
-        // SAFETY: Ẑa, Ẑb hold N×D elements (checked above), Cᵢᵢ at least D doubles
-        // (gram_scratch); one block column per 32 columns.
+        // Cᵢᵢ of the whole batch (every rank computes it: D dot products of length N), as
+        // partial dots over chunks of rows.
+        // SAFETY: Ẑa, Ẑb hold N×D elements (checked above), the partials chunks×D doubles
+        // (gram_scratch); one block column per 32 columns, one block row per chunk of
+        // rows_per_chunk rows, the chunks covering 0..N.
         unsafe {
-            kernel::gram_diag::<O>(&kernels, &s, std_launch(d)?, za_all, zb_all, cii, n64, d64)?;
+            kernel::gram_diag::<O>(
+                &kernels,
+                &s,
+                diag,
+                za_all,
+                zb_all,
+                cii,
+                n64,
+                d64,
+                rows_per_chunk,
+            )?;
         }
 
         // ⟨Ga, Gb⟩ over this block in f64 partials (summed over the ranks), then the final
@@ -744,8 +766,8 @@ impl CudaOps {
             grid_dim: (1, 1, 1),
             ..cfg
         };
-        // SAFETY: the partials hold the `blocks` sums just written, Cᵢᵢ D doubles, out 3 doubles,
-        // coef D floats.
+        // SAFETY: the partials hold the `blocks` sums just written, Cᵢᵢ's partials chunks×D
+        // doubles, out 3 doubles, coef D floats.
         unsafe {
             kernel::gram_final(
                 &kernels,
@@ -754,6 +776,7 @@ impl CudaOps {
                 partials,
                 blocks as i64,
                 cii,
+                chunks as i64,
                 n64,
                 d64,
                 f64::from(lambda),
@@ -854,6 +877,17 @@ impl CudaOps {
             .map_err(drv("a queued CUDA operation"))?;
         Ok(LossValue::new(host[0], host[1]))
     }
+}
+
+/// `gram_diag`'s grid: a block column per 32 columns and enough chunks of rows for at least 4
+/// blocks per SM of an H100 (132 SMs), each chunk at least one row per row group.
+fn diag_launch(n: usize, d: usize) -> Result<LaunchConfig> {
+    let mut cfg = std_launch(d)?;
+    let columns = cfg.grid_dim.0 as usize;
+    let wanted = (4 * 132usize).div_ceil(columns);
+    let rows = n.div_ceil(wanted).max(STD_ROWS as usize);
+    cfg.grid_dim.1 = n.div_ceil(rows).max(1) as u32;
+    Ok(cfg)
 }
 
 fn std_launch(d: usize) -> Result<LaunchConfig> {
