@@ -7,7 +7,7 @@ mod common;
 use barlow::train::augment::{self, crop_params, resize_crop, AugmentConfig, Crop, VIEW_A};
 use barlow::train::data::{self, Image};
 use barlow::Error;
-use common::Rng;
+use common::{within, Rng};
 use std::path::PathBuf;
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -482,16 +482,6 @@ fn png(path: &std::path::Path, w: u32, h: u32, shade: u8) {
     image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8 * 7, y as u8 * 5, shade]))
         .save(path)
         .unwrap();
-}
-
-/// Runs `f` on another thread, failing if it has not returned within `secs`.
-fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(secs))
-        .expect("did not return in time (blocked on a file?)")
 }
 
 #[test]

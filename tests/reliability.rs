@@ -136,8 +136,9 @@ fn a_resume_writes_only_into_its_own_run_from_its_latest_checkpoint() {
     let mut args = os(&["--epochs", "3", "--device", "cpu"]).to_vec();
     args.push("--out".as_ref());
     args.push(c.as_os_str());
+    let snap = a.join("snap.safetensors");
     let mut full = os(&["train", "--resume"]);
-    full.push(a.join("snap.safetensors").into_os_string().leak());
+    full.push(snap.as_os_str());
     full.extend(args);
     let o = run(&full);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -3,10 +3,13 @@
 //! exactly (on the same number of ranks, or on another), and failures end every rank.
 #![cfg(feature = "train")]
 
+mod common;
+
 use barlow::train::checkpoint;
 use barlow::train::ranks::Ranks;
 use barlow::train::run::{self, Progress, Quiet, TrainConfig};
 use barlow::Error;
+use common::within;
 use std::path::{Path, PathBuf};
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -208,16 +211,6 @@ fn two_cpu_ranks_take_the_steps_of_one_rank_and_resume_exactly() {
     for d in [one, two, split, again] {
         std::fs::remove_dir_all(&d).unwrap();
     }
-}
-
-/// Runs `f` on another thread and fails if it takes longer than `secs`.
-fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(secs))
-        .expect("the run hung instead of ending with an error")
 }
 
 #[test]

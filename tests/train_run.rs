@@ -2,10 +2,13 @@
 //! bit-identical to an uninterrupted one, checkpoints round-trip, bad settings are errors.
 #![cfg(feature = "train")]
 
+mod common;
+
 use barlow::nn::Visit;
 use barlow::train::run::{self, Quiet, TrainConfig};
 use barlow::train::{checkpoint, BarlowTwins, ModelConfig};
 use barlow::Error;
+use common::within;
 use std::path::PathBuf;
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -291,17 +294,6 @@ fn cuda_device_says_what_is_missing_and_auto_falls_back_to_the_cpu() {
         "{said:?}"
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Runs `f` on another thread and fails if it takes longer than `secs`: an error inside a run
-/// must end it, never hang it.
-fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(secs))
-        .expect("the run hung instead of ending with an error")
 }
 
 #[test]

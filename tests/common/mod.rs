@@ -8,6 +8,17 @@ use std::sync::Arc;
 
 pub use barlow::rng::Rng;
 
+/// Runs `f` on another thread and returns its result, failing the test if it has not returned
+/// within `secs` (a hang becomes a failure, not a stuck suite).
+pub fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("did not return within {secs} s (hung?)"))
+}
+
 pub fn to_f64(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| f64::from(v)).collect()
 }
